@@ -1,0 +1,3 @@
+from sfdiag.cli import main
+
+main()
