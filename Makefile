@@ -1,0 +1,42 @@
+# sfdiag: make demo | make test | make bench | make ci
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+# This workplace's machines keep the CPU build of torch 2.13.0 on disk; pinning it there saves
+# a multi-GB CUDA download. Elsewhere the pin is empty and pip installs a normal torch.
+TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
+TORCH_PIN := $(if $(TORCH_WHEEL),torch==2.13.0 --find-links $(dir $(TORCH_WHEEL)),)
+
+.PHONY: demo test lint unit bench ci clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(if $(TORCH_PIN),$(BIN)/pip install -q $(TORCH_PIN))
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(if $(TORCH_PIN),$(BIN)/pip install -q $(TORCH_PIN))
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(BIN)/sfdiag compare --optimizers adamw,sf-adamw,sf-ref,sf-sgd
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check sfdiag tests bench examples
+	$(BIN)/ruff format --check sfdiag tests bench examples
+
+unit: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest
+
+test: lint unit
+
+bench: $(VENV)/.installed-dev
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,120 @@
+"""What the CLI does, callable from Python: load, probe, render, write, gate.
+
+The CLI parses arguments and maps outcomes to exit codes; everything else lives
+here or below. Heavy modules (torch, pandas, the probe) are imported inside the
+functions that need them, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sfdiag.config import (
+    Config,
+    default_config,
+    load_config,
+    parse_optimizer_list,
+    with_overrides,
+)
+from sfdiag.errors import SfdiagError
+
+if TYPE_CHECKING:
+    from sfdiag.probe import Progress
+    from sfdiag.results import ProbeReport
+
+OUTPUT_FORMATS = ("table", "json", "csv", "markdown", "junit")
+
+EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def compare_config(
+    *,
+    config_path: str | Path | None = None,
+    optimizers: str | None = None,
+    model: str | None = None,
+    steps: int | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+) -> Config:
+    """The config ``sfdiag compare`` runs: the embedded default (or a file) with overrides."""
+    base = load_config(config_path) if config_path is not None else default_config()
+    names = parse_optimizer_list(optimizers) if optimizers is not None else None
+    return with_overrides(
+        base, optimizers=names, model=model, steps=steps, seed=seed, device=device
+    )
+
+
+def with_device(config: Config, device: str | None) -> Config:
+    return config if device is None else with_overrides(config, device=device)
+
+
+def check_format(fmt: str) -> str:
+    if fmt not in OUTPUT_FORMATS:
+        from sfdiag.registry import did_you_mean
+
+        raise SfdiagError(
+            f"--format: unknown format {fmt!r}{did_you_mean(fmt, OUTPUT_FORMATS)}; "
+            f"choose from {', '.join(OUTPUT_FORMATS)}"
+        )
+    return fmt
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where results go, validated before the (possibly long) probe runs."""
+
+    fmt: str = "table"
+    output: Path | None = None
+    plot: Path | None = None
+    force: bool = False
+
+    def validate(self) -> Outputs:
+        from sfdiag.fileio import check_writable
+
+        check_format(self.fmt)
+        if self.output is not None:
+            check_writable(self.output, force=self.force)
+        if self.plot is not None:
+            check_writable(self.plot, force=self.force)
+        return self
+
+
+def probe(
+    config: Config, *, forensics: bool = False, progress: Progress | None = None
+) -> ProbeReport:
+    """Run the probe of ``config``."""
+    from sfdiag.probe import ProbeOptions, run_probe
+
+    return run_probe(config, ProbeOptions(forensics=forensics, progress=progress))
+
+
+def render(report: ProbeReport, fmt: str, *, color: bool = False, per_param: bool = False) -> str:
+    from sfdiag.report import RenderOptions
+    from sfdiag.report import render as render_report
+
+    return render_report(report, check_format(fmt), RenderOptions(color=color, per_param=per_param))
+
+
+def emit(text: str, outputs: Outputs) -> None:
+    """Write rendered text to ``outputs.output`` (atomically) or stdout."""
+    if outputs.output is not None:
+        from sfdiag.fileio import write_atomic
+
+        write_atomic(outputs.output, text, force=outputs.force)
+    else:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        sys.stdout.flush()
+
+
+def write_plot(report: ProbeReport, path: Path, *, force: bool = False) -> None:
+    from sfdiag.report.plot import write_plot as write
+
+    write(report, path, force=force)
+
+
+def gate(report: ProbeReport, *, strict: bool) -> int:
+    """Exit code of a probe: 1 when --strict and anything is flagged (error rows included)."""
+    return EXIT_GATE if strict and report.any_flagged else EXIT_OK

@@ -1,0 +1,136 @@
+"""The step auditor: fingerprints grads in an optimizer's step pre/post hooks.
+
+One ``StepAuditor`` serves the probe (``attach`` to one optimizer), ``sfdiag run``
+(torch's global optimizer hooks call ``pre_step``/``post_step``) and the testing
+helpers. It records, per step, the global pre/post grad norms and each
+parameter's verdict and fingerprint.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sfdiag import snapshot, verdict
+from sfdiag.verdict import ParamStep
+
+
+@dataclass
+class StepObservation:
+    pre_norm: float
+    post_norm: float
+    params: list[ParamStep]
+
+    @property
+    def params_mutated(self) -> int:
+        return sum(p.verdict != "clean" for p in self.params)
+
+
+def _global_norm(prints: list[snapshot.GradFingerprint]) -> float:
+    return math.sqrt(math.fsum(fp.norm * fp.norm for fp in prints if fp.present))
+
+
+def _numpy(t: torch.Tensor | None):
+    if t is None:
+        return None
+    return t.detach().to("cpu", torch.float64).numpy()
+
+
+def _group_eps(optimizer: Any, param: torch.Tensor) -> float:
+    for group in getattr(optimizer, "param_groups", ()):
+        if any(p is param for p in group["params"]):
+            eps = group.get("eps", 1e-8)
+            return float(eps[0] if isinstance(eps, (tuple, list)) else eps)
+    return 1e-8
+
+
+@dataclass
+class StepAuditor:
+    """Collects a StepObservation for every ``step()`` of the optimizers it watches."""
+
+    names: dict[int, str] = field(default_factory=dict)  # id(param) -> name
+    forensics: bool = False
+    fingerprint_kinds: bool = True  # name the kind of a mutation (reads optimizer state)
+    observations: list[StepObservation] = field(default_factory=list)
+    _pending: dict[int, tuple[list[torch.Tensor], list[snapshot.GradFingerprint]]] = field(
+        default_factory=dict
+    )
+    _handles: list[Any] = field(default_factory=list)
+
+    @staticmethod
+    def params_of(optimizer: Any) -> list[torch.Tensor]:
+        return [p for group in optimizer.param_groups for p in group["params"]]
+
+    def attach(self, optimizer: Any) -> StepAuditor:
+        """Watch ``optimizer`` through its own step hooks."""
+        self._handles.append(optimizer.register_step_pre_hook(self.pre_step))
+        self._handles.append(optimizer.register_step_post_hook(self.post_step))
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def pre_step(self, optimizer: Any, *_: Any) -> None:
+        """Snapshot A: the grads as handed to ``step()``."""
+        params = self.params_of(optimizer)
+        self._pending[id(optimizer)] = (params, snapshot.take(params, full=self.forensics))
+
+    def retake(self, optimizer: Any) -> None:
+        """Snapshot A again: a closure recomputed the grads inside ``step()``."""
+        if id(optimizer) in self._pending:
+            self.pre_step(optimizer)
+
+    def post_step(self, optimizer: Any, *_: Any) -> None:
+        """Snapshot B, compared with A."""
+        pending = self._pending.pop(id(optimizer), None)
+        if pending is None:
+            return
+        params, before = pending
+        after = snapshot.take(params, full=self.forensics)
+        records = [
+            self._compare(optimizer, i, p, a, b)
+            for i, (p, a, b) in enumerate(zip(params, before, after, strict=True))
+            if a.present
+        ]
+        self.observations.append(
+            StepObservation(_global_norm(before), _global_norm(after), records)
+        )
+
+    def _compare(
+        self,
+        optimizer: Any,
+        index: int,
+        param: torch.Tensor,
+        a: snapshot.GradFingerprint,
+        b: snapshot.GradFingerprint,
+    ) -> ParamStep:
+        same_object = b.present and a.ref() is not None and a.ref() is b.ref()
+        kind = verdict.classify(b.present, same_object, same_object and a.same_content(b))
+        pre = _numpy(a.full if a.full is not None else a.sample)
+        post_t = b.full if b.full is not None else b.sample
+        post = _numpy(post_t) if b.present else None
+        change = None
+        fp = None
+        if post is not None and pre is not None and post.shape == pre.shape:
+            change = verdict.max_rel_change(pre, post)
+            if kind == "mutated" and self.fingerprint_kinds:
+                y = a.full_param if a.full_param is not None else a.param_sample
+                states = {
+                    k: _numpy(v)
+                    for k, v in snapshot.state_samples(optimizer, param, full=self.forensics).items()
+                }
+                fp = verdict.fingerprint(pre, post, _numpy(y), states, _group_eps(optimizer, param))
+        return ParamStep(
+            name=self.names.get(id(param), f"param{index}"),
+            shape=tuple(param.shape),
+            verdict=kind,
+            pre_norm=a.norm,
+            post_norm=b.norm if b.present else 0.0,
+            max_rel_change=change,
+            fingerprint=fp,
+        )

@@ -1,0 +1,235 @@
+"""The command line: parse, call ``sfdiag.api``, map outcomes to exit codes.
+
+Exit codes (CONTRACTS.md): 0 ran and no gate failed; 1 a gate failed; 2 bad usage,
+config or input (one message on stderr, nothing written); 130 interrupted.
+Nothing here imports torch at module level: ``sfdiag --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from sfdiag import __version__, api, ui
+from sfdiag.errors import SfdiagError
+
+app = typer.Typer(
+    name="sfdiag",
+    help="Find optimizers that change p.grad in place during step(), and the grad metrics "
+    "they distort.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+# ---- options shared by probe, compare and check -------------------------------------------
+FormatOpt = Annotated[
+    str, typer.Option("--format", "-f", help="table | json | csv | markdown | junit")
+]
+OutputOpt = Annotated[
+    Optional[Path],  # noqa: UP045 - typer reads the annotation at run time
+    typer.Option("--output", "-o", help="write the report to FILE (atomically) instead of stdout"),
+]
+StrictOpt = Annotated[bool, typer.Option("--strict", help="exit 1 when any optimizer is flagged")]
+DeviceOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option("--device", help="cpu | cuda | auto (overrides the config)"),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar or notes")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="overwrite existing output files")]
+PlotOpt = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option("--plot", help="also draw pre/post-step grad norms per step to FILE.png"),
+]
+PerParamOpt = Annotated[
+    bool, typer.Option("--per-param", help="also show a table per optimizer, one row per parameter")
+]
+ForensicsOpt = Annotated[
+    bool,
+    typer.Option("--forensics", help="clone whole grads for exact per-element changes (more memory)"),
+]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="show tracebacks, for bug reports")]
+ConfigArg = Annotated[Path, typer.Argument(help="the YAML config", show_default=False)]
+
+
+@contextmanager
+def _guard(debug: bool) -> Iterator[None]:
+    """SfdiagError -> one line on stderr and exit 2; bugs -> a short note and exit 3."""
+    debug = debug or bool(os.environ.get("SFDIAG_DEBUG"))
+    try:
+        yield
+    except SfdiagError as exc:
+        if debug:
+            raise
+        ui.error(str(exc))
+        raise typer.Exit(api.EXIT_USAGE) from None
+    except (typer.Exit, SystemExit):
+        raise
+    except KeyboardInterrupt:
+        ui.error("interrupted")
+        raise typer.Exit(api.EXIT_INTERRUPTED) from None
+    except Exception as exc:
+        if debug:
+            raise
+        ui.error(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)")
+        raise typer.Exit(3) from None
+
+
+def _run_and_report(
+    load: Callable[[], object],
+    *,
+    fmt: str,
+    output: Path | None,
+    plot: Path | None,
+    force: bool,
+    strict: bool,
+    quiet: bool,
+    per_param: bool,
+    forensics: bool,
+) -> int:
+    """Shared body of probe and compare."""
+    from sfdiag.probe import ProbeInterrupted
+
+    outputs = api.Outputs(fmt=fmt, output=output, plot=plot, force=force).validate()
+    config = load()
+    total = config.steps * len(config.optimizers)
+    try:
+        with ui.progress_bar(total, quiet=quiet) as progress:
+            report = api.probe(config, forensics=forensics, progress=progress)
+    except ProbeInterrupted as stopped:
+        # Show what finished; write no file: a partial report must not pass for a whole one.
+        if stopped.report.results:
+            sys.stdout.write(api.render(stopped.report, "table", color=ui.wants_color(sys.stdout)))
+        ui.error("interrupted; the rows above are the optimizers that finished")
+        return api.EXIT_INTERRUPTED
+    color = fmt == "table" and output is None and ui.wants_color(sys.stdout)
+    api.emit(api.render(report, fmt, color=color, per_param=per_param), outputs)
+    if plot is not None:
+        api.write_plot(report, plot, force=force)
+        ui.note(f"plot written to {plot}", quiet=quiet)
+    if output is not None:
+        ui.note(f"{fmt} report written to {output}", quiet=quiet)
+    return api.gate(report, strict=strict)
+
+
+@app.command()
+def probe(
+    config: ConfigArg,
+    fmt: FormatOpt = "table",
+    output: OutputOpt = None,
+    strict: StrictOpt = False,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+    force: ForceOpt = False,
+    plot: PlotOpt = None,
+    per_param: PerParamOpt = False,
+    forensics: ForensicsOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run every optimizer in CONFIG and print the verdict table."""
+    with _guard(debug):
+        code = _run_and_report(
+            lambda: api.with_device(api.load_config(config), device),
+            fmt=fmt, output=output, plot=plot, force=force, strict=strict, quiet=quiet,
+            per_param=per_param, forensics=forensics,
+        )
+    raise typer.Exit(code)
+
+
+@app.command()
+def compare(
+    optimizers: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--optimizers",
+            help="comma-separated registry names or import paths "
+            "[default: adamw,sf-adamw,sf-ref,sf-sgd]",
+        ),
+    ] = None,
+    config: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--config", help="start from this config instead of the embedded default"),
+    ] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="model registry name")] = None,  # noqa: UP045
+    steps: Annotated[Optional[int], typer.Option("--steps", help="optimizer steps")] = None,  # noqa: UP045
+    seed: Annotated[Optional[int], typer.Option("--seed", help="random seed")] = None,  # noqa: UP045
+    fmt: FormatOpt = "table",
+    output: OutputOpt = None,
+    strict: StrictOpt = False,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+    force: ForceOpt = False,
+    plot: PlotOpt = None,
+    per_param: PerParamOpt = False,
+    forensics: ForensicsOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Compare optimizers on the embedded default config (or --config)."""
+    with _guard(debug):
+        code = _run_and_report(
+            lambda: api.compare_config(
+                config_path=config, optimizers=optimizers, model=model, steps=steps, seed=seed,
+                device=device,
+            ),
+            fmt=fmt, output=output, plot=plot, force=force, strict=strict, quiet=quiet,
+            per_param=per_param, forensics=forensics,
+        )
+    raise typer.Exit(code)
+
+
+@app.command(name="list")
+def list_registries(debug: DebugOpt = False) -> None:
+    """The registries: optimizers, models, data sets and losses, one line each."""
+    from sfdiag import registry
+
+    with _guard(debug):
+        for kind, table in registry.REGISTRIES.items():
+            print(f"{kind}s:")
+            width = max(len(name) for name in table)
+            for entry in table.values():
+                print(f"  {entry.name:<{width}}  {entry.summary}")
+
+
+@app.command()
+def init(
+    path: Annotated[Path, typer.Argument(help="where to write the example")] = Path("sfdiag.yaml"),
+    debug: DebugOpt = False,
+) -> None:
+    """Write a commented example config (never over an existing file)."""
+    from sfdiag.config import EXAMPLE_CONFIG
+    from sfdiag.fileio import write_atomic
+
+    with _guard(debug):
+        write_atomic(path, EXAMPLE_CONFIG, force=False)
+        ui.note(f"wrote {path}; run: sfdiag probe {path}")
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        print(f"sfdiag {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version_callback, is_eager=True, help="print the version"),
+    ] = False,
+) -> None:
+    """Find optimizers that change p.grad in place during step()."""
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Typed records of what a probe found: the data every report format reads.
+
+Plain dataclasses, no torch: reports, baselines and verdict logic work on these.
+``to_dict`` gives the JSON shape of CONTRACTS.md (schema_version 1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+VERDICTS = ("clean", "mutated", "replaced", "cleared", "error")
+
+
+def _num(value: float | None) -> float | str | None:
+    """JSON has no NaN/Inf: write them as the strings "nan", "inf", "-inf"."""
+    if value is None or math.isfinite(value):
+        return value
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+def number_from_json(value: Any) -> float | None:
+    """Inverse of the NaN/Inf encoding above."""
+    if value is None:
+        return None
+    return float(value)
+
+
+@dataclass(frozen=True)
+class ParamFinding:
+    """One parameter, summarised over every step of a probe."""
+
+    name: str
+    shape: tuple[int, ...]
+    verdict: str  # one of VERDICTS but "error"
+    pre_step_grad_norm: float  # median over steps
+    post_step_grad_norm: float
+    max_rel_change: float | None  # max |post - pre| / |pre| (forensics only, else None)
+    fingerprint: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "verdict": self.verdict,
+            "pre_step_grad_norm": _num(self.pre_step_grad_norm),
+            "post_step_grad_norm": _num(self.post_step_grad_norm),
+            "max_rel_change": _num(self.max_rel_change),
+            "fingerprint": self.fingerprint,
+        }
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    step: int
+    loss: float | None  # None where the loss is unknown (sfdiag run)
+    pre_step_grad_norm: float
+    post_step_grad_norm: float
+    params_mutated: int  # params whose grad changed in place, was replaced or cleared
+
+    @property
+    def ratio(self) -> float:
+        return ratio(self.post_step_grad_norm, self.pre_step_grad_norm)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "loss": _num(self.loss),
+            "pre_step_grad_norm": _num(self.pre_step_grad_norm),
+            "post_step_grad_norm": _num(self.post_step_grad_norm),
+            "params_mutated": self.params_mutated,
+        }
+
+
+def ratio(post: float, pre: float) -> float:
+    """post / pre, with 0/0 = 1 (nothing moved) and x/0 = inf."""
+    if pre == 0:
+        return 1.0 if post == 0 else math.inf
+    return post / pre
+
+
+@dataclass(frozen=True)
+class OptimizerResult:
+    optimizer: str  # the config's unique label
+    cls: str  # "module:Class"
+    verdict: str
+    pre_step_grad_norm: float = math.nan
+    post_step_grad_norm: float = math.nan
+    norm_ratio: float = math.nan
+    params_mutated: int = 0
+    params_with_grad: int = 0
+    fingerprint: str | None = None
+    advice: str | None = None
+    error: str | None = None
+    state_bytes_per_element: float | None = None
+    steps: tuple[StepRecord, ...] = ()
+    params: tuple[ParamFinding, ...] = ()
+
+    @property
+    def flagged(self) -> bool:
+        return self.verdict != "clean"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer,
+            "class": self.cls,
+            "flagged": self.flagged,
+            "verdict": self.verdict,
+            "pre_step_grad_norm": _num(self.pre_step_grad_norm),
+            "post_step_grad_norm": _num(self.post_step_grad_norm),
+            "norm_ratio": _num(self.norm_ratio),
+            "params_mutated": self.params_mutated,
+            "params_with_grad": self.params_with_grad,
+            "fingerprint": self.fingerprint,
+            "advice": self.advice,
+            "error": self.error,
+            "state_bytes_per_element": _num(self.state_bytes_per_element),
+            "steps": [s.to_dict() for s in self.steps],
+            "params": [p.to_dict() for p in self.params],
+        }
+
+
+@dataclass(frozen=True)
+class ProbeReport:
+    config: dict[str, Any]
+    results: tuple[OptimizerResult, ...]
+    sfdiag_version: str
+    torch_version: str
+    interrupted: bool = False  # Ctrl-C: results holds the rows finished so far
+    timing: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def any_flagged(self) -> bool:
+        return any(r.flagged for r in self.results)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "sfdiag_version": self.sfdiag_version,
+            "torch_version": self.torch_version,
+            "config": self.config,
+            "results": [r.to_dict() for r in self.results],
+        }
+        if self.interrupted:
+            out["interrupted"] = True
+        if self.timing:
+            out["timing"] = dict(self.timing)
+        return out

@@ -1,0 +1,260 @@
+"""Pure verdict logic: what happened to each grad, what kind of change, what to do.
+
+Inputs are plain numbers and small numpy arrays (the sampled elements of a
+grad before and after ``step()``, of the parameter, and of the optimizer's
+per-element state); no torch here.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from sfdiag.results import OptimizerResult, ParamFinding, StepRecord, ratio
+
+# How bad each verdict is: an optimizer's verdict is its worst parameter's over all steps.
+SEVERITY = {"clean": 0, "mutated": 1, "replaced": 2, "cleared": 3, "error": 4}
+
+FINGERPRINTS = ("adam-normalized", "weight-decay", "scaled", "sign", "zeroed", "unknown")
+
+# Relative residual under which a candidate explains the post-step grad. float32 rounding
+# sits near 1e-7; estimating an Adam denominator's scale from samples adds a little.
+_FIT_TOL = 1e-3
+
+
+@dataclass(frozen=True)
+class ParamStep:
+    """One parameter at one step."""
+
+    name: str
+    shape: tuple[int, ...]
+    verdict: str  # clean | mutated | replaced | cleared
+    pre_norm: float
+    post_norm: float
+    max_rel_change: float | None
+    fingerprint: str | None
+
+
+def classify(present_after: bool, same_object: bool, same_content: bool) -> str:
+    """The verdict for one grad that existed before ``step()``."""
+    if not present_after:
+        return "cleared"
+    if not same_object:
+        return "replaced"
+    return "clean" if same_content else "mutated"
+
+
+def max_rel_change(pre: np.ndarray, post: np.ndarray) -> float:
+    """max |post - pre| / max(|pre|, tiny) over the elements, NaN-aware (NaN == NaN)."""
+    if pre.size == 0:
+        return 0.0
+    both_nan = np.isnan(pre) & np.isnan(post)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        diff = np.where(both_nan | (pre == post), 0.0, np.abs(post - pre))
+        rel = diff / np.maximum(np.abs(pre), np.finfo(np.float64).tiny)
+    rel = np.where(np.isnan(rel), np.inf, rel)
+    return float(rel.max())
+
+
+def _lstsq(features: list[np.ndarray], target: np.ndarray) -> tuple[np.ndarray, float]:
+    """Least-squares coefficients and the residual norm relative to ||target||."""
+    a = np.stack(features, axis=1)
+    coef, *_ = np.linalg.lstsq(a, target, rcond=None)
+    resid = np.linalg.norm(target - a @ coef)
+    scale = np.linalg.norm(target)
+    return coef, (resid / scale if scale > 0 else (0.0 if resid == 0 else math.inf))
+
+
+def _fits_scaled(g: np.ndarray, u: np.ndarray) -> bool:
+    if not np.any(g):
+        return False
+    (s,), rel = _lstsq([g], u)
+    return rel < 1e-5 and not math.isclose(s, 1.0, rel_tol=1e-6)
+
+
+def _fits_weight_decay(g: np.ndarray, u: np.ndarray, y: np.ndarray | None) -> bool:
+    if y is None or not np.any(y):
+        return False
+    diff = u - g
+    (lam,), rel = _lstsq([y], diff)
+    return lam != 0 and rel < _FIT_TOL
+
+
+def _fits_adam(
+    g: np.ndarray, u: np.ndarray, y: np.ndarray | None, states: Mapping[str, np.ndarray], eps: float
+) -> bool:
+    """u == g / (k * sqrt(S) + eps) + lam * y for some second-moment state S, k > 0, lam."""
+    for s in states.values():
+        if s.shape != g.shape or np.any(s < 0) or not np.any(s):
+            continue
+        root = np.sqrt(s)
+        usable = root > 100 * eps
+        if not np.any(usable & (g != 0)):
+            continue
+        lam = 0.0
+        for _ in range(3):  # alternate: scale k from the ratios, then lam by least squares
+            denom_seen = g[usable] / (u[usable] - lam * (y[usable] if y is not None else 0.0))
+            ok = np.isfinite(denom_seen) & (g[usable] != 0)
+            if not np.any(ok):
+                break
+            k = float(np.median(denom_seen[ok] / root[usable][ok]))
+            if not k > 0:
+                break
+            normalized = g / (k * root + eps)
+            if y is not None and np.any(y):
+                (lam,), _ = _lstsq([y], u - normalized)
+            resid = u - normalized - (lam * y if y is not None else 0.0)
+            if np.linalg.norm(resid) < _FIT_TOL * np.linalg.norm(u):
+                return True
+    return False
+
+
+def fingerprint(
+    pre: np.ndarray,
+    post: np.ndarray,
+    param: np.ndarray | None = None,
+    states: Mapping[str, np.ndarray] | None = None,
+    eps: float = 1e-8,
+) -> str:
+    """Name the change from ``pre`` to ``post`` (same elements of one grad), or "unknown".
+
+    Candidates are tried from the most specific to the least: a zeroed grad, a uniform
+    rescale (clipping), weight decay folded in (pre + lam * param), division by an
+    Adam-style denominator built from the optimizer's state (possibly plus weight decay),
+    the sign of the grad.
+    """
+    g = np.asarray(pre, dtype=np.float64).ravel()
+    u = np.asarray(post, dtype=np.float64).ravel()
+    y = None if param is None else np.asarray(param, dtype=np.float64).ravel()
+    states = {k: np.asarray(v, dtype=np.float64).ravel() for k, v in (states or {}).items()}
+    if not (np.all(np.isfinite(g)) and np.all(np.isfinite(u))):
+        return "unknown"
+    if not np.any(u) and np.any(g):
+        return "zeroed"
+    if _fits_scaled(g, u):
+        return "scaled"
+    if _fits_weight_decay(g, u, y):
+        return "weight-decay"
+    if _fits_adam(g, u, y, states, eps):
+        return "adam-normalized"
+    if np.any(g) and np.array_equal(u, np.sign(g)):
+        return "sign"
+    return "unknown"
+
+
+_ADVICE = {
+    "adam-normalized": (
+        "p.grad holds the Adam-normalised update after step(), not the gradient: "
+        "log the grad norm before step() (sfdiag.GradMonitor does), or use {ref}"
+    ),
+    "weight-decay": (
+        "weight decay was folded into p.grad (grad + wd * param): metrics read after "
+        "step() include it; log them before step()"
+    ),
+    "scaled": (
+        "p.grad was rescaled in place (clipping?): a norm read after step() is the "
+        "rescaled one; log it before step()"
+    ),
+    "sign": "p.grad was replaced by its sign in place: log grad metrics before step()",
+    "zeroed": "p.grad was zeroed in place: log grad metrics before step()",
+    "unknown": "p.grad was changed in place by step(): log grad metrics before step()",
+}
+_VERDICT_ADVICE = {
+    "replaced": (
+        "step() assigned new tensors to p.grad: references to the old grads are stale; "
+        "read grads before step()"
+    ),
+    "cleared": "step() set p.grad to None: read grads before step()",
+    "error": "the optimizer could not run on this model; see the error",
+}
+
+# What to use instead, for our own optimizers that mutate.
+_CLEAN_ALTERNATIVE = {
+    "sfdiag.optim:AdamWScheduleFree": "sf-ref",
+    "sfdiag.optim:SGDScheduleFree": "sf-sgd-ref",
+}
+
+
+def advice(verdict: str, fingerprint_name: str | None, cls: str = "") -> str | None:
+    """One sentence on what to do, or None for a clean optimizer."""
+    if verdict == "clean":
+        return None
+    if verdict != "mutated":
+        return _VERDICT_ADVICE[verdict]
+    alternative = _CLEAN_ALTERNATIVE.get(cls, "an optimizer that leaves p.grad intact")
+    text = _ADVICE.get(fingerprint_name or "unknown", _ADVICE["unknown"])
+    return text.format(ref=alternative)
+
+
+def _median(values: Sequence[float]) -> float:
+    finite_or_not = [v for v in values if not math.isnan(v)]
+    if not finite_or_not:
+        return math.nan
+    return float(statistics.median(finite_or_not))
+
+
+def _most_common(names: Sequence[str | None]) -> str | None:
+    named = [n for n in names if n]
+    return Counter(named).most_common(1)[0][0] if named else None
+
+
+def summarize_params(steps: Sequence[Sequence[ParamStep]]) -> tuple[ParamFinding, ...]:
+    """Per parameter over all steps: worst verdict, median norms, max change, fingerprint."""
+    by_name: dict[str, list[ParamStep]] = {}
+    for step in steps:
+        for p in step:
+            by_name.setdefault(p.name, []).append(p)
+    findings = []
+    for name, records in by_name.items():
+        changes = [r.max_rel_change for r in records if r.max_rel_change is not None]
+        findings.append(
+            ParamFinding(
+                name=name,
+                shape=records[0].shape,
+                verdict=max((r.verdict for r in records), key=SEVERITY.__getitem__),
+                pre_step_grad_norm=_median([r.pre_norm for r in records]),
+                post_step_grad_norm=_median([r.post_norm for r in records]),
+                max_rel_change=max(changes) if changes else None,
+                fingerprint=_most_common([r.fingerprint for r in records]),
+            )
+        )
+    return tuple(findings)
+
+
+def summarize(
+    label: str,
+    cls: str,
+    steps: Sequence[StepRecord],
+    param_steps: Sequence[Sequence[ParamStep]],
+    *,
+    error: str | None = None,
+    state_bytes_per_element: float | None = None,
+) -> OptimizerResult:
+    """An optimizer's result from its per-step records (and an error, if it failed)."""
+    params = summarize_params(param_steps)
+    worst = max((p.verdict for p in params), key=SEVERITY.__getitem__, default="clean")
+    verdict = "error" if error is not None else worst
+    fp = _most_common([p.fingerprint for s in param_steps for p in s if p.verdict == "mutated"])
+    pre = _median([s.pre_step_grad_norm for s in steps])
+    post = _median([s.post_step_grad_norm for s in steps])
+    return OptimizerResult(
+        optimizer=label,
+        cls=cls,
+        verdict=verdict,
+        pre_step_grad_norm=pre,
+        post_step_grad_norm=post,
+        norm_ratio=ratio(post, pre) if steps else math.nan,
+        params_mutated=sum(p.verdict != "clean" for p in params),
+        params_with_grad=len(params),
+        fingerprint=fp if worst == "mutated" else None,
+        advice=advice(verdict, fp, cls),
+        error=error,
+        state_bytes_per_element=state_bytes_per_element,
+        steps=tuple(steps),
+        params=params,
+    )

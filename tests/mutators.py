@@ -1,0 +1,121 @@
+"""Purpose-built optimizers that change p.grad in each way sfdiag must recognise.
+
+Each wraps plain SGD; the mutation happens inside step(), after the step pre-hook.
+Tests name them by import path ("mutators:ScaleGrads"), like a user's own optimizer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _Mutating(torch.optim.SGD):
+    def __init__(self, params, lr: float = 0.01, **kwargs):
+        super().__init__(params, lr=lr, **kwargs)
+
+    def mutate(self, p: torch.Tensor) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.mutate(p)
+        return loss
+
+
+class Clean(_Mutating):
+    def mutate(self, p):
+        pass
+
+
+class ScaleGrads(_Mutating):
+    """Clipping-like: every grad multiplied by 0.5 in place."""
+
+    def mutate(self, p):
+        p.grad.mul_(0.5)
+
+
+class ScaleGradsViaData(_Mutating):
+    """The same through .data, which the version counter does not see."""
+
+    def mutate(self, p):
+        p.grad.data.mul_(0.5)
+
+
+class FoldWeightDecay(torch.optim.SGD):
+    """Adds wd * param to the grad in place before stepping (as coupled weight decay does)."""
+
+    def __init__(self, params, lr: float = 0.01, wd: float = 0.01):
+        super().__init__(params, lr=lr)
+        self.wd = wd
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.add_(p, alpha=self.wd)
+        return super().step(closure)
+
+
+class SignGrads(_Mutating):
+    def mutate(self, p):
+        p.grad.sign_()
+
+
+class ZeroGrads(_Mutating):
+    def mutate(self, p):
+        p.grad.zero_()
+
+
+class NoiseGrads(_Mutating):
+    def mutate(self, p):
+        p.grad.add_(torch.randn_like(p.grad))
+
+
+class ReplaceGrads(_Mutating):
+    def mutate(self, p):
+        p.grad = p.grad.clone()
+
+
+class ClearGrads(_Mutating):
+    def mutate(self, p):
+        p.grad = None
+
+
+class AdamNormalize(torch.optim.Optimizer):
+    """A tiny Adam that, like sf-adamw, divides p.grad by its denominator in place."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta2 = group["betas"][1]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                v = state["exp_avg_sq"]
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denom = (v / (1 - beta2 ** state["step"])).sqrt_().add_(group["eps"])
+                p.grad.div_(denom)
+                p.add_(p.grad, alpha=-group["lr"])
+
+
+class FailsToStep(_Mutating):
+    def mutate(self, p):
+        raise RuntimeError("this optimizer cannot step")
+
+
+class FailsToConstruct(torch.optim.SGD):
+    def __init__(self, params, lr: float = 0.01):
+        raise ValueError("needs a closure-capable model")
