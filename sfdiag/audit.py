@@ -59,6 +59,9 @@ class StepAuditor:
         default_factory=dict
     )
     _handles: list[Any] = field(default_factory=list)
+    # step() nesting per optimizer: a subclass whose step() calls super().step() fires the
+    # hooks twice when both classes are hooked; only the outermost pair is the real step.
+    _depth: dict[int, int] = field(default_factory=dict)
 
     @staticmethod
     def params_of(optimizer: Any) -> list[torch.Tensor]:
@@ -77,16 +80,26 @@ class StepAuditor:
 
     def pre_step(self, optimizer: Any, *_: Any) -> None:
         """Snapshot A: the grads as handed to ``step()``."""
+        depth = self._depth.get(id(optimizer), 0)
+        self._depth[id(optimizer)] = depth + 1
+        if depth == 0:
+            self._snapshot_before(optimizer)
+
+    def _snapshot_before(self, optimizer: Any) -> None:
         params = self.params_of(optimizer)
         self._pending[id(optimizer)] = (params, snapshot.take(params, full=self.forensics))
 
     def retake(self, optimizer: Any) -> None:
         """Snapshot A again: a closure recomputed the grads inside ``step()``."""
         if id(optimizer) in self._pending:
-            self.pre_step(optimizer)
+            self._snapshot_before(optimizer)
 
     def post_step(self, optimizer: Any, *_: Any) -> None:
         """Snapshot B, compared with A."""
+        depth = self._depth.get(id(optimizer), 0) - 1
+        self._depth[id(optimizer)] = max(depth, 0)
+        if depth > 0:
+            return
         pending = self._pending.pop(id(optimizer), None)
         if pending is None:
             return

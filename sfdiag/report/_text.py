@@ -1,0 +1,270 @@
+"""Words and numbers shared by every human-readable format (table, markdown, junit).
+
+One place formats a number, one place says what happened to a flagged optimizer,
+so the terminal table and a PR comment never disagree. Plain functions over the
+records of ``sfdiag.results``; no rich, no pandas, no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sfdiag.baseline import CheckResult, Difference
+    from sfdiag.results import OptimizerResult, ProbeReport
+
+BLOCKS = "▁▂▃▄▅▆▇█"
+SPARK_BAD = "!"  # a step whose post/pre ratio is nan or inf
+SPARK_WIDTH = 16  # longer probes are bucketed down to this many characters
+
+_WHAT_HAPPENED = {
+    "mutated": "p.grad was changed in place during step()",
+    "replaced": "p.grad was replaced by another tensor during step()",
+    "cleared": "p.grad was cleared (set to None) during step()",
+}
+_DEFAULT_ADVICE = "Read gradient metrics (norms, clipping, logging) before step()"
+
+
+# -- numbers -------------------------------------------------------------------------
+
+
+def fmt_num(value: float | None, missing: str = "-", digits: int = 4) -> str:
+    """``digits`` significant digits; nan / inf / -inf as words; None as ``missing``."""
+    if value is None:
+        return missing
+    x = float(value)
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if x == 0:
+        return "0"
+    return f"{x:.{digits}g}"
+
+
+def fmt_ratio(value: float | None, missing: str = "-") -> str:
+    """A post/pre ratio: ``867x``, ``1x``, ``0.5x``, ``nan``."""
+    if value is None:
+        return missing
+    x = float(value)
+    if not math.isfinite(x):
+        return fmt_num(x)
+    if 100 <= abs(x) < 1e6:
+        return f"{x:.0f}x"
+    return f"{fmt_num(x)}x"
+
+
+def fmt_change(value: float | None, missing: str = "-") -> str:
+    """A signed relative change: ``+12.5%``, ``-0.01%``, ``+inf``."""
+    if value is None or math.isnan(value):
+        return missing
+    if math.isinf(value):
+        return "+inf" if value > 0 else "-inf"
+    return f"{value * 100:+.3g}%"
+
+
+def fmt_allowed(difference: Difference) -> str:
+    """The tolerance of a baseline difference: a relative bound, 'exact', or '-' for a
+    difference that is only a note (a version change)."""
+    allowed = difference.allowed
+    if allowed is None:
+        return "exact" if difference.regression else "-"
+    return f"±{allowed * 100:.3g}%"
+
+
+def difference_status(difference: Difference) -> str:
+    """REGRESSION; ok (moved within tolerance); note (reported, never a regression)."""
+    if difference.regression:
+        return "REGRESSION"
+    return "ok" if difference.allowed is not None else "note"
+
+
+def fmt_bytes_per_element(value: float | None) -> str:
+    if value is None or math.isnan(value):
+        return "-"
+    return f"{fmt_num(value)} B/el"
+
+
+def fmt_shape(shape: Sequence[int]) -> str:
+    return "×".join(str(n) for n in shape) if len(shape) else "scalar"
+
+
+def fmt_value(value: Any, limit: int = 60) -> str:
+    """Any value of a baseline difference, on one line; numbers with 7 significant
+    digits, so that a norm that moved within tolerance still shows how."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return fmt_num(value, digits=7)
+    if isinstance(value, str):
+        text = value
+    else:
+        text = json.dumps(value, sort_keys=True, default=str)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def fmt_mutated(result: OptimizerResult) -> str:
+    if result.verdict == "error" and not result.params_with_grad:
+        return "-"
+    return f"{result.params_mutated}/{result.params_with_grad}"
+
+
+def fmt_norm(result: OptimizerResult, value: float, ratio: bool = False) -> str:
+    """A summary norm (or ratio); an error row that never stepped shows '-', not 'nan'."""
+    if result.verdict == "error" and not result.steps and math.isnan(value):
+        return "-"
+    return fmt_ratio(value) if ratio else fmt_num(value)
+
+
+def short_class(cls: str) -> str:
+    """``sfdiag.optim:AdamWScheduleFree`` -> ``AdamWScheduleFree``."""
+    return cls.rsplit(":", 1)[-1].rsplit(".", 1)[-1] or cls
+
+
+def verdict_text(result: OptimizerResult) -> str:
+    return f"{result.verdict} ({result.fingerprint})" if result.fingerprint else result.verdict
+
+
+# -- sentences -----------------------------------------------------------------------
+
+
+def _sentence(text: str) -> str:
+    text = " ".join(text.split()).rstrip(".")
+    if not text:
+        return ""
+    return text[0].upper() + text[1:] + "."
+
+
+def advice_sentence(result: OptimizerResult) -> str | None:
+    """What happened to a flagged optimizer and what to do about it; None when clean."""
+    if not result.flagged:
+        return None
+    label = result.optimizer
+    if result.verdict == "error":
+        message = " ".join((result.error or "unknown error").split()).rstrip(".")
+        todo = result.advice or "Fix its class or kwargs in the config, or leave it out"
+        return f"{label}: could not be probed: {message}. {_sentence(todo)}"
+    happened = _WHAT_HAPPENED.get(result.verdict, f"verdict {result.verdict}")
+    if result.fingerprint:
+        happened += f" ({result.fingerprint})"
+    pre, post, ratio = (
+        result.pre_step_grad_norm,
+        result.post_step_grad_norm,
+        result.norm_ratio,
+    )
+    if result.verdict == "cleared" and post == 0:
+        detail = "nothing is left to read after step()"
+    elif math.isfinite(ratio) and math.isfinite(pre) and pre > 0:
+        detail = f"the norm read after step() is {fmt_ratio(ratio)} the gradient's"
+    else:
+        detail = (
+            f"the norm read after step() is {fmt_num(post)} (the gradient's was {fmt_num(pre)})"
+        )
+    return f"{label}: {happened}: {detail}. {_sentence(result.advice or _DEFAULT_ADVICE)}"
+
+
+def advice_sentences(report: ProbeReport) -> list[str]:
+    return [s for s in (advice_sentence(r) for r in report.results) if s]
+
+
+def summary_line(report: ProbeReport) -> str:
+    total = len(report.results)
+    flagged = sum(r.flagged for r in report.results)
+    errors = sum(r.verdict == "error" for r in report.results)
+    noun = "optimizer" if total == 1 else "optimizers"
+    line = f"{flagged} of {total} {noun} flagged"
+    if errors:
+        line += f" ({errors} error{'s' if errors != 1 else ''})"
+    return line
+
+
+def interrupted_line(report: ProbeReport) -> str | None:
+    if not report.interrupted:
+        return None
+    done = len(report.results)
+    planned = report.config.get("optimizers") if isinstance(report.config, dict) else None
+    of = f" of {len(planned)}" if isinstance(planned, list) and len(planned) >= done else ""
+    return (
+        f"Interrupted: only {done}{of} optimizer{'s' if done != 1 else ''} finished; "
+        "the results below are partial."
+    )
+
+
+def header_line(report: ProbeReport) -> str:
+    config = report.config if isinstance(report.config, dict) else {}
+    parts = []
+    steps = config.get("steps")
+    if steps is not None:
+        parts.append(f"{steps} steps")
+    model = config.get("model")
+    if isinstance(model, dict) and model.get("name"):
+        parts.append(f"model {model['name']}")
+    if config.get("seed") is not None:
+        parts.append(f"seed {config['seed']}")
+    parts.append(f"sfdiag {report.sfdiag_version}")
+    parts.append(f"torch {report.torch_version}")
+    return ", ".join(parts)
+
+
+def check_summary_line(check: CheckResult) -> str:
+    n = len(check.regressions)
+    if n == 0:
+        return "no regression"
+    return f"{n} regression{'s' if n != 1 else ''}"
+
+
+# -- sparkline -----------------------------------------------------------------------
+
+
+def _log_ratios(result: OptimizerResult) -> list[float]:
+    """log10(post/pre) per step; nan for a step with a nan/inf ratio, -inf for 0."""
+    out = []
+    for step in result.steps:
+        r = step.ratio
+        if math.isnan(r) or math.isinf(r) or r < 0:
+            out.append(math.nan)
+        elif r == 0:
+            out.append(-math.inf)
+        else:
+            out.append(math.log10(r))
+    return out
+
+
+def spark_scale(results: Iterable[OptimizerResult]) -> tuple[float, float]:
+    """One log10 scale for every row of a table, always containing ratio 1 (log 0)."""
+    lo = hi = 0.0
+    for result in results:
+        for v in _log_ratios(result):
+            if math.isfinite(v):
+                lo, hi = min(lo, v), max(hi, v)
+    return lo, hi
+
+
+def sparkline(result: OptimizerResult, scale: tuple[float, float], width: int = SPARK_WIDTH) -> str:
+    """The post/pre ratio of each step as a bar on a log scale; '!' marks nan/inf."""
+    values = _log_ratios(result)
+    if not values:
+        return ""
+    if len(values) > width:  # bucket: keep the step furthest from ratio 1 in each bucket
+        buckets = []
+        for i in range(width):
+            chunk = values[i * len(values) // width : (i + 1) * len(values) // width]
+            buckets.append(max(chunk, key=lambda v: math.inf if math.isnan(v) else abs(v)))
+        values = buckets
+    lo, hi = scale
+    chars = []
+    for v in values:
+        if math.isnan(v):
+            chars.append(SPARK_BAD)
+        elif hi <= lo:
+            chars.append(BLOCKS[0])
+        else:
+            pos = (min(max(v, lo), hi) - lo) / (hi - lo)
+            chars.append(BLOCKS[min(len(BLOCKS) - 1, int(pos * len(BLOCKS)))])
+    return "".join(chars)
