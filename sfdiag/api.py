@@ -82,6 +82,12 @@ class Outputs:
         return self
 
 
+def check_writable(path: Path, *, force: bool, what: str = "file") -> Path:
+    from sfdiag.fileio import check_writable as check
+
+    return check(path, force=force, what=what)
+
+
 def probe(
     config: Config, *, forensics: bool = False, progress: Progress | None = None
 ) -> ProbeReport:
@@ -118,3 +124,23 @@ def write_plot(report: ProbeReport, path: Path, *, force: bool = False) -> None:
 def gate(report: ProbeReport, *, strict: bool) -> int:
     """Exit code of a probe: 1 when --strict and anything is flagged (error rows included)."""
     return EXIT_GATE if strict and report.any_flagged else EXIT_OK
+
+
+def save_baseline(report: ProbeReport, path: Path, *, force: bool = False) -> Path:
+    from sfdiag.baseline import save_baseline as save
+
+    return save(report, path, force=force)
+
+
+def check_against_baseline(report: ProbeReport, baseline_path: Path, *, rtol: float):
+    """Compare ``report`` with a baseline file: a CheckResult (``.regressed`` is the gate)."""
+    from sfdiag.baseline import compare, load_baseline
+
+    return compare(load_baseline(baseline_path), report, rtol=rtol)
+
+
+def render_check(check, fmt: str, *, color: bool = False) -> str:
+    from sfdiag.report import RenderOptions
+    from sfdiag.report import render_check as render
+
+    return render(check, check_format(fmt), RenderOptions(color=color))

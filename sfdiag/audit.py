@@ -135,7 +135,9 @@ class StepAuditor:
                 y = a.full_param if a.full_param is not None else a.param_sample
                 states = {
                     k: _numpy(v)
-                    for k, v in snapshot.state_samples(optimizer, param, full=self.forensics).items()
+                    for k, v in snapshot.state_samples(
+                        optimizer, param, full=self.forensics
+                    ).items()
                 }
                 fp = verdict.fingerprint(pre, post, _numpy(y), states, _group_eps(optimizer, param))
         return ParamStep(

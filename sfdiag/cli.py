@@ -53,7 +53,9 @@ PerParamOpt = Annotated[
 ]
 ForensicsOpt = Annotated[
     bool,
-    typer.Option("--forensics", help="clone whole grads for exact per-element changes (more memory)"),
+    typer.Option(
+        "--forensics", help="clone whole grads for exact per-element changes (more memory)"
+    ),
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="show tracebacks, for bug reports")]
 ConfigArg = Annotated[Path, typer.Argument(help="the YAML config", show_default=False)]
@@ -82,6 +84,26 @@ def _guard(debug: bool) -> Iterator[None]:
         raise typer.Exit(3) from None
 
 
+def _probe_with_progress(config: object, *, quiet: bool, forensics: bool = False):
+    """Run the probe with a progress bar; on Ctrl-C show what finished and exit 130."""
+    from sfdiag.probe import ProbeInterrupted
+
+    total = config.steps * len(config.optimizers)
+    try:
+        with ui.progress_bar(total, quiet=quiet) as progress:
+            return api.probe(config, forensics=forensics, progress=progress)
+    except ProbeInterrupted as stopped:
+        # Show what finished; write no file: a partial report must not pass for a whole one.
+        if stopped.report.results:
+            sys.stdout.write(api.render(stopped.report, "table", color=ui.wants_color(sys.stdout)))
+        ui.error("interrupted; the rows above are the optimizers that finished")
+        raise typer.Exit(api.EXIT_INTERRUPTED) from None
+
+
+def _color_for(fmt: str, output: Path | None) -> bool:
+    return fmt == "table" and output is None and ui.wants_color(sys.stdout)
+
+
 def _run_and_report(
     load: Callable[[], object],
     *,
@@ -95,21 +117,9 @@ def _run_and_report(
     forensics: bool,
 ) -> int:
     """Shared body of probe and compare."""
-    from sfdiag.probe import ProbeInterrupted
-
     outputs = api.Outputs(fmt=fmt, output=output, plot=plot, force=force).validate()
-    config = load()
-    total = config.steps * len(config.optimizers)
-    try:
-        with ui.progress_bar(total, quiet=quiet) as progress:
-            report = api.probe(config, forensics=forensics, progress=progress)
-    except ProbeInterrupted as stopped:
-        # Show what finished; write no file: a partial report must not pass for a whole one.
-        if stopped.report.results:
-            sys.stdout.write(api.render(stopped.report, "table", color=ui.wants_color(sys.stdout)))
-        ui.error("interrupted; the rows above are the optimizers that finished")
-        return api.EXIT_INTERRUPTED
-    color = fmt == "table" and output is None and ui.wants_color(sys.stdout)
+    report = _probe_with_progress(load(), quiet=quiet, forensics=forensics)
+    color = _color_for(fmt, output)
     api.emit(api.render(report, fmt, color=color, per_param=per_param), outputs)
     if plot is not None:
         api.write_plot(report, plot, force=force)
@@ -137,8 +147,14 @@ def probe(
     with _guard(debug):
         code = _run_and_report(
             lambda: api.with_device(api.load_config(config), device),
-            fmt=fmt, output=output, plot=plot, force=force, strict=strict, quiet=quiet,
-            per_param=per_param, forensics=forensics,
+            fmt=fmt,
+            output=output,
+            plot=plot,
+            force=force,
+            strict=strict,
+            quiet=quiet,
+            per_param=per_param,
+            forensics=forensics,
         )
     raise typer.Exit(code)
 
@@ -175,12 +191,94 @@ def compare(
     with _guard(debug):
         code = _run_and_report(
             lambda: api.compare_config(
-                config_path=config, optimizers=optimizers, model=model, steps=steps, seed=seed,
+                config_path=config,
+                optimizers=optimizers,
+                model=model,
+                steps=steps,
+                seed=seed,
                 device=device,
             ),
-            fmt=fmt, output=output, plot=plot, force=force, strict=strict, quiet=quiet,
-            per_param=per_param, forensics=forensics,
+            fmt=fmt,
+            output=output,
+            plot=plot,
+            force=force,
+            strict=strict,
+            quiet=quiet,
+            per_param=per_param,
+            forensics=forensics,
         )
+    raise typer.Exit(code)
+
+
+@app.command()
+def baseline(
+    config: ConfigArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="the baseline file to write")],
+    force: ForceOpt = False,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Probe CONFIG and record the results as a baseline file for `sfdiag check`."""
+    with _guard(debug):
+        api.check_writable(output, force=force, what="baseline")
+        report = _probe_with_progress(api.with_device(api.load_config(config), device), quiet=quiet)
+        api.save_baseline(report, output, force=force)
+        ui.note(f"baseline of {len(report.results)} optimizers written to {output}", quiet=quiet)
+
+
+@app.command()
+def check(
+    config: ConfigArg,
+    baseline_file: Annotated[
+        Path, typer.Option("--baseline", "-b", help="the baseline file to compare with")
+    ],
+    rtol: Annotated[
+        float, typer.Option("--rtol", help="relative tolerance on every step's grad norms")
+    ] = 1e-4,
+    fmt: FormatOpt = "table",
+    output: OutputOpt = None,
+    force: ForceOpt = False,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Probe CONFIG and compare with a baseline; exit 1 when anything regressed."""
+    from sfdiag.baseline import load_baseline
+
+    with _guard(debug):
+        outputs = api.Outputs(fmt=fmt, output=output, force=force).validate()
+        load_baseline(baseline_file)  # a bad baseline fails before the probe, not after
+        if not (rtol >= 0 and rtol != float("inf")):
+            raise SfdiagError(f"--rtol must be a finite number >= 0, got {rtol}")
+        report = _probe_with_progress(api.with_device(api.load_config(config), device), quiet=quiet)
+        result = api.check_against_baseline(report, baseline_file, rtol=rtol)
+        api.emit(api.render_check(result, fmt, color=_color_for(fmt, output)), outputs)
+        code = api.EXIT_GATE if result.regressed else api.EXIT_OK
+    raise typer.Exit(code)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run(
+    ctx: typer.Context,
+    report: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--report", help="also write the JSON report to FILE"),
+    ] = None,
+    strict: StrictOpt = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run an unmodified training script with every optimizer it builds audited.
+
+    Usage: sfdiag run [--report FILE] [--strict] -- python script.py ARGS...
+    The script's own exit code passes through, unless --strict finds a flagged optimizer.
+    """
+    from sfdiag.runner import run_script
+
+    with _guard(debug):
+        code = run_script(list(ctx.args), report=report, strict=strict, force=force, quiet=quiet)
     raise typer.Exit(code)
 
 
@@ -221,7 +319,9 @@ def _version_callback(value: bool) -> None:
 def _main(
     version: Annotated[
         bool,
-        typer.Option("--version", callback=_version_callback, is_eager=True, help="print the version"),
+        typer.Option(
+            "--version", callback=_version_callback, is_eager=True, help="print the version"
+        ),
     ] = False,
 ) -> None:
     """Find optimizers that change p.grad in place during step()."""

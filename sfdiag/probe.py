@@ -95,7 +95,10 @@ def probe_optimizer(
             observed = auditor.observations[-1]
             step_records.append(
                 StepRecord(
-                    index, loss_value, observed.pre_norm, observed.post_norm,
+                    index,
+                    loss_value,
+                    observed.pre_norm,
+                    observed.post_norm,
                     observed.params_mutated,
                 )
             )

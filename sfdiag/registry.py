@@ -116,7 +116,9 @@ def import_object(path: str, where: str) -> Any:
     """
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
-        raise SfdiagError(f"{where}: {path!r} is not an import path of the form 'package.module:attribute'")
+        raise SfdiagError(
+            f"{where}: {path!r} is not an import path of the form 'package.module:attribute'"
+        )
     try:
         obj: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

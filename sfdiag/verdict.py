@@ -149,7 +149,7 @@ def fingerprint(
 
 _ADVICE = {
     "adam-normalized": (
-        "p.grad holds the Adam-normalised update after step(), not the gradient: "
+        "after step(), p.grad holds the Adam-normalised update, not the gradient: "
         "log the grad norm before step() (sfdiag.GradMonitor does), or use {ref}"
     ),
     "weight-decay": (
@@ -157,12 +157,12 @@ _ADVICE = {
         "step() include it; log them before step()"
     ),
     "scaled": (
-        "p.grad was rescaled in place (clipping?): a norm read after step() is the "
+        "the grads were rescaled in place (clipping?): a norm read after step() is the "
         "rescaled one; log it before step()"
     ),
-    "sign": "p.grad was replaced by its sign in place: log grad metrics before step()",
-    "zeroed": "p.grad was zeroed in place: log grad metrics before step()",
-    "unknown": "p.grad was changed in place by step(): log grad metrics before step()",
+    "sign": "each grad was replaced by its sign in place: log grad metrics before step()",
+    "zeroed": "the grads were zeroed in place: log grad metrics before step()",
+    "unknown": "the grads were changed in place by step(): log grad metrics before step()",
 }
 _VERDICT_ADVICE = {
     "replaced": (
