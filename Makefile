@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 TORCH_PIN := $(if $(TORCH_WHEEL),torch==2.13.0 --find-links $(dir $(TORCH_WHEEL)),)
 
-.PHONY: demo test lint unit bench ci clean
+.PHONY: demo test lint unit dogfood baselines bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,23 @@ lint: $(VENV)/.installed-dev
 unit: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest
 
-test: lint unit
+# Dogfood: the repo's own example configs against their recorded baselines. A change to the
+# in-repo optimizers or the probe that moves any metric fails here (and so in CI).
+CONFIGS := default mnist weight-decay import-path
+dogfood: $(VENV)/.installed-dev
+	@for c in $(CONFIGS); do \
+	  echo "sfdiag check configs/$$c.yaml --baseline baselines/$$c.json"; \
+	  $(BIN)/sfdiag check configs/$$c.yaml --baseline baselines/$$c.json --quiet || exit 1; \
+	done
+
+# Re-record the baselines after an intended change (review the diff before committing it).
+baselines: $(VENV)/.installed-dev
+	@mkdir -p baselines
+	@for c in $(CONFIGS); do \
+	  $(BIN)/sfdiag baseline configs/$$c.yaml --output baselines/$$c.json --force || exit 1; \
+	done
+
+test: lint unit dogfood
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/run.py

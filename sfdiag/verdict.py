@@ -98,7 +98,8 @@ def _fits_adam(
             continue
         lam = 0.0
         for _ in range(3):  # alternate: scale k from the ratios, then lam by least squares
-            denom_seen = g[usable] / (u[usable] - lam * (y[usable] if y is not None else 0.0))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                denom_seen = g[usable] / (u[usable] - lam * (y[usable] if y is not None else 0.0))
             ok = np.isfinite(denom_seen) & (g[usable] != 0)
             if not np.any(ok):
                 break

@@ -55,13 +55,13 @@ def _verdict_style(verdict: str) -> str:
 # = lower rank; None = never dropped). Optimizer, post-step norm and verdict always stay.
 _COLUMNS = (
     ("optimizer", False, None),
-    ("class", False, 3),
+    ("class", False, 1),
     ("pre-step\n‖g‖", True, 5),
     ("post-step\n‖g‖", True, None),
     ("ratio\npost/pre", True, 6),
     ("ratio\nper step", False, 2),
     ("params\nmutated", True, 4),
-    ("state", True, 1),
+    ("state", True, 3),
     ("verdict", False, None),
 )
 
