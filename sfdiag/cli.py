@@ -219,7 +219,7 @@ def baseline(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Probe CONFIG and record the results as a baseline file for `sfdiag check`."""
+    """Probe CONFIG and save the results as a baseline for `check`."""
     with _guard(debug):
         api.check_writable(output, force=force, what="baseline")
         report = _probe_with_progress(api.with_device(api.load_config(config), device), quiet=quiet)
@@ -243,7 +243,7 @@ def check(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Probe CONFIG and compare with a baseline; exit 1 when anything regressed."""
+    """Probe CONFIG and compare with a baseline; exit 1 on regression."""
     from sfdiag.baseline import load_baseline
 
     with _guard(debug):
@@ -270,7 +270,7 @@ def run(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Run an unmodified training script with every optimizer it builds audited.
+    """Run a training script as it is, auditing every optimizer it builds.
 
     Usage: sfdiag run [--report FILE] [--strict] -- python script.py ARGS...
     The script's own exit code passes through, unless --strict finds a flagged optimizer.
@@ -284,12 +284,13 @@ def run(
 
 @app.command(name="list")
 def list_registries(debug: DebugOpt = False) -> None:
-    """The registries: optimizers, models, data sets and losses, one line each."""
+    """List the registries: optimizers, models, data sets, losses."""
     from sfdiag import registry
 
     with _guard(debug):
+        headings = {"optimizer": "optimizers", "model": "models", "data": "data sets"}
         for kind, table in registry.REGISTRIES.items():
-            print(f"{kind}s:")
+            print(f"{headings.get(kind, kind + 'es')}:")
             width = max(len(name) for name in table)
             for entry in table.values():
                 print(f"  {entry.name:<{width}}  {entry.summary}")
