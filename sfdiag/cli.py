@@ -270,7 +270,7 @@ def run(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Run a training script as it is, auditing every optimizer it builds.
+    """Run a training script, auditing every optimizer it builds.
 
     Usage: sfdiag run [--report FILE] [--strict] -- python script.py ARGS...
     The script's own exit code passes through, unless --strict finds a flagged optimizer.
