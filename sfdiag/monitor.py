@@ -1,0 +1,235 @@
+"""``GradMonitor``: the real gradient norm of every step, whatever ``step()`` does to p.grad.
+
+Some optimizers (schedule-free AdamW's memory-efficient form among them) reuse
+``p.grad`` as a work buffer: after ``step()`` it holds the update, not the gradient,
+and a grad norm logged after ``step()`` is off by orders of magnitude. A monitor
+reads the global L2 norm of the grads in the optimizer's step **pre**-hook, where
+they are still the gradients, and again in the post-hook::
+
+    monitor = sfdiag.GradMonitor(optimizer)
+    for x, y in batches:
+        ...
+        loss.backward()
+        optimizer.step()
+        log(grad_norm=monitor.last_grad_norm)   # the norm step() was given
+
+Cost per step: one ``torch._foreach_norm`` and one stack+norm in each hook, no copy
+of any gradient, and the numbers stay on the device until read: at most one host
+sync per step (none until a property is read).
+
+``post_step_grad_norm`` is the norm of ``p.grad`` after ``step()``; it is **not** the
+norm of the parameter update (that would need a copy of the old parameters). It
+equals the pre-step norm when the optimizer leaves the grads alone, so ``mutated``
+compares the two norms bit for bit: cheap, and blind to a change that keeps the norm
+(a permutation, say). ``sfdiag run`` and ``sfdiag.testing`` audit every element.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import sys
+from types import FrameType
+from typing import Any
+
+import torch
+
+__all__ = ["GradMonitor"]
+
+#: finished steps kept on the device before one transfer brings them all to the host
+_SYNC_EVERY = 1024
+
+# the code object of the wrapper torch puts around every Optimizer subclass's step()
+_STEP_WRAPPER_CODE = getattr(
+    torch.optim.Optimizer.profile_hook_step(lambda *a, **k: None), "__code__", None
+)
+
+
+def active_steps(optimizer: Any) -> int:
+    """How many hooked ``step()`` calls of ``optimizer`` are on the stack right now.
+
+    2 or more inside a hook means a nested call (a subclass's ``step()`` calling
+    ``super().step()`` fires the hooks again): only the outermost is the real step.
+    Unlike a depth counter this stays right after a ``step()`` that raised.
+    Returns 1 when the wrapper cannot be recognised (a future torch).
+    """
+    if _STEP_WRAPPER_CODE is None:
+        return 1
+    count = 0
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _STEP_WRAPPER_CODE and frame.f_locals.get("self") is optimizer:
+            count += 1
+        frame = frame.f_back
+    return max(count, 1)
+
+
+def _grads(optimizer: Any) -> list[torch.Tensor]:
+    out = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            if g.layout != torch.strided:  # sparse: the stored values, duplicates summed
+                g = g.coalesce()._values()
+            out.append(g.detach())
+    return out
+
+
+def global_norm(grads: list[torch.Tensor]) -> torch.Tensor | None:
+    """The L2 norm over all ``grads`` as a float32 0-d tensor on the first one's device.
+
+    No host sync: one ``torch._foreach_norm`` (one kernel per device and dtype), then
+    one stack and norm. ``None`` when there are no grads.
+    """
+    if not grads:
+        return None
+    device = grads[0].device
+    try:  # accumulate in float32 also for half-precision grads
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+    except (TypeError, RuntimeError):  # an older torch without dtype=
+        norms = torch._foreach_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms]))
+
+
+def _bits(value: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
+class GradMonitor:
+    """Records the global grad norm before and after every ``step()`` of ``optimizer``.
+
+    ``last_grad_norm`` is the norm of the gradients ``step()`` was given: log that.
+    Use ``remove()`` (or a ``with`` block) to detach the hooks. With
+    ``keep_history=False`` only the last step is kept.
+    """
+
+    def __init__(self, optimizer: Any, *, keep_history: bool = True) -> None:
+        self.optimizer = optimizer
+        self.keep_history = keep_history
+        self._pending_pre: torch.Tensor | None = None  # this step's pre norm, not synced
+        self._unsynced: list[torch.Tensor | None] = []  # per finished step: [pre, post]
+        self._history: list[tuple[float, float]] = []
+        self._last: tuple[float, float] | None = None
+        self._steps = 0
+        self._handles = [
+            optimizer.register_step_pre_hook(self._pre),
+            optimizer.register_step_post_hook(self._post),
+        ]
+
+    # ---- hooks ----------------------------------------------------------------------------
+    def _pre(self, optimizer: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if active_steps(optimizer) > 1:  # a subclass's step() calling super().step()
+            return None
+        self._pending_pre = global_norm(_grads(optimizer))
+        return self._wrap_closure(args, kwargs)
+
+    def _post(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
+        if active_steps(optimizer) > 1:
+            return
+        pre, self._pending_pre = self._pending_pre, None
+        post = global_norm(_grads(optimizer))
+        if pre is None and post is None:
+            pair = None
+        else:
+            device = (pre if pre is not None else post).device
+            zero = torch.zeros((), dtype=torch.float32, device=device)
+            pair = torch.stack(
+                [
+                    pre if pre is not None else zero,
+                    (post if post is not None else zero).to(device),
+                ]
+            )
+        if not self.keep_history:
+            self._unsynced.clear()
+        self._unsynced.append(pair)
+        self._steps += 1
+        if len(self._unsynced) >= _SYNC_EVERY:  # bound the device memory held
+            self._sync()
+
+    def _wrap_closure(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """step(closure) recomputes the grads: take the pre-step norm after each call."""
+        if len(args) > 1 and callable(args[1]):
+            closure = args[1]
+        elif callable(kwargs.get("closure")):
+            closure = kwargs["closure"]
+        else:
+            return None
+
+        def closure_then_norm(*a: Any, **k: Any) -> Any:
+            loss = closure(*a, **k)
+            self._pending_pre = global_norm(_grads(self.optimizer))
+            return loss
+
+        if len(args) > 1 and args[1] is closure:
+            return (args[0], closure_then_norm, *args[2:]), kwargs
+        return args, {**kwargs, "closure": closure_then_norm}
+
+    # ---- reading --------------------------------------------------------------------------
+    def _sync(self) -> None:
+        """Bring finished steps' norms to the host: one transfer for all of them."""
+        if not self._unsynced:
+            return
+        pending, self._unsynced = self._unsynced, []
+        present = [p for p in pending if p is not None]
+        values = torch.stack([p.to(present[0].device) for p in present]).tolist() if present else []
+        it = iter(values)
+        pairs = [(0.0, 0.0) if p is None else tuple(next(it)) for p in pending]
+        if self.keep_history:
+            self._history.extend(pairs)  # type: ignore[arg-type]
+        self._last = pairs[-1]  # type: ignore[assignment]
+
+    @property
+    def steps(self) -> int:
+        """Steps recorded so far."""
+        return self._steps
+
+    @property
+    def last_grad_norm(self) -> float:
+        """The global L2 norm of the grads ``step()`` was given, last step (NaN before any)."""
+        self._sync()
+        return self._last[0] if self._last is not None else math.nan
+
+    @property
+    def last_post_step_grad_norm(self) -> float:
+        """The global L2 norm of ``p.grad`` just after the last ``step()`` (NaN before any)."""
+        self._sync()
+        return self._last[1] if self._last is not None else math.nan
+
+    @property
+    def history(self) -> list[tuple[float, float]]:
+        """``(pre, post)`` per step (a copy); empty when ``keep_history=False``."""
+        self._sync()
+        return list(self._history)
+
+    @property
+    def mutated(self) -> bool:
+        """True when the last step's post-step grad norm differs (bitwise) from the pre-step one.
+
+        NaN counts as equal to NaN. False before any step.
+        """
+        self._sync()
+        if self._last is None:
+            return False
+        pre, post = self._last
+        return _bits(pre) != _bits(post) and not (math.isnan(pre) and math.isnan(post))
+
+    # ---- lifetime -------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Detach the hooks (idempotent). What was recorded stays readable."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> GradMonitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return (
+            f"GradMonitor({type(self.optimizer).__name__}, steps={self._steps}, "
+            f"last_grad_norm={self.last_grad_norm:.4g})"
+        )

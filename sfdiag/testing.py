@@ -1,0 +1,165 @@
+"""Helpers for your own test suite: does ``step()`` leave ``p.grad`` alone?
+
+::
+
+    from sfdiag.testing import assert_step_preserves_grads
+
+    def test_my_optimizer_keeps_grads():
+        assert_step_preserves_grads(lambda params: MyOptimizer(params, lr=1e-3))
+
+A few real steps on a small model (a tiny MLP unless you pass ``model_factory``), with
+every grad fingerprinted just before and just after ``step()``. No pytest import: the
+failure is a plain ``AssertionError`` naming the verdict, the kind of change and the
+parameters. Exceptions from your optimizer or model propagate unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from sfdiag import verdict
+from sfdiag.audit import StepAuditor
+from sfdiag.results import OptimizerResult, StepRecord
+from sfdiag.runner import class_path
+
+__all__ = ["assert_step_preserves_grads", "check_step", "tiny_mlp"]
+
+_BATCH = 16
+
+
+def tiny_mlp() -> torch.nn.Module:
+    """8 -> 16 -> 4, tanh: every kind of parameter (weights, biases) in a few hundred elements."""
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+
+
+def _default_loss(output: Any) -> torch.Tensor:
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(
+            f"the model returned {type(output).__name__}, not a tensor: pass loss_fn= "
+            "(a callable taking the model's output and returning a scalar loss)"
+        )
+    return output.float().pow(2).mean()
+
+
+def _default_inputs(model: torch.nn.Module) -> torch.Tensor:
+    first = next((m for m in model.modules() if isinstance(m, torch.nn.Linear)), None)
+    if first is None:
+        raise ValueError("cannot guess an input for this model (it has no nn.Linear): pass inputs=")
+    weight = first.weight
+    return torch.randn(_BATCH, first.in_features, device=weight.device, dtype=weight.dtype)
+
+
+def check_step(
+    optimizer_factory: Callable[..., Any],
+    model_factory: Callable[[], torch.nn.Module] | None = None,
+    *,
+    steps: int = 3,
+    seed: int = 0,
+    inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+) -> OptimizerResult:
+    """Run ``steps`` audited steps and return the result (verdict, fingerprint, per param).
+
+    ``optimizer_factory(params)`` builds the optimizer (an optimizer class works);
+    schedule-free optimizers are put in train mode. ``inputs`` is the model's input (a
+    tuple is unpacked as positional arguments); by default a random batch sized to the
+    model's first ``nn.Linear``. ``loss_fn(output)`` gives the loss; by default the mean
+    square of the output. The global CPU RNG state is left as it was.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = (model_factory or tiny_mlp)()
+        model.train()
+        args = _as_args(inputs if inputs is not None else _default_inputs(model))
+        loss_of = loss_fn or _default_loss
+        optimizer = optimizer_factory(model.parameters())
+        train = getattr(optimizer, "train", None)
+        if callable(train):
+            train()
+        auditor = StepAuditor(names={id(p): n for n, p in model.named_parameters()})
+        auditor.attach(optimizer)
+        records: list[StepRecord] = []
+        try:
+            for index in range(steps):
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_of(model(*args))
+                loss.backward()
+                with np.errstate(all="ignore"):  # the post-step hook's fits, not your code
+                    optimizer.step()
+                if len(auditor.observations) <= index:
+                    raise RuntimeError(
+                        f"{type(optimizer).__name__}.step() did not fire torch's step hooks: "
+                        "is it a torch.optim.Optimizer?"
+                    )
+                observed = auditor.observations[index]
+                records.append(
+                    StepRecord(
+                        index,
+                        float(loss.detach()),
+                        observed.pre_norm,
+                        observed.post_norm,
+                        observed.params_mutated,
+                    )
+                )
+        finally:
+            auditor.detach()
+    return verdict.summarize(
+        type(optimizer).__name__,
+        class_path(optimizer),
+        records,
+        [o.params for o in auditor.observations],
+    )
+
+
+def _as_args(inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[Any, ...]:
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def failure_message(result: OptimizerResult) -> str:
+    """Why ``result`` fails ``assert_step_preserves_grads``: several lines, no colour."""
+    kind = f", fingerprint {result.fingerprint}" if result.fingerprint else ""
+    lines = [
+        f"{result.optimizer} ({result.cls}) did not leave p.grad alone during step(): "
+        f"verdict {result.verdict}{kind}",
+        f"  global grad norm before step() {result.pre_step_grad_norm:.6g}, after "
+        f"{result.post_step_grad_norm:.6g} (median over {len(result.steps)} steps)",
+        f"  {result.params_mutated} of {result.params_with_grad} params affected:",
+    ]
+    for p in result.params:
+        if p.verdict == "clean":
+            continue
+        how = f"{p.verdict}, {p.fingerprint}" if p.fingerprint else p.verdict
+        lines.append(
+            f"    {p.name} {tuple(p.shape)}: {how}; norm {p.pre_step_grad_norm:.6g} -> "
+            f"{p.post_step_grad_norm:.6g}"
+        )
+    if result.advice:
+        lines.append(f"  advice: {result.advice}")
+    return "\n".join(lines)
+
+
+def assert_step_preserves_grads(
+    optimizer_factory: Callable[..., Any],
+    model_factory: Callable[[], torch.nn.Module] | None = None,
+    *,
+    steps: int = 3,
+    seed: int = 0,
+    inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+) -> OptimizerResult:
+    """Raise AssertionError if any step mutated, replaced or cleared any ``p.grad``.
+
+    Arguments as for ``check_step``; returns its (clean) result when the check passes.
+    """
+    result = check_step(
+        optimizer_factory, model_factory, steps=steps, seed=seed, inputs=inputs, loss_fn=loss_fn
+    )
+    if result.flagged:
+        raise AssertionError(failure_message(result))
+    return result

@@ -1,0 +1,112 @@
+"""sfdiag.testing: the helpers users call from their own test suites."""
+
+from __future__ import annotations
+
+import mutators
+import pytest
+import torch
+
+from sfdiag.optim import AdamWScheduleFree, AdamWScheduleFreeReference
+from sfdiag.testing import assert_step_preserves_grads, check_step
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        torch.optim.AdamW,
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-2),
+        mutators.Clean,
+        AdamWScheduleFreeReference,
+    ],
+    ids=["adamw", "sgd", "clean-mutator", "sf-ref"],
+)
+def test_clean_optimizers_pass(factory):
+    result = assert_step_preserves_grads(factory)
+    assert result.verdict == "clean" and len(result.steps) == 3
+    assert result.params_with_grad == 4
+
+
+@pytest.mark.parametrize(
+    ("factory", "verdict", "fingerprint"),
+    [
+        (mutators.AdamNormalize, "mutated", "adam-normalized"),
+        (AdamWScheduleFree, "mutated", "adam-normalized"),  # starts in eval mode: put in train
+        (mutators.ScaleGrads, "mutated", "scaled"),
+        (mutators.ScaleGradsViaData, "mutated", "scaled"),
+        (mutators.FoldWeightDecay, "mutated", "weight-decay"),
+        (mutators.SignGrads, "mutated", "sign"),
+        (mutators.ZeroGrads, "mutated", "zeroed"),
+        (mutators.ReplaceGrads, "replaced", None),
+        (mutators.ClearGrads, "cleared", None),
+    ],
+    ids=lambda v: getattr(v, "__name__", None) or str(v),
+)
+def test_mutators_fail_with_a_clear_message(factory, verdict, fingerprint):
+    with pytest.raises(AssertionError) as caught:
+        assert_step_preserves_grads(factory)
+    message = str(caught.value)
+    assert f"verdict {verdict}" in message
+    if fingerprint:
+        assert f"fingerprint {fingerprint}" in message
+    assert factory.__name__ in message
+    assert "0.weight (16, 8)" in message  # which params, with their pre -> post norms
+    assert "global grad norm before step()" in message and " -> " in message
+
+
+def test_check_step_returns_the_result_without_asserting():
+    result = check_step(mutators.AdamNormalize, steps=2)
+    assert result.flagged and result.fingerprint == "adam-normalized"
+    assert result.cls == "mutators:AdamNormalize"
+    assert [s.step for s in result.steps] == [0, 1]
+    assert all(s.loss is not None and s.params_mutated == 4 for s in result.steps)
+    assert {p.name for p in result.params} == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def test_custom_model_inputs_and_loss():
+    def model_factory():
+        return torch.nn.Sequential(torch.nn.Conv1d(2, 3, 3), torch.nn.Flatten())
+
+    x = torch.randn(4, 2, 10)
+    target = torch.randn(4, 24)
+    result = check_step(
+        mutators.SignGrads,
+        model_factory,
+        steps=2,
+        inputs=x,
+        loss_fn=lambda out: torch.nn.functional.mse_loss(out, target),
+    )
+    assert result.fingerprint == "sign"
+    assert {p.name for p in result.params} == {"0.weight", "0.bias"}
+
+
+def test_tuple_inputs_are_positional_arguments():
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(3, 2)
+            self.b = torch.nn.Linear(5, 2)
+
+        def forward(self, x, y):
+            return self.a(x) + self.b(y)
+
+    result = check_step(torch.optim.Adam, Two, inputs=(torch.randn(4, 3), torch.randn(4, 5)))
+    assert result.verdict == "clean" and result.params_with_grad == 4
+
+
+def test_a_model_without_a_linear_needs_inputs():
+    with pytest.raises(ValueError, match="inputs="):
+        check_step(torch.optim.SGD, lambda: torch.nn.Conv1d(1, 1, 1))
+
+
+def test_seeded_and_leaves_the_global_rng_alone():
+    state = torch.get_rng_state()
+    first = check_step(mutators.ScaleGrads, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    again = check_step(mutators.ScaleGrads, seed=3)
+    assert first.steps == again.steps
+    assert check_step(mutators.ScaleGrads, seed=4).steps != first.steps
+
+
+def test_steps_must_be_positive():
+    with pytest.raises(ValueError, match="steps"):
+        check_step(torch.optim.SGD, steps=0)
