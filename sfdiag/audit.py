@@ -9,13 +9,57 @@ parameter's verdict and fingerprint.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 import torch
 
 from sfdiag import snapshot, verdict
 from sfdiag.verdict import ParamStep
+
+# the code object of the wrapper torch puts around every Optimizer subclass's step()
+_STEP_WRAPPER_CODE = getattr(
+    torch.optim.Optimizer.profile_hook_step(lambda *a, **k: None), "__code__", None
+)
+
+
+def active_steps(optimizer: Any) -> int:
+    """How many hooked ``step()`` calls of ``optimizer`` are on the stack right now.
+
+    2 or more inside a hook means a nested call (a subclass's ``step()`` calling
+    ``super().step()`` fires the hooks again when both classes are hooked): only the
+    outermost is the real step. Unlike a depth counter this stays right after a
+    ``step()`` that raised. Returns 1 when the wrapper cannot be recognised.
+    """
+    if _STEP_WRAPPER_CODE is None:
+        return 1
+    count = 0
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _STEP_WRAPPER_CODE and frame.f_locals.get("self") is optimizer:
+            count += 1
+        frame = frame.f_back
+    return max(count, 1)
+
+
+def class_path(obj: Any) -> str:
+    """``"module:QualName"`` of ``obj``'s class, by its shortest public module.
+
+    ``torch.optim.adamw.AdamW`` is ``torch.optim:AdamW``, as the registry names it, when
+    the package re-exports the class; otherwise the defining module.
+    """
+    cls = type(obj)
+    parts = cls.__module__.split(".")
+    for end in range(1, len(parts)):
+        prefix = ".".join(parts[:end])
+        if any(p.startswith("_") for p in parts[:end]):
+            break
+        module = sys.modules.get(prefix)
+        if module is not None and getattr(module, cls.__qualname__, None) is cls:
+            return f"{prefix}:{cls.__qualname__}"
+    return f"{cls.__module__}:{cls.__qualname__}"
 
 
 @dataclass
@@ -59,9 +103,6 @@ class StepAuditor:
         default_factory=dict
     )
     _handles: list[Any] = field(default_factory=list)
-    # step() nesting per optimizer: a subclass whose step() calls super().step() fires the
-    # hooks twice when both classes are hooked; only the outermost pair is the real step.
-    _depth: dict[int, int] = field(default_factory=dict)
 
     @staticmethod
     def params_of(optimizer: Any) -> list[torch.Tensor]:
@@ -80,9 +121,7 @@ class StepAuditor:
 
     def pre_step(self, optimizer: Any, *_: Any) -> None:
         """Snapshot A: the grads as handed to ``step()``."""
-        depth = self._depth.get(id(optimizer), 0)
-        self._depth[id(optimizer)] = depth + 1
-        if depth == 0:
+        if active_steps(optimizer) == 1:
             self._snapshot_before(optimizer)
 
     def _snapshot_before(self, optimizer: Any) -> None:
@@ -96,9 +135,7 @@ class StepAuditor:
 
     def post_step(self, optimizer: Any, *_: Any) -> None:
         """Snapshot B, compared with A."""
-        depth = self._depth.get(id(optimizer), 0) - 1
-        self._depth[id(optimizer)] = max(depth, 0)
-        if depth > 0:
+        if active_steps(optimizer) > 1:
             return
         pending = self._pending.pop(id(optimizer), None)
         if pending is None:

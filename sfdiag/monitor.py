@@ -28,40 +28,16 @@ from __future__ import annotations
 
 import math
 import struct
-import sys
-from types import FrameType
 from typing import Any
 
 import torch
+
+from sfdiag.audit import active_steps
 
 __all__ = ["GradMonitor"]
 
 #: finished steps kept on the device before one transfer brings them all to the host
 _SYNC_EVERY = 1024
-
-# the code object of the wrapper torch puts around every Optimizer subclass's step()
-_STEP_WRAPPER_CODE = getattr(
-    torch.optim.Optimizer.profile_hook_step(lambda *a, **k: None), "__code__", None
-)
-
-
-def active_steps(optimizer: Any) -> int:
-    """How many hooked ``step()`` calls of ``optimizer`` are on the stack right now.
-
-    2 or more inside a hook means a nested call (a subclass's ``step()`` calling
-    ``super().step()`` fires the hooks again): only the outermost is the real step.
-    Unlike a depth counter this stays right after a ``step()`` that raised.
-    Returns 1 when the wrapper cannot be recognised (a future torch).
-    """
-    if _STEP_WRAPPER_CODE is None:
-        return 1
-    count = 0
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is _STEP_WRAPPER_CODE and frame.f_locals.get("self") is optimizer:
-            count += 1
-        frame = frame.f_back
-    return max(count, 1)
 
 
 def _grads(optimizer: Any) -> list[torch.Tensor]:

@@ -136,24 +136,6 @@ def _check_module(name: str) -> None:
 
 
 # ---- watching every optimizer that steps ----------------------------------------------------
-def class_path(obj: Any) -> str:
-    """``"module:QualName"`` of ``obj``'s class, by its shortest public module.
-
-    ``torch.optim.adamw.AdamW`` is ``torch.optim:AdamW``, as the registry names it, when
-    the package re-exports the class; otherwise the defining module.
-    """
-    cls = type(obj)
-    parts = cls.__module__.split(".")
-    for end in range(1, len(parts)):
-        prefix = ".".join(parts[:end])
-        if any(p.startswith("_") for p in parts[:end]):
-            break
-        module = sys.modules.get(prefix)
-        if module is not None and getattr(module, cls.__qualname__, None) is cls:
-            return f"{prefix}:{cls.__qualname__}"
-    return f"{cls.__module__}:{cls.__qualname__}"
-
-
 def _reference(obj: Any) -> Callable[[], Any]:
     try:
         return weakref.ref(obj)
@@ -280,7 +262,7 @@ class OptimizerWatch:
         return [w.result() for w in self.watched]
 
     def _entry(self, optimizer: Any, frame: FrameType | None) -> _Watched:
-        from sfdiag.audit import StepAuditor
+        from sfdiag.audit import StepAuditor, class_path
 
         entry = self._by_id.get(id(optimizer))
         if entry is not None and entry.ref() is optimizer:
@@ -301,7 +283,7 @@ class OptimizerWatch:
         return entry
 
     def _pre(self, optimizer: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        from sfdiag.monitor import active_steps
+        from sfdiag.audit import active_steps
 
         try:
             entry = self._entry(optimizer, sys._getframe(1))
@@ -309,9 +291,6 @@ class OptimizerWatch:
                 return None
             auditor = entry.auditor
             if active_steps(optimizer) == 1:
-                # The outermost step(): anything still pending is from a step() that raised.
-                auditor._depth.pop(id(optimizer), None)
-                auditor._pending.pop(id(optimizer), None)
                 entry.auditing = audited(entry.started, len(auditor.observations))
                 entry.started += 1
             if not entry.auditing:

@@ -22,9 +22,8 @@ import numpy as np
 import torch
 
 from sfdiag import verdict
-from sfdiag.audit import StepAuditor
+from sfdiag.audit import StepAuditor, class_path
 from sfdiag.results import OptimizerResult, StepRecord
-from sfdiag.runner import class_path
 
 __all__ = ["assert_step_preserves_grads", "check_step", "tiny_mlp"]
 

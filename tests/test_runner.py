@@ -13,13 +13,13 @@ import pytest
 import torch.optim.optimizer as torch_optimizer
 from conftest import cli_env
 
+from sfdiag.audit import class_path
 from sfdiag.errors import SfdiagError
 from sfdiag.runner import (
     AUDIT_EVERY,
     AUDIT_FIRST,
     AUDIT_MAX,
     audited,
-    class_path,
     parse_command,
     run_script,
 )
