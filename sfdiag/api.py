@@ -92,9 +92,14 @@ def probe(
     config: Config, *, forensics: bool = False, progress: Progress | None = None
 ) -> ProbeReport:
     """Run the probe of ``config``."""
+    import contextlib
+
     from sfdiag.probe import ProbeOptions, run_probe
 
-    return run_probe(config, ProbeOptions(forensics=forensics, progress=progress))
+    # Third-party optimizers and models may print (schedulefree: "Switching to train mode"):
+    # send that to stderr so that a machine-readable stdout holds the report alone.
+    with contextlib.redirect_stdout(sys.stderr):
+        return run_probe(config, ProbeOptions(forensics=forensics, progress=progress))
 
 
 def render(report: ProbeReport, fmt: str, *, color: bool = False, per_param: bool = False) -> str:

@@ -57,7 +57,8 @@ def max_rel_change(pre: np.ndarray, post: np.ndarray) -> float:
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         diff = np.where(both_nan | (pre == post), 0.0, np.abs(post - pre))
         rel = diff / np.maximum(np.abs(pre), np.finfo(np.float64).tiny)
-    rel = np.where(np.isnan(rel), np.inf, rel)
+    # An unchanged element is 0 even where |pre| is NaN or Inf; a NaN that appeared is inf.
+    rel = np.where(diff == 0, 0.0, np.where(np.isnan(rel), np.inf, rel))
     return float(rel.max())
 
 
@@ -178,6 +179,8 @@ _VERDICT_ADVICE = {
 _CLEAN_ALTERNATIVE = {
     "sfdiag.optim:AdamWScheduleFree": "sf-ref",
     "sfdiag.optim:SGDScheduleFree": "sf-sgd-ref",
+    "schedulefree:AdamWScheduleFree": "schedulefree:AdamWScheduleFreeReference (or sf-ref)",
+    "schedulefree:SGDScheduleFree": "schedulefree:SGDScheduleFreeReference (or sf-sgd-ref)",
 }
 
 
