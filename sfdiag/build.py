@@ -68,6 +68,19 @@ def _check_kwargs(target: Callable[..., Any], kwargs: dict[str, Any], where: str
             )
 
 
+def _takes_params(target: Callable[..., Any]) -> bool:
+    """Whether ``target(params, ...)`` binds; True when there is no signature to tell."""
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        return True
+    try:
+        signature.bind_partial(None)
+    except TypeError:
+        return False
+    return True
+
+
 def _class_name(spec_cls: str) -> str:
     return registry.target_of("optimizer", spec_cls)
 
@@ -83,6 +96,11 @@ def resolve_optimizer(spec: OptimizerSpec, index: int) -> BuiltOptimizer:
                 f"{where}.class: {spec.cls!r} is not an optimizer class (no step() method)"
             )
     _check_kwargs(factory, spec.kwargs, f"{where}.kwargs")
+    if not _takes_params(factory):
+        raise SfdiagError(
+            f"{where}.class: {spec.cls!r} is not an optimizer class or factory "
+            "(it cannot be called with the model's parameters)"
+        )
     return BuiltOptimizer(spec, factory, _class_name(spec.cls))
 
 
@@ -100,6 +118,11 @@ def _model_factory(config: Config, dtype: torch.dtype) -> Callable[[], nn.Module
             raise SfdiagError(
                 f"{where}: {config.model.name!r} returned {type(model).__name__}, "
                 "not a torch.nn.Module"
+            )
+        if next(model.parameters(), None) is None:
+            raise SfdiagError(
+                f"{where}: {config.model.name!r} built a {type(model).__name__} without "
+                "parameters: there is nothing to optimize"
             )
         return model.to(dtype=dtype)
 
@@ -127,7 +150,9 @@ def build(config: Config) -> BuiltProbe:
     if loss_name == "auto":
         spec = data_module.infer_input_spec(model)
         sample = data_module.synthetic_inputs(spec, 2, 1, torch.Generator().manual_seed(0))[0]
-        loss_name = losses.auto(model, data_module.output_shape(model, sample.to(dtype)))
+        if sample.is_floating_point():  # token ids stay integers
+            sample = sample.to(dtype)
+        loss_name = losses.auto(model, data_module.output_shape(model, sample))
     loss_fn = registry.load("loss", loss_name, "loss")
     if not callable(loss_fn):
         raise SfdiagError(f"loss: {loss_name!r} is not callable")

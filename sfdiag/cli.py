@@ -58,7 +58,9 @@ ForensicsOpt = Annotated[
     ),
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="show tracebacks, for bug reports")]
-ConfigArg = Annotated[Path, typer.Argument(help="the YAML config", show_default=False)]
+ConfigArg = Annotated[
+    Path, typer.Argument(help="the YAML config", show_default=False, metavar="CONFIG.yaml")
+]
 
 
 @contextmanager
@@ -84,8 +86,14 @@ def _guard(debug: bool) -> Iterator[None]:
         raise typer.Exit(3) from None
 
 
-def _probe_with_progress(config: object, *, quiet: bool, forensics: bool = False):
-    """Run the probe with a progress bar; on Ctrl-C show what finished and exit 130."""
+def _probe_with_progress(
+    config: object, *, quiet: bool, forensics: bool = False, stdout_is_report: bool = False
+):
+    """Run the probe with a progress bar; on Ctrl-C show what finished and exit 130.
+
+    ``stdout_is_report``: stdout carries a machine-readable report (json, csv, ...), so the
+    finished rows go to stderr instead, and stdout stays empty.
+    """
     from sfdiag.probe import ProbeInterrupted
 
     total = config.steps * len(config.optimizers)
@@ -95,9 +103,14 @@ def _probe_with_progress(config: object, *, quiet: bool, forensics: bool = False
     except ProbeInterrupted as stopped:
         # Show what finished; write no file: a partial report must not pass for a whole one.
         if stopped.report.results:
-            sys.stdout.write(api.render(stopped.report, "table", color=ui.wants_color(sys.stdout)))
+            stream = sys.stderr if stdout_is_report else sys.stdout
+            stream.write(api.render(stopped.report, "table", color=ui.wants_color(stream)))
         ui.error("interrupted; the rows above are the optimizers that finished")
         raise typer.Exit(api.EXIT_INTERRUPTED) from None
+
+
+def _stdout_is_report(fmt: str, output: Path | None) -> bool:
+    return fmt != "table" and output is None
 
 
 def _color_for(fmt: str, output: Path | None) -> bool:
@@ -118,7 +131,9 @@ def _run_and_report(
 ) -> int:
     """Shared body of probe and compare."""
     outputs = api.Outputs(fmt=fmt, output=output, plot=plot, force=force).validate()
-    report = _probe_with_progress(load(), quiet=quiet, forensics=forensics)
+    report = _probe_with_progress(
+        load(), quiet=quiet, forensics=forensics, stdout_is_report=_stdout_is_report(fmt, output)
+    )
     color = _color_for(fmt, output)
     api.emit(api.render(report, fmt, color=color, per_param=per_param), outputs)
     if plot is not None:
@@ -247,11 +262,15 @@ def check(
     from sfdiag.baseline import load_baseline
 
     with _guard(debug):
-        outputs = api.Outputs(fmt=fmt, output=output, force=force).validate()
-        load_baseline(baseline_file)  # a bad baseline fails before the probe, not after
         if not (rtol >= 0 and rtol != float("inf")):
             raise SfdiagError(f"--rtol must be a finite number >= 0, got {rtol}")
-        report = _probe_with_progress(api.with_device(api.load_config(config), device), quiet=quiet)
+        outputs = api.Outputs(fmt=fmt, output=output, force=force).validate()
+        load_baseline(baseline_file)  # a bad baseline fails before the probe, not after
+        report = _probe_with_progress(
+            api.with_device(api.load_config(config), device),
+            quiet=quiet,
+            stdout_is_report=_stdout_is_report(fmt, output),
+        )
         result = api.check_against_baseline(report, baseline_file, rtol=rtol)
         api.emit(api.render_check(result, fmt, color=_color_for(fmt, output)), outputs)
         code = api.EXIT_GATE if result.regressed else api.EXIT_OK

@@ -138,12 +138,14 @@ def fingerprint(
         return "unknown"
     if not np.any(u) and np.any(g):
         return "zeroed"
-    if _fits_scaled(g, u):
-        return "scaled"
-    if _fits_weight_decay(g, u, y):
-        return "weight-decay"
-    if _fits_adam(g, u, y, states, eps):
-        return "adam-normalized"
+    # Huge finite values overflow the fits' norms: that candidate fails, without a warning.
+    with np.errstate(all="ignore"):
+        if _fits_scaled(g, u):
+            return "scaled"
+        if _fits_weight_decay(g, u, y):
+            return "weight-decay"
+        if _fits_adam(g, u, y, states, eps):
+            return "adam-normalized"
     if np.any(g) and np.array_equal(u, np.sign(g)):
         return "sign"
     return "unknown"

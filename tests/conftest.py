@@ -1,0 +1,67 @@
+"""Shared fixtures: run the real CLI in a subprocess, with tests/ importable.
+
+Test helpers that configs name by import path (``mutators:ScaleGrads``,
+``hostile_models:nan_model``) live in tests/, so the subprocess gets it on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+
+CliRunner = Callable[..., subprocess.CompletedProcess]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of a CLI subprocess: tests/ importable, no colour, no debug."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SFDIAG_DEBUG", "FORCE_COLOR")}
+    path = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(TESTS) + (os.pathsep + path if path else "")
+    env["NO_COLOR"] = "1"
+    env["COLUMNS"] = "200"
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """``python -m sfdiag ARGS`` in ``cwd``; text stdout and stderr captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "sfdiag", *args],
+        cwd=cwd,
+        env=env or cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def start_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``python -m sfdiag ARGS`` started in the background (text pipes): run several at once."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "sfdiag", *args],
+        cwd=cwd,
+        env=env or cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.fixture
+def sfdiag_cli(tmp_path: Path) -> CliRunner:
+    """``sfdiag_cli("probe", "c.yaml", ...)`` runs the CLI in ``tmp_path``."""
+
+    def run(*args: str, **kwargs) -> subprocess.CompletedProcess:
+        kwargs.setdefault("cwd", tmp_path)
+        return run_cli(*args, **kwargs)
+
+    return run

@@ -1,0 +1,280 @@
+"""Hostile numbers: NaN/Inf grads and losses, frozen and unused params, sparse and zero
+grads, float64 and bfloat16. Each is a finding in the report, never a crash, and never
+mistaken for a mutation. Models come from tests/hostile_models.py by import path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from sfdiag.config import parse_config
+from sfdiag.probe import ProbeOptions, run_probe
+from sfdiag.report import RenderOptions, render
+from sfdiag.results import ProbeReport
+
+CLEAN = [
+    "adamw",
+    "sf-ref",
+    {"name": "sgd", "class": "torch.optim:SGD", "kwargs": {"lr": 0.01, "momentum": 0.9}},
+    {"name": "clean", "class": "mutators:Clean"},
+]
+
+
+def _mutator(name: str) -> dict:
+    return {"name": name, "class": f"mutators:{name}"}
+
+
+def probe(model: str | dict, optimizers: list, *, forensics: bool = False, **extra) -> ProbeReport:
+    if isinstance(model, str):
+        model = {"name": f"hostile_models:{model}"}
+    config = parse_config(
+        {"model": model, "steps": 3, "data": {"batch_size": 8}, "optimizers": optimizers, **extra}
+    )
+    return run_probe(config, ProbeOptions(forensics=forensics))
+
+
+def verdicts(report: ProbeReport) -> dict[str, str]:
+    return {r.optimizer: r.verdict for r in report.results}
+
+
+def _no_constants(token: str):
+    raise AssertionError(f"JSON output holds the non-standard constant {token}")
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN / Infinity tokens (which json.loads accepts by default)."""
+    return json.loads(text, parse_constant=_no_constants)
+
+
+# --------------------------------------------------------------------------- clean stays clean
+
+
+@pytest.mark.parametrize(
+    ("model", "dtype"),
+    [
+        ("nan_model", "float32"),
+        ("inf_model", "float32"),
+        ("nan_grad_model", "float32"),
+        ("zero_model", "float32"),
+        ("frozen_model", "float32"),
+        ("unused_param_model", "float32"),
+        ("nan_model", "float64"),
+        ("nan_grad_model", "bfloat16"),
+    ],
+)
+@pytest.mark.parametrize("forensics", [False, True], ids=["sampled", "forensics"])
+def test_clean_optimizers_stay_clean(model, dtype, forensics):
+    report = probe(model, CLEAN, dtype=dtype, forensics=forensics)
+    assert verdicts(report) == {r.optimizer: "clean" for r in report.results}
+    for result in report.results:
+        assert result.error is None and result.params_mutated == 0
+        assert len(result.steps) == 3
+        for finding in result.params:
+            # An unchanged grad changed by 0, also where it holds NaN or Inf.
+            assert finding.max_rel_change == 0.0
+    strict_json(render(report, "json", RenderOptions()))
+
+
+# --------------------------------------------------------------------------- NaN and Inf
+
+
+def test_a_nan_loss_is_reported_not_a_crash():
+    report = probe("nan_model", ["adamw", _mutator("ZeroGrads")])
+    adamw = report.results[0]
+    assert adamw.verdict == "clean"
+    assert all(math.isnan(s.loss) for s in adamw.steps)
+    assert math.isnan(adamw.pre_step_grad_norm) and math.isnan(adamw.post_step_grad_norm)
+
+    data = strict_json(render(report, "json", RenderOptions()))
+    row = data["results"][0]
+    assert row["pre_step_grad_norm"] == "nan" and row["norm_ratio"] == "nan"
+    assert [s["loss"] for s in row["steps"]] == ["nan"] * 3
+
+    table = render(report, "table", RenderOptions())
+    adamw_line = next(line for line in table.splitlines() if line.lstrip().startswith("adamw"))
+    assert "nan" in adamw_line and "clean" in adamw_line
+
+
+def test_an_infinite_output_is_reported():
+    report = probe("inf_model", ["adamw"])
+    (result,) = report.results
+    assert result.verdict == "clean"
+    assert not any(math.isfinite(s.loss) for s in result.steps)
+    strict_json(render(report, "json", RenderOptions()))
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "expected"),
+    [
+        (_mutator("ScaleGrads"), "mutated"),
+        (_mutator("ScaleGradsViaData"), "mutated"),
+        (_mutator("ZeroGrads"), "mutated"),
+        (_mutator("SignGrads"), "mutated"),
+        (_mutator("NoiseGrads"), "mutated"),
+        (_mutator("AdamNormalize"), "mutated"),
+        (_mutator("FoldWeightDecay"), "mutated"),
+        ("sf-adamw", "mutated"),
+        (_mutator("ReplaceGrads"), "replaced"),
+        (_mutator("ClearGrads"), "cleared"),
+    ],
+    ids=lambda v: v["name"] if isinstance(v, dict) else v,
+)
+def test_mutators_are_detected_in_grads_holding_nan_and_inf(optimizer, expected):
+    report = probe("nan_grad_model", [optimizer])
+    (result,) = report.results
+    assert result.verdict == expected
+    # fc1.weight holds NaN, Inf and -Inf at every step: its own verdict must still show it.
+    poisoned = next(p for p in result.params if p.name == "fc1.weight")
+    assert poisoned.verdict == expected
+    assert math.isnan(result.pre_step_grad_norm)
+    strict_json(render(report, "json", RenderOptions()))
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "expected"),
+    [
+        (_mutator("ZeroGrads"), "mutated"),
+        (_mutator("ReplaceGrads"), "replaced"),
+        (_mutator("ClearGrads"), "cleared"),
+    ],
+    ids=lambda v: v["name"] if isinstance(v, dict) else v,
+)
+def test_mutators_are_detected_in_all_nan_grads(optimizer, expected):
+    (result,) = probe("nan_model", [optimizer]).results
+    assert result.verdict == expected
+
+
+# --------------------------------------------------------------------------- missing grads
+
+
+def test_frozen_layer_params_are_left_out():
+    report = probe("frozen_model", ["adamw", "sf-adamw", _mutator("ScaleGrads")])
+    assert verdicts(report) == {"adamw": "clean", "sf-adamw": "mutated", "ScaleGrads": "mutated"}
+    for result in report.results:
+        assert result.params_with_grad == 2
+        assert [p.name for p in result.params] == ["fc2.weight", "fc2.bias"]
+    assert report.results[2].params_mutated == 2
+
+
+def test_a_param_that_gets_no_grad_is_left_out():
+    report = probe("unused_param_model", ["adamw", "sf-adamw", _mutator("SignGrads")])
+    assert verdicts(report) == {"adamw": "clean", "sf-adamw": "mutated", "SignGrads": "mutated"}
+    for result in report.results:
+        assert result.params_with_grad == 4
+        assert "unused.weight" not in {p.name for p in result.params}
+
+
+def test_a_model_with_every_param_frozen_gives_error_rows():
+    report = probe("all_frozen_model", ["adamw", "sf-ref"])
+    assert verdicts(report) == {"adamw": "error", "sf-ref": "error"}
+    assert all("grad" in r.error for r in report.results)
+    strict_json(render(report, "json", RenderOptions()))
+
+
+# --------------------------------------------------------------------------- zero grads
+
+
+def test_zero_grads():
+    report = probe("zero_model", [*CLEAN, _mutator("ReplaceGrads"), _mutator("ClearGrads")])
+    found = verdicts(report)
+    assert found.pop("ReplaceGrads") == "replaced" and found.pop("ClearGrads") == "cleared"
+    assert set(found.values()) == {"clean"}
+    for result in report.results:
+        assert result.pre_step_grad_norm == 0.0
+    assert report.results[0].norm_ratio == 1.0  # 0 / 0: nothing moved
+
+
+# --------------------------------------------------------------------------- sparse grads
+
+
+@pytest.mark.parametrize("forensics", [False, True], ids=["sampled", "forensics"])
+def test_sparse_grads(forensics):
+    optimizers = [
+        {"name": "sparse-adam", "class": "torch.optim:SparseAdam"},
+        {"name": "sgd", "class": "torch.optim:SGD"},
+        _mutator("ScaleGrads"),
+        "adamw",
+    ]
+    report = probe("sparse_bag", optimizers, forensics=forensics)
+    assert verdicts(report) == {
+        "sparse-adam": "clean",
+        "sgd": "clean",
+        "ScaleGrads": "mutated",
+        "adamw": "error",  # torch's Adam refuses sparse grads: an error row, not a crash
+    }
+    assert "sparse" in report.results[3].error
+    scaled = report.results[2]
+    assert scaled.fingerprint == "scaled"
+    assert scaled.norm_ratio == pytest.approx(0.5)
+    strict_json(render(report, "json", RenderOptions()))
+
+
+def test_sparse_and_dense_grads_in_one_model():
+    model = {"name": "hostile_models:sparse_bag", "kwargs": {"head": True}}
+    optimizers = [
+        {"name": "sgd", "class": "torch.optim:SGD", "kwargs": {"momentum": 0.9}},
+        _mutator("ScaleGrads"),
+    ]
+    report = probe(model, optimizers)
+    assert verdicts(report) == {"sgd": "clean", "ScaleGrads": "mutated"}
+    assert report.results[1].params_mutated == report.results[1].params_with_grad == 3
+
+
+# --------------------------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize(("dtype", "state_bytes"), [("float64", 16), ("bfloat16", 4)])
+def test_other_dtypes(dtype, state_bytes):
+    report = probe("small", ["adamw", "sf-ref", "sf-adamw", _mutator("ScaleGrads")], dtype=dtype)
+    assert verdicts(report) == {
+        "adamw": "clean",
+        "sf-ref": "clean",
+        "sf-adamw": "mutated",
+        "ScaleGrads": "mutated",
+    }
+    assert report.config["dtype"] == dtype
+    # AdamW keeps two moments per element in the parameters' dtype: the model ran in it.
+    assert round(report.results[0].state_bytes_per_element) == state_bytes
+    assert report.results[3].norm_ratio == pytest.approx(0.5)
+    for result in report.results:
+        assert all(math.isfinite(s.pre_step_grad_norm) for s in result.steps)
+
+
+# --------------------------------------------------------------------------- through the CLI
+
+
+def test_cli_table_shows_nan_and_strict_flags_the_mutator(sfdiag_cli, tmp_path):
+    (tmp_path / "c.yaml").write_text(
+        "steps: 2\nmodel: {name: 'hostile_models:nan_grad_model'}\n"
+        "optimizers: [adamw, {name: scale, class: 'mutators:ScaleGrads'}]\n",
+        encoding="utf-8",
+    )
+    result = sfdiag_cli("probe", "c.yaml", "--strict")
+    assert result.returncode == 1, result.stderr  # --strict: ScaleGrads is flagged
+    assert "Traceback" not in result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
+    assert "nan" in lines["adamw"] and lines["adamw"].rstrip().endswith("clean")
+    assert "mutated" in lines["scale"]
+
+
+def test_cli_json_of_nan_and_sparse_is_valid_json(sfdiag_cli, tmp_path):
+    (tmp_path / "c.yaml").write_text(
+        "steps: 2\nmodel: {name: 'hostile_models:sparse_bag'}\n"
+        "optimizers: [{name: sa, class: 'torch.optim:SparseAdam'}, adamw]\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "n.yaml").write_text(
+        "steps: 2\nmodel: {name: 'hostile_models:nan_model'}\noptimizers: [sf-ref]\n",
+        encoding="utf-8",
+    )
+    sparse = sfdiag_cli("probe", "c.yaml", "--format", "json", "--output", "sparse.json")
+    assert sparse.returncode == 0, sparse.stderr
+    data = strict_json((tmp_path / "sparse.json").read_text(encoding="utf-8"))
+    assert [r["verdict"] for r in data["results"]] == ["clean", "error"]
+    nan = sfdiag_cli("probe", "n.yaml", "--format", "json")
+    assert nan.returncode == 0, nan.stderr
+    (row,) = strict_json(nan.stdout)["results"]
+    assert row["verdict"] == "clean" and row["pre_step_grad_norm"] == "nan"

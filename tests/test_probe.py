@@ -1,0 +1,158 @@
+"""The probe engine end to end, in process: verdict and fingerprint for every kind of change.
+
+Each purpose-built optimizer in tests/mutators.py changes p.grad one way; the in-repo
+optimizers change it as ALGORITHMS.md says. Both are named by import path or registry
+name, exactly as a user's config would.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sfdiag.config import parse_config
+from sfdiag.probe import ProbeOptions, run_probe
+
+
+def probe(optimizers, *, steps=3, model="mlp", options=ProbeOptions(), **extra):
+    config = parse_config(
+        {"steps": steps, "model": model, "optimizers": optimizers, **extra}, "<test>"
+    )
+    return {r.optimizer: r for r in run_probe(config, options).results}
+
+
+EXPECTED = [
+    # optimizer, verdict, fingerprint
+    ("mutators:Clean", "clean", None),
+    ("mutators:ScaleGrads", "mutated", "scaled"),
+    ("mutators:ScaleGradsViaData", "mutated", "scaled"),  # invisible to the version counter
+    ("mutators:FoldWeightDecay", "mutated", "weight-decay"),
+    ("mutators:SignGrads", "mutated", "sign"),
+    ("mutators:ZeroGrads", "mutated", "zeroed"),
+    ("mutators:NoiseGrads", "mutated", "unknown"),
+    ("mutators:AdamNormalize", "mutated", "adam-normalized"),
+    ("mutators:ReplaceGrads", "replaced", None),
+    ("mutators:ClearGrads", "cleared", None),
+    ("adamw", "clean", None),
+    ("sf-adamw", "mutated", "adam-normalized"),
+    ("sf-ref", "clean", None),
+    ("sf-sgd", "clean", None),
+    ("sf-sgd-ref", "clean", None),
+]
+
+
+@pytest.mark.parametrize("forensics", [False, True], ids=["sampled", "forensics"])
+def test_every_kind_of_change_is_classified(forensics):
+    found = probe([name for name, _, _ in EXPECTED], options=ProbeOptions(forensics=forensics))
+    got = [(name, found[name].verdict, found[name].fingerprint) for name, _, _ in EXPECTED]
+    assert got == EXPECTED
+    for name, verdict, _ in EXPECTED:
+        result = found[name]
+        assert result.flagged == (verdict != "clean")
+        assert (result.advice is None) == (verdict == "clean")
+        assert result.params_with_grad == 4
+        assert result.params_mutated == (0 if verdict == "clean" else 4)
+
+
+def test_clean_optimizers_read_the_same_norm_before_and_after_step():
+    found = probe(["adamw", "sf-ref"], steps=4)
+    for result in found.values():
+        for step in result.steps:
+            assert step.post_step_grad_norm == step.pre_step_grad_norm
+            assert step.params_mutated == 0
+        assert result.norm_ratio == 1.0
+
+
+def test_sf_adamw_post_step_norm_is_about_sqrt_numel_on_the_first_step():
+    result = probe(["sf-adamw"], steps=1)["sf-adamw"]
+    numel = 64 * 128 + 128 + 128 * 10 + 10
+    assert result.steps[0].post_step_grad_norm == pytest.approx(math.sqrt(numel), rel=0.01)
+    assert result.pre_step_grad_norm < 5
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_sf_sgd_weight_decay_is_flagged_although_the_norm_barely_moves(foreach):
+    found = probe(
+        [
+            {"name": "wd", "class": "sf-sgd", "kwargs": {"weight_decay": 0.01, "foreach": foreach}},
+            {"name": "no-wd", "class": "sf-sgd", "kwargs": {"foreach": foreach}},
+        ]
+    )
+    assert (found["wd"].verdict, found["wd"].fingerprint) == ("mutated", "weight-decay")
+    assert abs(found["wd"].norm_ratio - 1) < 0.01
+    assert found["no-wd"].verdict == "clean"
+
+
+def test_an_import_path_works_like_its_registry_name():
+    found = probe(
+        [
+            {"name": "by-name", "class": "sf-sgd", "kwargs": {"weight_decay": 0.01}},
+            {
+                "name": "by-path",
+                "class": "sfdiag.optim:SGDScheduleFree",
+                "kwargs": {"weight_decay": 0.01},
+            },
+        ]
+    )
+    by_name, by_path = found["by-name"].to_dict(), found["by-path"].to_dict()
+    for key in ("optimizer", "class"):
+        by_name.pop(key), by_path.pop(key)
+    assert by_name == by_path
+    assert found["by-path"].cls == "sfdiag.optim:SGDScheduleFree"
+
+
+def test_failing_optimizers_are_error_rows_and_the_rest_still_runs():
+    found = probe(["mutators:FailsToConstruct", "mutators:FailsToStep", "adamw"])
+    assert found["mutators:FailsToConstruct"].verdict == "error"
+    assert "needs a closure-capable model" in found["mutators:FailsToConstruct"].error
+    assert found["mutators:FailsToStep"].verdict == "error"
+    assert "cannot step" in found["mutators:FailsToStep"].error
+    assert found["adamw"].verdict == "clean"
+
+
+def test_closure_and_create_graph():
+    found = probe(
+        [
+            {
+                "name": "lbfgs",
+                "class": "torch.optim:LBFGS",
+                "closure": True,
+                "kwargs": {"max_iter": 3},
+            },
+            {
+                "name": "sgd-graph",
+                "class": "torch.optim:SGD",
+                "create_graph": True,
+                "kwargs": {"lr": 0.01},
+            },
+        ]
+    )
+    assert found["lbfgs"].verdict == "clean"  # grads recomputed by the closure are not mutation
+    assert found["sgd-graph"].verdict == "clean"
+
+
+def test_state_bytes_per_element_match_the_memory_table():
+    found = probe(["adamw", "sf-adamw", "sf-ref", "sf-sgd"], steps=1)
+    assert found["sf-adamw"].state_bytes_per_element == 8
+    assert found["sf-ref"].state_bytes_per_element == 16
+    assert found["sf-sgd"].state_bytes_per_element == 4
+    assert found["adamw"].state_bytes_per_element == pytest.approx(8, abs=0.01)  # + step scalars
+
+
+def test_every_optimizer_sees_the_same_model_and_data():
+    found = probe(["adamw", "sf-adamw", "sf-ref", "sf-sgd"], steps=2)
+    first_losses = {r.steps[0].loss for r in found.values()}
+    first_norms = {r.steps[0].pre_step_grad_norm for r in found.values()}
+    assert len(first_losses) == 1 and len(first_norms) == 1
+
+
+def test_mnist_cnn_shows_the_hundreds_versus_under_five():
+    found = probe(["adamw", "sf-adamw", "sf-ref"], steps=5, model="mnist-cnn")
+    sf = found["sf-adamw"]
+    assert sf.verdict == "mutated" and sf.fingerprint == "adam-normalized"
+    assert sf.pre_step_grad_norm < 5
+    assert 100 < sf.post_step_grad_norm < 2000
+    for clean in ("adamw", "sf-ref"):
+        assert found[clean].verdict == "clean"
+        assert found[clean].post_step_grad_norm == found[clean].pre_step_grad_norm
