@@ -83,6 +83,10 @@ def _numpy(t: torch.Tensor | None):
     return t.detach().to("cpu", torch.float64).numpy()
 
 
+def _dtype_eps(t: torch.Tensor) -> float:
+    return float(torch.finfo(t.dtype).eps) if t.is_floating_point() else 0.0
+
+
 def _group_eps(optimizer: Any, param: torch.Tensor) -> float:
     for group in getattr(optimizer, "param_groups", ()):
         if any(p is param for p in group["params"]):
@@ -141,7 +145,7 @@ class StepAuditor:
         if pending is None:
             return
         params, before = pending
-        after = snapshot.take(params, full=self.forensics)
+        after = snapshot.take(params, full=self.forensics, param_samples=False)
         records = [
             self._compare(optimizer, i, p, a, b)
             for i, (p, a, b) in enumerate(zip(params, before, after, strict=True))
@@ -161,11 +165,15 @@ class StepAuditor:
     ) -> ParamStep:
         same_object = b.present and a.ref() is not None and a.ref() is b.ref()
         kind = verdict.classify(b.present, same_object, same_object and a.same_content(b))
-        pre = _numpy(a.full if a.full is not None else a.sample)
-        post_t = b.full if b.full is not None else b.sample
-        post = _numpy(post_t) if b.present else None
         change = None
         fp = None
+        if kind == "clean":  # bit-identical samples: no element moved, nothing to convert
+            pre = post = None
+            change = 0.0
+        else:
+            pre = _numpy(a.full if a.full is not None else a.sample)
+            post_t = b.full if b.full is not None else b.sample
+            post = _numpy(post_t) if b.present else None
         if post is not None and pre is not None and post.shape == pre.shape:
             change = verdict.max_rel_change(pre, post)
             if kind == "mutated" and self.fingerprint_kinds:
@@ -176,7 +184,14 @@ class StepAuditor:
                         optimizer, param, full=self.forensics
                     ).items()
                 }
-                fp = verdict.fingerprint(pre, post, _numpy(y), states, _group_eps(optimizer, param))
+                fp = verdict.fingerprint(
+                    pre,
+                    post,
+                    _numpy(y),
+                    states,
+                    _group_eps(optimizer, param),
+                    dtype_eps=_dtype_eps(a.sample if a.sample is not None else param),
+                )
         return ParamStep(
             name=self.names.get(id(param), f"param{index}"),
             shape=tuple(param.shape),

@@ -88,13 +88,25 @@ def sample_of(t: torch.Tensor) -> torch.Tensor:
 
 
 def _checksum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of the elements' bits, wrapping in their own integer type (exact, any order).
+
+    Not ``sum(dtype=torch.int64)``: on CPU that first copies the whole tensor to int64
+    (twice a float32 grad's bytes, allocated and freed at every snapshot).
+    """
     if t.numel() == 0:
         return torch.zeros((), dtype=torch.int64, device=t.device)
-    return _bits(_flat(t)).sum(dtype=torch.int64)
+    bits = _bits(_flat(t))
+    return bits.sum(dtype=bits.dtype)
 
 
-def take(params: list[torch.Tensor], *, full: bool = False) -> list[GradFingerprint]:
-    """Fingerprint every parameter's ``.grad``: norms in one fused call, one sync for all."""
+def take(
+    params: list[torch.Tensor], *, full: bool = False, param_samples: bool = True
+) -> list[GradFingerprint]:
+    """Fingerprint every parameter's ``.grad``: norms in one fused call, one sync for all.
+
+    ``param_samples=False`` leaves out the parameters' samples (``param_sample`` and
+    ``full_param`` are None): the auditor reads them only from the snapshot before ``step()``.
+    """
     grads = [p.grad for p in params]
     present = [(i, _dense_view(g)) for i, g in enumerate(grads) if g is not None]
     scalars: list[float] = []
@@ -103,7 +115,7 @@ def take(params: list[torch.Tensor], *, full: bool = False) -> list[GradFingerpr
         views = [v for _, v in present]
         # Norms in float64 for every dtype; _foreach_norm batches them in one kernel per group.
         norms = torch._foreach_norm([v.detach() for v in views])
-        norm_vals = torch.stack([n.to(torch.float64) for n in norms]).tolist()
+        norm_vals = torch.stack(norms).tolist()  # stack widens mixed dtypes exactly
         checksum_vals = torch.stack([_checksum(v) for v in views]).tolist()
         scalars, sums = norm_vals, checksum_vals
     out: list[GradFingerprint] = []
@@ -122,9 +134,9 @@ def take(params: list[torch.Tensor], *, full: bool = False) -> list[GradFingerpr
                 norm=float(scalars[k]),
                 checksum=int(sums[k]) ^ (_index_checksum(g) if sparse else 0),
                 sample=sample_of(view),
-                param_sample=None if sparse else sample_of(p),
+                param_sample=None if sparse or not param_samples else sample_of(p),
                 full=view.detach().clone() if full else None,
-                full_param=p.detach().clone() if full and not sparse else None,
+                full_param=p.detach().clone() if full and param_samples and not sparse else None,
             )
         )
     return out

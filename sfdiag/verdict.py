@@ -24,7 +24,10 @@ FINGERPRINTS = ("adam-normalized", "weight-decay", "scaled", "sign", "zeroed", "
 
 # Relative residual under which a candidate explains the post-step grad. float32 rounding
 # sits near 1e-7; estimating an Adam denominator's scale from samples adds a little.
+# Coarser dtypes (bfloat16: 8 bits of mantissa) widen both by their own rounding.
 _FIT_TOL = 1e-3
+_SCALE_TOL = 1e-5
+_FLOAT32_EPS = float(np.finfo(np.float32).eps)
 
 
 @dataclass(frozen=True)
@@ -71,23 +74,28 @@ def _lstsq(features: list[np.ndarray], target: np.ndarray) -> tuple[np.ndarray, 
     return coef, (resid / scale if scale > 0 else (0.0 if resid == 0 else math.inf))
 
 
-def _fits_scaled(g: np.ndarray, u: np.ndarray) -> bool:
+def _fits_scaled(g: np.ndarray, u: np.ndarray, tol: float) -> bool:
     if not np.any(g):
         return False
     (s,), rel = _lstsq([g], u)
-    return rel < 1e-5 and not math.isclose(s, 1.0, rel_tol=1e-6)
+    return rel < tol and not math.isclose(s, 1.0, rel_tol=1e-6)
 
 
-def _fits_weight_decay(g: np.ndarray, u: np.ndarray, y: np.ndarray | None) -> bool:
+def _fits_weight_decay(g: np.ndarray, u: np.ndarray, y: np.ndarray | None, tol: float) -> bool:
     if y is None or not np.any(y):
         return False
     diff = u - g
     (lam,), rel = _lstsq([y], diff)
-    return lam != 0 and rel < _FIT_TOL
+    return lam != 0 and rel < tol
 
 
 def _fits_adam(
-    g: np.ndarray, u: np.ndarray, y: np.ndarray | None, states: Mapping[str, np.ndarray], eps: float
+    g: np.ndarray,
+    u: np.ndarray,
+    y: np.ndarray | None,
+    states: Mapping[str, np.ndarray],
+    eps: float,
+    tol: float,
 ) -> bool:
     """u == g / (k * sqrt(S) + eps) + lam * y for some second-moment state S, k > 0, lam."""
     for s in states.values():
@@ -111,7 +119,7 @@ def _fits_adam(
             if y is not None and np.any(y):
                 (lam,), _ = _lstsq([y], u - normalized)
             resid = u - normalized - (lam * y if y is not None else 0.0)
-            if np.linalg.norm(resid) < _FIT_TOL * np.linalg.norm(u):
+            if np.linalg.norm(resid) < tol * np.linalg.norm(u):
                 return True
     return False
 
@@ -122,29 +130,40 @@ def fingerprint(
     param: np.ndarray | None = None,
     states: Mapping[str, np.ndarray] | None = None,
     eps: float = 1e-8,
+    dtype_eps: float = _FLOAT32_EPS,
 ) -> str:
     """Name the change from ``pre`` to ``post`` (same elements of one grad), or "unknown".
 
     Candidates are tried from the most specific to the least: a zeroed grad, a uniform
     rescale (clipping), weight decay folded in (pre + lam * param), division by an
     Adam-style denominator built from the optimizer's state (possibly plus weight decay),
-    the sign of the grad.
+    the sign of the grad. Non-finite elements (NaN/Inf grads) are left out of the fits;
+    ``dtype_eps`` is the machine epsilon of the grad's dtype, which sets the tolerances.
     """
     g = np.asarray(pre, dtype=np.float64).ravel()
     u = np.asarray(post, dtype=np.float64).ravel()
     y = None if param is None else np.asarray(param, dtype=np.float64).ravel()
     states = {k: np.asarray(v, dtype=np.float64).ravel() for k, v in (states or {}).items()}
-    if not (np.all(np.isfinite(g)) and np.all(np.isfinite(u))):
+    finite = np.isfinite(g) & np.isfinite(u)
+    if y is not None:
+        finite &= np.isfinite(y)
+    if not np.any(finite):
         return "unknown"
+    if not np.all(finite):
+        g, u = g[finite], u[finite]
+        y = None if y is None else y[finite]
+        states = {k: v[finite] for k, v in states.items() if v.shape == finite.shape}
+    fit_tol = max(_FIT_TOL, 8 * dtype_eps)
+    scale_tol = max(_SCALE_TOL, 4 * dtype_eps)
     if not np.any(u) and np.any(g):
         return "zeroed"
     # Huge finite values overflow the fits' norms: that candidate fails, without a warning.
     with np.errstate(all="ignore"):
-        if _fits_scaled(g, u):
+        if _fits_scaled(g, u, scale_tol):
             return "scaled"
-        if _fits_weight_decay(g, u, y):
+        if _fits_weight_decay(g, u, y, fit_tol):
             return "weight-decay"
-        if _fits_adam(g, u, y, states, eps):
+        if _fits_adam(g, u, y, states, eps, fit_tol):
             return "adam-normalized"
     if np.any(g) and np.array_equal(u, np.sign(g)):
         return "sign"

@@ -156,3 +156,26 @@ def test_mnist_cnn_shows_the_hundreds_versus_under_five():
     for clean in ("adamw", "sf-ref"):
         assert found[clean].verdict == "clean"
         assert found[clean].post_step_grad_norm == found[clean].pre_step_grad_norm
+
+
+FINGERPRINTED = [
+    ("sf-adamw", "adam-normalized"),
+    ({"name": "sf-sgd-wd", "class": "sf-sgd", "kwargs": {"weight_decay": 0.01}}, "weight-decay"),
+    ("mutators:ScaleGrads", "scaled"),
+    ("mutators:AdamNormalize", "adam-normalized"),
+    ("mutators:FoldWeightDecay", "weight-decay"),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+def test_fingerprints_hold_in_every_dtype(dtype):
+    found = probe([spec for spec, _ in FINGERPRINTED], dtype=dtype)
+    got = [r.fingerprint for r in found.values()]
+    assert got == [fingerprint for _, fingerprint in FINGERPRINTED]
+
+
+def test_fingerprints_hold_with_nan_and_inf_in_the_grads():
+    found = probe(
+        [spec for spec, _ in FINGERPRINTED], model={"name": "hostile_models:nan_grad_model"}
+    )
+    assert [r.fingerprint for r in found.values()] == [fp for _, fp in FINGERPRINTED]
