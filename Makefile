@@ -26,9 +26,10 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.installed
 	$(BIN)/sfdiag compare --optimizers adamw,sf-adamw,sf-ref,sf-sgd
 
+LINTED := $(wildcard sfdiag tests bench examples)
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check sfdiag tests bench examples
-	$(BIN)/ruff format --check sfdiag tests bench examples
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 
 unit: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest
