@@ -365,13 +365,28 @@ def compare(
     )
 
 
+_ABSENT = object()
+
+
+def _leaf_diffs(old: Any, new: Any, path: str) -> Iterator[tuple[str, Any, Any]]:
+    """(path, old, new) for every leaf that differs: ``optimizers[1].kwargs.weight_decay``.
+
+    Optimizers are matched by position; a list of another length differs as a whole.
+    """
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in list(old) + [k for k in new if k not in old]:
+            sub = f"{path}.{key}" if path else str(key)
+            yield from _leaf_diffs(old.get(key, _ABSENT), new.get(key, _ABSENT), sub)
+    elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            yield from _leaf_diffs(a, b, f"{path}[{i}]")
+    elif old is _ABSENT or new is _ABSENT or old != new:
+        yield path, None if old is _ABSENT else old, None if new is _ABSENT else new
+
+
 def _config_diffs(baseline: Baseline, current: Baseline) -> Iterator[Difference]:
-    old, new = baseline.config, current.config
-    keys = list(old) + [k for k in new if k not in old]
-    for key in keys:
-        a, b = old.get(key), new.get(key)
-        if key not in old or key not in new or a != b:
-            yield Difference(None, f"config: {key}", a, b, None, True, "config")
+    for path, a, b in _leaf_diffs(baseline.config, current.config, ""):
+        yield Difference(None, f"config: {path}", a, b, None, True, "config")
     for what, a, b in (
         ("sfdiag version", baseline.sfdiag_version, current.sfdiag_version),
         ("torch version", baseline.torch_version, current.torch_version),

@@ -325,7 +325,15 @@ def test_config_mismatch_names_the_keys(report, saved):
     check = compare(load_baseline(saved), dataclasses.replace(report, config=config))
     assert check.regressed
     config_diffs = [d.what for d in check.regressions if d.kind == "config"]
-    assert config_diffs == ["config: seed", "config: model", "config: dtype"]
+    assert config_diffs == ["config: seed", "config: model.name", "config: dtype"]
+
+
+def test_config_mismatch_names_the_leaf_that_moved(report, saved):
+    config = {**report.config, "optimizers": [{"name": "x", "kwargs": {"weight_decay": 0.02}}]}
+    check = compare(load_baseline(saved), dataclasses.replace(report, config=config))
+    (diff,) = [d for d in check.regressions if d.kind == "config"]
+    assert diff.what == "config: optimizers[0].kwargs"
+    assert (diff.baseline_value, diff.current_value) == (None, {"weight_decay": 0.02})
 
 
 def test_config_with_tuples_and_non_finite_floats_round_trips(report, tmp_path):
