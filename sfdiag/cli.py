@@ -291,8 +291,11 @@ def run(
 ) -> None:
     """Run a training script, auditing every optimizer it builds.
 
-    Usage: sfdiag run [--report FILE] [--strict] -- python script.py ARGS...
-    The script's own exit code passes through, unless --strict finds a flagged optimizer.
+    \b
+      sfdiag run [--report FILE] [--strict] -- python script.py ARGS...
+
+    The script runs as python would run it; its exit code passes through, unless
+    --strict finds a flagged optimizer. The verdict table goes to stderr.
     """
     from sfdiag.runner import run_script
 
