@@ -32,7 +32,7 @@ class GradFingerprint:
     ref: weakref.ref | None
     version: int
     norm: float
-    checksum: int
+    checksum: tuple[int, ...]  # bit-sums of CHECKSUM_BLOCKS consecutive blocks (+ the rest)
     sample: torch.Tensor | None  # SAMPLE_SIZE strided elements (or all, for small tensors)
     param_sample: torch.Tensor | None  # the parameter at the same elements
     full: torch.Tensor | None = None  # forensics: a full clone
@@ -87,16 +87,25 @@ def sample_of(t: torch.Tensor) -> torch.Tensor:
     return flat.detach()[:: n // SAMPLE_SIZE][:SAMPLE_SIZE].clone()
 
 
-def _checksum(t: torch.Tensor) -> torch.Tensor:
-    """The sum of the elements' bits, wrapping in their own integer type (exact, any order).
+#: the checksum sums the bits of this many consecutive blocks separately, in the same one
+#: read: an edit that cancels out in a whole-tensor sum (two sign flips, a swap) is caught
+#: unless both elements fall in the same block.
+CHECKSUM_BLOCKS = 64
 
-    Not ``sum(dtype=torch.int64)``: on CPU that first copies the whole tensor to int64
-    (twice a float32 grad's bytes, allocated and freed at every snapshot).
+
+def _checksum(t: torch.Tensor) -> torch.Tensor:
+    """Per-block sums of the elements' bits, wrapping in their own integer type.
+
+    Integer sums are exact in any order. Not ``sum(dtype=torch.int64)``: on CPU that first
+    copies the whole tensor to int64 (twice a float32 grad's bytes, at every snapshot).
+    Returns CHECKSUM_BLOCKS + 1 sums: the blocks, then the elements left over.
     """
-    if t.numel() == 0:
-        return torch.zeros((), dtype=torch.int64, device=t.device)
     bits = _bits(_flat(t))
-    return bits.sum(dtype=bits.dtype)
+    per_block = bits.numel() // CHECKSUM_BLOCKS
+    split = per_block * CHECKSUM_BLOCKS
+    blocks = bits[:split].view(CHECKSUM_BLOCKS, per_block).sum(dim=1, dtype=bits.dtype)
+    rest = bits[split:].sum(dtype=bits.dtype).reshape(1)
+    return torch.cat([blocks, rest])
 
 
 def take(
@@ -122,7 +131,7 @@ def take(
     by_index = {i: k for k, (i, _) in enumerate(present)}
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
         if g is None:
-            out.append(GradFingerprint(None, 0, 0.0, 0, None, None))
+            out.append(GradFingerprint(None, 0, 0.0, (), None, None))
             continue
         k = by_index[i]
         view = present[k][1]
@@ -132,7 +141,7 @@ def take(
                 ref=weakref.ref(g),
                 version=g._version,
                 norm=float(scalars[k]),
-                checksum=int(sums[k]) ^ (_index_checksum(g) if sparse else 0),
+                checksum=(*sums[k], _index_checksum(g) if sparse else 0),
                 sample=sample_of(view),
                 param_sample=None if sparse or not param_samples else sample_of(p),
                 full=view.detach().clone() if full else None,

@@ -221,16 +221,37 @@ def test_every_kind_of_edit_that_changes_a_grad_is_seen(kind, grad, args):
 @pytest.mark.xfail(strict=True, reason="known limit of the cheap fingerprint (see docstring)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_known_limit_paired_sign_flips_outside_the_sample(dtype):
-    """The fingerprint is a norm, a sum of the bits and a strided sample: edits that keep
-    all three (flipping the signs of two elements, or swapping two, away from the sampled
-    ones) go unseen. No optimizer we know of does that; catching it would take a
-    position-aware hash of every grad at every step."""
+    """The fingerprint is a norm, per-block sums of the bits and a strided sample: edits
+    that keep all three (flipping the signs of two elements, or swapping two, in the same
+    block and away from the sampled ones) go unseen. No optimizer we know of does that;
+    catching it would take a position-aware hash of every grad at every step."""
     grad = torch.randn(300, dtype=dtype, generator=torch.Generator().manual_seed(0))
     grad[260], grad[270] = 1.5, -2.5  # 256 < index: outside the sample (stride 1, 256 kept)
     (param,) = _params([((300,), dtype, "normal", 0, [])])
     param.grad = grad
     before = snapshot.take([param])[0]
     grad[260], grad[270] = -grad[260], -grad[270]
+    after = snapshot.take([param])[0]
+    assert not before.same_content(after)
+
+
+@pytest.mark.parametrize("edit", ["swap", "sign-flips"])
+def test_cancelling_edits_in_different_blocks_are_caught(edit):
+    """Two edits that cancel in a whole-tensor bit-sum, outside the sample: caught because
+    the checksum sums each block of the grad separately."""
+    n = 64 * 1000
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    stride = n // snapshot.SAMPLE_SIZE
+    i, j = 3 * 1000 + 1, 40 * 1000 + 1  # blocks 3 and 40; 1 mod stride: not sampled
+    assert i % stride and j % stride
+    (param,) = _params([((n,), torch.float32, "normal", 0, [])])
+    param.grad = grad
+    before = snapshot.take([param])[0]
+    with torch.no_grad():
+        if edit == "swap":
+            grad[i], grad[j] = grad[j].item(), grad[i].item()
+        else:
+            grad.data[i], grad.data[j] = -grad[i].item(), -grad[j].item()
     after = snapshot.take([param])[0]
     assert not before.same_content(after)
 
