@@ -56,6 +56,22 @@ def _state_bytes_per_element(optimizer: Any, model: torch.nn.Module) -> float:
     return snapshot.state_bytes(optimizer) / elements if elements else 0.0
 
 
+@dataclass(frozen=True)
+class _Unhooked:
+    """What the auditor reads of an optimizer that has no step hooks: the model's params."""
+
+    optimizer: Any
+    params: list[torch.Tensor]
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": self.params}]
+
+    @property
+    def state(self) -> Any:
+        return getattr(self.optimizer, "state", {})
+
+
 def probe_optimizer(
     built: BuiltProbe, opt: BuiltOptimizer, options: ProbeOptions = ProbeOptions()
 ) -> OptimizerResult:
@@ -72,7 +88,12 @@ def probe_optimizer(
     try:
         optimizer = opt.factory(model.parameters(), **spec.kwargs)
         _set_train_mode(optimizer)
-        auditor.attach(optimizer)
+        # torch.optim.Optimizer subclasses are audited through their step hooks; any other
+        # object with step() by snapshots taken around the call, over the model's parameters.
+        hooked = hasattr(optimizer, "register_step_pre_hook")
+        watched = optimizer if hooked else _Unhooked(optimizer, list(model.parameters()))
+        if hooked:
+            auditor.attach(optimizer)
         for index, (x, y) in enumerate(built.batches):
             x, y = x.to(built.device), y.to(built.device)
             optimizer.zero_grad(set_to_none=True)
@@ -86,12 +107,20 @@ def probe_optimizer(
                         optimizer.zero_grad(set_to_none=False)
                         again = built.loss_fn(model(x), y)
                         again.backward(create_graph=spec.create_graph)
-                    auditor.retake(optimizer)  # the grads step() sees are these
+                    auditor.retake(watched)  # the grads step() sees are these
                     return again
 
-                optimizer.step(closure)
+                step_args: tuple = (closure,)
             else:
-                optimizer.step()
+                step_args = ()
+            seen = len(auditor.observations)
+            if not hooked:
+                auditor.pre_step(watched)
+            optimizer.step(*step_args)
+            if not hooked:
+                auditor.post_step(watched)
+            if len(auditor.observations) == seen:
+                raise RuntimeError("step() ran without firing the optimizer's step hooks")
             observed = auditor.observations[-1]
             step_records.append(
                 StepRecord(

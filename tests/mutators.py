@@ -119,3 +119,23 @@ class FailsToStep(_Mutating):
 class FailsToConstruct(torch.optim.SGD):
     def __init__(self, params, lr: float = 0.01):
         raise ValueError("needs a closure-capable model")
+
+
+class DuckTyped:
+    """Not a torch.optim.Optimizer: no step hooks, just step() (and zero_grad())."""
+
+    def __init__(self, params, lr: float = 0.01, scale: float = 1.0):
+        self.params = list(params)
+        self.lr, self.scale = lr, scale
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for p in self.params:
+            if p.grad is not None:
+                if self.scale != 1.0:
+                    p.grad.mul_(self.scale)
+                p.sub_(p.grad, alpha=self.lr)

@@ -179,3 +179,17 @@ def test_fingerprints_hold_with_nan_and_inf_in_the_grads():
         [spec for spec, _ in FINGERPRINTED], model={"name": "hostile_models:nan_grad_model"}
     )
     assert [r.fingerprint for r in found.values()] == [fp for _, fp in FINGERPRINTED]
+
+
+def test_an_optimizer_without_step_hooks_is_audited_around_step():
+    found = probe(
+        [
+            {"name": "duck", "class": "mutators:DuckTyped"},
+            {"name": "duck-scaling", "class": "mutators:DuckTyped", "kwargs": {"scale": 0.5}},
+        ]
+    )
+    assert found["duck"].verdict == "clean"
+    assert (found["duck-scaling"].verdict, found["duck-scaling"].fingerprint) == (
+        "mutated",
+        "scaled",
+    )
