@@ -32,7 +32,7 @@ class GradFingerprint:
     ref: weakref.ref | None
     version: int
     norm: float
-    checksum: tuple[int, ...]  # bit-sums of CHECKSUM_BLOCKS consecutive blocks (+ the rest)
+    checksum: tuple[bytes, int] | tuple[()]  # per-block bit-sums (int64 bytes), sparse index sum
     sample: torch.Tensor | None  # SAMPLE_SIZE strided elements (or all, for small tensors)
     param_sample: torch.Tensor | None  # the parameter at the same elements
     full: torch.Tensor | None = None  # forensics: a full clone
@@ -119,14 +119,18 @@ def take(
     grads = [p.grad for p in params]
     present = [(i, _dense_view(g)) for i, g in enumerate(grads) if g is not None]
     scalars: list[float] = []
-    sums: list[int] = []
+    sums: list[bytes] = []
     if present:
         views = [v for _, v in present]
         # Norms in float64 for every dtype; _foreach_norm batches them in one kernel per group.
         norms = torch._foreach_norm([v.detach() for v in views])
         norm_vals = torch.stack(norms).tolist()  # stack widens mixed dtypes exactly
-        checksum_vals = torch.stack([_checksum(v) for v in views]).tolist()
-        scalars, sums = norm_vals, checksum_vals
+        # The block sums as bytes, not Python ints: 65 ints per grad and snapshot would hold
+        # more memory than all the samples together (int64: the same whatever else is stacked).
+        rows = torch.stack([_checksum(v) for v in views])
+        if not (rows.is_floating_point() or rows.is_complex()):
+            rows = rows.to(torch.int64)
+        scalars, sums = norm_vals, [row.tobytes() for row in rows.cpu().numpy()]
     out: list[GradFingerprint] = []
     by_index = {i: k for k, (i, _) in enumerate(present)}
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
@@ -141,7 +145,7 @@ def take(
                 ref=weakref.ref(g),
                 version=g._version,
                 norm=float(scalars[k]),
-                checksum=(*sums[k], _index_checksum(g) if sparse else 0),
+                checksum=(sums[k], _index_checksum(g) if sparse else 0),
                 sample=sample_of(view),
                 param_sample=None if sparse or not param_samples else sample_of(p),
                 full=view.detach().clone() if full else None,

@@ -1,0 +1,920 @@
+"""sfdiag's performance figures, measured in one process (plus subprocesses where noted).
+
+    python bench/run.py [--quick] [--json] [--threads N]
+
+Every A/B comparison interleaves its runs (A B, then B A, ...; or a seeded shuffle when
+more than two take part) and reports medians, so that load from other processes on a
+shared machine falls on both sides alike.
+
+Figures (targets in ``TARGETS``):
+
+audit_overhead_ratio
+    A training step (zero_grad, forward, backward, ``step()``) of ``mnist-cnn`` at batch
+    64 with a ``StepAuditor`` attached (the default in-place detection, as the probe
+    runs it) over the same step without it. The same model and optimizer alternate
+    between attached and detached, so both sides see the same memory and caches. The
+    headline is ``adamw``; ``sf-adamw`` (which mutates ``p.grad``, so the auditor also
+    names the kind of mutation) is reported beside it.
+audit_extra_memory_fraction
+    The peak bytes the auditor allocates during one step, over the parameters' bytes:
+    torch allocations made inside the step hooks (the profiler's memory events between
+    the hooks' start and end; what ``pre_step`` leaves pending is carried through the
+    step) plus the Python and numpy allocations of the hooks (``tracemalloc``).
+sf_adamw_step_vs_upstream
+    ``sfdiag.optim.AdamWScheduleFree.step()`` over the public ``schedulefree`` 1.4.1
+    release's ``AdamWScheduleFree.step()`` (the faster of its foreach and per-tensor
+    paths), on 25M float32 parameters in 20 tensors. Also SGD (``sf_sgd_step_vs_upstream``).
+    Full mode repeats both in a worker with glibc malloc pinned (``*_pinned_malloc``).
+sf_adamw_step_vs_floor
+    The same step over the time to move its minimal traffic (read and write g, v, y, z:
+    32 bytes per element) at the copy bandwidth measured here (``dst.copy_(src)``).
+    ``sf_sgd_step_vs_floor`` likewise (g, y, z: 24 bytes per element).
+cli_help_seconds, compare_default_seconds
+    ``sfdiag --help`` and ``sfdiag compare`` as subprocesses, medians.
+scaling
+    Linear(1024, 1024) layers, as many as make 1M, 10M and 100M parameters, batch 8,
+    adamw: peak RSS of a fresh subprocess per size, with and without the auditor, and the
+    audit's time ratio (interleaved in the audited subprocess) and profiled bytes.
+
+``torch.set_num_threads(--threads)`` (default 1) holds in this process and its workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the profiler's start/stop lines on stderr
+
+import torch  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from sfdiag.audit import StepAuditor  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TARGETS = {
+    "audit_overhead_ratio": ("<=", 1.10),
+    "audit_extra_memory_fraction": ("<=", 0.01),
+    "sf_adamw_step_vs_upstream": ("<=", 1.0),
+    "cli_help_seconds": ("<", 0.5),
+    "compare_default_seconds": ("<", 5.0),
+}
+
+FIGURES = (
+    "audit_overhead_ratio",
+    "audit_extra_memory_fraction",
+    "sf_adamw_step_vs_upstream",
+    "sf_sgd_step_vs_upstream",
+    "sf_adamw_step_vs_floor",
+    "sf_sgd_step_vs_floor",
+    "cli_help_seconds",
+    "compare_default_seconds",
+)
+
+_AUDIT_MARK = "sfdiag.bench.audit_hook"
+
+#: glibc malloc with a fixed mmap threshold and no trimming: freed multi-MB temporaries are
+#: reused, instead of going back to the OS and being faulted in again (zeroed) at the next
+#: step. Which of them glibc returns depends on the process's allocation history, so page
+#: faults come and go between otherwise identical steps. Workers run with this.
+PINNED_MALLOC = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=68719476736"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sizes and repetitions; ``quick_mode()`` and ``tiny()`` (for tests) shrink them."""
+
+    threads: int = 1
+    model: str = "mnist-cnn"
+    batch: int = 64
+    overhead_pairs: int = 60
+    sf_numel: int = 25_000_000
+    sf_tensors: int = 20
+    sf_rounds: int = 15
+    copy_numel: int = 1 << 26  # 256 MiB of float32, far beyond any cache
+    cli_runs: int = 7
+    compare_runs: int = 3
+    compare_one_thread: bool = True  # also time compare with OMP_NUM_THREADS=1
+    pinned_malloc_steps: bool = True  # also the step comparisons with glibc malloc pinned
+    scaling_sizes: tuple[int, ...] = (1_000_000, 10_000_000, 100_000_000)
+    scaling_width: int = 1024
+    scaling_batch: int = 8
+    scaling_pairs: int = 8
+    quick: bool = False
+
+    @classmethod
+    def quick_mode(cls, **kw: Any) -> Settings:
+        return replace(
+            cls(),
+            overhead_pairs=20,
+            sf_rounds=5,
+            cli_runs=5,
+            compare_runs=2,
+            scaling_sizes=(1_000_000, 10_000_000),
+            scaling_pairs=5,
+            pinned_malloc_steps=False,
+            quick=True,
+            **kw,
+        )
+
+    @classmethod
+    def tiny(cls, **kw: Any) -> Settings:
+        """Seconds, not minutes: every code path, meaningless numbers (tests)."""
+        return replace(
+            cls(),
+            model="mlp",
+            batch=8,
+            overhead_pairs=2,
+            sf_numel=30_000,
+            sf_tensors=3,
+            sf_rounds=1,
+            copy_numel=1 << 16,
+            cli_runs=1,
+            compare_runs=1,
+            compare_one_thread=False,
+            scaling_sizes=(20_000,),
+            scaling_width=64,
+            scaling_pairs=1,
+            scaling_batch=2,
+            quick=True,
+            **kw,
+        )
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def interleaved(
+    runs: dict[str, Callable[[], float]], rounds: int, *, warmup: int = 1, seed: int = 0
+) -> dict[str, list[float]]:
+    """Seconds per run of each callable (each returns its own timed seconds), interleaved.
+
+    Two callables alternate A B / B A; more are shuffled each round (seeded).
+    """
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    names = list(runs)
+    rng = random.Random(seed)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(rounds):
+        if len(names) == 2:
+            order = names if i % 2 == 0 else names[::-1]
+        else:
+            order = rng.sample(names, len(names))
+        for name in order:
+            times[name].append(runs[name]())
+    return times
+
+
+def _median_ms(values: list[float]) -> float:
+    return round(statistics.median(values) * 1e3, 3)
+
+
+def _ratio(num: list[float], den: list[float]) -> float:
+    """The ratio of the medians (the headline figures)."""
+    return round(statistics.median(num) / statistics.median(den), 4)
+
+
+def _paired_ratio(num: list[float], den: list[float]) -> float:
+    """The median of the per-round ratios: a cross-check that is blind to slow drifts in load."""
+    return round(statistics.median(a / b for a, b in zip(num, den, strict=True)), 4)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def stacked_linear(params: int, width: int = 1024) -> torch.nn.Module:
+    """Linear(width, width) layers, ReLU between, as many as make about ``params`` parameters.
+
+    A fixed width keeps every tensor the same size, so the number of tensors (the auditor's
+    fixed cost per tensor) grows with the parameters as the per-element work does, and no
+    tensor is so large that glibc serves it by mmap (a page fault per page at every step).
+    He-initialised, so that activations and grads keep their scale through the depth
+    (vanishing values would turn into subnormal floats and slow everything down).
+    """
+    depth = max(1, round(params / (width * width + width)))
+    layers: list[torch.nn.Module] = []
+    for i in range(depth):
+        layer = torch.nn.Linear(width, width)
+        torch.nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+        torch.nn.init.zeros_(layer.bias)
+        layers.append(layer)
+        if i < depth - 1:
+            layers.append(torch.nn.ReLU())
+    model = torch.nn.Sequential(*layers)
+    model.sfdiag_input_shape = (width,)
+    model.sfdiag_loss = "mse"
+    return model
+
+
+def build_model(name: str) -> torch.nn.Module:
+    from sfdiag import models
+
+    return {"mnist-cnn": models.mnist_cnn, "mlp": models.mlp}[name]()
+
+
+def make_optimizer(name: str, params: Any) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(params)
+    if name == "sf-adamw":
+        from sfdiag.optim import AdamWScheduleFree
+
+        opt = AdamWScheduleFree(params)
+        opt.train()
+        return opt
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+@dataclass
+class Trainer:
+    """One model, one optimizer, one fixed batch: ``step()`` times a training step."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    x: torch.Tensor
+    target: torch.Tensor
+    loss: str
+
+    @classmethod
+    def build(cls, model: torch.nn.Module, optimizer: str, batch: int, seed: int = 0) -> Trainer:
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn((batch, *model.sfdiag_input_shape), generator=gen)
+        model.train()
+        if model.sfdiag_loss == "mse":
+            target = torch.zeros(batch, model(x[:1]).shape[1])
+        else:
+            target = torch.randint(0, 10, (batch,), generator=gen)
+        return cls(
+            model, make_optimizer(optimizer, model.parameters()), x, target, model.sfdiag_loss
+        )
+
+    def auditor(self) -> StepAuditor:
+        return StepAuditor(names={id(p): n for n, p in self.model.named_parameters()})
+
+    def _loss(self) -> torch.Tensor:
+        out = self.model(self.x)
+        if self.loss == "mse":
+            return F.mse_loss(out, self.target)
+        if self.loss == "nll":
+            return F.nll_loss(out, self.target)
+        return F.cross_entropy(out, self.target)
+
+    def step(self) -> float:
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._loss().backward()
+        self.optimizer.step()
+        return time.perf_counter() - start
+
+    def audited_step(self, auditor: StepAuditor) -> float:
+        auditor.attach(self.optimizer)
+        try:
+            return self.step()
+        finally:
+            auditor.detach()
+            auditor.observations.clear()
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+
+# ----------------------------------------------------------------------------- audit figures
+
+
+def measure_audit_overhead(trainer: Trainer, pairs: int) -> dict[str, Any]:
+    """Plain and audited steps of one trainer, interleaved; medians and their ratio."""
+    auditor = trainer.auditor()
+    times = interleaved(
+        {"plain": trainer.step, "audited": lambda: trainer.audited_step(auditor)},
+        pairs,
+        warmup=3,
+    )
+    return {
+        "ratio": _ratio(times["audited"], times["plain"]),
+        "paired_ratio": _paired_ratio(times["audited"], times["plain"]),
+        "plain_ms": _median_ms(times["plain"]),
+        "audited_ms": _median_ms(times["audited"]),
+        "runs_each": len(times["plain"]),
+    }
+
+
+def _torch_bytes_in_marks(prof: Any) -> tuple[int, int]:
+    """(peak, held between the hooks) of torch allocations inside the marked hook calls."""
+    events = list(prof.profiler.kineto_results.events())
+    windows = sorted((e.start_ns(), e.end_ns()) for e in events if e.name() == _AUDIT_MARK)
+    memory = sorted(
+        (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.nbytes()
+    )
+    live = peak = 0
+    held = None
+    for i, (start, end) in enumerate(windows):
+        for t, nbytes in memory:
+            if start <= t <= end:
+                live += nbytes
+                peak = max(peak, live)
+        if i == 0:
+            held = live
+    return peak, held or 0
+
+
+def measure_audit_memory(trainer: Trainer) -> dict[str, Any]:
+    """Bytes the auditor allocates in one step (peak), measured, over the parameters' bytes."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    auditor = trainer.auditor()
+    python: dict[str, tuple[int, int, int]] = {}
+
+    def marked(hook: Callable[..., None], label: str) -> Callable[..., None]:
+        def call(optimizer: Any, *args: Any) -> None:
+            with record_function(_AUDIT_MARK):
+                before, _ = tracemalloc.get_traced_memory()
+                tracemalloc.reset_peak()
+                hook(optimizer, *args)
+                current, peak = tracemalloc.get_traced_memory()
+            python[label] = (before, current, peak)
+
+        return call
+
+    opt = trainer.optimizer
+    for _ in range(2):  # state created, allocator warm
+        trainer.audited_step(auditor)
+    handles = [
+        opt.register_step_pre_hook(marked(auditor.pre_step, "pre")),
+        opt.register_step_post_hook(marked(auditor.post_step, "post")),
+    ]
+    opt.zero_grad(set_to_none=True)  # free the old grads before the profiler starts
+    started_tracing = not tracemalloc.is_tracing()
+    if started_tracing:
+        tracemalloc.start()
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            trainer.step()
+    finally:
+        if started_tracing:
+            tracemalloc.stop()
+        for handle in handles:
+            handle.remove()
+    assert len(auditor.observations) == 1, "the auditor did not observe the profiled step"
+    torch_peak, torch_held = _torch_bytes_in_marks(prof)
+    pre_before, pre_after, pre_peak = python["pre"]
+    post_before, _, post_peak = python["post"]
+    python_held = max(0, pre_after - pre_before)
+    python_peak = max(pre_peak - pre_before, python_held + post_peak - post_before)
+    peak = torch_peak + python_peak
+    return {
+        "fraction": round(peak / trainer.param_bytes, 5),
+        "peak_bytes": peak,
+        "torch_peak_bytes": torch_peak,
+        "torch_held_during_step_bytes": torch_held,
+        "python_peak_bytes": python_peak,
+        "param_bytes": trainer.param_bytes,
+        "tensors": len(list(trainer.model.parameters())),
+    }
+
+
+# ----------------------------------------------------------------------------- optimizer step
+
+
+def _release() -> Any | None:
+    try:
+        import schedulefree
+    except ImportError:
+        return None
+    return schedulefree
+
+
+def _release_version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("schedulefree")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+class StepBench:
+    """One optimizer over ``tensors`` float32 parameters; ``run()`` times one ``step()``.
+
+    Every optimizer gets bit-identical parameters, and before each step its grads are
+    reset (untimed) from one shared source: ``sf-adamw`` overwrites ``p.grad``.
+    """
+
+    def __init__(
+        self, factory: Callable[..., Any], base: list[torch.Tensor], grads: list[torch.Tensor]
+    ):
+        self.params = [torch.nn.Parameter(b.clone()) for b in base]
+        for p in self.params:
+            p.grad = torch.empty_like(p)
+        self.source = grads
+        self.optimizer = factory(self.params)
+        self.optimizer.train()
+
+    def run(self) -> float:
+        for p, g in zip(self.params, self.source, strict=True):
+            p.grad.copy_(g)
+        start = time.perf_counter()
+        self.optimizer.step()
+        return time.perf_counter() - start
+
+
+class CopyBench:
+    """``dst.copy_(src)``: bytes per second, counting the read and the write."""
+
+    def __init__(self, numel: int):
+        self.src = torch.rand(numel)
+        self.dst = torch.empty_like(self.src)
+        self.bytes = 2 * self.src.nbytes
+
+    def run(self) -> float:
+        start = time.perf_counter()
+        self.dst.copy_(self.src)
+        return time.perf_counter() - start
+
+
+def _shards(numel: int, tensors: int, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    size = numel // tensors
+    base = [torch.randn(size, generator=gen) for _ in range(tensors)]
+    grads = [torch.randn(size, generator=gen).mul_(1e-3) for _ in range(tensors)]
+    return base, grads
+
+
+def measure_sf_adamw_step(settings: Settings) -> dict[str, Any]:
+    """sfdiag's sf-adamw step vs the release's two paths, and vs the copy-bandwidth floor."""
+    from sfdiag.optim import AdamWScheduleFree
+
+    release = _release()
+    base, grads = _shards(settings.sf_numel, settings.sf_tensors, seed=1)
+    numel = sum(b.numel() for b in base)
+    benches = {
+        "sfdiag": StepBench(AdamWScheduleFree, base, grads),
+        "sfdiag_per_tensor": StepBench(lambda p: AdamWScheduleFree(p, foreach=False), base, grads),
+    }
+    if release is not None:
+        benches["release_foreach"] = StepBench(release.AdamWScheduleFree, base, grads)
+        benches["release_per_tensor"] = StepBench(
+            lambda p: release.AdamWScheduleFree(p, foreach=False), base, grads
+        )
+    contenders: dict[str, Callable[[], float]] = {k: b.run for k, b in benches.items()}
+    copy = CopyBench(settings.copy_numel)
+    contenders["copy"] = copy.run
+    times = interleaved(contenders, settings.sf_rounds, warmup=1, seed=1)
+    del benches, contenders, base, grads
+
+    bandwidth = copy.bytes / statistics.median(times["copy"])
+    floor_s = 32 * numel / bandwidth  # read + write g, v, y, z: 8 x 4 bytes per element
+    out: dict[str, Any] = {
+        "numel": numel,
+        "tensors": settings.sf_tensors,
+        "ms": {name: _median_ms(t) for name, t in times.items() if name != "copy"},
+        "copy_bandwidth_gb_s": round(bandwidth / 1e9, 2),
+        "floor_ms": round(floor_s * 1e3, 3),
+        "vs_floor": round(statistics.median(times["sfdiag"]) / floor_s, 4),
+        "per_tensor_vs_floor": round(statistics.median(times["sfdiag_per_tensor"]) / floor_s, 4),
+        "rounds": settings.sf_rounds,
+    }
+    if release is not None:
+        out["vs_release_foreach"] = _ratio(times["sfdiag"], times["release_foreach"])
+        out["vs_release_per_tensor"] = _ratio(times["sfdiag"], times["release_per_tensor"])
+        out["vs_release"] = max(out["vs_release_foreach"], out["vs_release_per_tensor"])
+    return out
+
+
+def measure_sf_sgd_step(settings: Settings) -> dict[str, Any]:
+    """sfdiag's sf-sgd step (weight decay on, so p.grad is written) vs the release's.
+
+    Its floor: read and write g, y, z (24 bytes per element) at the copy bandwidth.
+    """
+    from sfdiag.optim import SGDScheduleFree
+
+    release = _release()
+    base, grads = _shards(settings.sf_numel, settings.sf_tensors, seed=2)
+    numel = sum(b.numel() for b in base)
+    kw = {"lr": 0.1, "weight_decay": 1e-4}
+    benches = {"sfdiag": StepBench(lambda p: SGDScheduleFree(p, **kw), base, grads)}
+    if release is not None:
+        benches["release_foreach"] = StepBench(
+            lambda p: release.SGDScheduleFree(p, **kw), base, grads
+        )
+        benches["release_per_tensor"] = StepBench(
+            lambda p: release.SGDScheduleFree(p, foreach=False, **kw), base, grads
+        )
+    runs: dict[str, Callable[[], float]] = {k: b.run for k, b in benches.items()}
+    copy = CopyBench(settings.copy_numel)
+    runs["copy"] = copy.run
+    times = interleaved(runs, settings.sf_rounds, seed=2)
+    del benches, runs, base, grads
+    floor_s = 24 * numel / (copy.bytes / statistics.median(times["copy"]))
+    out: dict[str, Any] = {
+        "ms": {name: _median_ms(t) for name, t in times.items() if name != "copy"},
+        "weight_decay": kw["weight_decay"],
+        "floor_ms": round(floor_s * 1e3, 3),
+        "vs_floor": round(statistics.median(times["sfdiag"]) / floor_s, 4),
+    }
+    if release is not None:
+        out["vs_release_foreach"] = _ratio(times["sfdiag"], times["release_foreach"])
+        out["vs_release_per_tensor"] = _ratio(times["sfdiag"], times["release_per_tensor"])
+        out["vs_release"] = max(out["vs_release_foreach"], out["vs_release_per_tensor"])
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _sfdiag_command() -> list[str]:
+    script = Path(sys.executable).with_name("sfdiag")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "sfdiag"]
+
+
+def time_commands(
+    commands: dict[str, tuple[list[str], dict[str, str]]], runs: int
+) -> dict[str, dict[str, Any]]:
+    """Median wall seconds of each subprocess (output captured), interleaved; last exit codes.
+
+    ``commands``: name -> (argv, extra environment variables).
+    """
+    codes: dict[str, int] = {}
+
+    def timed(name: str) -> Callable[[], float]:
+        args, extra = commands[name]
+        env = {**os.environ, **extra}
+
+        def run() -> float:
+            start = time.perf_counter()
+            done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env)
+            codes[name] = done.returncode
+            return time.perf_counter() - start
+
+        return run
+
+    times = interleaved({name: timed(name) for name in commands}, runs, warmup=0, seed=3)
+    return {
+        name: {"seconds": round(statistics.median(t), 3), "runs": runs, "exit_code": codes[name]}
+        for name, t in times.items()
+    }
+
+
+def cli_imports_torch() -> bool:
+    code = "import sfdiag.cli, sys; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return done.stdout.strip() == "True"
+
+
+# ----------------------------------------------------------------------------- scaling
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size.
+
+    Linux: ``VmHWM`` of /proc/self/status. ``ru_maxrss`` is no good in a subprocess
+    there: the kernel carries the spawning process's peak into the child across
+    fork/exec, so every worker would report the (large) parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def scaling_worker(params: int, audit: bool, settings: Settings) -> dict[str, Any]:
+    """In a fresh process: steps of a stacked-Linear model, audited or not; peak RSS."""
+    torch.manual_seed(0)
+    trainer = Trainer.build(
+        stacked_linear(params, settings.scaling_width), "adamw", settings.scaling_batch
+    )
+    auditor = trainer.auditor()
+    steps = [trainer.audited_step(auditor) if audit else trainer.step() for _ in range(3)]
+    out: dict[str, Any] = {
+        "params": sum(p.numel() for p in trainer.model.parameters()),
+        "audit": audit,
+        "step_ms": _median_ms(steps),
+        "max_rss_bytes": peak_rss_bytes(),
+        "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    if audit:
+        overhead = measure_audit_overhead(trainer, scaling_pairs(out["params"], settings))
+        out["overhead"] = overhead
+        out["memory"] = measure_audit_memory(trainer)
+    return out
+
+
+def scaling_pairs(params: int, settings: Settings) -> int:
+    """More rounds where steps are short: about 0.4e9 parameter-steps, within 1x..5x the base."""
+    base = settings.scaling_pairs
+    return max(base, min(5 * base, round(4e8 / max(params, 1))))
+
+
+def run_worker(settings: Settings, *args: str) -> dict[str, Any]:
+    """``bench/run.py --worker ARGS`` in a fresh process with glibc malloc pinned; its JSON."""
+    env = dict(os.environ)
+    tunables = env.get("GLIBC_TUNABLES")
+    env["GLIBC_TUNABLES"] = f"{tunables}:{PINNED_MALLOC}" if tunables else PINNED_MALLOC
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        *args,
+        "--settings",
+        json.dumps(asdict(settings)),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench worker {args} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_scaling(settings: Settings) -> dict[str, Any]:
+    rows = []
+    for size in settings.scaling_sizes:
+        got = {
+            audit: run_worker(settings, "scaling", str(size), str(int(audit)))
+            for audit in (False, True)
+        }
+        plain, audited = got[False], got[True]
+        param_bytes = audited["memory"]["param_bytes"]
+        rows.append(
+            {
+                "params": audited["params"],
+                "param_mb": round(param_bytes / 2**20, 2),
+                "plain_step_ms": audited["overhead"]["plain_ms"],
+                "audited_step_ms": audited["overhead"]["audited_ms"],
+                "audit_overhead_ratio": audited["overhead"]["ratio"],
+                "audit_overhead_paired_ratio": audited["overhead"]["paired_ratio"],
+                "pairs": audited["overhead"]["runs_each"],
+                "audit_peak_bytes": audited["memory"]["peak_bytes"],
+                "audit_extra_memory_fraction": audited["memory"]["fraction"],
+                "max_rss_plain_mb": round(plain["max_rss_bytes"] / 2**20, 1),
+                "max_rss_audited_mb": round(audited["max_rss_bytes"] / 2**20, 1),
+                "max_rss_extra_mb": round(
+                    (audited["max_rss_bytes"] - plain["max_rss_bytes"]) / 2**20, 1
+                ),
+            }
+        )
+    return {
+        "model": (
+            f"Linear({settings.scaling_width}, {settings.scaling_width}) x depth, "
+            f"batch {settings.scaling_batch}, adamw"
+        ),
+        "malloc": f"GLIBC_TUNABLES={PINNED_MALLOC}",
+        "sizes": rows,
+    }
+
+
+# ----------------------------------------------------------------------------- collect
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    caches = {}
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        if kind != "Instruction":
+            caches[f"L{level}"] = size
+    memory = None
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        memory = round(pages / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "caches_per_cpu0": caches,
+        "memory_gib": memory,
+        "torch": torch.__version__,
+        "torch_threads": threads,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "schedulefree": _release_version(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def collect(settings: Settings, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Every figure, as one JSON-ready dict."""
+    say = progress or (lambda _msg: None)
+    torch.set_num_threads(settings.threads)
+    notes = [
+        f"torch.set_num_threads({settings.threads}) for every in-process measurement and "
+        "worker; the CLI subprocesses use torch's default",
+        "audit figures: the headline is adamw (clean grads); sf-adamw mutates its grads, so "
+        "the auditor also names the kind of mutation (numpy fits: more memory and time)",
+        f"workers (scaling, *_pinned_malloc) run with GLIBC_TUNABLES={PINNED_MALLOC}; "
+        "peak RSS is VmHWM (ru_maxrss of a subprocess carries the parent's peak on Linux)",
+    ]
+    out: dict[str, Any] = {"machine": machine_info(settings.threads)}
+
+    say("audit overhead")
+    overhead = {}
+    memory = {}
+    for optimizer in ("adamw", "sf-adamw"):
+        torch.manual_seed(0)
+        trainer = Trainer.build(build_model(settings.model), optimizer, settings.batch)
+        overhead[optimizer] = measure_audit_overhead(trainer, settings.overhead_pairs)
+        memory[optimizer] = measure_audit_memory(trainer)
+    out["audit_overhead_ratio"] = overhead["adamw"]["ratio"]
+    out["audit_overhead"] = {"model": settings.model, "batch": settings.batch, **overhead}
+    out["audit_extra_memory_fraction"] = memory["adamw"]["fraction"]
+    out["audit_extra_memory"] = {"model": settings.model, **memory}
+
+    say("optimizer steps")
+    sf = measure_sf_adamw_step(settings)
+    out["sf_adamw_step_vs_upstream"] = sf.get("vs_release")
+    out["sf_adamw_step_vs_floor"] = sf["vs_floor"]
+    out["sf_adamw_step"] = sf
+    sgd = measure_sf_sgd_step(settings)
+    out["sf_sgd_step_vs_upstream"] = sgd.get("vs_release")
+    out["sf_sgd_step_vs_floor"] = sgd["vs_floor"]
+    out["sf_sgd_step"] = sgd
+    if settings.pinned_malloc_steps:
+        say("optimizer steps, glibc malloc pinned")
+        pinned = run_worker(settings, "steps")
+        out["sf_adamw_step_pinned_malloc"] = pinned["adamw"]
+        out["sf_sgd_step_pinned_malloc"] = pinned["sgd"]
+    if _release() is None:
+        notes.append(
+            "schedulefree is not installed: the comparisons with the release are skipped "
+            "(pip install 'sfdiag[bench]' or schedulefree==1.4.1)"
+        )
+
+    say("CLI")
+    cli = _sfdiag_command()
+    help_run = time_commands({"help": ([*cli, "--help"], {})}, settings.cli_runs)["help"]
+    # Beside the default, the same compare with one intra-op thread: on a busy 2-core
+    # machine torch's default (one thread per core) spends its time waiting on the other.
+    compares = {"default": ([*cli, "compare"], {})}
+    if settings.compare_one_thread:
+        compares["one_thread"] = ([*cli, "compare"], {"OMP_NUM_THREADS": "1"})
+    compare = time_commands(compares, settings.compare_runs)
+    out["cli_help_seconds"] = help_run["seconds"]
+    out["compare_default_seconds"] = compare["default"]["seconds"]
+    out["cli"] = {
+        "command": " ".join(Path(c).name for c in cli),
+        "help": help_run,
+        "compare": compare["default"],
+        "compare_one_thread": compare.get("one_thread"),
+        "cli_imports_torch": cli_imports_torch(),
+    }
+
+    say("scaling")
+    out["scaling"] = run_scaling(settings)
+    if settings.quick and 100_000_000 not in settings.scaling_sizes:
+        notes.append("--quick: scaling stops at 10M parameters (100M in the full run)")
+
+    out["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    out["targets"] = {k: f"{op} {v}" for k, (op, v) in TARGETS.items()}
+    out["met"] = {k: _meets(k, out.get(k)) for k in TARGETS}
+    out["settings"] = asdict(settings)
+    out["notes"] = notes
+    return out
+
+
+def _meets(key: str, value: float | None) -> bool | None:
+    if value is None:
+        return None
+    op, target = TARGETS[key]
+    return value <= target if op == "<=" else value < target
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def render(figures: dict[str, Any]) -> str:
+    """A readable table of the headline figures, then the details that explain them."""
+    lines = []
+    m = figures["machine"]
+    lines.append(
+        f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['torch_threads']} thread(s), "
+        f"schedulefree {m['schedulefree'] or 'not installed'}"
+    )
+    lines.append("")
+    lines.append(f"{'figure':34} {'value':>10}  {'target':>8}  met")
+    for key in FIGURES:
+        value = figures.get(key)
+        target = figures["targets"].get(key, "")
+        met = figures["met"].get(key)
+        shown = "skipped" if value is None else f"{value:.4g}"
+        flag = "" if met is None else ("yes" if met else "NO")
+        lines.append(f"{key:34} {shown:>10}  {target:>8}  {flag}")
+    lines.append("")
+    ao = figures["audit_overhead"]
+    for name in ("adamw", "sf-adamw"):
+        o, mem = ao[name], figures["audit_extra_memory"][name]
+        lines.append(
+            f"audit, {ao['model']} batch {ao['batch']}, {name}: {o['plain_ms']:.2f} -> "
+            f"{o['audited_ms']:.2f} ms/step (x{o['ratio']:.3f}); peak {mem['peak_bytes']} B "
+            f"= {mem['fraction']:.4f} of {mem['param_bytes']} B of parameters"
+        )
+    sf = figures["sf_adamw_step"]
+    ms = ", ".join(f"{k} {v:.1f}" for k, v in sf["ms"].items())
+    lines.append(
+        f"sf-adamw step, {sf['numel'] / 1e6:.0f}M params in {sf['tensors']} tensors (ms): {ms}; "
+        f"floor {sf['floor_ms']:.1f} ms at {sf['copy_bandwidth_gb_s']} GB/s"
+    )
+    sgd = figures["sf_sgd_step"]
+    ms = ", ".join(f"{k} {v:.1f}" for k, v in sgd["ms"].items())
+    lines.append(
+        f"sf-sgd step, weight decay {sgd['weight_decay']} (ms): {ms}; "
+        f"floor {sgd['floor_ms']:.1f} ms"
+    )
+    for name in ("sf_adamw_step_pinned_malloc", "sf_sgd_step_pinned_malloc"):
+        pinned = figures.get(name)
+        if pinned:
+            ms = ", ".join(f"{k} {v:.1f}" for k, v in pinned["ms"].items())
+            lines.append(
+                f"{name} (ms): {ms}; vs release {pinned.get('vs_release')}, "
+                f"vs floor {pinned['vs_floor']}"
+            )
+    cli = figures["cli"]
+    one = cli["compare_one_thread"]
+    lines.append(
+        f"sfdiag compare: {cli['compare']['seconds']:.2f} s with torch's default threads"
+        + (f", {one['seconds']:.2f} s with OMP_NUM_THREADS=1" if one else "")
+        + f"; 'import sfdiag.cli' imports torch: {cli['cli_imports_torch']}"
+    )
+    lines.append("")
+    lines.append(f"scaling: {figures['scaling']['model']}, {figures['scaling']['malloc']}")
+    lines.append(
+        f"{'params':>12} {'step ms':>9} {'audited':>9} {'ratio':>7} {'audit B':>9} "
+        f"{'RSS MB':>8} {'+audit':>8}"
+    )
+    for row in figures["scaling"]["sizes"]:
+        lines.append(
+            f"{row['params']:>12,} {row['plain_step_ms']:>9.2f} {row['audited_step_ms']:>9.2f} "
+            f"{row['audit_overhead_ratio']:>7.3f} {row['audit_peak_bytes']:>9} "
+            f"{row['max_rss_plain_mb']:>8.1f} {row['max_rss_extra_mb']:>+8.1f}"
+        )
+    lines.append("")
+    lines.extend(f"note: {note}" for note in figures["notes"])
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions, no 100M")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    # internal: one measurement in a fresh process (run_worker)
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--settings", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        settings = Settings(**json.loads(args.settings))
+        torch.set_num_threads(settings.threads)
+        kind, *rest = args.worker
+        if kind == "scaling":
+            result = scaling_worker(int(rest[0]), bool(int(rest[1])), settings)
+        else:
+            result = {
+                "adamw": measure_sf_adamw_step(settings),
+                "sgd": measure_sf_sgd_step(settings),
+            }
+        print(json.dumps(result))
+        return 0
+
+    settings = Settings.quick_mode() if args.quick else Settings()
+    settings = replace(settings, threads=args.threads)
+
+    def progress(msg: str) -> None:
+        print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+    figures = collect(settings, progress)
+    print(json.dumps(figures, indent=2) if args.json else render(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""bench/run.py: every measurement runs on tiny sizes and reports every key (no timing limits).
+
+Also: importing the CLI does not import torch (``sfdiag --help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("sfdiag_bench_run", ROOT / "bench" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    yield module
+    torch.set_num_threads(threads)
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def figures(bench):
+    return bench.collect(bench.Settings.tiny())
+
+
+def test_cli_import_does_not_import_torch():
+    code = "import sfdiag.cli, sys; assert 'torch' not in sys.modules, 'sfdiag.cli imports torch'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_every_key_is_present_and_sane(figures, bench):
+    for key in bench.FIGURES:
+        assert key in figures
+    for key in ("scaling", "machine", "notes"):
+        assert key in figures
+    release = figures["machine"]["schedulefree"] is not None
+    for key in bench.FIGURES:
+        if key.endswith("_vs_upstream") and not release:
+            assert figures[key] is None
+        else:
+            assert _positive(figures[key]), (key, figures[key])
+    assert figures["machine"]["torch_threads"] == 1
+    assert figures["cli"]["cli_imports_torch"] is False
+    assert figures["cli"]["help"]["exit_code"] == 0
+    assert figures["cli"]["compare"]["exit_code"] == 0
+    for name in ("sf_adamw_step_pinned_malloc", "sf_sgd_step_pinned_malloc"):
+        assert _positive(figures[name]["vs_floor"])  # the same measurement, in a worker
+    json.loads(json.dumps(figures))  # JSON-ready as it is
+
+
+def test_audit_figures_measure_what_the_auditor_holds(figures):
+    for name in ("adamw", "sf-adamw"):
+        overhead = figures["audit_overhead"][name]
+        assert _positive(overhead["plain_ms"]) and _positive(overhead["audited_ms"])
+        memory = figures["audit_extra_memory"][name]
+        # the pending snapshot: one grad sample and one parameter sample per tensor
+        assert memory["torch_held_during_step_bytes"] > 0
+        assert memory["torch_peak_bytes"] >= memory["torch_held_during_step_bytes"]
+        assert memory["peak_bytes"] == memory["torch_peak_bytes"] + memory["python_peak_bytes"]
+        assert memory["fraction"] == pytest.approx(
+            memory["peak_bytes"] / memory["param_bytes"], rel=1e-3
+        )
+
+
+def test_scaling_rows(figures, bench):
+    rows = figures["scaling"]["sizes"]
+    assert len(rows) == len(bench.Settings.tiny().scaling_sizes)
+    for row in rows:
+        assert row["params"] > 0
+        assert _positive(row["audit_overhead_ratio"])
+        assert row["max_rss_plain_mb"] > 0 and row["max_rss_audited_mb"] > 0
+        assert row["audit_peak_bytes"] > 0
+
+
+def test_render_names_every_figure(figures, bench):
+    text = bench.render(figures)
+    for key in bench.FIGURES:
+        assert key in text
+
+
+def test_stacked_linear_has_about_the_asked_parameters(bench):
+    for size in (20_000, 1_000_000):
+        model = bench.stacked_linear(size, width=64)
+        got = sum(p.numel() for p in model.parameters())
+        assert abs(got - size) / size < 0.05
