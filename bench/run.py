@@ -80,6 +80,8 @@ FIGURES = (
     "sf_adamw_step_vs_upstream",
     "sf_sgd_step_vs_upstream",
     "sf_adamw_step_vs_floor",
+    "sf_adamw_compiled_step_vs_upstream",
+    "sf_adamw_compiled_step_vs_floor",
     "sf_sgd_step_vs_floor",
     "cli_help_seconds",
     "compare_default_seconds",
@@ -465,6 +467,8 @@ def measure_sf_adamw_step(settings: Settings) -> dict[str, Any]:
     benches = {
         "sfdiag": StepBench(AdamWScheduleFree, base, grads),
         "sfdiag_per_tensor": StepBench(lambda p: AdamWScheduleFree(p, foreach=False), base, grads),
+        # opt-in: one torch.compile-d kernel per tensor (compiled in the warm-up round)
+        "sfdiag_compiled": StepBench(lambda p: AdamWScheduleFree(p, compile=True), base, grads),
     }
     if release is not None:
         benches["release_foreach"] = StepBench(release.AdamWScheduleFree, base, grads)
@@ -475,6 +479,7 @@ def measure_sf_adamw_step(settings: Settings) -> dict[str, Any]:
     copy = CopyBench(settings.copy_numel)
     contenders["copy"] = copy.run
     times = interleaved(contenders, settings.sf_rounds, warmup=1, seed=1)
+    compiled = benches["sfdiag_compiled"].optimizer.param_groups[0]["compile"]
     del benches, contenders, base, grads
 
     bandwidth = copy.bytes / statistics.median(times["copy"])
@@ -487,12 +492,21 @@ def measure_sf_adamw_step(settings: Settings) -> dict[str, Any]:
         "floor_ms": round(floor_s * 1e3, 3),
         "vs_floor": round(statistics.median(times["sfdiag"]) / floor_s, 4),
         "per_tensor_vs_floor": round(statistics.median(times["sfdiag_per_tensor"]) / floor_s, 4),
+        "compiled": compiled,  # False: torch.compile failed here and the foreach path ran
+        "compiled_vs_floor": round(statistics.median(times["sfdiag_compiled"]) / floor_s, 4),
         "rounds": settings.sf_rounds,
     }
     if release is not None:
         out["vs_release_foreach"] = _ratio(times["sfdiag"], times["release_foreach"])
         out["vs_release_per_tensor"] = _ratio(times["sfdiag"], times["release_per_tensor"])
         out["vs_release"] = max(out["vs_release_foreach"], out["vs_release_per_tensor"])
+        fastest_release = min(
+            statistics.median(times["release_foreach"]),
+            statistics.median(times["release_per_tensor"]),
+        )
+        out["compiled_vs_release"] = round(
+            statistics.median(times["sfdiag_compiled"]) / fastest_release, 4
+        )
     return out
 
 
@@ -753,6 +767,8 @@ def collect(settings: Settings, progress: Callable[[str], None] | None = None) -
     sf = measure_sf_adamw_step(settings)
     out["sf_adamw_step_vs_upstream"] = sf.get("vs_release")
     out["sf_adamw_step_vs_floor"] = sf["vs_floor"]
+    out["sf_adamw_compiled_step_vs_upstream"] = sf.get("compiled_vs_release")
+    out["sf_adamw_compiled_step_vs_floor"] = sf["compiled_vs_floor"]
     out["sf_adamw_step"] = sf
     sgd = measure_sf_sgd_step(settings)
     out["sf_sgd_step_vs_upstream"] = sgd.get("vs_release")

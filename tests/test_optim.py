@@ -587,3 +587,41 @@ def test_reference_forms_accept_zero_momentum():
     p = [torch.nn.Parameter(torch.zeros(2))]
     SGDScheduleFreeReference(p, momentum=0.0)
     AdamWScheduleFreeReference(p, betas=(0.0, 0.999))
+
+
+# --------------------------------------------------------------------------- compile=True
+
+
+def _sf_adamw_run(steps: int = 6, **kwargs: Any) -> list[torch.Tensor]:
+    """Params and grads after ``steps`` steps on tensors of several shapes (one compile)."""
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((33, 17), (17,), (5,))]
+    optimizer = AdamWScheduleFree(params, warmup_steps=2, **kwargs)
+    optimizer.train()
+    grad_gen = torch.Generator().manual_seed(4)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=grad_gen)
+        optimizer.step()
+    return [t.detach().clone() for p in params for t in (p, p.grad)]
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_compiled_kernel_matches_the_loop(weight_decay):
+    compiled = _sf_adamw_run(compile=True, weight_decay=weight_decay)
+    loop = _sf_adamw_run(foreach=False, weight_decay=weight_decay)
+    for a, b in zip(compiled, loop, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_failure_warns_and_falls_back_to_foreach(monkeypatch):
+    import sfdiag.optim.adamw as adamw_mod
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(adamw_mod, "_COMPILED", {"kernel": broken})
+    with pytest.warns(RuntimeWarning, match="using the foreach path"):
+        fallback = _sf_adamw_run(compile=True)
+    foreach = _sf_adamw_run()
+    assert all(torch.equal(a, b) for a, b in zip(fallback, foreach, strict=True))

@@ -9,6 +9,7 @@ never writes to ``p.grad``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -66,6 +67,10 @@ class AdamWScheduleFree(InterpolatedScheduleFree):
 
     ``foreach=True`` (default) uses ``torch._foreach_*`` multi-tensor ops; ``False``
     a per-tensor loop. Both write the same values to the parameters and to ``p.grad``.
+    ``compile=True`` (opt-in) runs the whole update as one ``torch.compile``-d kernel per
+    tensor, a single pass over memory: several times faster on large models, after a
+    compilation of some seconds on the first step (it needs a C++ compiler on CPU).
+    Where compiling fails the optimizer warns once and goes on with the foreach path.
     """
 
     def __init__(
@@ -79,11 +84,13 @@ class AdamWScheduleFree(InterpolatedScheduleFree):
         r: float = 0.0,
         weight_lr_power: float = 2.0,
         foreach: bool | None = True,
+        compile: bool = False,  # noqa: A002 - the name users know from torch
     ) -> None:
         defaults = _adam_defaults(
             lr, betas, eps, weight_decay, warmup_steps, r, weight_lr_power, beta1_zero_ok=False
         )
         defaults["foreach"] = True if foreach is None else bool(foreach)
+        defaults["compile"] = bool(compile)
         super().__init__(params, defaults)
 
     def _interpolation_beta(self, group: dict[str, Any]) -> float:
@@ -109,6 +116,8 @@ class AdamWScheduleFree(InterpolatedScheduleFree):
             y_alpha=lr * (beta1 * (1.0 - ckp1) - 1.0),
             lr=lr,
         )
+        if group.get("compile") and _compiled_rows(rows, coefficients, group):
+            return
         if group["foreach"]:
             for ys, gs, zs, vs in tiles(rows):
                 _multi_tensor_step(ys, gs, zs, vs, **coefficients)
@@ -168,6 +177,62 @@ def _multi_tensor_step(
     torch._foreach_lerp_(ys, zs, ckp1)
     torch._foreach_add_(ys, gs, alpha=y_alpha)
     torch._foreach_sub_(zs, gs, alpha=lr)
+
+
+def _fused_step(y: Tensor, g: Tensor, z: Tensor, v: Tensor, scalars: Tensor) -> None:
+    """The update of _single_tensor_step as one expression, for torch.compile to fuse.
+
+    ``scalars``: float64 [beta2, bias_correction2, eps, decay, ckp1, y_alpha, lr]; each
+    unbound element is a 0-dim tensor, which takes the dtype of the tensors it meets.
+    """
+    beta2, bias_correction2, eps, decay, ckp1, y_alpha, lr = scalars.unbind()
+    v_new = v * beta2 + g * g * (1.0 - beta2)
+    u = g / ((v_new / bias_correction2).sqrt() + eps) + decay * y
+    y_new = y.lerp(z, ckp1) + y_alpha * u
+    v.copy_(v_new)
+    g.copy_(u)  # p.grad holds u, as on every other path
+    z.copy_(z - lr * u)
+    y.copy_(y_new)
+
+
+_COMPILED: dict[str, Any] = {}
+
+
+def _compiled_kernel() -> Any:
+    if "kernel" not in _COMPILED:
+        _COMPILED["kernel"] = torch.compile(_fused_step, dynamic=True, fullgraph=True)
+    return _COMPILED["kernel"]
+
+
+def _compiled_rows(
+    rows: list[tuple[Tensor, ...]], coefficients: dict[str, float], group: dict[str, Any]
+) -> bool:
+    """Run the compiled kernel over flat views of every row; False (and the group falls back
+    to foreach for good) if compiling fails. Rows with a non-contiguous tensor take the loop."""
+    scalars = torch.tensor(
+        [coefficients[k] for k in ("beta2", "bias_correction2", "eps", "decay")]
+        + [coefficients[k] for k in ("ckp1", "y_alpha", "lr")],
+        dtype=torch.float64,
+    )
+    kernel = _compiled_kernel()
+    for index, row in enumerate(rows):
+        if not all(t.is_contiguous() for t in row):
+            _single_tensor_step(*row, **coefficients)
+            continue
+        try:
+            kernel(*(t.view(-1) for t in row), scalars.to(row[0].device))
+        except Exception as exc:  # no C++ compiler, no triton, an unsupported dtype...
+            if index > 0:
+                raise  # compiled once already: a real error, not a missing toolchain
+            warnings.warn(
+                f"AdamWScheduleFree(compile=True): torch.compile failed "
+                f"({type(exc).__name__}: {exc}); using the foreach path",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            group["compile"] = False
+            return False
+    return True
 
 
 class AdamWScheduleFreeReference(ReferenceScheduleFree):
