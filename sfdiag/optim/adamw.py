@@ -84,7 +84,7 @@ class AdamWScheduleFree(InterpolatedScheduleFree):
         r: float = 0.0,
         weight_lr_power: float = 2.0,
         foreach: bool | None = True,
-        compile: bool = False,  # noqa: A002 - the name users know from torch
+        compile: bool = False,
     ) -> None:
         defaults = _adam_defaults(
             lr, betas, eps, weight_decay, warmup_steps, r, weight_lr_power, beta1_zero_ok=False
