@@ -27,12 +27,12 @@ compares the two norms bit for bit: cheap, and blind to a change that keeps the 
 from __future__ import annotations
 
 import math
-import struct
 from typing import Any
 
 import torch
 
 from sfdiag.audit import active_steps
+from sfdiag.snapshot import float_bits
 
 __all__ = ["GradMonitor"]
 
@@ -67,10 +67,6 @@ def global_norm(grads: list[torch.Tensor]) -> torch.Tensor | None:
     except (TypeError, RuntimeError):  # an older torch without dtype=
         norms = torch._foreach_norm(grads)
     return torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms]))
-
-
-def _bits(value: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", value))[0]
 
 
 class GradMonitor:
@@ -189,7 +185,7 @@ class GradMonitor:
         if self._last is None:
             return False
         pre, post = self._last
-        return _bits(pre) != _bits(post) and not (math.isnan(pre) and math.isnan(post))
+        return float_bits(pre) != float_bits(post) and not (math.isnan(pre) and math.isnan(post))
 
     # ---- lifetime -------------------------------------------------------------------------
     def remove(self) -> None:

@@ -13,6 +13,7 @@ gradients is never mistaken for a mutating one.
 
 from __future__ import annotations
 
+import struct
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +45,7 @@ class GradFingerprint:
 
     def same_content(self, other: GradFingerprint) -> bool:
         # norm compared by bits: NaN == NaN here, and -0.0 vs 0.0 would count as a change.
-        if _float_bits(self.norm) != _float_bits(other.norm) or self.checksum != other.checksum:
+        if float_bits(self.norm) != float_bits(other.norm) or self.checksum != other.checksum:
             return False
         if self.full is not None and other.full is not None:
             return _bits_equal(self.full, other.full)
@@ -53,9 +54,8 @@ class GradFingerprint:
         return True
 
 
-def _float_bits(value: float) -> int:
-    import struct
-
+def float_bits(value: float) -> int:
+    """The bits of a float as an int: equal for equal floats, NaN included."""
     return struct.unpack("<q", struct.pack("<d", value))[0]
 
 
