@@ -22,6 +22,7 @@ from sfdiag.config import (
 from sfdiag.errors import SfdiagError
 
 if TYPE_CHECKING:
+    from sfdiag.baseline import Baseline, CheckResult
     from sfdiag.probe import Progress
     from sfdiag.results import ProbeReport
 
@@ -137,11 +138,14 @@ def save_baseline(report: ProbeReport, path: Path, *, force: bool = False) -> Pa
     return save(report, path, force=force)
 
 
-def check_against_baseline(report: ProbeReport, baseline_path: Path, *, rtol: float):
-    """Compare ``report`` with a baseline file: a CheckResult (``.regressed`` is the gate)."""
-    from sfdiag.baseline import compare, load_baseline
+def check_against_baseline(report: ProbeReport, baseline: Baseline, *, rtol: float) -> CheckResult:
+    """Compare ``report`` with a loaded baseline (``sfdiag.baseline.load_baseline``).
 
-    return compare(load_baseline(baseline_path), report, rtol=rtol)
+    The CheckResult's ``.regressed`` is the gate.
+    """
+    from sfdiag.baseline import compare
+
+    return compare(baseline, report, rtol=rtol)
 
 
 def render_check(check, fmt: str, *, color: bool = False) -> str:

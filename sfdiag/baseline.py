@@ -316,7 +316,7 @@ def _parse(data: Any, where: str) -> Baseline:
 # -- compare -------------------------------------------------------------------------
 
 
-def _check_tolerance(value: Any, name: str) -> float:
+def check_tolerance(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SfdiagError(f"{name} must be a finite number >= 0, got {value!r}")
     if not math.isfinite(value) or value < 0:
@@ -339,8 +339,8 @@ def compare(
     step is reported). NaN equals NaN. Version changes and norms that moved within
     tolerance are listed, but are not regressions.
     """
-    rtol = _check_tolerance(rtol, "--rtol")
-    atol = _check_tolerance(atol, "atol")
+    rtol = check_tolerance(rtol, "--rtol")
+    atol = check_tolerance(atol, "atol")
     current = Baseline.from_report(report)
     diffs: list[Difference] = list(_config_diffs(baseline, current))
 

@@ -259,19 +259,18 @@ def check(
     debug: DebugOpt = False,
 ) -> None:
     """Probe CONFIG and compare with a baseline; exit 1 on regression."""
-    from sfdiag.baseline import load_baseline
+    from sfdiag.baseline import check_tolerance, load_baseline
 
     with _guard(debug):
-        if not (rtol >= 0 and rtol != float("inf")):
-            raise SfdiagError(f"--rtol must be a finite number >= 0, got {rtol}")
+        check_tolerance(rtol, "--rtol")
         outputs = api.Outputs(fmt=fmt, output=output, force=force).validate()
-        load_baseline(baseline_file)  # a bad baseline fails before the probe, not after
+        recorded = load_baseline(baseline_file)  # a bad baseline fails before the probe
         report = _probe_with_progress(
             api.with_device(api.load_config(config), device),
             quiet=quiet,
             stdout_is_report=_stdout_is_report(fmt, output),
         )
-        result = api.check_against_baseline(report, baseline_file, rtol=rtol)
+        result = api.check_against_baseline(report, recorded, rtol=rtol)
         api.emit(api.render_check(result, fmt, color=_color_for(fmt, output)), outputs)
         code = api.EXIT_GATE if result.regressed else api.EXIT_OK
     raise typer.Exit(code)

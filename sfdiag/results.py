@@ -22,13 +22,6 @@ def _num(value: float | None) -> float | str | None:
     return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
 
 
-def number_from_json(value: Any) -> float | None:
-    """Inverse of the NaN/Inf encoding above."""
-    if value is None:
-        return None
-    return float(value)
-
-
 @dataclass(frozen=True)
 class ParamFinding:
     """One parameter, summarised over every step of a probe."""

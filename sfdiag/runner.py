@@ -32,6 +32,7 @@ from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 from sfdiag import __version__
+from sfdiag.api import EXIT_INTERRUPTED
 from sfdiag.errors import SfdiagError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -42,8 +43,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # torch is imported only once the command and the report path are known to be good, so a
 # usage error (exit 2) is immediate.
-
-EXIT_INTERRUPTED = 130
 
 # Which steps are audited, per optimizer: a training run may take a million steps, and an
 # audited step costs a few host syncs and a fingerprint fit per changed parameter.

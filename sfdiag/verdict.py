@@ -20,8 +20,6 @@ from sfdiag.results import OptimizerResult, ParamFinding, StepRecord, ratio
 # How bad each verdict is: an optimizer's verdict is its worst parameter's over all steps.
 SEVERITY = {"clean": 0, "mutated": 1, "replaced": 2, "cleared": 3, "error": 4}
 
-FINGERPRINTS = ("adam-normalized", "weight-decay", "scaled", "sign", "zeroed", "unknown")
-
 # Relative residual under which a candidate explains the post-step grad. float32 rounding
 # sits near 1e-7; estimating an Adam denominator's scale from samples adds a little.
 # Coarser dtypes (bfloat16: 8 bits of mantissa) widen both by their own rounding.
