@@ -29,6 +29,14 @@ sf_adamw_step_vs_floor
     The same step over the time to move its minimal traffic (read and write g, v, y, z:
     32 bytes per element) at the copy bandwidth measured here (``dst.copy_(src)``).
     ``sf_sgd_step_vs_floor`` likewise (g, y, z: 24 bytes per element).
+metric_audit_overhead_ratio
+    ``sfdiag run``'s whole in-process machinery (the optimizer watch with its sampled
+    audits and per-step reference norms, the clipping wrappers, the logger taps and the
+    logged-metric audit) on a training step of ``mnist-cnn`` at batch 64 with sf-adamw
+    that logs its grad norm to TensorBoard every step, over the same step without it.
+    Rounds of steps alternate with and without; the first audited steps (all of the first
+    ``AUDIT_FIRST``) are spent in the warm-up, so the sampled audits afterwards count at
+    their real rate.
 cli_help_seconds, compare_default_seconds
     ``sfdiag --help`` and ``sfdiag compare`` as subprocesses, medians.
 scaling
@@ -70,6 +78,7 @@ TARGETS = {
     "audit_overhead_ratio": ("<=", 1.10),
     "audit_extra_memory_fraction": ("<=", 0.01),
     "sf_adamw_step_vs_upstream": ("<=", 1.0),
+    "metric_audit_overhead_ratio": ("<=", 1.03),
     "cli_help_seconds": ("<", 0.5),
     "compare_default_seconds": ("<", 5.0),
 }
@@ -83,6 +92,7 @@ FIGURES = (
     "sf_adamw_compiled_step_vs_upstream",
     "sf_adamw_compiled_step_vs_floor",
     "sf_sgd_step_vs_floor",
+    "metric_audit_overhead_ratio",
     "cli_help_seconds",
     "compare_default_seconds",
 )
@@ -313,6 +323,94 @@ def measure_audit_overhead(trainer: Trainer, pairs: int) -> dict[str, Any]:
         "plain_ms": _median_ms(times["plain"]),
         "audited_ms": _median_ms(times["audited"]),
         "runs_each": len(times["plain"]),
+    }
+
+
+class _ListWriter:
+    """Stands in for SummaryWriter where tensorboard is not installed (untapped)."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.values.append(value)
+
+    def close(self) -> None:
+        pass
+
+
+def measure_metric_audit_overhead(settings: Settings) -> dict[str, Any]:
+    """A logged training step with and without ``sfdiag run``'s machinery (module doc)."""
+    import tempfile
+
+    from sfdiag.judge import MetricSelector
+    from sfdiag.run import clipping, taps
+    from sfdiag.run.metrics import MetricAudit
+    from sfdiag.run.watch import AUDIT_FIRST, OptimizerWatch
+
+    torch.manual_seed(0)
+    trainer = Trainer.build(build_model(settings.model), "sf-adamw", settings.batch)
+    params = list(trainer.model.parameters())
+    with tempfile.TemporaryDirectory(prefix="sfdiag-bench-tb-") as logdir:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer: Any = SummaryWriter(logdir)
+            logger = "tensorboard"
+        except ImportError:
+            writer, logger = _ListWriter(), "none (tensorboard is not installed)"
+        counter = [0]
+
+        def logged_steps(count: int) -> float:
+            start = time.perf_counter()
+            for _ in range(count):
+                trainer.optimizer.zero_grad(set_to_none=True)
+                trainer._loss().backward()
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+                writer.add_scalar("train/grad_norm", float(norm), counter[0])
+                trainer.optimizer.step()
+                counter[0] += 1
+            return (time.perf_counter() - start) / count
+
+        clips = clipping.ClipLog()
+        watch = OptimizerWatch(clips=clips)
+        audit = MetricAudit(watch, MetricSelector())
+        watch.on_step = audit.on_step
+
+        def audited_steps(count: int) -> float:
+            watch.install()
+            undo_clips = clipping.install(clips, audit.is_active)
+            remove_taps = taps.install_all(audit)
+            try:
+                return logged_steps(count)
+            finally:
+                watch.remove()
+                undo_clips.undo()
+                remove_taps()
+
+        per_round = 5
+        audited_steps(AUDIT_FIRST + 5)  # the every-step audits of the first steps
+        times = interleaved(
+            {
+                "plain": lambda: logged_steps(per_round),
+                "audited": lambda: audited_steps(per_round),
+            },
+            max(2, settings.overhead_pairs // 2),
+            warmup=1,
+        )
+        writer.close()
+    metrics = audit.finish()
+    return {
+        "ratio": _ratio(times["audited"], times["plain"]),
+        "paired_ratio": _paired_ratio(times["audited"], times["plain"]),
+        "plain_ms": _median_ms(times["plain"]),
+        "audited_ms": _median_ms(times["audited"]),
+        "steps_each": len(times["plain"]) * per_round,
+        "model": settings.model,
+        "batch": settings.batch,
+        "optimizer": "sf-adamw",
+        "logger": logger,
+        "metrics_judged": {m.name: (m.verdict, m.steps_judged) for m in metrics},
     }
 
 
@@ -763,6 +861,11 @@ def collect(settings: Settings, progress: Callable[[str], None] | None = None) -
     out["audit_extra_memory_fraction"] = memory["adamw"]["fraction"]
     out["audit_extra_memory"] = {"model": settings.model, **memory}
 
+    say("metric audit overhead")
+    metric_audit = measure_metric_audit_overhead(settings)
+    out["metric_audit_overhead_ratio"] = metric_audit["ratio"]
+    out["metric_audit_overhead"] = metric_audit
+
     say("optimizer steps")
     sf = measure_sf_adamw_step(settings)
     out["sf_adamw_step_vs_upstream"] = sf.get("vs_release")
@@ -853,6 +956,12 @@ def render(figures: dict[str, Any]) -> str:
             f"{o['audited_ms']:.2f} ms/step (x{o['ratio']:.3f}); peak {mem['peak_bytes']} B "
             f"= {mem['fraction']:.4f} of {mem['param_bytes']} B of parameters"
         )
+    ma = figures["metric_audit_overhead"]
+    lines.append(
+        f"sfdiag run machinery, {ma['model']} batch {ma['batch']}, {ma['optimizer']}, a grad "
+        f"norm logged every step ({ma['logger']}): {ma['plain_ms']:.2f} -> "
+        f"{ma['audited_ms']:.2f} ms/step (x{ma['ratio']:.3f}, paired x{ma['paired_ratio']:.3f})"
+    )
     sf = figures["sf_adamw_step"]
     ms = ", ".join(f"{k} {v:.1f}" for k, v in sf["ms"].items())
     lines.append(

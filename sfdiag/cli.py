@@ -276,30 +276,60 @@ def check(
     raise typer.Exit(code)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+# Options end at the first word that is not one (or at --): the rest is the script's, so
+# ``sfdiag run python t.py --strict`` hands --strict to the script, and a misspelt option
+# before the script is a usage error instead of a script name.
+@app.command(context_settings={"allow_extra_args": True, "allow_interspersed_args": False})
 def run(
     ctx: typer.Context,
     report: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option("--report", help="also write the JSON report to FILE"),
     ] = None,
-    strict: StrictOpt = False,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict",
+            help="exit 1 when a logged gradient metric is wrong (or, where the script logs "
+            "none, when an optimizer is flagged)",
+        ),
+    ] = False,
+    metric: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(
+            "--metric",
+            help="also judge logged metrics with this name (a glob; repeatable) as gradient norms",
+            metavar="NAME",
+        ),
+    ] = None,
+    metric_rtol: Annotated[
+        float,
+        typer.Option("--metric-rtol", help="relative tolerance for a logged value to match"),
+    ] = 1e-3,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Run a training script, auditing every optimizer it builds.
+    """Run a training script: audit every optimizer it steps and every gradient metric it logs.
 
     \b
-      sfdiag run [--report FILE] [--strict] -- python script.py ARGS...
+      sfdiag run [OPTIONS] -- python script.py ARGS...
 
     The script runs as python would run it; its exit code passes through, unless
-    --strict finds a flagged optimizer. The verdict table goes to stderr.
+    --strict fails the run. The verdict tables go to stderr.
     """
-    from sfdiag.runner import run_script
+    from sfdiag.run import RunOptions, run_script
 
     with _guard(debug):
-        code = run_script(list(ctx.args), report=report, strict=strict, force=force, quiet=quiet)
+        options = RunOptions(
+            report=report,
+            strict=strict,
+            force=force,
+            quiet=quiet,
+            metrics=tuple(metric or ()),
+            metric_rtol=metric_rtol,
+        )
+        code = run_script(list(ctx.args), options)
     raise typer.Exit(code)
 
 

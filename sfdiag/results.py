@@ -14,6 +14,20 @@ SCHEMA_VERSION = 1
 
 VERDICTS = ("clean", "mutated", "replaced", "cleared", "error")
 
+#: a logged metric's verdicts, best first (the order also settles a value that fits several
+#: references at once, and a metric's verdict is its worst step's)
+METRIC_VERDICTS = (
+    "correct",
+    "clipped",
+    "local-shard",
+    "next-step",
+    "base-lr",
+    "post-step",
+    "unmatched",
+)
+#: the metric verdicts that fail ``sfdiag run --strict``
+WRONG_METRIC_VERDICTS = frozenset({"local-shard", "next-step", "base-lr", "post-step", "unmatched"})
+
 
 def _num(value: float | None) -> float | str | None:
     """JSON has no NaN/Inf: write them as the strings "nan", "inf", "-inf"."""
@@ -117,6 +131,70 @@ class OptimizerResult:
 
 
 @dataclass(frozen=True)
+class MetricExample:
+    """One judged step of a logged metric, with the references it was judged against."""
+
+    step: int
+    logged: float
+    pre_clip: float | None
+    pre_step: float
+    post_step: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "logged": _num(self.logged),
+            "pre_clip": _num(self.pre_clip),
+            "pre_step": _num(self.pre_step),
+            "post_step": _num(self.post_step),
+        }
+
+
+@dataclass(frozen=True)
+class MetricResult:
+    """A metric the script logged (``sfdiag run``), judged at every step it was logged."""
+
+    name: str
+    quantity: str  # grad_norm
+    logger: str  # tensorboard | wandb | mlflow | lightning | transformers
+    optimizer: str | None  # the label of the optimizer whose step it belongs to
+    steps_judged: int
+    verdict: str  # see sfdiag.judge.METRIC_VERDICTS
+    matches: str | None  # the reference the worst step equals: pre-clip, pre-step, ...
+    logged_median: float
+    true_median: float
+    ratio: float  # logged_median / true_median
+    advice: str | None = None
+    examples: tuple[MetricExample, ...] = ()
+    scope: str | None = None  # the parameter or module it measures; None: the whole model
+    nearest: str | None = None  # unmatched: the closest reference
+    nearest_ratio: float | None = None  # unmatched: logged / that reference
+
+    @property
+    def wrong(self) -> bool:
+        return self.verdict in WRONG_METRIC_VERDICTS
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "quantity": self.quantity,
+            "logger": self.logger,
+            "optimizer": self.optimizer,
+            "scope": self.scope,
+            "steps_judged": self.steps_judged,
+            "verdict": self.verdict,
+            "matches": self.matches,
+            "logged_median": _num(self.logged_median),
+            "true_median": _num(self.true_median),
+            "ratio": _num(self.ratio),
+            "nearest": self.nearest,
+            "nearest_ratio": _num(self.nearest_ratio),
+            "advice": self.advice,
+            "examples": [e.to_dict() for e in self.examples],
+        }
+
+
+@dataclass(frozen=True)
 class ProbeReport:
     config: dict[str, Any]
     results: tuple[OptimizerResult, ...]
@@ -124,10 +202,16 @@ class ProbeReport:
     torch_version: str
     interrupted: bool = False  # Ctrl-C: results holds the rows finished so far
     timing: dict[str, float] = field(default_factory=dict)
+    # ``sfdiag run`` only (None in a probe): the gradient metrics the script logged
+    metrics: tuple[MetricResult, ...] | None = None
 
     @property
     def any_flagged(self) -> bool:
         return any(r.flagged for r in self.results)
+
+    @property
+    def any_wrong_metric(self) -> bool:
+        return any(m.wrong for m in self.metrics or ())
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -137,6 +221,8 @@ class ProbeReport:
             "config": self.config,
             "results": [r.to_dict() for r in self.results],
         }
+        if self.metrics is not None:
+            out["metrics"] = [m.to_dict() for m in self.metrics]
         if self.interrupted:
             out["interrupted"] = True
         if self.timing:

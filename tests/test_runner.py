@@ -15,7 +15,7 @@ from conftest import cli_env
 
 from sfdiag.audit import class_path
 from sfdiag.errors import SfdiagError
-from sfdiag.runner import (
+from sfdiag.run import (
     AUDIT_EVERY,
     AUDIT_FIRST,
     AUDIT_MAX,
@@ -229,7 +229,7 @@ def test_exit_codes_as_python_gives_them(tmp_path, capsys, body, code, stderr_ha
     if stderr_has:
         assert stderr_has in err
     if "raise" in body:  # the script's traceback, without sfdiag's or runpy's frames
-        assert str(script) in err and "runner.py" not in err and "runpy" not in err
+        assert str(script) in err and "launch.py" not in err and "runpy" not in err
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from sfdiag.baseline import CheckResult, Difference
-    from sfdiag.results import OptimizerResult, ProbeReport
+    from sfdiag.results import MetricResult, OptimizerResult, ProbeReport
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 SPARK_BAD = "!"  # a step whose post/pre ratio is nan or inf
@@ -181,7 +181,47 @@ def summary_line(report: ProbeReport) -> str:
     line = f"{flagged} of {total} {noun} flagged"
     if errors:
         line += f" ({errors} error{'s' if errors != 1 else ''})"
+    if report.metrics is not None:
+        line += "; " + metrics_summary(report.metrics)
     return line
+
+
+# -- logged metrics (sfdiag run) -------------------------------------------------------
+
+
+def metrics_summary(metrics: Sequence[MetricResult]) -> str:
+    """``2 logged gradient metrics: 1 correct, 1 post-step (wrong)``."""
+    from sfdiag.results import METRIC_VERDICTS, WRONG_METRIC_VERDICTS
+
+    if not metrics:
+        return "no gradient metric logged"
+    counts = {v: sum(m.verdict == v for m in metrics) for v in METRIC_VERDICTS}
+    parts = [
+        f"{n} {v}" + (" (wrong)" if v in WRONG_METRIC_VERDICTS else "")
+        for v, n in counts.items()
+        if n
+    ]
+    noun = "metric" if len(metrics) == 1 else "metrics"
+    return f"{len(metrics)} logged gradient {noun}: {', '.join(parts)}"
+
+
+def metric_sentence(metric: MetricResult) -> str | None:
+    """What is wrong with a logged metric and where to read it instead; None if right."""
+    if metric.verdict == "correct" or not metric.advice:
+        return None
+    # the advice starts with the metric's name: no capital put on it
+    advice = " ".join(metric.advice.split()).rstrip(".")
+    return f"{metric.verdict} ({metric.logger}): {advice}."
+
+
+def metric_sentences(report: ProbeReport) -> list[str]:
+    return [s for s in (metric_sentence(m) for m in report.metrics or ()) if s]
+
+
+NO_METRICS_NOTE = (
+    "No gradient metric was logged through TensorBoard, W&B, MLflow, Lightning or "
+    "Transformers (--metric NAME judges a name the pattern misses)."
+)
 
 
 def interrupted_line(report: ProbeReport) -> str | None:

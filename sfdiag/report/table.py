@@ -6,6 +6,7 @@ Rendered into a string, not printed: the CLI decides where it goes. Without
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from io import StringIO
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from sfdiag.baseline import CheckResult
     from sfdiag.report._options import RenderOptions
-    from sfdiag.results import OptimizerResult, ProbeReport
+    from sfdiag.results import MetricResult, OptimizerResult, ProbeReport
 
 DEFAULT_WIDTH = 120
 
@@ -89,15 +90,21 @@ def _cells(report: ProbeReport) -> list[list[tuple[str, str]]]:
 
 
 def _fitting_columns(rows: list[list[tuple[str, str]]], width: int) -> list[int]:
+    return _fitting(_COLUMNS, rows, width)
+
+
+def _fitting(
+    columns: Sequence[tuple[str, bool, int | None]], rows: list[list[tuple[str, str]]], width: int
+) -> list[int]:
     """Indices of the columns to show: drop the least useful until the rest fit."""
     from rich.cells import cell_len
 
     def need(i: int) -> int:
-        header = max(cell_len(line) for line in _COLUMNS[i][0].split("\n"))
+        header = max(cell_len(line) for line in columns[i][0].split("\n"))
         return max([header, *(cell_len(row[i][0]) for row in rows)]) + 2
 
-    keep = list(range(len(_COLUMNS)))
-    droppable = sorted((rank, i) for i, (_, _, rank) in enumerate(_COLUMNS) if rank is not None)
+    keep = list(range(len(columns)))
+    droppable = sorted((rank, i) for i, (_, _, rank) in enumerate(columns) if rank is not None)
     for _, i in droppable:
         if sum(need(k) for k in keep) <= width:
             break
@@ -116,6 +123,60 @@ def _optimizer_table(report: ProbeReport, width: int) -> Any:
     for i in keep:
         header, right, rank = _COLUMNS[i]
         wrap = rank is None  # the kept-at-any-width columns fold; numbers never wrap
+        table.add_column(
+            header,
+            justify="right" if right else "left",
+            no_wrap=not wrap,
+            overflow="fold" if wrap else "ellipsis",
+            min_width=6 if wrap else None,
+        )
+    for row in rows:
+        table.add_row(*(Text(row[i][0], style=row[i][1]) for i in keep))
+    return table
+
+
+_METRIC_COLUMNS = (
+    ("logged metric", False, None),
+    ("logger", False, 2),
+    ("optimizer", False, 1),
+    ("steps\njudged", True, 3),
+    ("logged\n(median)", True, 5),
+    ("true ‖g‖\n(median)", True, 4),
+    ("ratio", True, 6),
+    ("verdict", False, None),
+)
+
+
+def _metric_style(verdict: str) -> str:
+    if verdict == "correct":
+        return _CLEAN
+    return _NOTE if verdict == "clipped" else _FLAGGED
+
+
+def _metric_table(metrics: Sequence[MetricResult], width: int) -> Any:
+    """What the script logged, judged: one row per metric."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    rows = [
+        [
+            (m.name, ""),
+            (m.logger, ""),
+            (m.optimizer or "-", ""),
+            (str(m.steps_judged), ""),
+            (_text.fmt_num(m.logged_median), ""),
+            (_text.fmt_num(m.true_median), ""),
+            (_text.fmt_ratio(m.ratio), ""),
+            (m.verdict, _metric_style(m.verdict)),
+        ]
+        for m in metrics
+    ]
+    keep = _fitting(_METRIC_COLUMNS, rows, width)
+    table = Table(box=box.SIMPLE_HEAVY, header_style="bold", pad_edge=False, collapse_padding=True)
+    for i in keep:
+        header, right, rank = _METRIC_COLUMNS[i]
+        wrap = rank is None
         table.add_column(
             header,
             justify="right" if right else "left",
@@ -170,7 +231,11 @@ def render_report(report: ProbeReport, options: RenderOptions) -> str:
     for result in report.results:
         if options.per_param and result.params:
             console.print(_param_table(result))
-    sentences = _text.advice_sentences(report)
+    if report.metrics:
+        console.print(_metric_table(report.metrics, console.width))
+    elif report.metrics is not None:
+        console.print(Text(_text.NO_METRICS_NOTE, style="dim"), soft_wrap=True)
+    sentences = _text.advice_sentences(report) + _text.metric_sentences(report)
     for sentence in sentences:
         console.print(Text(sentence), soft_wrap=True)  # one line each: greppable in CI logs
     if sentences:

@@ -1,0 +1,437 @@
+"""Pure judgement of the gradient metrics a training script logs.
+
+Logged values and the reference norms ``sfdiag run`` measured at the same optimizer
+step go in; metric verdicts, with advice, come out. No torch here, no I/O: the taps
+and hooks of ``sfdiag.run`` only record.
+
+Which names are gradient metrics: a name whose last ``/``-part reads as a gradient
+norm (``grad_norm``, ``gradient_norm``, ``grad_2.0_norm_total``, ``gnorm``,
+``train/grad_norm``, ``GradNorm``...), or whose part before the last does and whose
+last part names a parameter or module (``grad_2.0_norm/net.0.weight``, Lightning's
+``grad_norm`` dict), plus what ``--metric`` globs add. Losses, learning rates,
+counters and timings are never judged (unless an exact ``--metric`` name asks).
+
+References of one step (CONTRACTS.md): ``pre-clip`` (the norm a clipping call
+measured), ``pre-step`` (the step pre-hook), ``post-clip`` (the pre-step norm, where
+clipping shrank the grads) and ``post-step`` (the post-hook). A value's verdict is the
+first of ``METRIC_VERDICTS`` that fits; a metric's is its worst step's.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+import statistics
+from array import array
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from sfdiag.results import METRIC_VERDICTS, MetricExample, MetricResult
+
+_RANK = {v: i for i, v in enumerate(METRIC_VERDICTS)}
+
+DEFAULT_RTOL = 1e-3
+#: example steps kept per metric in the report
+EXAMPLES = 4
+
+# ---- which names ---------------------------------------------------------------------------
+_GRAD = frozenset({"grad", "grads", "gradient", "gradients"})
+_NORM = frozenset({"norm", "norms"})
+_TWO = frozenset({"2", "2.0", "l2"})
+_ONE_WORD = frozenset({"gnorm", "gradnorm", "gradnorms", "gradientnorm"})
+# words that may stand around the core without changing what is measured
+_FILLER = frozenset(
+    {
+        "train",
+        "training",
+        "total",
+        "global",
+        "model",
+        "full",
+        "overall",
+        "all",
+        "raw",
+        "unclipped",
+        "clipped",
+        "clip",
+        "preclip",
+        "postclip",
+        "pre",
+        "post",
+        "before",
+        "after",
+        "step",
+        "l2",
+        "2",
+        "2.0",
+    }
+)
+# never judged when only a glob picks them: what they measure is not a gradient norm
+_NEVER = frozenset(
+    {
+        "loss",
+        "lr",
+        "learning",
+        "rate",
+        "acc",
+        "accuracy",
+        "epoch",
+        "epochs",
+        "samples",
+        "time",
+        "runtime",
+        "throughput",
+        "flos",
+        "tokens",
+        "perplexity",
+        "ppl",
+    }
+)
+
+
+def _words(part: str) -> list[str]:
+    """``GradNorm`` -> grad, norm; ``grad_2.0_norm_total`` -> grad, 2.0, norm, total."""
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", part).lower()
+    return [w for w in re.split(r"[^a-z0-9.]+|(?<![0-9])\.|\.(?![0-9])", spaced) if w]
+
+
+def is_grad_norm_word(part: str) -> bool:
+    """Whether one ``/``-part of a metric name reads as an L2 gradient norm."""
+    words = _words(part)
+    cores = []
+    for i, w in enumerate(words):
+        if w in _ONE_WORD:
+            cores.append((i, i))
+        elif w in _GRAD:
+            j = i + 1
+            if j < len(words) and words[j] in _TWO:
+                j += 1
+            if j < len(words) and words[j] in _NORM:
+                cores.append((i, j))
+    if len(cores) != 1:
+        return False
+    start, end = cores[0]
+    return all(w in _FILLER for w in words[:start] + words[end + 1 :])
+
+
+@dataclass(frozen=True)
+class MetricSelector:
+    """Which logged names are judged, and against what part of the model.
+
+    ``globs`` are the ``--metric`` arguments (``fnmatch`` patterns, case-sensitive); a
+    name with no wildcard is taken even if it reads as a loss.
+    """
+
+    globs: tuple[str, ...] = ()
+
+    def selects(self, name: str) -> bool:
+        parts = name.split("/")
+        if is_grad_norm_word(parts[-1]):
+            return True
+        if len(parts) >= 2 and is_grad_norm_word(parts[-2]):
+            return True
+        for glob in self.globs:
+            if glob == name:
+                return True
+            if fnmatch.fnmatchcase(name, glob) and not (set(_words(parts[-1])) & _NEVER):
+                return True
+        return False
+
+
+def scope_hint(name: str) -> str | None:
+    """The last part of a name that may name a parameter or module (None: the whole model).
+
+    ``grad_2.0_norm/net.0.weight`` -> ``net.0.weight``; ``train/grad_norm`` -> None.
+    Whether it does name one is up to the caller, who knows the model.
+    """
+    parts = name.split("/")
+    if len(parts) < 2 or is_grad_norm_word(parts[-1]):
+        return None
+    return parts[-1]
+
+
+# ---- one value -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NormReferences:
+    """The true norms of one optimizer step, over the metric's scope (model or parameter)."""
+
+    step: int
+    pre_step: float
+    post_step: float
+    pre_clip: float | None = None  # the norm a clip call measured before clipping
+    clipped: bool = False  # clipping shrank the grads: the pre-step norm is post-clip
+    local_shard: float | None = None  # this rank's shard only (distributed runs)
+
+    @property
+    def true(self) -> float:
+        """The gradient's norm: pre-clip where the script clipped, else pre-step."""
+        return self.pre_clip if self.pre_clip is not None else self.pre_step
+
+    def named(self) -> list[tuple[str, float]]:
+        """Every reference present, by the name ``matches`` uses."""
+        out = []
+        if self.pre_clip is not None:
+            out.append(("pre-clip", self.pre_clip))
+        out.append(("pre-step", self.pre_step))
+        if self.local_shard is not None:
+            out.append(("local-shard", self.local_shard))
+        out.append(("post-step", self.post_step))
+        return out
+
+
+def close(logged: float, reference: float, rtol: float) -> bool:
+    """``logged`` equals ``reference`` to a relative ``rtol``; NaN equals NaN, inf only inf."""
+    if math.isnan(logged) or math.isnan(reference):
+        return math.isnan(logged) and math.isnan(reference)
+    if math.isinf(logged) or math.isinf(reference):
+        return logged == reference
+    return abs(logged - reference) <= rtol * abs(reference)
+
+
+def judge_value(logged: float, refs: NormReferences, rtol: float) -> tuple[str, str | None]:
+    """(verdict, the reference it equals) for one logged value; the first that fits wins."""
+    if refs.pre_clip is not None and close(logged, refs.pre_clip, rtol):
+        return "correct", "pre-clip"
+    if close(logged, refs.pre_step, rtol):
+        # where clipping shrank the grads, the pre-step norm is the clipped one
+        return ("clipped", "post-clip") if refs.clipped else ("correct", "pre-step")
+    if refs.local_shard is not None and close(logged, refs.local_shard, rtol):
+        return "local-shard", "local-shard"
+    if close(logged, refs.post_step, rtol):
+        return "post-step", "post-step"
+    return "unmatched", None
+
+
+def _distance(logged: float, reference: float) -> float:
+    """How far apart on a log scale (inf where either is zero, negative or not finite)."""
+    if logged > 0 and reference > 0 and math.isfinite(logged) and math.isfinite(reference):
+        return abs(math.log(logged / reference))
+    return 0.0 if logged == reference else math.inf
+
+
+@dataclass(frozen=True)
+class JudgedValue:
+    """One logged value, judged against the step it belongs to."""
+
+    step: int
+    optimizer: str
+    logged: float
+    refs: NormReferences
+    verdict: str
+    matches: str | None
+
+    @property
+    def rank(self) -> int:
+        return _RANK[self.verdict]
+
+
+def judge_candidates(
+    logged: float, candidates: Iterable[tuple[str, NormReferences]], rtol: float
+) -> JudgedValue | None:
+    """The best reading of ``logged`` over the steps it may belong to.
+
+    A value logged after ``step()`` belongs to the step that just ran; one logged between
+    backward and ``step()`` to the step about to run. Which of the two is told by the
+    value itself: both are candidates (per optimizer), and the best verdict wins, ties
+    going to the closer reference.
+    """
+    best: tuple[tuple[int, float], JudgedValue] | None = None
+    for optimizer, refs in candidates:
+        verdict, matches = judge_value(logged, refs, rtol)
+        if matches is not None:
+            value = dict(refs.named()).get(matches, refs.pre_step)
+            distance = _distance(logged, value)
+        else:
+            distance = min(_distance(logged, v) for _, v in refs.named())
+        judged = JudgedValue(refs.step, optimizer, logged, refs, verdict, matches)
+        # distances that differ by little are a tie: the earlier candidate keeps it
+        key = (judged.rank, round(distance, 2))
+        if best is None or key < best[0]:
+            best = (key, judged)
+    return best[1] if best is not None else None
+
+
+# ---- a metric over its steps -----------------------------------------------------------------
+def worst(verdicts: Iterable[str]) -> str:
+    return max(verdicts, key=_RANK.__getitem__, default="correct")
+
+
+def nearest(value: JudgedValue) -> tuple[str, float]:
+    """The reference closest to an unmatched value, and logged / reference."""
+    name, ref = min(value.refs.named(), key=lambda item: _distance(value.logged, item[1]))
+    return name, (value.logged / ref if ref else math.inf)
+
+
+def _median(values: Iterable[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return float(statistics.median(kept)) if kept else math.nan
+
+
+@dataclass
+class MetricTally:
+    """One metric's judged steps, in constant memory but for two float arrays: the logged
+    and the true value of every step (for the medians), and the few steps worth showing
+    (the first, the first at each verdict, the last)."""
+
+    logged: array = field(default_factory=lambda: array("d"))
+    true: array = field(default_factory=lambda: array("d"))
+    optimizers: Counter = field(default_factory=Counter)
+    firsts: dict[str, JudgedValue] = field(default_factory=dict)  # verdict -> first value
+    first: JudgedValue | None = None
+    last: JudgedValue | None = None
+
+    def add(self, value: JudgedValue) -> None:
+        self.logged.append(value.logged)
+        self.true.append(value.refs.true)
+        self.optimizers[value.optimizer] += 1
+        self.firsts.setdefault(value.verdict, value)
+        if self.first is None:
+            self.first = value
+        self.last = value
+
+    @property
+    def count(self) -> int:
+        return len(self.logged)
+
+    @property
+    def verdict(self) -> str:
+        return worst(self.firsts)
+
+    def examples(self, keep: int = EXAMPLES) -> tuple[MetricExample, ...]:
+        """The first step, the first at the worst verdict, the first at each other verdict,
+        the last: at most ``keep``, in step order."""
+        if self.first is None or self.last is None:
+            return ()
+        by_rank = sorted(self.firsts.values(), key=lambda v: -v.rank)
+        chosen = {id(self.first): self.first, id(self.last): self.last}
+        for value in by_rank:
+            if len(chosen) >= keep:
+                break
+            chosen.setdefault(id(value), value)
+        ordered = sorted(chosen.values(), key=lambda v: (v.step, v is self.last))
+        return tuple(
+            MetricExample(
+                step=v.step,
+                logged=v.logged,
+                pre_clip=v.refs.pre_clip,
+                pre_step=v.refs.pre_step,
+                post_step=v.refs.post_step,
+            )
+            for v in ordered
+        )
+
+
+def _squared(value: JudgedValue, rtol: float) -> str | None:
+    """The name of a reference whose square the logged value is, if any."""
+    for name, ref in value.refs.named():
+        if ref > 0 and close(value.logged, ref * ref, rtol):
+            return name
+    return None
+
+
+def summarize_metric(
+    name: str,
+    logger: str,
+    tally: MetricTally,
+    *,
+    rtol: float = DEFAULT_RTOL,
+    scope: str | None = None,
+) -> MetricResult:
+    """A metric over every step it was judged at: worst verdict, medians, examples, advice."""
+    verdict = tally.verdict
+    at_worst = tally.firsts.get(verdict)
+    optimizer = tally.optimizers.most_common(1)[0][0] if tally.optimizers else None
+    logged_median = _median(tally.logged)
+    true_median = _median(tally.true)
+    if true_median == 0:
+        ratio = 1.0 if logged_median == 0 else math.inf
+    else:
+        ratio = logged_median / true_median
+    near = squared = None
+    if at_worst is not None and verdict == "unmatched":
+        near, squared = nearest(at_worst), _squared(at_worst, rtol)
+    return MetricResult(
+        name=name,
+        quantity="grad_norm",
+        logger=logger,
+        optimizer=optimizer,
+        scope=scope,
+        steps_judged=tally.count,
+        verdict=verdict,
+        matches=at_worst.matches if at_worst is not None else None,
+        logged_median=logged_median,
+        true_median=true_median,
+        ratio=ratio,
+        nearest=near[0] if near else None,
+        nearest_ratio=near[1] if near else None,
+        advice=metric_advice(verdict, name, logger, optimizer, near=near, squared=squared),
+        examples=tally.examples(),
+    )
+
+
+# ---- advice ----------------------------------------------------------------------------------
+# Where to read a gradient norm instead, by the logger that carried the wrong one.
+_READ_IT_HERE = {
+    "lightning": (
+        "compute it in on_before_optimizer_step "
+        "(lightning.pytorch.utilities.grad_norm(self, norm_type=2))"
+    ),
+    "transformers": (
+        "log the grad_norm Trainer already reports, or read it in a TrainerCallback's "
+        "on_pre_optimizer_step"
+    ),
+}
+_READ_IT_BEFORE_STEP = (
+    "read it between backward() and optimizer.step() (clip_grad_norm_'s return value is "
+    "the gradient's norm), or log sfdiag.GradMonitor(optimizer).last_grad_norm"
+)
+
+
+def metric_advice(
+    verdict: str,
+    name: str,
+    logger: str,
+    optimizer: str | None,
+    *,
+    near: tuple[str, float] | None = None,
+    squared: str | None = None,
+) -> str | None:
+    """One sentence: what the metric is and where to read it instead; None when correct."""
+    where = _READ_IT_HERE.get(logger, _READ_IT_BEFORE_STEP)
+    owner = f"{optimizer}'s " if optimizer else ""
+    if verdict == "correct":
+        return None
+    if verdict == "clipped":
+        return (
+            f"{name} is the norm after clipping (at most max_norm), not the gradient's: "
+            "for the gradient's norm log clip_grad_norm_'s return value"
+        )
+    if verdict == "post-step":
+        return f"{name} is read after {owner}step() changed p.grad: {where}"
+    if verdict == "local-shard":
+        return (
+            f"{name} is this rank's local shard only, not the global norm: use clip_grad_norm_ "
+            "on the sharded parameters, or all-reduce the squared norms"
+        )
+    if verdict == "unmatched":
+        if squared:
+            return f"{name} is the square of the {squared} norm: take its square root"
+        if near is not None:
+            what = f"nearest is the {near[0]} norm at {_ratio_words(near[1])}"
+            return (
+                f"{name} equals none of the step's gradient norms ({what}): check what it computes"
+            )
+        return f"{name} equals none of the step's gradient norms: check what it computes"
+    return f"{name}: {verdict}"
+
+
+def _ratio_words(value: float) -> str:
+    if not math.isfinite(value):
+        return "an infinite ratio" if math.isinf(value) else "no ratio"
+    return f"{value:.3g}x"
+
+
+def any_wrong(metrics: Iterable[MetricResult]) -> bool:
+    return any(m.wrong for m in metrics)

@@ -1,0 +1,196 @@
+"""``sfdiag run``: an unmodified training script, its optimizers and logged metrics audited.
+
+The script runs in this process, as ``python`` would run it (``launch``). While it
+runs:
+
+- torch's global optimizer step hooks watch every optimizer that steps (``watch``):
+  the in-place audit on sampled steps, the grad norms around ``step()`` on every step;
+- torch's clipping functions are wrapped to keep the norm they measured (``clipping``);
+- the loggers' public calls are tapped (``taps``) and every gradient metric the script
+  logs is judged against the norms of the step it belongs to (``metrics``,
+  ``sfdiag.judge``).
+
+When it ends, the verdict tables go to **stderr** (the script's stdout stays exactly
+what it printed) and the JSON report to ``--report`` (atomically; the path is checked
+before the script starts). Exit code: the script's own, except that ``--strict``
+turns 0 into 1 when a logged gradient metric is wrong, or, where the script logs no
+gradient metric, when an optimizer is flagged. A script that ends the process itself
+(``os._exit``) leaves no report.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sfdiag import __version__
+from sfdiag.errors import SfdiagError
+from sfdiag.run.launch import EXIT_INTERRUPTED, Target, parse_command
+from sfdiag.run.watch import AUDIT_EVERY, AUDIT_FIRST, AUDIT_MAX, audited
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sfdiag.results import MetricResult, OptimizerResult, ProbeReport
+
+__all__ = [
+    "AUDIT_EVERY",
+    "AUDIT_FIRST",
+    "AUDIT_MAX",
+    "EXIT_INTERRUPTED",
+    "RunOptions",
+    "Target",
+    "audited",
+    "gate",
+    "parse_command",
+    "run_script",
+]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What ``sfdiag run`` takes besides the command."""
+
+    report: Path | None = None
+    strict: bool = False
+    force: bool = False
+    quiet: bool = False
+    metrics: tuple[str, ...] = ()  # --metric globs: names the gradient-norm pattern misses
+    metric_rtol: float = 1e-3
+
+    def validate(self) -> RunOptions:
+        import math
+
+        rtol = self.metric_rtol
+        if isinstance(rtol, bool) or not isinstance(rtol, (int, float)):
+            raise SfdiagError(f"--metric-rtol: expected a number, got {rtol!r}")
+        if not (math.isfinite(rtol) and 0 < rtol < 1):
+            raise SfdiagError(f"--metric-rtol: must be > 0 and < 1, got {rtol!r}")
+        for glob in self.metrics:
+            if not glob or not glob.strip():
+                raise SfdiagError("--metric: an empty name; give a metric name or a glob")
+        return self
+
+
+def gate(report: ProbeReport, *, strict: bool) -> bool:
+    """Whether ``--strict`` fails this run (see the module doc)."""
+    if not strict:
+        return False
+    if report.metrics:
+        return report.any_wrong_metric
+    return report.any_flagged
+
+
+def _metrics_are_right_advice(result: OptimizerResult, metrics: Sequence[MetricResult]) -> str:
+    names = ", ".join(m.name for m in metrics[:3]) + (", ..." if len(metrics) > 3 else "")
+    return (
+        f"the gradient metrics the script logs ({names}) are read before step() and are "
+        "right: the change only matters to code that reads p.grad after step()"
+    )
+
+
+def _with_metric_advice(
+    results: Sequence[OptimizerResult], metrics: Sequence[MetricResult]
+) -> list[OptimizerResult]:
+    """A flagged optimizer whose every logged gradient metric is right gets advice that
+    says so instead of the generic one."""
+    out = []
+    for result in results:
+        own = [m for m in metrics if m.optimizer == result.optimizer]
+        if (
+            result.verdict in ("mutated", "replaced", "cleared")
+            and own
+            and not any(m.wrong for m in own)
+        ):
+            result = replace(result, advice=_metrics_are_right_advice(result, own))
+        out.append(result)
+    return out
+
+
+def run_script(argv: list[str], options: RunOptions | None = None, /, **fields: Any) -> int:
+    """Run ``argv`` (what follows ``--``) with its optimizers and logged metrics audited.
+
+    ``options`` or, instead, its fields as keywords (``report=``, ``strict=``...).
+    Prints the tables on stderr (the script's stdout is left alone), writes the JSON
+    report to ``options.report`` if given, and returns the exit code (see the module
+    doc). Raises SfdiagError before running anything when the command, the options or
+    the report path is unusable.
+    """
+    options = (options or RunOptions(**fields)).validate()
+    from sfdiag import ui
+    from sfdiag.fileio import check_writable, write_atomic
+    from sfdiag.report import RenderOptions, render
+    from sfdiag.run import launch
+
+    target = parse_command(argv)
+    if target.path is not None:
+        launch.check_script(target.path)
+    report_path = options.report
+    if report_path is not None:
+        # absolute: the script may chdir
+        report_path = check_writable(report_path, options.force, what="report").absolute()
+
+    import torch
+
+    from sfdiag.judge import MetricSelector
+    from sfdiag.results import ProbeReport
+    from sfdiag.run import clipping, taps
+    from sfdiag.run.metrics import MetricAudit
+    from sfdiag.run.watch import OptimizerWatch
+
+    clips = clipping.ClipLog()
+    watch = OptimizerWatch(clips=clips)
+    audit = MetricAudit(watch, MetricSelector(tuple(options.metrics)), options.metric_rtol)
+    watch.on_step = audit.on_step
+    started = time.perf_counter()
+    with launch.script_environment(target):
+        if target.module is not None:
+            launch.check_module(target.module)
+        watch.install()
+        clip_patches = clipping.install(clips, audit.is_active)
+        remove_taps = taps.install_all(audit)
+        try:
+            code, interrupted = launch.run_target(target)
+        finally:
+            watch.remove()
+            clip_patches.undo()
+            remove_taps()
+    seconds = time.perf_counter() - started
+    _flush(sys.stdout)
+
+    metrics = audit.finish()
+    result = ProbeReport(
+        config={"command": list(argv)},
+        results=tuple(_with_metric_advice(watch.results(), metrics)),
+        sfdiag_version=__version__,
+        torch_version=torch.__version__,
+        interrupted=interrupted,
+        timing={"seconds": round(seconds, 3)},
+        metrics=metrics,
+    )
+    if result.results or result.metrics:
+        text = render(result, "table", RenderOptions(color=ui.wants_color(sys.stderr)))
+        sys.stderr.write(text if text.endswith("\n") else text + "\n")
+    else:
+        print(f"sfdiag: {target.shown} stepped no optimizer; nothing to audit", file=sys.stderr)
+    if interrupted:
+        ui.note(
+            "sfdiag: the script was interrupted; the rows cover the steps it finished",
+            quiet=options.quiet,
+        )
+    if report_path is not None:
+        write_atomic(report_path, render(result, "json"), force=options.force, what="report")
+        ui.note(f"sfdiag: json report written to {report_path}", quiet=options.quiet)
+    _flush(sys.stderr)
+    if code == 0 and gate(result, strict=options.strict):
+        return 1
+    return code
+
+
+def _flush(stream: Any) -> None:
+    try:
+        stream.flush()
+    except (AttributeError, OSError, ValueError):
+        pass

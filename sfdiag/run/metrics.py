@@ -1,0 +1,201 @@
+"""The logged-metric audit of ``sfdiag run``: what the taps hear, judged at its step.
+
+The taps hand every scalar the script logs to ``MetricAudit.record``. A name the
+selector does not pick costs one dict lookup. A picked one is kept with the step each
+optimizer had last finished; once the next step has finished (so both steps it may
+belong to are known) it is judged against their reference norms (``sfdiag.judge``),
+and only its tally is kept. What is still pending when the script ends is judged
+against what there is.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sfdiag import judge
+from sfdiag.judge import MetricSelector, MetricTally, NormReferences
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sfdiag.results import MetricResult
+    from sfdiag.run.watch import OptimizerWatch, Watched
+
+#: distinct names remembered as picked or not (a script that logs ever-new names must
+#: not grow this without bound: past it, names are looked at afresh each time)
+_NAME_CACHE = 4096
+#: values waiting for their step; past this, the oldest are judged with what there is
+_PENDING_MAX = 4096
+
+
+def as_number(value: Any) -> Any:
+    """A float, a one-element tensor (left on its device: read when judged), or None for
+    anything that is not one number."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    numel = getattr(value, "numel", None)
+    if callable(numel) and hasattr(value, "detach"):  # torch.Tensor
+        try:
+            if numel() != 1:
+                return None
+            if value.device.type == "cpu":
+                return float(value.detach().reshape(()))
+            return value.detach().reshape(()).clone()
+        except Exception:
+            return None
+    size = getattr(value, "size", None)
+    if isinstance(size, int) and size == 1 and hasattr(value, "dtype"):  # numpy
+        try:
+            return float(value.reshape(()) if hasattr(value, "reshape") else value)
+        except Exception:
+            return None
+    return None
+
+
+def _float(value: Any) -> float:
+    return float(value.item()) if hasattr(value, "item") else float(value)
+
+
+@dataclass
+class _Logged:
+    logger: str
+    name: str
+    value: Any  # float or a 0-d tensor
+    after: tuple[int, ...]  # per watched optimizer (by position): its last finished step
+    fresh: tuple[bool, ...]  # per watched optimizer: grads written since that step
+    module: Callable[[], Any] | None  # the module that logged it (Lightning's self)
+
+
+@dataclass
+class MetricAudit:
+    """The sink every tap records into (see the module doc)."""
+
+    watch: OptimizerWatch
+    selector: MetricSelector = field(default_factory=MetricSelector)
+    rtol: float = judge.DEFAULT_RTOL
+    active: bool = True
+    _picked: dict[str, bool] = field(default_factory=dict)
+    _pending: list[_Logged] = field(default_factory=list)
+    _tallies: dict[tuple[str, str], MetricTally] = field(default_factory=dict)
+    _scopes: dict[tuple[str, str], str | None] = field(default_factory=dict)
+    _module_aliases: dict[tuple[int, int], dict[str, tuple[int, ...]]] = field(default_factory=dict)
+
+    # ---- what the taps call -----------------------------------------------------------------
+    def is_active(self) -> bool:
+        return self.active
+
+    def picks(self, name: str) -> bool:
+        picked = self._picked.get(name)
+        if picked is None:
+            picked = self.selector.selects(name)
+            if len(self._picked) < _NAME_CACHE:
+                self._picked[name] = picked
+        return picked
+
+    def record(self, logger: str, items: Iterable[tuple[Any, Any]], module: Any = None) -> None:
+        """Keep the logged (name, value) pairs that are gradient metrics. Never raises."""
+        try:
+            for name, value in items:
+                if not isinstance(name, str) or not self.picks(name):
+                    continue
+                number = as_number(value)
+                if number is None:
+                    continue
+                watched = self.watch.watched
+                after = tuple(w.last_finished for w in watched)
+                fresh = tuple(w.last_finished < 0 or w.has_new_grads() for w in watched)
+                owner = weakref.ref(module) if module is not None else None
+                self._pending.append(_Logged(logger, name, number, after, fresh, owner))
+                if len(self._pending) > _PENDING_MAX:
+                    self._resolve(self._pending.pop(0))
+        except Exception:  # a value we cannot read is not judged; the script goes on
+            pass
+
+    # ---- what the optimizer watch calls ----------------------------------------------------
+    def on_step(self, entry: Watched) -> None:
+        """A step finished: judge what was logged before it (see the module doc)."""
+        if not self._pending:
+            return
+        position = self.watch.watched.index(entry)
+        keep = []
+        for logged in self._pending:
+            after = logged.after[position] if position < len(logged.after) else -1
+            if entry.last_finished > after:
+                self._resolve(logged)
+            else:
+                keep.append(logged)
+        self._pending = keep
+
+    def finish(self) -> tuple[MetricResult, ...]:
+        """Judge what is left; every metric's result, in the order first logged."""
+        self.active = False
+        for logged in self._pending:
+            self._resolve(logged)
+        self._pending = []
+        return tuple(
+            judge.summarize_metric(
+                name, logger, tally, rtol=self.rtol, scope=self._scopes.get((logger, name))
+            )
+            for (logger, name), tally in self._tallies.items()
+            if tally.count
+        )
+
+    # ---- judging --------------------------------------------------------------------------
+    def _resolve(self, logged: _Logged) -> None:
+        try:
+            value = _float(logged.value)
+        except Exception:
+            return
+        candidates: list[tuple[str, NormReferences]] = []
+        scope_name = None
+        hint = judge.scope_hint(logged.name)
+        for position, entry in enumerate(self.watch.watched):
+            after = logged.after[position] if position < len(logged.after) else -1
+            steps = [n for n in entry.recent if n.step >= after]
+            if not steps:
+                continue
+            scope = self._scope(entry, hint, logged.module)
+            if scope is not None:
+                scope_name = hint
+            chosen = [n for n in steps if n.step == after] + [n for n in steps if n.step > after][
+                :1
+            ]
+            if position < len(logged.fresh) and logged.fresh[position]:
+                chosen.reverse()  # logged between backward and step(): the coming step first
+            for norms in chosen:
+                candidates.append((entry.label, entry.references(norms, scope)))
+        judged = judge.judge_candidates(value, candidates, self.rtol)
+        if judged is None:  # no optimizer has stepped: nothing to judge against
+            return
+        key = (logged.logger, logged.name)
+        self._tallies.setdefault(key, MetricTally()).add(judged)
+        self._scopes.setdefault(key, scope_name)
+
+    def _scope(
+        self, entry: Watched, hint: str | None, module: Callable[[], Any] | None
+    ) -> tuple[int, ...] | None:
+        """The parameter indices a name ending in ``hint`` measures; None: the whole model."""
+        if hint is None:
+            return None
+        found = entry.names.aliases.get(hint)
+        if found:
+            return found
+        owner = module() if module is not None else None
+        if owner is None:
+            return None
+        key = (id(owner), id(entry))
+        aliases = self._module_aliases.get(key)
+        if aliases is None:
+            index = {id(p): i for i, p in enumerate(entry.params)}
+            collected: dict[str, set[int]] = {}
+            for name, p in owner.named_parameters():
+                if id(p) in index:
+                    parts = name.split(".")
+                    for end in range(1, len(parts) + 1):
+                        collected.setdefault(".".join(parts[:end]), set()).add(index[id(p)])
+            aliases = {k: tuple(sorted(v)) for k, v in collected.items()}
+            self._module_aliases[key] = aliases
+        return aliases.get(hint)

@@ -1,0 +1,519 @@
+"""Every optimizer a script steps, watched through torch's global step hooks.
+
+Per optimizer instance: a ``StepAuditor`` on the sampled audit steps (the first
+``AUDIT_FIRST``, then every ``AUDIT_EVERY``-th, ``AUDIT_MAX`` in all), and on **every**
+step the per-parameter grad norms just before and just after ``step()``, which the
+logged-metric audit judges against. Those cost one fused ``_foreach_norm`` before the
+step; after it, only the grads whose tensor or version counter moved are read again
+(all of them once an audit step has seen this optimizer change its grads: an edit
+through ``.data`` moves no version counter). The norms stay on the device until a
+logged value needs them; the last few steps are kept.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import types
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from sfdiag.audit import StepAuditor
+    from sfdiag.results import OptimizerResult
+    from sfdiag.run.clipping import ClipCall, ClipLog
+
+# Which steps are audited, per optimizer: a training run may take a million steps, and an
+# audited step costs a few host syncs and a fingerprint fit per changed parameter.
+AUDIT_FIRST = 20  # every one of the first steps
+AUDIT_EVERY = 100  # then every 100th
+AUDIT_MAX = 200  # and no more than this many in all
+
+#: finished steps whose norms are kept per optimizer (a logged value belongs to the step
+#: that just ran or to the next one)
+KEPT_STEPS = 4
+
+
+def audited(step: int, done: int) -> bool:
+    """Whether step ``step`` (0-based) is audited, ``done`` steps having been audited."""
+    return done < AUDIT_MAX and (step < AUDIT_FIRST or step % AUDIT_EVERY == 0)
+
+
+# ---- parameter names, from the modules the training code holds ------------------------------
+def _reference(obj: Any) -> Callable[[], Any]:
+    try:
+        return weakref.ref(obj)
+    except TypeError:  # no weakref slot: keep it alive (it is stepping anyway)
+        return lambda: obj
+
+
+def _modules_near(frame: FrameType | None) -> Iterator[torch.nn.Module]:
+    """nn.Modules the calling code holds: its frames' locals and their attributes."""
+    import torch
+
+    # frames of torch and of sfdiag itself hold no module of the user's
+    sfdiag_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    skip = (os.path.dirname(torch.__file__) + os.sep, sfdiag_dir + os.sep)
+    module_type = torch.nn.Module
+    while frame is not None:
+        if not frame.f_code.co_filename.startswith(skip):
+            for value in list(frame.f_locals.values()):
+                # type(), not isinstance(): isinstance reads __class__, which some objects
+                # (torch.distributed.reduce_op) answer with a warning
+                kind = type(value)
+                if issubclass(kind, module_type):
+                    yield value
+                elif not issubclass(kind, (type, types.ModuleType)):
+                    attrs = _plain_attributes(value)
+                    if attrs is not None and len(attrs) <= 256:
+                        yield from (
+                            v for v in list(attrs.values()) if issubclass(type(v), module_type)
+                        )
+        frame = frame.f_back
+
+
+def _plain_attributes(value: Any) -> dict[str, Any] | None:
+    """``vars(value)`` read without running any code of the object's (no properties, no
+    ``__getattr__``: a module object's lazy attributes would warn or import)."""
+    try:
+        attrs = object.__getattribute__(value, "__dict__")
+    except (AttributeError, TypeError):
+        return None
+    return attrs if isinstance(attrs, dict) else None
+
+
+@dataclass
+class ParamNames:
+    """What the training code calls the optimizer's parameters.
+
+    ``names``: one display name per parameter (``id -> name``), from the module that
+    covers most of them. ``aliases``: every qualified name any module near the code gives a
+    parameter, and every module path above one (``net.0.weight``, ``0.weight``, ``net.0``,
+    ``net``), to the indices of the parameters it covers.
+    """
+
+    names: dict[int, str] = field(default_factory=dict)
+    aliases: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+def param_names(params: list[torch.Tensor], frame: FrameType | None) -> ParamNames:
+    """Best effort names; parameters no module covers are left out (``param{i}``)."""
+    index = {id(p): i for i, p in enumerate(params)}
+    candidates: list[dict[int, str]] = []
+    aliases: dict[str, set[int]] = {}
+    seen: set[int] = set()
+    for module in _modules_near(frame):
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        named = {id(p): n for n, p in module.named_parameters() if id(p) in index}
+        if not named:
+            continue
+        candidates.append(named)
+        for key, name in named.items():
+            parts = name.split(".")
+            for end in range(1, len(parts) + 1):
+                aliases.setdefault(".".join(parts[:end]), set()).add(index[key])
+    candidates.sort(key=len, reverse=True)  # stable: on ties the innermost frame wins
+    names: dict[int, str] = {}
+    used: set[str] = set()
+    for named in candidates:
+        for key, name in named.items():
+            if key not in names and name not in used:
+                names[key] = name
+                used.add(name)
+    return ParamNames(names, {k: tuple(sorted(v)) for k, v in aliases.items()})
+
+
+def _safe_names(params: list[torch.Tensor], frame: FrameType | None) -> ParamNames:
+    try:
+        return param_names(params, frame)
+    except Exception:  # odd objects in the user's frames: fall back to param{i}
+        return ParamNames()
+
+
+# ---- per-step norms -------------------------------------------------------------------------
+def _dense(grad: torch.Tensor) -> torch.Tensor:
+    """The elements whose norm is the grad's: a sparse grad's coalesced values."""
+    import torch
+
+    if grad.layout != torch.strided:
+        return grad.coalesce()._values().detach()
+    return grad.detach()
+
+
+def _norms(grads: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """Per-tensor L2 norms (0 for a missing grad), float32 on the first grad's device; no
+    host sync. None when no grad is present."""
+    import torch
+
+    present = [(i, _dense(g)) for i, g in enumerate(grads) if g is not None]
+    if not present:
+        return None
+    views = [v for _, v in present]
+    device = views[0].device
+    try:  # accumulate in float32 also for half-precision grads
+        norms = torch._foreach_norm(views, 2, dtype=torch.float32)
+    except (TypeError, RuntimeError):
+        norms = [n.float() for n in torch._foreach_norm(views)]
+    stacked = torch.stack([n.to(device) for n in norms])
+    if len(present) == len(grads):
+        return stacked
+    out = torch.zeros(len(grads), dtype=torch.float32, device=device)
+    out[torch.tensor([i for i, _ in present], device=device)] = stacked
+    return out
+
+
+@dataclass
+class StepNorms:
+    """One finished step of one optimizer: per-parameter grad norms around ``step()``."""
+
+    step: int
+    pre: torch.Tensor | None  # [params] float32, on the device; None: no grad at all
+    post: torch.Tensor | None
+    clip: ClipCall | None = None  # the clipping call that preceded this step, if any
+    clipped_indices: frozenset[int] = frozenset()  # the parameters that call covered
+    with_grad: frozenset[int] = frozenset()  # the parameters that had a grad
+    _floats: tuple[list[float], list[float]] | None = None
+
+    def floats(self) -> tuple[list[float], list[float]]:
+        """The norms as Python floats (one transfer for both, the first time)."""
+        if self._floats is None:
+            import torch
+
+            if self.pre is None and self.post is None:
+                self._floats = ([], [])
+            else:
+                ref = self.pre if self.pre is not None else self.post
+                pre = self.pre if self.pre is not None else torch.zeros_like(ref)
+                post = self.post if self.post is not None else torch.zeros_like(ref)
+                pre_l, post_l = torch.stack([pre, post.to(pre.device)]).tolist()
+                self._floats = (pre_l, post_l)
+            self.pre = self.post = None  # the floats are all that is needed from now on
+        return self._floats
+
+
+def _l2(values: list[float], indices: tuple[int, ...] | None) -> float:
+    picked = values if indices is None else [values[i] for i in indices if i < len(values)]
+    return math.sqrt(math.fsum(v * v for v in picked))
+
+
+# ---- one watched optimizer ------------------------------------------------------------------
+@dataclass
+class Watched:
+    label: str
+    cls: str
+    ref: Callable[[], Any]
+    auditor: StepAuditor
+    params: list[torch.Tensor]
+    names: ParamNames
+    elements: int
+    state_bytes_per_element: float | None = None
+    error: str | None = None  # sfdiag itself could not audit this optimizer
+    started: int = 0  # outermost step() calls begun
+    auditing: bool = False  # the step() in progress is audited
+    grads_change: bool = False  # an audited step saw step() change the grads
+    indices: list[int] = field(default_factory=list)  # the step index of each observation
+    recent: deque[StepNorms] = field(default_factory=lambda: deque(maxlen=KEPT_STEPS))
+    last_finished: int = -1  # the index of the last step that finished
+    param_ids: frozenset[int] = frozenset()
+    # the step in progress: its grads as step() received them, their versions, their norms
+    _pre_grads: list[Any] = field(default_factory=list)
+    _pre_versions: list[int] = field(default_factory=list)
+    _pre_norms: torch.Tensor | None = None
+    _pre_taken: bool = False
+    _clip_mark: int = 0  # the clip log's length when the previous step finished
+    # the grads as the last step() left them (weakly held) and their versions
+    _post_refs: list[Any] = field(default_factory=list)
+    _post_versions: list[int] = field(default_factory=list)
+
+    def refresh_params(self) -> list[torch.Tensor]:
+        """The optimizer's parameters (param groups may have grown since the last step)."""
+        optimizer = self.ref()
+        if optimizer is None:
+            return self.params
+        count = sum(len(g["params"]) for g in optimizer.param_groups)
+        if count != len(self.params):
+            from sfdiag.audit import StepAuditor
+
+            self.params = StepAuditor.params_of(optimizer)
+            self.param_ids = frozenset(id(p) for p in self.params)
+        return self.params
+
+    def take_pre(self) -> None:
+        """The grads ``step()`` is given: remember them and their norms (no host sync)."""
+        grads = [p.grad for p in self.params]
+        self._pre_grads = grads
+        self._pre_versions = [g._version if g is not None else 0 for g in grads]
+        self._pre_norms = _norms(grads)
+        self._pre_taken = True
+
+    def take_post(self, clips: ClipLog | None) -> StepNorms | None:
+        """This step's norms after ``step()``; reads only grads that moved (see module doc).
+
+        ``clips``: the clipping calls so far; the last one since the previous step that
+        covered any of this optimizer's parameters (or their grads) belongs to this step.
+        """
+        if not self._pre_taken:
+            return None
+        self._pre_taken = False
+        clip, covered = None, frozenset()
+        if clips is not None and len(clips) > self._clip_mark:
+            ids = set(self.param_ids)
+            ids.update(id(g) for g in self._pre_grads if g is not None)
+            clip = clips.latest_since(self._clip_mark, ids)
+            if clip is not None:
+                covered = frozenset(
+                    i
+                    for i, (p, g) in enumerate(zip(self.params, self._pre_grads, strict=False))
+                    if id(p) in clip.ids or (g is not None and id(g) in clip.ids)
+                )
+        if clips is not None:
+            self._clip_mark = len(clips)
+        with_grad = frozenset(i for i, g in enumerate(self._pre_grads) if g is not None)
+        grads = [p.grad for p in self.params]
+        pre = self._pre_norms
+        if self.grads_change or len(grads) != len(self._pre_grads):
+            post = _norms(grads)
+        else:
+            moved = [
+                i
+                for i, (g, g0, v0) in enumerate(
+                    zip(grads, self._pre_grads, self._pre_versions, strict=True)
+                )
+                if g is not g0 or (g is not None and g._version != v0)
+            ]
+            if not moved:
+                post = pre
+            else:
+                post = _norms(grads) if len(moved) * 2 > len(grads) else _patched(pre, grads, moved)
+        self._pre_grads, self._pre_versions, self._pre_norms = [], [], None
+        self._post_refs = [weakref.ref(g) if g is not None else None for g in grads]
+        self._post_versions = [g._version if g is not None else 0 for g in grads]
+        return StepNorms(self.started - 1, pre, post, clip, covered, with_grad)
+
+    def has_new_grads(self) -> bool:
+        """Whether a grad was written since the last ``step()`` left them (a backward ran:
+        a value logged now belongs to the coming step). Grads set to None are not new."""
+        for p, ref, version in zip(self.params, self._post_refs, self._post_versions, strict=False):
+            g = p.grad
+            if g is not None and (ref is None or ref() is not g or g._version != version):
+                return True
+        return False
+
+    def references(self, norms: StepNorms, scope: tuple[int, ...] | None) -> Any:
+        """The ``NormReferences`` of one step over ``scope`` (parameter indices; None: all)."""
+        from sfdiag.judge import NormReferences
+
+        pre, post = norms.floats()
+        pre_n, post_n = _l2(pre, scope), _l2(post, scope)
+        pre_clip, clipped = None, False
+        clip = norms.clip
+        if clip is not None:
+            coef = clip.coefficient()
+            inside = norms.with_grad if scope is None else frozenset(scope) & norms.with_grad
+            if inside and inside <= norms.clipped_indices:
+                clipped = coef < 1.0
+                if scope is None:  # the norm the clipping call returned
+                    pre_clip = clip.total_float()
+                elif clipped and coef > 0:  # each grad was multiplied by coef
+                    pre_clip = pre_n / coef
+        return NormReferences(
+            step=norms.step, pre_step=pre_n, post_step=post_n, pre_clip=pre_clip, clipped=clipped
+        )
+
+    def result(self) -> OptimizerResult:
+        from sfdiag import snapshot, verdict
+        from sfdiag.results import StepRecord
+
+        optimizer = self.ref()
+        if optimizer is not None and self.elements:
+            self.state_bytes_per_element = round(snapshot.state_bytes(optimizer) / self.elements, 3)
+        observations = self.auditor.observations
+        steps = [
+            StepRecord(i, None, o.pre_norm, o.post_norm, o.params_mutated)
+            for i, o in zip(self.indices, observations, strict=True)
+        ]
+        error = self.error
+        if error is None and not observations and self.started:
+            error = "step() raised before finishing; no step completed"
+        return verdict.summarize(
+            self.label,
+            self.cls,
+            steps,
+            [o.params for o in observations],
+            error=error,
+            state_bytes_per_element=self.state_bytes_per_element,
+        )
+
+
+def _patched(pre: torch.Tensor | None, grads: list[Any], moved: list[int]) -> torch.Tensor | None:
+    """``pre`` with the norms of the ``moved`` grads read again."""
+    import torch
+
+    fresh = _norms([grads[i] for i in moved])
+    if pre is None:
+        return _norms(grads)
+    out = pre.clone()
+    index = torch.tensor(moved, device=out.device)
+    out[index] = fresh.to(out.device) if fresh is not None else 0.0
+    return out
+
+
+# ---- the global hooks ---------------------------------------------------------------------------
+@dataclass
+class OptimizerWatch:
+    """torch's global step hooks, feeding one ``Watched`` per optimizer instance.
+
+    ``on_step`` (if set) is called after each finished step of any optimizer, with the
+    entry that stepped: the logged-metric audit resolves what was logged meanwhile.
+    """
+
+    clips: ClipLog | None = None
+    on_step: Callable[[Watched], None] | None = None
+    watched: list[Watched] = field(default_factory=list)
+    _by_id: dict[int, Watched] = field(default_factory=dict)
+    _counts: dict[str, int] = field(default_factory=dict)
+    _handles: list[Any] = field(default_factory=list)
+
+    def install(self) -> OptimizerWatch:
+        import torch.optim.optimizer as torch_optimizer
+
+        self._handles = [
+            torch_optimizer.register_optimizer_step_pre_hook(self._pre),
+            torch_optimizer.register_optimizer_step_post_hook(self._post),
+        ]
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def results(self) -> list[OptimizerResult]:
+        return [w.result() for w in self.watched]
+
+    def _entry(self, optimizer: Any, frame: FrameType | None) -> Watched:
+        from sfdiag.audit import StepAuditor, class_path
+
+        entry = self._by_id.get(id(optimizer))
+        if entry is not None and entry.ref() is optimizer:
+            return entry
+        name = type(optimizer).__name__
+        self._counts[name] = self._counts.get(name, 0) + 1
+        label = name if self._counts[name] == 1 else f"{name}#{self._counts[name]}"
+        params = StepAuditor.params_of(optimizer)
+        names = _safe_names(params, frame)
+        entry = Watched(
+            label=label,
+            cls=class_path(optimizer),
+            ref=_reference(optimizer),
+            auditor=StepAuditor(names=names.names),
+            params=params,
+            names=names,
+            elements=sum(p.numel() for p in params),
+            param_ids=frozenset(id(p) for p in params),
+        )
+        self.watched.append(entry)
+        self._by_id[id(optimizer)] = entry
+        return entry
+
+    def _pre(self, optimizer: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        from sfdiag.audit import active_steps
+
+        try:
+            entry = self._entry(optimizer, sys._getframe(1))
+            if entry.error is not None or active_steps(optimizer) != 1:
+                return None
+            entry.auditing = audited(entry.started, len(entry.auditor.observations))
+            entry.started += 1
+            entry.refresh_params()
+            closure = _closure_of(args, kwargs)
+            if closure is None:
+                entry.take_pre()
+                if entry.auditing:
+                    entry.auditor.pre_step(optimizer)
+                return None
+            # step(closure) computes the grads inside step(): read them when it returns
+            entry._pre_taken = False
+            if entry.auditing:
+                entry.auditor.pre_step(optimizer)
+
+            def closure_then_take(*a: Any, **k: Any) -> Any:
+                loss = closure(*a, **k)
+                try:
+                    entry.take_pre()
+                    if entry.auditing:
+                        entry.auditor.retake(optimizer)
+                except Exception as exc:
+                    self._give_up(optimizer, exc)
+                return loss
+
+            return _with_closure(args, kwargs, closure_then_take)
+        except Exception as exc:  # never break the user's training because of sfdiag
+            self._give_up(optimizer, exc)
+            return None
+
+    def _post(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
+        from sfdiag.audit import active_steps
+
+        entry = self._by_id.get(id(optimizer))
+        if entry is None or entry.error is not None or active_steps(optimizer) != 1:
+            return
+        import numpy as np
+
+        from sfdiag import snapshot
+
+        try:
+            if entry.auditing:
+                observations = entry.auditor.observations
+                before = len(observations)
+                with np.errstate(all="ignore"):  # fits on odd values must not warn in the script
+                    entry.auditor.post_step(optimizer)
+                if len(observations) > before:  # the outermost step() finished
+                    entry.indices.append(entry.started - 1)
+                    entry.auditing = False
+                    if observations[-1].params_mutated:
+                        entry.grads_change = True
+                    if entry.state_bytes_per_element is None and entry.elements:
+                        entry.state_bytes_per_element = round(
+                            snapshot.state_bytes(optimizer) / entry.elements, 3
+                        )
+            norms = entry.take_post(self.clips)
+            if norms is not None:
+                entry.recent.append(norms)
+                entry.last_finished = norms.step
+        except Exception as exc:
+            self._give_up(optimizer, exc)
+            return
+        if self.on_step is not None:
+            self.on_step(entry)
+
+    def _give_up(self, optimizer: Any, exc: Exception) -> None:
+        entry = self._by_id.get(id(optimizer))
+        if entry is not None and entry.error is None:
+            text = str(exc).strip().splitlines()
+            entry.error = (
+                f"sfdiag could not audit it: {type(exc).__name__}: {text[0] if text else ''}"
+            )
+
+
+def _closure_of(args: tuple, kwargs: dict) -> Callable[..., Any] | None:
+    if len(args) > 1 and callable(args[1]):
+        return args[1]
+    closure = kwargs.get("closure")
+    return closure if callable(closure) else None
+
+
+def _with_closure(args: tuple, kwargs: dict, closure: Callable[..., Any]) -> tuple[tuple, dict]:
+    """The step's (args, kwargs) with its closure replaced."""
+    if len(args) > 1 and callable(args[1]):
+        return (args[0], closure, *args[2:]), kwargs
+    return args, {**kwargs, "closure": closure}

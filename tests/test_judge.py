@@ -1,0 +1,244 @@
+"""sfdiag.judge: which logged names are gradient metrics, and the verdict of each value."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sfdiag import judge
+from sfdiag.judge import (
+    JudgedValue,
+    MetricSelector,
+    MetricTally,
+    NormReferences,
+    is_grad_norm_word,
+    judge_candidates,
+    judge_value,
+    scope_hint,
+    summarize_metric,
+)
+from sfdiag.results import METRIC_VERDICTS, WRONG_METRIC_VERDICTS, MetricResult, ProbeReport
+from sfdiag.run import gate
+
+PICKED = [
+    "grad_norm",
+    "gradient_norm",
+    "grad_2.0_norm_total",
+    "gnorm",
+    "train/grad_norm",
+    "GradNorm",
+    "gradNorm",
+    "grad-norm",
+    "total_grad_norm",
+    "global_grad_norm",
+    "grad_norm_total",
+    "grad_l2_norm",
+    "grads_norm",
+    "train/grad_norm_step",
+    "grad_norm_clipped",
+    "grad_norm_before_clip",
+    "model/gradient_norm",
+    "grad_2.0_norm/net.0.weight",  # a parameter (or module) after a grad-norm part
+    "grad_norm/encoder",
+]
+NOT_PICKED = [
+    "loss",
+    "train/loss",
+    "lr",
+    "learning_rate",
+    "epoch",
+    "grad_1.0_norm_total",  # an L1 norm is no L2 norm
+    "grad_inf_norm_total",
+    "param_norm",
+    "weight_norm",
+    "update_norm",
+    "grad_norm_ratio",
+    "grad_norm_epoch",  # Lightning's epoch mean
+    "grad_norm_sq",
+    "grad",
+    "norm",
+    "gradient_norm_mean",
+    "grad_norm/encoder/extra",
+    "",
+]
+
+
+@pytest.mark.parametrize("name", PICKED)
+def test_the_pattern_picks_gradient_norm_names(name):
+    assert MetricSelector().selects(name)
+
+
+@pytest.mark.parametrize("name", NOT_PICKED)
+def test_the_pattern_leaves_other_names_alone(name):
+    assert not MetricSelector().selects(name)
+
+
+def test_globs_add_names_but_never_losses_or_rates():
+    selector = MetricSelector(("clip_*", "*/norm_of_grads", "train/*"))
+    assert selector.selects("clip_total")
+    assert selector.selects("model/norm_of_grads")
+    assert selector.selects("train/anything")
+    assert not selector.selects("train/loss")  # a glob never picks a loss...
+    assert not selector.selects("train/lr")
+    assert MetricSelector(("train/loss",)).selects("train/loss")  # ...an exact name does
+    assert not MetricSelector(("Clip_*",)).selects("clip_total")  # case-sensitive, like names
+
+
+def test_scope_hints():
+    assert scope_hint("grad_2.0_norm/net.0.weight") == "net.0.weight"
+    assert scope_hint("train/grad_norm") is None
+    assert scope_hint("grad_norm") is None
+    assert is_grad_norm_word("grad_2.0_norm_total")
+    assert not is_grad_norm_word("grad_norm_grad_norm")  # two cores: not one metric
+
+
+# ---- one value ----------------------------------------------------------------------------
+def refs(pre=1.0, post=1.0, pre_clip=None, clipped=False, local=None, step=0) -> NormReferences:
+    return NormReferences(
+        step=step,
+        pre_step=pre,
+        post_step=post,
+        pre_clip=pre_clip,
+        clipped=clipped,
+        local_shard=local,
+    )
+
+
+@pytest.mark.parametrize(
+    ("logged", "references", "verdict", "matches"),
+    [
+        (2.0, refs(pre=2.0, post=600.0), "correct", "pre-step"),
+        (600.0, refs(pre=2.0, post=600.0), "post-step", "post-step"),
+        (4.0, refs(pre=2.0, post=600.0), "unmatched", None),
+        (9.0, refs(pre=1.0, post=1.0, pre_clip=9.0, clipped=True), "correct", "pre-clip"),
+        (1.0, refs(pre=1.0, post=1.0, pre_clip=9.0, clipped=True), "clipped", "post-clip"),
+        # clipping that did not bite: the pre-step norm is the gradient's
+        (0.5, refs(pre=0.5, post=0.5, pre_clip=0.5000001), "correct", "pre-clip"),
+        (0.5, refs(pre=0.5, post=0.5, pre_clip=0.51, clipped=False), "correct", "pre-step"),
+        # a clean optimizer: post == pre, and correct comes first
+        (3.0, refs(pre=3.0, post=3.0), "correct", "pre-step"),
+        (0.7, refs(pre=1.0, post=5.0, local=0.7), "local-shard", "local-shard"),
+        (1.0005, refs(pre=1.0, post=5.0), "correct", "pre-step"),  # within 1e-3
+        (1.002, refs(pre=1.0, post=5.0), "unmatched", None),
+        (0.0, refs(pre=0.0, post=0.0), "correct", "pre-step"),
+        (math.nan, refs(pre=math.nan, post=math.nan), "correct", "pre-step"),
+        (math.nan, refs(pre=1.0, post=2.0), "unmatched", None),
+        (math.inf, refs(pre=math.inf, post=1.0), "correct", "pre-step"),
+    ],
+)
+def test_judge_value(logged, references, verdict, matches):
+    assert judge_value(logged, references, 1e-3) == (verdict, matches)
+
+
+def test_rtol_is_honoured():
+    assert judge_value(1.01, refs(pre=1.0, post=9.0), 0.02)[0] == "correct"
+    assert judge_value(1.01, refs(pre=1.0, post=9.0), 1e-3)[0] == "unmatched"
+
+
+def test_candidates_best_verdict_wins_and_ties_keep_the_first():
+    before = refs(pre=1.0, post=300.0, step=4)
+    after = refs(pre=2.0, post=500.0, step=5)
+    best = judge_candidates(300.0, [("opt", before), ("opt", after)], 1e-3)
+    assert (best.step, best.verdict) == (4, "post-step")
+    best = judge_candidates(2.0, [("opt", before), ("opt", after)], 1e-3)
+    assert (best.step, best.verdict) == (5, "correct")
+    # clipped to max_norm at both steps: a tie, the first candidate keeps it
+    a = refs(pre=0.5, post=0.5, pre_clip=7.0, clipped=True, step=1)
+    b = refs(pre=0.5, post=0.5, pre_clip=9.0, clipped=True, step=2)
+    assert judge_candidates(0.5, [("o", b), ("o", a)], 1e-3).step == 2
+    assert judge_candidates(0.5, [("o", a), ("o", b)], 1e-3).step == 1
+    assert judge_candidates(1.0, [], 1e-3) is None
+
+
+# ---- a metric over its steps -------------------------------------------------------------
+def tally_of(values: list[tuple[int, float, NormReferences]]) -> MetricTally:
+    tally = MetricTally()
+    for step, logged, r in values:
+        verdict, matches = judge_value(logged, r, 1e-3)
+        tally.add(JudgedValue(step, "AdamW", logged, r, verdict, matches))
+    return tally
+
+
+def test_a_metric_is_its_worst_step():
+    values = [(s, 1.0, refs(pre=1.0, post=80.0, step=s)) for s in range(10)]
+    values[6] = (6, 80.0, refs(pre=1.0, post=80.0, step=6))
+    result = summarize_metric("grad_norm", "tensorboard", tally_of(values))
+    assert result.verdict == "post-step" and result.matches == "post-step"
+    assert result.steps_judged == 10 and result.optimizer == "AdamW"
+    assert result.logged_median == 1.0 and result.true_median == 1.0 and result.ratio == 1.0
+    assert [e.step for e in result.examples] == [0, 6, 9]
+    assert result.wrong and "after" in result.advice
+
+
+def test_examples_are_few_and_in_step_order():
+    verdict_cycle = [1.0, 80.0, 5.0]  # correct, post-step, unmatched
+    values = [
+        (s, verdict_cycle[i % 3], refs(pre=1.0, post=80.0, step=s))
+        for i, s in enumerate(range(0, 3000, 3))
+    ]
+    tally = tally_of(values)
+    examples = tally.examples()
+    assert 1 < len(examples) <= judge.EXAMPLES
+    assert [e.step for e in examples] == sorted(e.step for e in examples)
+    assert examples[0].step == 0 and examples[-1].step == values[-1][0]
+    assert tally.verdict == "unmatched"
+
+
+def test_unmatched_says_the_nearest_and_spots_a_square():
+    squares = [(s, 4.0, refs(pre=2.0, post=200.0, step=s)) for s in range(3)]
+    result = summarize_metric("grad_norm", "wandb", tally_of(squares))
+    assert result.verdict == "unmatched" and result.matches is None
+    assert result.nearest == "pre-step" and result.nearest_ratio == pytest.approx(2.0)
+    assert "square of the pre-step norm" in result.advice
+    halves = [(s, 1.0, refs(pre=2.0, post=200.0, step=s)) for s in range(3)]
+    result = summarize_metric("grad_norm", "wandb", tally_of(halves))
+    assert result.nearest_ratio == pytest.approx(0.5) and "0.5x" in result.advice
+
+
+@pytest.mark.parametrize("logger", ["lightning", "transformers", "tensorboard"])
+def test_post_step_advice_names_where_to_read_it(logger):
+    values = [(0, 80.0, refs(pre=1.0, post=80.0))]
+    advice = summarize_metric("gn", logger, tally_of(values)).advice
+    expected = {
+        "lightning": "on_before_optimizer_step",
+        "transformers": "on_pre_optimizer_step",
+        "tensorboard": "GradMonitor",
+    }[logger]
+    assert expected in advice
+
+
+def test_the_verdict_vocabulary_matches_the_contract():
+    assert METRIC_VERDICTS[0] == "correct" and METRIC_VERDICTS[-1] == "unmatched"
+    assert WRONG_METRIC_VERDICTS == set(METRIC_VERDICTS) - {"correct", "clipped"}
+
+
+# ---- the --strict gate of sfdiag run -------------------------------------------------------
+def _metric(verdict: str) -> MetricResult:
+    return MetricResult("grad_norm", "grad_norm", "tensorboard", "AdamW", 3, verdict, None, 1, 1, 1)
+
+
+def _report(flagged: bool, metrics) -> ProbeReport:
+    from sfdiag.results import OptimizerResult
+
+    row = OptimizerResult("AdamW", "torch.optim:AdamW", "mutated" if flagged else "clean")
+    return ProbeReport({}, (row,), "0", "0", metrics=metrics)
+
+
+@pytest.mark.parametrize(
+    ("flagged", "metrics", "fails"),
+    [
+        (True, (), True),  # no gradient metric logged: a flagged optimizer fails
+        (True, None, True),
+        (False, (), False),
+        (True, ("correct", "clipped"), False),  # the user's numbers are right
+        (False, ("correct", "post-step"), True),
+        (False, ("unmatched",), True),
+        (False, ("local-shard",), True),
+    ],
+)
+def test_strict_gate(flagged, metrics, fails):
+    found = None if metrics is None else tuple(_metric(v) for v in metrics)
+    report = _report(flagged, found)
+    assert gate(report, strict=True) is fails
+    assert gate(report, strict=False) is False

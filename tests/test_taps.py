@@ -1,0 +1,189 @@
+"""The taps on real clients: Lightning, the Hugging Face Trainer, W&B offline, MLflow's
+local store and tensorboardX, each driven by ``sfdiag run`` in a subprocess (so the
+packages are imported after the taps wait for them, as in a user's run).
+
+The cases start together (each imports its framework, seconds apiece) and are read by
+the tests below.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import cli_env
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+CLIENTS = REPO / "tests" / "clients"
+
+NEEDS = {
+    "lightning": ("lightning",),
+    "lightning-clip": ("lightning",),
+    "hf": ("transformers", "accelerate", "schedulefree"),
+    "hf-clip": ("transformers", "accelerate"),
+    "loggers": ("wandb", "mlflow", "tensorboardX"),
+    "none": (),
+}
+
+
+def _installed(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+@dataclass
+class Done:
+    code: int
+    stdout: str
+    stderr: str
+    report: dict
+
+    def metrics(self) -> dict[str, dict]:
+        return {m["name"]: m for m in self.report.get("metrics", [])}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Done]:
+    tmp = tmp_path_factory.mktemp("taps")
+    commands = {
+        "lightning": ["lightning_grad_norms.py", "{out}"],
+        "lightning-clip": [
+            "lightning_grad_norms.py",
+            "{out}",
+            "--clip",
+            "0.05",
+            "--optimizer",
+            "adamw",
+        ],
+        "hf": ["hf_trainer.py", "{out}"],
+        "hf-clip": ["hf_trainer.py", "{out}", "adamw_torch", "0.01"],
+        "loggers": ["wandb_mlflow_tbx.py", "{out}"],
+        "none": ["no_loggers.py"],
+    }
+    env = cli_env(
+        MLFLOW_ALLOW_FILE_STORE="true",
+        WANDB_SILENT="true",
+        WANDB_MODE="offline",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONWARNINGS="ignore",
+    )
+    procs = {}
+    for name, (script, *args) in commands.items():
+        if not all(_installed(n) for n in NEEDS[name]):
+            continue
+        out = tmp / name
+        out.mkdir()
+        argv = [a.replace("{out}", str(out)) for a in args]
+        procs[name] = (
+            out,
+            subprocess.Popen(
+                [sys.executable, "-m", "sfdiag", "run", "--strict", "--report"]
+                + [str(out / "report.json"), "--", "python", str(CLIENTS / script), *argv],
+                cwd=out,
+                env={**env, "WANDB_DIR": str(out)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+        )
+    done = {}
+    for name, (out, proc) in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        report_file = out / "report.json"
+        report = json.loads(report_file.read_text()) if report_file.exists() else {}
+        done[name] = Done(proc.returncode, stdout, stderr, report)
+    return done
+
+
+def get(runs: dict[str, Done], name: str) -> Done:
+    if name not in runs:
+        pytest.skip(f"needs {', '.join(NEEDS[name])}")
+    return runs[name]
+
+
+def test_lightning_grad_norm_hook_is_right_and_batch_end_is_post_step(runs):
+    done = get(runs, "lightning")
+    assert done.code == 1, done.stderr  # --strict: a post-step metric
+    metrics = done.metrics()
+    assert {m["logger"] for m in metrics.values()} == {"lightning"}  # no TensorBoard duplicates
+    total = metrics["grad_2.0_norm_total"]
+    assert (total["verdict"], total["scope"], total["steps_judged"]) == ("correct", None, 16)
+    for name in ("net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"):
+        metric = metrics[f"grad_2.0_norm/{name}"]
+        assert (metric["verdict"], metric["scope"]) == ("correct", name)
+    after = metrics["after_step/grad_norm"]
+    assert (after["verdict"], after["matches"]) == ("post-step", "post-step")
+    assert "on_before_optimizer_step" in after["advice"]
+    assert "train_loss" not in metrics
+    (row,) = done.report["results"]
+    assert (row["verdict"], row["fingerprint"]) == ("mutated", "adam-normalized")
+
+
+def test_lightning_clipping_is_seen_through(runs):
+    done = get(runs, "lightning-clip")
+    metrics = done.metrics()
+    total = metrics["grad_2.0_norm_total"]  # logged before Lightning clips
+    assert (total["verdict"], total["matches"]) == ("correct", "pre-clip")
+    weight = metrics["grad_2.0_norm/net.0.weight"]
+    assert (weight["verdict"], weight["matches"]) == ("correct", "pre-clip")
+    after = metrics["after_step/grad_norm"]  # AdamW leaves grads alone: the clipped norm
+    assert (after["verdict"], after["matches"]) == ("clipped", "post-clip")
+    assert after["logged_median"] == pytest.approx(0.05, rel=1e-3)
+    assert done.code == 0, done.stderr  # clipped is a note
+
+
+def test_hf_trainer_grad_norm_is_right_with_schedule_free(runs):
+    done = get(runs, "hf")
+    assert done.code == 0, done.stderr  # --strict passes: the logged grad_norm is right
+    metrics = done.metrics()
+    assert set(metrics) == {"grad_norm"}  # loss, learning_rate, epoch are not judged
+    grad_norm = metrics["grad_norm"]
+    assert (grad_norm["verdict"], grad_norm["logger"], grad_norm["steps_judged"]) == (
+        "correct",
+        "transformers",
+        10,
+    )
+    (row,) = done.report["results"]
+    assert row["verdict"] == "mutated" and row["class"] == "schedulefree:AdamWScheduleFree"
+    assert "are right" in row["advice"]
+
+
+def test_hf_trainer_grad_norm_is_the_pre_clip_norm(runs):
+    done = get(runs, "hf-clip")
+    assert done.code == 0, done.stderr
+    grad_norm = done.metrics()["grad_norm"]
+    assert (grad_norm["verdict"], grad_norm["matches"]) == ("correct", "pre-clip")
+    assert grad_norm["logged_median"] > 0.1  # clipped to 0.01, logged unclipped
+    assert all(e["pre_step"] == pytest.approx(0.01, rel=1e-3) for e in grad_norm["examples"])
+
+
+def test_wandb_mlflow_and_tensorboardx(runs):
+    done = get(runs, "loggers")
+    assert done.code == 1, done.stderr
+    metrics = done.metrics()
+    expected = {
+        "train/grad_norm": ("wandb", "correct"),
+        "gnorm": ("mlflow", "correct"),
+        "tbx/grad_norm": ("tensorboard", "correct"),
+        "after/grad_norm": ("wandb", "post-step"),
+        "after_gnorm": ("mlflow", "post-step"),
+        "tbx_after/grad_norm": ("tensorboard", "post-step"),
+    }
+    assert {n: (m["logger"], m["verdict"]) for n, m in metrics.items()} == expected
+    assert all(m["steps_judged"] == 8 for m in metrics.values())
+
+
+def test_loggers_the_script_does_not_use_are_never_imported(runs):
+    done = get(runs, "none")
+    assert done.code == 0, done.stderr
+    assert json.loads(done.stdout) == []
+    assert done.report["metrics"] == []
