@@ -276,3 +276,53 @@ def test_cli_end_to_end_with_the_example(tmp_path):
     assert "2 logged gradient metrics: 1 correct, 1 post-step (wrong)" in err
     data = json.loads((tmp_path / "r.json").read_text())
     assert {m["verdict"] for m in data["metrics"]} == {"correct", "post-step"}
+
+
+TWO_OPTIMIZERS = """\
+    import sys, torch
+    from torch.utils.tensorboard import SummaryWriter
+    from sfdiag.optim import AdamWScheduleFree
+    torch.manual_seed(0)
+    gen, disc = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+    g_opt = AdamWScheduleFree(gen.parameters(), lr=1e-3)
+    g_opt.train()
+    d_opt = torch.optim.SGD(disc.parameters(), lr=0.1)
+
+    def norm(module):
+        norms = [p.grad.norm() for p in module.parameters()]
+        return float(torch.linalg.vector_norm(torch.stack(norms)))
+
+    with SummaryWriter(sys.argv[1]) as writer:
+        for step in range(6):
+            d_opt.zero_grad()
+            disc(gen(torch.randn(8, 4)).detach()).mean().backward()
+            writer.add_scalar("disc/grad_norm", norm(disc), step)
+            d_opt.step()
+            g_opt.zero_grad()
+            disc(gen(torch.randn(8, 4))).mean().backward()
+            g_opt.step()
+            writer.add_scalar("gen/grad_norm", norm(gen), step)  # after step(): the update
+            if step == 3:
+                raise KeyboardInterrupt
+"""
+
+
+def test_each_metric_is_judged_against_its_own_optimizer_and_an_interrupt_keeps_them(tmp_path):
+    script = write(tmp_path, TWO_OPTIMIZERS)
+    code, report = run(tmp_path, ["python", script, str(tmp_path / "tb")], strict=True)
+    assert code == 130 and report["interrupted"] is True
+    metrics = by_name(report)
+    disc, gen = metrics["disc/grad_norm"], metrics["gen/grad_norm"]
+    assert (disc["optimizer"], disc["verdict"], disc["steps_judged"]) == ("SGD", "correct", 4)
+    assert (gen["optimizer"], gen["verdict"], gen["steps_judged"]) == (
+        "AdamWScheduleFree",
+        "post-step",
+        4,
+    )
+
+
+def test_an_empty_metric_name_is_a_usage_error(tmp_path):
+    from sfdiag.errors import SfdiagError
+
+    with pytest.raises(SfdiagError, match="--metric"):
+        run_script(["python", EXAMPLE], RunOptions(metrics=(" ",)))

@@ -89,10 +89,6 @@ def _cells(report: ProbeReport) -> list[list[tuple[str, str]]]:
     return rows
 
 
-def _fitting_columns(rows: list[list[tuple[str, str]]], width: int) -> list[int]:
-    return _fitting(_COLUMNS, rows, width)
-
-
 def _fitting(
     columns: Sequence[tuple[str, bool, int | None]], rows: list[list[tuple[str, str]]], width: int
 ) -> list[int]:
@@ -112,17 +108,20 @@ def _fitting(
     return keep
 
 
-def _optimizer_table(report: ProbeReport, width: int) -> Any:
+def _fitted_table(
+    columns: Sequence[tuple[str, bool, int | None]], rows: list[list[tuple[str, str]]], width: int
+) -> Any:
+    """A table of ``rows`` with the columns that fit ``width``; the kept-at-any-width columns
+    (rank None) fold, numbers never wrap."""
     from rich import box
     from rich.table import Table
     from rich.text import Text
 
-    rows = _cells(report)
-    keep = _fitting_columns(rows, width)
+    keep = _fitting(columns, rows, width)
     table = Table(box=box.SIMPLE_HEAVY, header_style="bold", pad_edge=False, collapse_padding=True)
     for i in keep:
-        header, right, rank = _COLUMNS[i]
-        wrap = rank is None  # the kept-at-any-width columns fold; numbers never wrap
+        header, right, rank = columns[i]
+        wrap = rank is None
         table.add_column(
             header,
             justify="right" if right else "left",
@@ -133,6 +132,10 @@ def _optimizer_table(report: ProbeReport, width: int) -> Any:
     for row in rows:
         table.add_row(*(Text(row[i][0], style=row[i][1]) for i in keep))
     return table
+
+
+def _optimizer_table(report: ProbeReport, width: int) -> Any:
+    return _fitted_table(_COLUMNS, _cells(report), width)
 
 
 _METRIC_COLUMNS = (
@@ -155,10 +158,6 @@ def _metric_style(verdict: str) -> str:
 
 def _metric_table(metrics: Sequence[MetricResult], width: int) -> Any:
     """What the script logged, judged: one row per metric."""
-    from rich import box
-    from rich.table import Table
-    from rich.text import Text
-
     rows = [
         [
             (m.name, ""),
@@ -172,21 +171,7 @@ def _metric_table(metrics: Sequence[MetricResult], width: int) -> Any:
         ]
         for m in metrics
     ]
-    keep = _fitting(_METRIC_COLUMNS, rows, width)
-    table = Table(box=box.SIMPLE_HEAVY, header_style="bold", pad_edge=False, collapse_padding=True)
-    for i in keep:
-        header, right, rank = _METRIC_COLUMNS[i]
-        wrap = rank is None
-        table.add_column(
-            header,
-            justify="right" if right else "left",
-            no_wrap=not wrap,
-            overflow="fold" if wrap else "ellipsis",
-            min_width=6 if wrap else None,
-        )
-    for row in rows:
-        table.add_row(*(Text(row[i][0], style=row[i][1]) for i in keep))
-    return table
+    return _fitted_table(_METRIC_COLUMNS, rows, width)
 
 
 def _param_table(result: OptimizerResult) -> Any:

@@ -83,7 +83,7 @@ def gate(report: ProbeReport, *, strict: bool) -> bool:
     return report.any_flagged
 
 
-def _metrics_are_right_advice(result: OptimizerResult, metrics: Sequence[MetricResult]) -> str:
+def _metrics_are_right_advice(metrics: Sequence[MetricResult]) -> str:
     names = ", ".join(m.name for m in metrics[:3]) + (", ..." if len(metrics) > 3 else "")
     return (
         f"the gradient metrics the script logs ({names}) are read before step() and are "
@@ -104,7 +104,7 @@ def _with_metric_advice(
             and own
             and not any(m.wrong for m in own)
         ):
-            result = replace(result, advice=_metrics_are_right_advice(result, own))
+            result = replace(result, advice=_metrics_are_right_advice(own))
         out.append(result)
     return out
 

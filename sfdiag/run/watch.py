@@ -182,6 +182,7 @@ class StepNorms:
     clipped_indices: frozenset[int] = frozenset()  # the parameters that call covered
     with_grad: frozenset[int] = frozenset()  # the parameters that had a grad
     _floats: tuple[list[float], list[float]] | None = None
+    _sums: dict[Any, tuple[float, float]] = field(default_factory=dict)  # scope -> norms
 
     def floats(self) -> tuple[list[float], list[float]]:
         """The norms as Python floats (one transfer for both, the first time)."""
@@ -198,6 +199,14 @@ class StepNorms:
                 self._floats = (pre_l, post_l)
             self.pre = self.post = None  # the floats are all that is needed from now on
         return self._floats
+
+    def over(self, scope: tuple[int, ...] | None) -> tuple[float, float]:
+        """(pre, post) L2 norms over ``scope`` (parameter indices; None: all of them)."""
+        sums = self._sums.get(scope)
+        if sums is None:
+            pre, post = self.floats()
+            sums = self._sums[scope] = (_l2(pre, scope), _l2(post, scope))
+        return sums
 
 
 def _l2(values: list[float], indices: tuple[int, ...] | None) -> float:
@@ -255,6 +264,11 @@ class Watched:
         self._pre_norms = _norms(grads)
         self._pre_taken = True
 
+    def await_closure(self) -> None:
+        """``step(closure)``: the grads are computed inside ``step()``; ``take_pre`` waits
+        for the closure to return."""
+        self._pre_taken = False
+
     def take_post(self, clips: ClipLog | None) -> StepNorms | None:
         """This step's norms after ``step()``; reads only grads that moved (see module doc).
 
@@ -299,12 +313,22 @@ class Watched:
         self._post_versions = [g._version if g is not None else 0 for g in grads]
         return StepNorms(self.started - 1, pre, post, clip, covered, with_grad)
 
-    def has_new_grads(self) -> bool:
-        """Whether a grad was written since the last ``step()`` left them (a backward ran:
-        a value logged now belongs to the coming step). Grads set to None are not new."""
-        for p, ref, version in zip(self.params, self._post_refs, self._post_versions, strict=False):
-            g = p.grad
-            if g is not None and (ref is None or ref() is not g or g._version != version):
+    def has_new_grads(self, probes: int = 8) -> bool:
+        """Whether grads were written since the last ``step()`` left them (a backward ran:
+        a value logged now belongs to the coming step). Grads set to None are not new.
+
+        Looks at ``probes`` parameters spread over the list, not all: this is called for
+        every logged gradient metric (hundreds per step where each parameter's norm is
+        logged), a backward writes every grad, and the answer only breaks ties.
+        """
+        count = min(len(self.params), len(self._post_refs))
+        stride = max(1, count // probes)
+        for i in range(0, count, stride):
+            g = self.params[i].grad
+            ref = self._post_refs[i]
+            if g is not None and (
+                ref is None or ref() is not g or g._version != self._post_versions[i]
+            ):
                 return True
         return False
 
@@ -312,8 +336,7 @@ class Watched:
         """The ``NormReferences`` of one step over ``scope`` (parameter indices; None: all)."""
         from sfdiag.judge import NormReferences
 
-        pre, post = norms.floats()
-        pre_n, post_n = _l2(pre, scope), _l2(post, scope)
+        pre_n, post_n = norms.over(scope)
         pre_clip, clipped = None, False
         clip = norms.clip
         if clip is not None:
@@ -442,7 +465,7 @@ class OptimizerWatch:
                     entry.auditor.pre_step(optimizer)
                 return None
             # step(closure) computes the grads inside step(): read them when it returns
-            entry._pre_taken = False
+            entry.await_closure()
             if entry.auditing:
                 entry.auditor.pre_step(optimizer)
 
