@@ -64,9 +64,10 @@ def class_path(obj: Any) -> str:
 
 @dataclass
 class StepObservation:
-    pre_norm: float
+    pre_norm: float  # over this process's grads (a DTensor's local shard)
     post_norm: float
     params: list[ParamStep]
+    digests: tuple[int, ...] = ()  # per parameter, of the grad step() was given (0: none)
 
     @property
     def params_mutated(self) -> int:
@@ -152,7 +153,12 @@ class StepAuditor:
             if a.present
         ]
         self.observations.append(
-            StepObservation(_global_norm(before), _global_norm(after), records)
+            StepObservation(
+                _global_norm(before),
+                _global_norm(after),
+                records,
+                tuple(snapshot.digest(fp) for fp in before),
+            )
         )
 
     def _compare(

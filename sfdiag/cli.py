@@ -306,6 +306,14 @@ def run(
         float,
         typer.Option("--metric-rtol", help="relative tolerance for a logged value to match"),
     ] = 1e-3,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            "--nproc",
+            help="run N local ranks through torch's elastic launcher, audited as one job",
+            metavar="N",
+        ),
+    ] = 1,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -314,9 +322,12 @@ def run(
 
     \b
       sfdiag run [OPTIONS] -- python script.py ARGS...
+      sfdiag run [OPTIONS] --nproc N -- python script.py ARGS...
+      sfdiag run [OPTIONS] -- torchrun --nproc-per-node N script.py ARGS...
+      torchrun [ITS OPTIONS] -m sfdiag run [OPTIONS] -- python script.py ARGS...
 
     The script runs as python would run it; its exit code passes through, unless
-    --strict fails the run. The verdict tables go to stderr.
+    --strict fails the run. The verdict tables go to stderr (rank 0's, for a job).
     """
     from sfdiag.run import RunOptions, run_script
 
@@ -328,6 +339,7 @@ def run(
             quiet=quiet,
             metrics=tuple(metric or ()),
             metric_rtol=metric_rtol,
+            nproc=nproc,
         )
         code = run_script(list(ctx.args), options)
     raise typer.Exit(code)

@@ -90,6 +90,26 @@ def ratio(post: float, pre: float) -> float:
 
 
 @dataclass(frozen=True)
+class RankResult:
+    """One rank's view of an optimizer in a multi-rank job (``sfdiag run``)."""
+
+    rank: int
+    verdict: str
+    pre_step_grad_norm: float  # median over the audited steps, of this rank's grads
+    post_step_grad_norm: float
+    agrees: bool | None = None  # its whole grads equal rank 0's (None: not compared)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "verdict": self.verdict,
+            "pre_step_grad_norm": _num(self.pre_step_grad_norm),
+            "post_step_grad_norm": _num(self.post_step_grad_norm),
+            "agrees": self.agrees,
+        }
+
+
+@dataclass(frozen=True)
 class OptimizerResult:
     optimizer: str  # the config's unique label
     cls: str  # "module:Class"
@@ -105,13 +125,17 @@ class OptimizerResult:
     state_bytes_per_element: float | None = None
     steps: tuple[StepRecord, ...] = ()
     params: tuple[ParamFinding, ...] = ()
+    # a multi-rank job only: one entry per rank (past 64 ranks, the ranks that differ)
+    per_rank: tuple[RankResult, ...] | None = None
+    # ... and past 64 ranks, min / median / max of the ranks' local pre-step norms
+    per_rank_summary: dict[str, float] | None = None
 
     @property
     def flagged(self) -> bool:
         return self.verdict != "clean"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "optimizer": self.optimizer,
             "class": self.cls,
             "flagged": self.flagged,
@@ -128,6 +152,11 @@ class OptimizerResult:
             "steps": [s.to_dict() for s in self.steps],
             "params": [p.to_dict() for p in self.params],
         }
+        if self.per_rank is not None:
+            out["per_rank"] = [r.to_dict() for r in self.per_rank]
+        if self.per_rank_summary is not None:
+            out["per_rank_summary"] = {k: _num(v) for k, v in self.per_rank_summary.items()}
+        return out
 
 
 @dataclass(frozen=True)
@@ -195,6 +224,26 @@ class MetricResult:
 
 
 @dataclass(frozen=True)
+class DistributedInfo:
+    """A multi-rank job, audited as one (``sfdiag run`` under torchrun or ``--nproc``)."""
+
+    world_size: int
+    backend: str | None  # the script's process group's backend (None: it made none)
+    strategy: str  # ddp | fsdp | mixed | none
+    ranks_agree: bool | None  # whole grads equal on every rank (None: never compared)
+    disagreements: tuple[str, ...] = ()  # "rank 1 differs from rank 0 at step 0 (fc.weight)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "world_size": self.world_size,
+            "backend": self.backend,
+            "strategy": self.strategy,
+            "ranks_agree": self.ranks_agree,
+            "disagreements": list(self.disagreements),
+        }
+
+
+@dataclass(frozen=True)
 class ProbeReport:
     config: dict[str, Any]
     results: tuple[OptimizerResult, ...]
@@ -204,6 +253,8 @@ class ProbeReport:
     timing: dict[str, float] = field(default_factory=dict)
     # ``sfdiag run`` only (None in a probe): the gradient metrics the script logged
     metrics: tuple[MetricResult, ...] | None = None
+    # a multi-rank job only
+    distributed: DistributedInfo | None = None
 
     @property
     def any_flagged(self) -> bool:
@@ -212,6 +263,10 @@ class ProbeReport:
     @property
     def any_wrong_metric(self) -> bool:
         return any(m.wrong for m in self.metrics or ())
+
+    @property
+    def ranks_disagree(self) -> bool:
+        return self.distributed is not None and self.distributed.ranks_agree is False
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -223,6 +278,8 @@ class ProbeReport:
         }
         if self.metrics is not None:
             out["metrics"] = [m.to_dict() for m in self.metrics]
+        if self.distributed is not None:
+            out["distributed"] = self.distributed.to_dict()
         if self.interrupted:
             out["interrupted"] = True
         if self.timing:

@@ -13,12 +13,15 @@ gradients is never mistaken for a mutating one.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from sfdiag.dist import local
 
 #: elements sampled per tensor for fingerprinting the kind of a mutation
 SAMPLE_SIZE = 256
@@ -68,7 +71,9 @@ def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _dense_view(grad: torch.Tensor) -> torch.Tensor:
-    """The elements a fingerprint reads: a sparse grad's stored values, else the tensor."""
+    """The elements a fingerprint reads: a sparse grad's stored values, a DTensor's local
+    shard (never the whole tensor), else the tensor."""
+    grad = local(grad)
     if grad.layout != torch.strided:
         return grad._values()
     return grad
@@ -147,12 +152,23 @@ def take(
                 norm=float(scalars[k]),
                 checksum=(sums[k], _index_checksum(g) if sparse else 0),
                 sample=sample_of(view),
-                param_sample=None if sparse or not param_samples else sample_of(p),
+                param_sample=None if sparse or not param_samples else sample_of(local(p)),
                 full=view.detach().clone() if full else None,
-                full_param=p.detach().clone() if full and param_samples and not sparse else None,
+                full_param=(
+                    local(p).detach().clone() if full and param_samples and not sparse else None
+                ),
             )
         )
     return out
+
+
+def digest(fp: GradFingerprint) -> int:
+    """A 63-bit digest of a grad's bits (its block checksums): equal for equal grads, and
+    for different grads all but surely different. What ranks compare to agree."""
+    if not fp.present:
+        return 0
+    data = b"".join(part if isinstance(part, bytes) else str(part).encode() for part in fp.checksum)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
 
 
 def _index_checksum(g: torch.Tensor) -> int:
@@ -165,6 +181,7 @@ def state_samples(optimizer: Any, param: torch.Tensor, *, full: bool = False) ->
     out = {}
     for key, value in state.items():
         if isinstance(value, torch.Tensor) and value.shape == param.shape and value.numel() > 0:
+            value = local(value)  # a DTensor's shard: the elements the param's samples hold
             out[str(key)] = value.detach().clone() if full else sample_of(value)
     return out
 

@@ -193,6 +193,12 @@ _VERDICT_ADVICE = {
     "cleared": "step() set p.grad to None: read grads before step()",
     "error": "the optimizer could not run on this model; see the error",
 }
+#: how the auditor words its own failures: the optimizer ran, sfdiag could not follow it
+SFDIAG_FAILED = "sfdiag could not audit it"
+_SFDIAG_FAILED_ADVICE = (
+    "the optimizer ran: this is sfdiag's failure, not the optimizer's; please report it "
+    "with this message"
+)
 
 # What to use instead, for our own optimizers that mutate.
 _CLEAN_ALTERNATIVE = {
@@ -262,6 +268,7 @@ def summarize(
     params = summarize_params(param_steps)
     worst = max((p.verdict for p in params), key=SEVERITY.__getitem__, default="clean")
     verdict = "error" if error is not None else worst
+    ours = error is not None and error.startswith(SFDIAG_FAILED)
     fp = _most_common([p.fingerprint for s in param_steps for p in s if p.verdict == "mutated"])
     pre = _median([s.pre_step_grad_norm for s in steps])
     post = _median([s.post_step_grad_norm for s in steps])
@@ -275,7 +282,7 @@ def summarize(
         params_mutated=sum(p.verdict != "clean" for p in params),
         params_with_grad=len(params),
         fingerprint=fp if worst == "mutated" else None,
-        advice=advice(verdict, fp, cls),
+        advice=_SFDIAG_FAILED_ADVICE if ours else advice(verdict, fp, cls),
         error=error,
         state_bytes_per_element=state_bytes_per_element,
         steps=tuple(steps),

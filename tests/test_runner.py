@@ -379,3 +379,37 @@ def test_long_runs_are_sampled(tmp_path):
     (row,) = json.loads(report.read_text())["results"]
     assert [s["step"] for s in row["steps"]] == [*range(AUDIT_FIRST), 100]
     assert not audited(AUDIT_MAX * AUDIT_EVERY, AUDIT_MAX)
+
+
+SNEAKY_LOCALS = """\
+    import warnings
+    import torch
+
+    class Sneaky:  # like torch.distributed.reduce_op: reading __class__ warns
+        @property
+        def __class__(self):
+            warnings.warn("read __class__", FutureWarning)
+            return Sneaky
+
+    class Holder:
+        def __init__(self):
+            self.sneaky = Sneaky()
+            self.model = torch.nn.Linear(3, 1)
+
+    warnings.simplefilter("error")  # any warning from sfdiag's scan fails the script
+    holder, sneaky = Holder(), Sneaky()
+    optimizer = torch.optim.SGD(holder.model.parameters(), lr=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        holder.model(torch.ones(2, 3)).sum().backward()
+        optimizer.step()
+"""
+
+
+def test_scanning_the_scripts_frames_runs_none_of_its_code(tmp_path):
+    script = write_script(tmp_path, SNEAKY_LOCALS)
+    report = tmp_path / "r.json"
+    assert run_script(["python", str(script)], report=report, strict=True) == 0
+    (row,) = json.loads(report.read_text())["results"]
+    assert row["verdict"] == "clean"
+    assert [p["name"] for p in row["params"]] == ["weight", "bias"]

@@ -20,7 +20,9 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["CPU_TILE_BYTES", "by_device_and_dtype", "tiles"]
+from sfdiag.dist import local
+
+__all__ = ["CPU_TILE_BYTES", "by_device_and_dtype", "shards", "tiles"]
 
 # Per buffer. Five float32 buffers of 1 MiB each sit in the L2/L3 caches of current CPUs
 # while the sequence of ops runs over them (measured: 256K float32 elements per tile is
@@ -28,6 +30,13 @@ __all__ = ["CPU_TILE_BYTES", "by_device_and_dtype", "tiles"]
 CPU_TILE_BYTES = 1 << 21
 
 Row = Sequence[Tensor]
+
+
+def shards(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors as this process holds them: a DTensor (FSDP2) as its local shard, a view
+    of its storage, so in-place ops write through. Every update here is elementwise, so
+    updating the shards is updating the whole, without DTensor's dispatch per op."""
+    return tuple(local(t) for t in tensors)
 
 
 def by_device_and_dtype(rows: Sequence[Row]) -> Iterator[list[list[Tensor]]]:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sfdiag.optim._foreach import by_device_and_dtype
+from sfdiag.optim._foreach import by_device_and_dtype, shards
 
 __all__ = [
     "ScheduleFreeOptimizer",
@@ -210,7 +210,7 @@ class InterpolatedScheduleFree(ScheduleFreeOptimizer):
     def _swap(self, group: dict[str, Any], to_train: bool) -> None:
         b = self._interpolation_beta(group)
         weight = 1.0 - b if to_train else 1.0 - 1.0 / b
-        rows = [(p, self.state[p]["z"]) for p in group["params"] if "z" in self.state[p]]
+        rows = [shards(p, self.state[p]["z"]) for p in group["params"] if "z" in self.state[p]]
         if group.get("foreach", False):
             for ps, zs in by_device_and_dtype(rows):
                 torch._foreach_lerp_(ps, zs, weight)
@@ -227,7 +227,8 @@ class ReferenceScheduleFree(ScheduleFreeOptimizer):
         for p in group["params"]:
             state = self.state[p]
             if key in state:
-                p.copy_(state[key])
+                target, source = shards(p, state[key])
+                target.copy_(source)
 
     def _init_reference_state(self, p: Tensor) -> dict[str, Tensor]:
         state = self.state[p]
@@ -239,8 +240,8 @@ class ReferenceScheduleFree(ScheduleFreeOptimizer):
     @staticmethod
     def _average(p: Tensor, state: dict[str, Tensor], ckp1: float, beta: float) -> None:
         """After the z step: ``x = (1-c) x + c z``, ``y = b x + (1-b) z``, ``p = y``."""
-        x, y, z = state["x"], state["y"], state["z"]
+        x, y, z, target = shards(state["x"], state["y"], state["z"], p)
         x.mul_(1.0 - ckp1).add_(z, alpha=ckp1)
         torch.mul(x, beta, out=y)
         y.add_(z, alpha=1.0 - beta)
-        p.copy_(y)
+        target.copy_(y)

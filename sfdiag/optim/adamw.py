@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sfdiag.optim._foreach import tiles
+from sfdiag.optim._foreach import shards, tiles
 from sfdiag.optim._schedule import (
     InterpolatedScheduleFree,
     ReferenceScheduleFree,
@@ -103,7 +103,8 @@ class AdamWScheduleFree(InterpolatedScheduleFree):
             if "z" not in state:
                 state["z"] = p.detach().clone(memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            rows.append((p.detach(), p.grad, state["z"], state["exp_avg_sq"]))
+            # a DTensor (FSDP2) is updated through its local shard: the update is elementwise
+            rows.append(shards(p.detach(), p.grad, state["z"], state["exp_avg_sq"]))
 
         beta1, beta2 = group["betas"]
         lr, ckp1 = scalars.lr, scalars.ckp1
@@ -270,10 +271,10 @@ class AdamWScheduleFreeReference(ReferenceScheduleFree):
             state = self._init_reference_state(p)
             if "exp_avg_sq" not in state:
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            g, z, v = p.grad, state["z"], state["exp_avg_sq"]
+            g, z, v, y = shards(p.grad, state["z"], state["exp_avg_sq"], state["y"])
 
             if decay != 0:
-                z.sub_(z if group["decay_at_z"] else state["y"], alpha=lr * decay)
+                z.sub_(z if group["decay_at_z"] else y, alpha=lr * decay)
             v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
             denom = v.div(bias_correction2).sqrt_().add_(eps)
             z.addcdiv_(g, denom, value=-lr)

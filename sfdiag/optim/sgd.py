@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sfdiag.optim._foreach import tiles
+from sfdiag.optim._foreach import shards, tiles
 from sfdiag.optim._schedule import (
     InterpolatedScheduleFree,
     ReferenceScheduleFree,
@@ -67,7 +67,7 @@ class SGDScheduleFree(InterpolatedScheduleFree):
             state = self.state[p]
             if "z" not in state:
                 state["z"] = p.detach().clone(memory_format=torch.preserve_format)
-            rows.append((p.detach(), p.grad, state["z"]))
+            rows.append(shards(p.detach(), p.grad, state["z"]))  # a DTensor: its local shard
 
         lr, ckp1 = scalars.lr, scalars.ckp1
         decay = group["weight_decay"]
@@ -110,8 +110,8 @@ class SGDScheduleFreeReference(ReferenceScheduleFree):
         lr, decay = scalars.lr, group["weight_decay"]
         for p in params:
             state = self._init_reference_state(p)
-            z = state["z"]
+            z, y, g = shards(state["z"], state["y"], p.grad)
             if decay != 0:
-                z.sub_(state["y"], alpha=lr * decay)
-            z.sub_(p.grad, alpha=lr)
+                z.sub_(y, alpha=lr * decay)
+            z.sub_(g, alpha=lr)
             self._average(p, state, scalars.ckp1, group["momentum"])

@@ -218,6 +218,20 @@ def metric_sentences(report: ProbeReport) -> list[str]:
     return [s for s in (metric_sentence(m) for m in report.metrics or ()) if s]
 
 
+def distributed_line(report: ProbeReport) -> str | None:
+    """``2 ranks (gloo, ddp): their grads agree`` for a job of several ranks."""
+    info = report.distributed
+    if info is None:
+        return None
+    how = ", ".join(x for x in (info.backend, info.strategy) if x)
+    line = f"{info.world_size} ranks ({how}), audited as one job"
+    if info.ranks_agree is True:
+        return line + ": every rank stepped the same gradients"
+    if info.ranks_agree is None:
+        return line
+    return line + ": RANKS STEP DIFFERENT GRADIENTS: " + "; ".join(info.disagreements)
+
+
 NO_METRICS_NOTE = (
     "No gradient metric was logged through TensorBoard, W&B, MLflow, Lightning or "
     "Transformers (--metric NAME judges a name the pattern misses)."

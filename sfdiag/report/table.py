@@ -209,6 +209,10 @@ def render_report(report: ProbeReport, options: RenderOptions) -> str:
     interrupted = _text.interrupted_line(report)
     if interrupted:
         console.print(Text(interrupted, style=_NOTE), soft_wrap=True)
+    ranks = _text.distributed_line(report)
+    if ranks:
+        style = _FLAGGED if report.ranks_disagree else "dim"
+        console.print(Text(ranks, style=style), soft_wrap=True)
     if report.results:
         console.print(_optimizer_table(report, console.width))
     else:

@@ -59,10 +59,14 @@ class RunOptions:
     quiet: bool = False
     metrics: tuple[str, ...] = ()  # --metric globs: names the gradient-norm pattern misses
     metric_rtol: float = 1e-3
+    nproc: int = 1  # > 1: start this many local ranks through torch's elastic launcher
 
     def validate(self) -> RunOptions:
         import math
 
+        nproc = self.nproc
+        if isinstance(nproc, bool) or not isinstance(nproc, int) or not 1 <= nproc <= 1024:
+            raise SfdiagError(f"--nproc: expected a whole number from 1 to 1024, got {nproc!r}")
         rtol = self.metric_rtol
         if isinstance(rtol, bool) or not isinstance(rtol, (int, float)):
             raise SfdiagError(f"--metric-rtol: expected a number, got {rtol!r}")
@@ -73,11 +77,23 @@ class RunOptions:
                 raise SfdiagError("--metric: an empty name; give a metric name or a glob")
         return self
 
+    def worker_arguments(self) -> list[str]:
+        """These options as every rank's ``sfdiag run`` takes them (no --nproc)."""
+        words = []
+        if self.report is not None:
+            words += ["--report", str(self.report)]
+        words += ["--strict"] * self.strict + ["--force"] * self.force + ["--quiet"] * self.quiet
+        for glob in self.metrics:
+            words += ["--metric", glob]
+        return [*words, "--metric-rtol", repr(float(self.metric_rtol))]
+
 
 def gate(report: ProbeReport, *, strict: bool) -> bool:
     """Whether ``--strict`` fails this run (see the module doc)."""
     if not strict:
         return False
+    if report.ranks_disagree:
+        return True
     if report.metrics:
         return report.any_wrong_metric
     return report.any_flagged
@@ -117,31 +133,59 @@ def run_script(argv: list[str], options: RunOptions | None = None, /, **fields: 
     report to ``options.report`` if given, and returns the exit code (see the module
     doc). Raises SfdiagError before running anything when the command, the options or
     the report path is unusable.
+
+    ``options.nproc > 1`` or a ``torchrun`` command starts a job of several ranks through
+    torch's elastic launcher, each rank running this under the auditor; a process that is
+    already a rank of a job (``RANK``/``WORLD_SIZE`` set, as torchrun sets them) joins it.
+    Either way the job is audited as one: rank 0 prints the one table and writes the one
+    report.
     """
     options = (options or RunOptions(**fields)).validate()
-    from sfdiag import ui
-    from sfdiag.fileio import check_writable, write_atomic
-    from sfdiag.report import RenderOptions, render
+    from sfdiag.dist import Job
+    from sfdiag.fileio import check_writable
     from sfdiag.run import launch
 
     target = parse_command(argv)
     if target.path is not None:
         launch.check_script(target.path)
-    report_path = options.report
-    if report_path is not None:
+    if options.report is not None:
         # absolute: the script may chdir
-        report_path = check_writable(report_path, options.force, what="report").absolute()
+        report = check_writable(options.report, options.force, what="report").absolute()
+        options = replace(options, report=report)
+    job = Job.from_env()
+    if options.nproc > 1 or target.torchrun is not None:
+        if job is not None:
+            raise SfdiagError(
+                f"this is already rank {job.rank} of a job of {job.world_size}: "
+                "leave out --nproc and torchrun here"
+            )
+        if options.nproc > 1 and target.torchrun is not None:
+            raise SfdiagError("give --nproc or a torchrun command, not both")
+        worker = replace(options, nproc=1).worker_arguments()
+        return launch.launch_job(launch.job_arguments(target, options.nproc, worker))
+    return _audit_here(argv, target, options, job)
 
+
+def _audit_here(argv: list[str], target: Target, options: RunOptions, job: Any) -> int:
+    """Run the script in this process, audited; this rank's part of a job if ``job``."""
     import torch
 
+    from sfdiag import ui
+    from sfdiag.dist import Channel
     from sfdiag.judge import MetricSelector
+    from sfdiag.report import RenderOptions, render
     from sfdiag.results import ProbeReport
-    from sfdiag.run import clipping, taps
+    from sfdiag.run import clipping, launch, taps
     from sfdiag.run.metrics import MetricAudit
     from sfdiag.run.watch import OptimizerWatch
 
     clips = clipping.ClipLog()
-    watch = OptimizerWatch(clips=clips)
+    watch = OptimizerWatch(clips=clips, job=job)
+    if job is not None:
+        try:  # over the launcher's store, before the script: it needs nothing of the script's
+            watch.channel = Channel.open(job)
+        except Exception as exc:
+            watch.channel_error = f"{type(exc).__name__}: {exc}"
     audit = MetricAudit(watch, MetricSelector(tuple(options.metrics)), options.metric_rtol)
     watch.on_step = audit.on_step
     started = time.perf_counter()
@@ -161,17 +205,26 @@ def run_script(argv: list[str], options: RunOptions | None = None, /, **fields: 
     _flush(sys.stdout)
 
     metrics = audit.finish()
-    result = ProbeReport(
+    results = watch.results()
+    result: ProbeReport | None = ProbeReport(
         config={"command": list(argv)},
-        results=tuple(_with_metric_advice(watch.results(), metrics)),
+        results=tuple(_with_metric_advice(results, metrics)),
         sfdiag_version=__version__,
         torch_version=torch.__version__,
         interrupted=interrupted,
         timing={"seconds": round(seconds, 3)},
         metrics=metrics,
     )
+    writes_report = job is None or job.leader
+    if job is not None:
+        if code != 0 and not interrupted:
+            # this rank failed: it must not wait for the others (the launcher stops them)
+            return code
+        result = _as_one_job(result, job, watch, code, results, metrics, options.quiet)
+        if result is None:  # not rank 0: rank 0 reports for the job
+            return code
+    text = render(result, "table", RenderOptions(color=ui.wants_color(sys.stderr)))
     if result.results or result.metrics:
-        text = render(result, "table", RenderOptions(color=ui.wants_color(sys.stderr)))
         sys.stderr.write(text if text.endswith("\n") else text + "\n")
     else:
         print(f"sfdiag: {target.shown} stepped no optimizer; nothing to audit", file=sys.stderr)
@@ -180,13 +233,53 @@ def run_script(argv: list[str], options: RunOptions | None = None, /, **fields: 
             "sfdiag: the script was interrupted; the rows cover the steps it finished",
             quiet=options.quiet,
         )
-    if report_path is not None:
-        write_atomic(report_path, render(result, "json"), force=options.force, what="report")
-        ui.note(f"sfdiag: json report written to {report_path}", quiet=options.quiet)
+    if options.report is not None and writes_report:
+        from sfdiag.fileio import write_atomic
+
+        write_atomic(options.report, render(result, "json"), force=True, what="report")
+        ui.note(f"sfdiag: json report written to {options.report}", quiet=options.quiet)
     _flush(sys.stderr)
     if code == 0 and gate(result, strict=options.strict):
         return 1
     return code
+
+
+def _as_one_job(
+    report: ProbeReport,
+    job: Any,
+    watch: Any,
+    code: int,
+    results: Sequence[OptimizerResult],
+    metrics: Sequence[MetricResult],
+    quiet: bool,
+) -> ProbeReport | None:
+    """Every rank's summary to rank 0, which gets the job's report; None on other ranks.
+    Where the ranks cannot be reached, each rank reports for itself, and says so."""
+    from sfdiag import ui
+    from sfdiag.dist import ChannelError
+    from sfdiag.results import DistributedInfo
+    from sfdiag.run.job import merge, summarize_rank
+
+    channel = watch.channel
+    if channel is not None:
+        try:
+            summaries = channel.gather(summarize_rank(job.rank, code, results, metrics, watch))
+        except ChannelError as exc:
+            watch.channel_error, summaries = str(exc), None
+            channel = None
+        else:
+            channel.close()
+            return merge(report, summaries) if summaries is not None else None
+    why = watch.channel_error or "no process group to reach them through"
+    ui.note(
+        f"sfdiag: rank {job.rank} of {job.world_size} reports alone: the ranks could not be "
+        f"joined ({why})",
+        quiet=quiet,
+    )
+    return replace(  # its own table on every rank; rank 0 writes the file
+        report,
+        distributed=DistributedInfo(job.world_size, watch.script_backend, "none", None),
+    )
 
 
 def _flush(stream: Any) -> None:

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from sfdiag.errors import SfdiagError
 
@@ -31,15 +32,31 @@ _IGNORED_PYTHON_FLAGS = frozenset({"-u", "-B"})
 
 @dataclass(frozen=True)
 class Target:
-    """A script path or a module name (``-m``), and the arguments after it."""
+    """A script path or a module name (``-m``), and the arguments after it; or, for
+    ``torchrun [its options] script.py ARGS``, torchrun's words (``torchrun``)."""
 
     path: str | None
     module: str | None
     args: tuple[str, ...]
+    torchrun: tuple[str, ...] | None = None
 
     @property
     def shown(self) -> str:
+        if self.torchrun is not None:
+            return "torchrun " + " ".join(self.torchrun)
         return f"-m {self.module}" if self.module else str(self.path)
+
+    def command(self) -> list[str]:
+        """The command that runs this target under ``python``."""
+        head = ["-m", str(self.module)] if self.module is not None else [str(self.path)]
+        return ["python", *head, *self.args]
+
+
+_TORCHRUN_MODULES = ("torch.distributed.run", "torch.distributed.launch")
+
+
+def _is_torchrun(word: str) -> bool:
+    return os.path.basename(word) == "torchrun"
 
 
 def _is_python(word: str) -> bool:
@@ -56,6 +73,8 @@ def parse_command(argv: list[str]) -> Target:
     if not argv:
         raise SfdiagError(f"nothing to run: give the script after --; {USAGE}")
     words = list(argv)
+    if _is_torchrun(words[0]):
+        return Target(None, None, (), tuple(words[1:]))
     if _is_python(words[0]):
         interpreter = words.pop(0)
         while words and words[0] in _IGNORED_PYTHON_FLAGS:
@@ -65,6 +84,8 @@ def parse_command(argv: list[str]) -> Target:
         if words[0] == "-m":
             if len(words) < 2:
                 raise SfdiagError(f"{interpreter} -m: no module given; {USAGE}")
+            if words[1] in _TORCHRUN_MODULES:
+                return Target(None, None, (), tuple(words[2:]))
             return Target(None, words[1], tuple(words[2:]))
         if words[0].startswith("-") and words[0] != "-":
             raise SfdiagError(
@@ -168,3 +189,80 @@ def run_target(target: Target) -> tuple[int, bool]:
         _print_uncaught(exc)
         return 1, False
     return 0, False
+
+
+# ---- a job of several ranks, through torch's elastic launcher ---------------------------------
+def _torchrun_args(words: list[str]) -> Any:
+    """torchrun's own parser over ``words`` (its options, the script, the script's args)."""
+    import contextlib
+    import io
+
+    from torch.distributed.run import get_args_parser
+
+    parser = get_args_parser()
+    parser.prog = "torchrun"
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said), contextlib.redirect_stdout(said):
+            return parser.parse_args(words)
+    except SystemExit:  # argparse printed why (or the help) and exited
+        lines = [line for line in said.getvalue().splitlines() if line.strip()]
+        why = lines[-1] if lines else "could not read its options"
+        raise SfdiagError(f"{why} (in the torchrun command after --)") from None
+
+
+def job_arguments(target: Target, nproc: int, worker_options: list[str]) -> Any:
+    """torchrun's arguments that run ``python -m sfdiag run OPTIONS -- <the script>`` on
+    every rank: ``nproc`` local ranks (``--standalone``), or what the torchrun command in
+    ``target`` asks for."""
+    if target.torchrun is None:
+        words = ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), "x.py"]
+        args = _torchrun_args(words)
+        script = target.command()
+    else:
+        args = _torchrun_args(list(target.torchrun))
+        if args.no_python:
+            raise SfdiagError(
+                "sfdiag run -- torchrun --no-python ... is not supported: put sfdiag inside "
+                "instead (torchrun --no-python sfdiag run -- python script.py)"
+            )
+        if args.run_path:
+            raise SfdiagError("sfdiag run -- torchrun --run-path ... is not supported")
+        head = ["-m"] if args.module else []
+        script = ["python", *head, args.training_script, *args.training_script_args]
+        if not args.module:
+            check_script(args.training_script)
+    args.module = True
+    args.no_python = False
+    args.training_script = "sfdiag"
+    args.training_script_args = ["run", *worker_options, "--", *script]
+    return args
+
+
+def launch_job(args: Any) -> int:
+    """Run the job with torch's elastic launcher (what ``torchrun`` runs); its exit code.
+
+    A rank that fails ends the job (the launcher stops the others); its error is what that
+    rank printed, and the exit code is its own. Ctrl-C ends every rank: 130.
+    """
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import run
+
+    # the launcher's own chatter about stopping workers adds nothing to the ranks' errors
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(args)
+    except ChildFailedError as failed:
+        rank, failure = failed.get_first_failure()
+        code = failure.exitcode
+        if code < 0:  # killed by a signal
+            code = 128 - code
+        if not (rank == 0 and code == 1):  # rank 0's 1 is --strict's or the script's, told
+            print(f"sfdiag: rank {rank} failed with exit code {failure.exitcode}", file=sys.stderr)
+        return code or 1
+    except (KeyboardInterrupt, SignalException):
+        return EXIT_INTERRUPTED
+    return 0

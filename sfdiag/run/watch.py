@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from sfdiag.audit import StepAuditor
+    from sfdiag.dist import Channel, Job
     from sfdiag.results import OptimizerResult
     from sfdiag.run.clipping import ClipCall, ClipLog
 
@@ -141,9 +142,13 @@ def _safe_names(params: list[torch.Tensor], frame: FrameType | None) -> ParamNam
 
 # ---- per-step norms -------------------------------------------------------------------------
 def _dense(grad: torch.Tensor) -> torch.Tensor:
-    """The elements whose norm is the grad's: a sparse grad's coalesced values."""
+    """The elements whose norm is the grad's here: a DTensor's local shard (combined across
+    the ranks by ``StepNorms.globalize``), a sparse grad's coalesced values."""
     import torch
 
+    from sfdiag.dist import local
+
+    grad = local(grad)
     if grad.layout != torch.strided:
         return grad.coalesce()._values().detach()
     return grad.detach()
@@ -183,6 +188,9 @@ class StepNorms:
     with_grad: frozenset[int] = frozenset()  # the parameters that had a grad
     _floats: tuple[list[float], list[float]] | None = None
     _sums: dict[Any, tuple[float, float]] = field(default_factory=dict)  # scope -> norms
+    # a multi-rank job with sharded grads: pre/post are the global norms, and these the
+    # ones of this rank's shards alone
+    local: tuple[list[float], list[float]] | None = None
 
     def floats(self) -> tuple[list[float], list[float]]:
         """The norms as Python floats (one transfer for both, the first time)."""
@@ -207,6 +215,32 @@ class StepNorms:
             pre, post = self.floats()
             sums = self._sums[scope] = (_l2(pre, scope), _l2(post, scope))
         return sums
+
+    def local_pre(self, scope: tuple[int, ...] | None) -> float | None:
+        """This rank's shards' pre-step norm over ``scope``; None where nothing is sharded."""
+        return None if self.local is None else _l2(self.local[0], scope)
+
+    def globalize(self, channel: Any, sharded: list[tuple[int, int]]) -> None:
+        """Make pre/post the job's global norms: the ``sharded`` grads' ``(index,
+        replicas)`` local squares, each counted once, summed over every rank (one small
+        collective); the other grads are whole on every rank already."""
+        import torch
+
+        pre, post = self.floats()
+        if not pre:
+            return
+        local = (list(pre), list(post))
+        squares = torch.tensor(
+            [pre[i] * pre[i] / r for i, r in sharded] + [post[i] * post[i] / r for i, r in sharded],
+            dtype=torch.float64,
+        )
+        channel.sum(squares)
+        totals = squares.sqrt().tolist()
+        n = len(sharded)
+        for k, (i, _) in enumerate(sharded):
+            pre[i], post[i] = totals[k], totals[n + k]
+        self.local = local
+        self._sums.clear()
 
 
 def _l2(values: list[float], indices: tuple[int, ...] | None) -> float:
@@ -242,6 +276,13 @@ class Watched:
     # the grads as the last step() left them (weakly held) and their versions
     _post_refs: list[Any] = field(default_factory=list)
     _post_versions: list[int] = field(default_factory=list)
+    # multi-rank jobs
+    sharded: list[tuple[int, int]] = field(default_factory=list)  # DTensor grads: (i, replicas)
+    saw_sharded: bool = False  # a DTensor grad was stepped
+    saw_whole: bool = False  # a plain grad was stepped
+    global_norms: dict[int, tuple[float, float]] = field(default_factory=dict)  # audited steps
+    agreement_checked: bool = False
+    disagreement: tuple[int, str] | None = None  # (step, parameter) where this rank differed
 
     def refresh_params(self) -> list[torch.Tensor]:
         """The optimizer's parameters (param groups may have grown since the last step)."""
@@ -258,7 +299,14 @@ class Watched:
 
     def take_pre(self) -> None:
         """The grads ``step()`` is given: remember them and their norms (no host sync)."""
+        from sfdiag.dist import is_dtensor, replicas
+
         grads = [p.grad for p in self.params]
+        self.sharded = [(i, replicas(g)) for i, g in enumerate(grads) if is_dtensor(g)]
+        if self.sharded:
+            self.saw_sharded = True
+        if len(self.sharded) < sum(g is not None for g in grads):
+            self.saw_whole = True
         self._pre_grads = grads
         self._pre_versions = [g._version if g is not None else 0 for g in grads]
         self._pre_norms = _norms(grads)
@@ -337,6 +385,9 @@ class Watched:
         from sfdiag.judge import NormReferences
 
         pre_n, post_n = norms.over(scope)
+        local_shard = norms.local_pre(scope)
+        if local_shard is not None and local_shard == pre_n:
+            local_shard = None  # nothing of the scope is sharded: no local norm of its own
         pre_clip, clipped = None, False
         clip = norms.clip
         if clip is not None:
@@ -349,7 +400,12 @@ class Watched:
                 elif clipped and coef > 0:  # each grad was multiplied by coef
                     pre_clip = pre_n / coef
         return NormReferences(
-            step=norms.step, pre_step=pre_n, post_step=post_n, pre_clip=pre_clip, clipped=clipped
+            step=norms.step,
+            pre_step=pre_n,
+            post_step=post_n,
+            pre_clip=pre_clip,
+            clipped=clipped,
+            local_shard=local_shard,
         )
 
     def result(self) -> OptimizerResult:
@@ -361,7 +417,9 @@ class Watched:
             self.state_bytes_per_element = round(snapshot.state_bytes(optimizer) / self.elements, 3)
         observations = self.auditor.observations
         steps = [
-            StepRecord(i, None, o.pre_norm, o.post_norm, o.params_mutated)
+            StepRecord(
+                i, None, *self.global_norms.get(i, (o.pre_norm, o.post_norm)), o.params_mutated
+            )
             for i, o in zip(self.indices, observations, strict=True)
         ]
         error = self.error
@@ -397,10 +455,20 @@ class OptimizerWatch:
 
     ``on_step`` (if set) is called after each finished step of any optimizer, with the
     entry that stepped: the logged-metric audit resolves what was logged meanwhile.
+
+    In a multi-rank job (``job``), ``channel`` is sfdiag's own link between the ranks
+    (opened at the first step if the run could not open it before the script): a step
+    with sharded (DTensor) grads sums their squares over the ranks, so the norms are the
+    job's; an audited step compares every rank's whole grads with rank 0's (bit for
+    bit, by digest) where the script runs a process group of its own.
     """
 
     clips: ClipLog | None = None
     on_step: Callable[[Watched], None] | None = None
+    job: Job | None = None
+    channel: Channel | None = None
+    script_backend: str | None = None  # the script's own process group, once seen
+    channel_error: str | None = None
     watched: list[Watched] = field(default_factory=list)
     _by_id: dict[int, Watched] = field(default_factory=dict)
     _counts: dict[str, int] = field(default_factory=dict)
@@ -455,6 +523,8 @@ class OptimizerWatch:
             entry = self._entry(optimizer, sys._getframe(1))
             if entry.error is not None or active_steps(optimizer) != 1:
                 return None
+            if self.job is not None:
+                self._join_job()
             entry.auditing = audited(entry.started, len(entry.auditor.observations))
             entry.started += 1
             entry.refresh_params()
@@ -493,6 +563,7 @@ class OptimizerWatch:
         import numpy as np
 
         from sfdiag import snapshot
+        from sfdiag.dist import ChannelError
 
         try:
             if entry.auditing:
@@ -511,6 +582,11 @@ class OptimizerWatch:
                         )
             norms = entry.take_post(self.clips)
             if norms is not None:
+                if self.channel is not None:
+                    try:
+                        self._across_ranks(entry, norms)
+                    except ChannelError as exc:  # the job goes on; this rank stops talking
+                        self.channel_error, self.channel = str(exc), None
                 entry.recent.append(norms)
                 entry.last_finished = norms.step
         except Exception as exc:
@@ -519,13 +595,64 @@ class OptimizerWatch:
         if self.on_step is not None:
             self.on_step(entry)
 
+    # ---- multi-rank jobs ---------------------------------------------------------------
+    def _join_job(self) -> None:
+        """Note the script's process group; open the channel if the run could not."""
+        import torch.distributed as torch_dist
+
+        if (
+            self.script_backend is None
+            and torch_dist.is_available()
+            and torch_dist.is_initialized()
+        ):
+            self.script_backend = str(torch_dist.get_backend())
+        if self.channel is None and self.channel_error is None and self.script_backend:
+            from sfdiag.dist import Channel
+
+            try:
+                self.channel = Channel.open(self.job)
+            except Exception as exc:
+                self.channel_error = f"{type(exc).__name__}: {exc}"
+
+    def _across_ranks(self, entry: Watched, norms: StepNorms) -> None:
+        """The job's norms for a step with sharded grads, and the ranks' agreement on an
+        audited one. Every rank takes the same steps, so every rank calls these alike."""
+        if entry.sharded:
+            norms.globalize(self.channel, entry.sharded)
+        audited_now = entry.indices and entry.indices[-1] == norms.step
+        if not audited_now:
+            return
+        if entry.sharded:
+            entry.global_norms[norms.step] = norms.over(None)
+        if self.script_backend is not None:
+            self._compare_with_rank0(entry, norms.step)
+
+    def _compare_with_rank0(self, entry: Watched, step: int) -> None:
+        """Whole (not sharded) grads must be bit-identical on every rank before step()
+        (DDP's all-reduce makes them so): rank 0's digests, broadcast, against ours."""
+        import torch
+
+        sharded = {i for i, _ in entry.sharded}
+        digests = [
+            0 if i in sharded else d for i, d in enumerate(entry.auditor.observations[-1].digests)
+        ]
+        if not any(digests):  # every grad sharded (or none): nothing whole to compare
+            return
+        mine = torch.tensor(digests, dtype=torch.int64)
+        theirs = self.channel.broadcast(mine.clone())
+        entry.agreement_checked = True
+        if entry.disagreement is None and not torch.equal(mine, theirs):
+            index = int((mine != theirs).nonzero()[0])
+            name = entry.names.names.get(id(entry.params[index]), f"param{index}")
+            entry.disagreement = (step, name)
+
     def _give_up(self, optimizer: Any, exc: Exception) -> None:
         entry = self._by_id.get(id(optimizer))
         if entry is not None and entry.error is None:
             text = str(exc).strip().splitlines()
-            entry.error = (
-                f"sfdiag could not audit it: {type(exc).__name__}: {text[0] if text else ''}"
-            )
+            from sfdiag.verdict import SFDIAG_FAILED
+
+            entry.error = f"{SFDIAG_FAILED}: {type(exc).__name__}: {text[0] if text else ''}"
 
 
 def _closure_of(args: tuple, kwargs: dict) -> Callable[..., Any] | None:
