@@ -41,10 +41,14 @@ _TOP_KEYS = (
     "data",
     "loss",
     "optimizers",
+    "distributed",
 )
 _OPTIMIZER_KEYS = ("name", "class", "kwargs", "closure", "create_graph")
 _MODEL_KEYS = ("name", "kwargs")
 _DATA_KEYS = ("name", "batch_size", "kwargs")
+_DISTRIBUTED_KEYS = ("nproc", "strategy")
+STRATEGIES = ("ddp", "fsdp2")
+MAX_NPROC = 64
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,16 @@ class DataSpec:
 
 
 @dataclass(frozen=True)
+class DistributedSpec:
+    """Probe under sharding: ``nproc`` local ranks (gloo, CPU), the model wrapped in
+    DistributedDataParallel (``ddp``) or FSDP2's ``fully_shard`` (``fsdp2``), each rank
+    fed its share of every batch."""
+
+    nproc: int = 2
+    strategy: str = "ddp"
+
+
+@dataclass(frozen=True)
 class Config:
     optimizers: tuple[OptimizerSpec, ...]
     seed: int = 0
@@ -80,13 +94,14 @@ class Config:
     data: DataSpec = field(default_factory=DataSpec)
     loss: str = "auto"
     schema_version: int = SCHEMA_VERSION
+    distributed: DistributedSpec | None = None  # None: one process
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain JSON-able data, in the YAML's key names.
 
         Every key is written out, defaults included; ``parse_config(c.to_dict()) == c``.
         """
-        return {
+        out: dict[str, Any] = {
             "schema_version": self.schema_version,
             "seed": self.seed,
             "steps": self.steps,
@@ -110,6 +125,12 @@ class Config:
                 for spec in self.optimizers
             ],
         }
+        if self.distributed is not None:  # only then: older configs' dicts stay as they were
+            out["distributed"] = {
+                "nproc": self.distributed.nproc,
+                "strategy": self.distributed.strategy,
+            }
+        return out
 
 
 EXAMPLE_CONFIG = """\
@@ -145,6 +166,10 @@ optimizers:             # at least one; each runs on a fresh copy of the same mo
   #   kwargs: {lr: 0.001}
   #   closure: false      # true: step(closure), the closure recomputing the loss
   #   create_graph: false # true: backward(create_graph=True), for Hessian-based optimizers
+
+# distributed:          # probe under sharding: nproc local ranks (gloo, CPU), each fed its
+#   nproc: 2            # share of every batch (batch_size must split evenly)
+#   strategy: ddp       # ddp (DistributedDataParallel) | fsdp2 (fully_shard, DTensor grads)
 """
 
 
@@ -184,7 +209,7 @@ def parse_config(data: object, source: str = "<config>") -> Config:
                 f"{SCHEMA_VERSION}, got {_show(version)}"
             )
     default = Config(optimizers=())
-    return Config(
+    config = Config(
         optimizers=_optimizers(data["optimizers"], source),
         seed=_int(data.get("seed", default.seed), 0, MAX_SEED, f"{source}: seed"),
         steps=_int(data.get("steps", default.steps), 1, MAX_STEPS, f"{source}: steps"),
@@ -193,7 +218,11 @@ def parse_config(data: object, source: str = "<config>") -> Config:
         model=_model(data.get("model", default.model.name), source),
         data=_data(data.get("data", default.data.name), source),
         loss=_registry_name(data.get("loss", default.loss), "loss", f"{source}: loss"),
+        distributed=_distributed(data.get("distributed"), source),
     )
+    if config.distributed is not None:
+        _check_distributed(config, source)
+    return config
 
 
 def parse_optimizer_list(text: str) -> list[str]:
@@ -235,7 +264,10 @@ def with_overrides(
         changes["seed"] = _int(seed, 0, MAX_SEED, "--seed")
     if device is not None:
         changes["device"] = _choice(device, DEVICES, "--device")
-    return replace(config, **changes)
+    result = replace(config, **changes)
+    if result.distributed is not None:
+        _check_distributed(result, "the command line")
+    return result
 
 
 # --------------------------------------------------------------------------- reading
@@ -433,6 +465,44 @@ def _data(value: object, source: str) -> DataSpec:
         batch_size=_int(batch_size, 1, MAX_BATCH_SIZE, f"{source}: data.batch_size"),
         kwargs=_kwargs(value.get("kwargs"), f"{source}: data.kwargs"),
     )
+
+
+def _distributed(value: object, source: str) -> DistributedSpec | None:
+    where = f"{source}: distributed"
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise SfdiagError(
+            f"{where}: must be a mapping like {{nproc: 2, strategy: ddp}}, got {_show(value)}"
+        )
+    _check_keys(value, _DISTRIBUTED_KEYS, where)
+    return DistributedSpec(
+        nproc=_int(value.get("nproc", DistributedSpec.nproc), 2, MAX_NPROC, f"{where}.nproc"),
+        strategy=_choice(
+            value.get("strategy", DistributedSpec.strategy), STRATEGIES, f"{where}.strategy"
+        ),
+    )
+
+
+def _check_distributed(config: Config, source: str) -> None:
+    """What a probe under sharding needs of the rest of the config."""
+    spec = config.distributed
+    if config.device == "cuda":
+        raise SfdiagError(
+            f"{source}: distributed: probes run their ranks on the CPU (gloo); "
+            "use device: cpu (or auto)"
+        )
+    if config.data.batch_size % spec.nproc:
+        raise SfdiagError(
+            f"{source}: data.batch_size: {config.data.batch_size} does not split into "
+            f"{spec.nproc} equal shares (distributed.nproc); use a multiple of {spec.nproc}"
+        )
+    closures = [o.name for o in config.optimizers if o.closure or o.create_graph]
+    if closures:
+        raise SfdiagError(
+            f"{source}: distributed: optimizer {closures[0]!r} needs a closure or "
+            "create_graph, which a distributed probe does not run; probe it in one process"
+        )
 
 
 def _optimizers(value: object, source: str) -> tuple[OptimizerSpec, ...]:

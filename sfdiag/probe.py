@@ -56,6 +56,23 @@ def _state_bytes_per_element(optimizer: Any, model: torch.nn.Module) -> float:
     return snapshot.state_bytes(optimizer) / elements if elements else 0.0
 
 
+class Sharding:
+    """How a probe runs on one rank of a distributed probe (``sfdiag.probe_dist``); this
+    base class is the plain one-process probe: nothing wrapped, nothing split."""
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def share(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of a batch."""
+        return x, y
+
+    def step_values(self, loss: float, observed: Any) -> tuple[float, float, float]:
+        """The step's (loss, pre, post grad norm) of the whole batch and model, from this
+        rank's loss and observation."""
+        return loss, observed.pre_norm, observed.post_norm
+
+
 @dataclass(frozen=True)
 class _Unhooked:
     """What the auditor reads of an optimizer that has no step hooks: the model's params."""
@@ -73,19 +90,23 @@ class _Unhooked:
 
 
 def probe_optimizer(
-    built: BuiltProbe, opt: BuiltOptimizer, options: ProbeOptions = ProbeOptions()
+    built: BuiltProbe,
+    opt: BuiltOptimizer,
+    options: ProbeOptions = ProbeOptions(),
+    sharding: Sharding = Sharding(),
 ) -> OptimizerResult:
     """Run one optimizer's probe; a failure to construct or step becomes an error row."""
     spec, steps_total = opt.spec, built.config.steps
-    model = built.model_factory().to(built.device)
-    model.train()
-    auditor = StepAuditor(
-        names={id(p): name for name, p in model.named_parameters()}, forensics=options.forensics
-    )
+    plain = built.model_factory().to(built.device)
+    plain.train()
+    auditor = StepAuditor(forensics=options.forensics)
     step_records: list[StepRecord] = []
     error = None
     optimizer = None
+    model = plain
     try:
+        model = sharding.wrap(plain)  # FSDP2 swaps in DTensor parameters: name them after
+        auditor.names.update({id(p): name for name, p in plain.named_parameters()})
         optimizer = opt.factory(model.parameters(), **spec.kwargs)
         _set_train_mode(optimizer)
         # torch.optim.Optimizer subclasses are audited through their step hooks; any other
@@ -95,7 +116,7 @@ def probe_optimizer(
         if hooked:
             auditor.attach(optimizer)
         for index, (x, y) in enumerate(built.batches):
-            x, y = x.to(built.device), y.to(built.device)
+            x, y = sharding.share(x.to(built.device), y.to(built.device))
             optimizer.zero_grad(set_to_none=True)
             loss = built.loss_fn(model(x), y)
             loss.backward(create_graph=spec.create_graph)
@@ -124,11 +145,7 @@ def probe_optimizer(
             observed = auditor.observations[-1]
             step_records.append(
                 StepRecord(
-                    index,
-                    loss_value,
-                    observed.pre_norm,
-                    observed.post_norm,
-                    observed.params_mutated,
+                    index, *sharding.step_values(loss_value, observed), observed.params_mutated
                 )
             )
             if options.progress:
@@ -168,6 +185,10 @@ def run_probe(config: Config, options: ProbeOptions = ProbeOptions()) -> ProbeRe
             timing={"seconds": round(time.perf_counter() - started, 3)},
         )
 
+    if config.distributed is not None:
+        from sfdiag.probe_dist import run_distributed
+
+        return run_distributed(config, options)
     try:
         for opt in built.optimizers:
             results.append(probe_optimizer(built, opt, options))

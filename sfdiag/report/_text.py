@@ -241,6 +241,8 @@ NO_METRICS_NOTE = (
 def interrupted_line(report: ProbeReport) -> str | None:
     if not report.interrupted:
         return None
+    if isinstance(report.config, dict) and "command" in report.config:  # sfdiag run
+        return "Interrupted: the script was stopped; the rows cover the steps it finished."
     done = len(report.results)
     planned = report.config.get("optimizers") if isinstance(report.config, dict) else None
     of = f" of {len(planned)}" if isinstance(planned, list) and len(planned) >= done else ""

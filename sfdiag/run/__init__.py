@@ -228,11 +228,6 @@ def _audit_here(argv: list[str], target: Target, options: RunOptions, job: Any) 
         sys.stderr.write(text if text.endswith("\n") else text + "\n")
     else:
         print(f"sfdiag: {target.shown} stepped no optimizer; nothing to audit", file=sys.stderr)
-    if interrupted:
-        ui.note(
-            "sfdiag: the script was interrupted; the rows cover the steps it finished",
-            quiet=options.quiet,
-        )
     if options.report is not None and writes_report:
         from sfdiag.fileio import write_atomic
 
