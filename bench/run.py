@@ -37,6 +37,11 @@ metric_audit_overhead_ratio
     Rounds of steps alternate with and without; the first audited steps (all of the first
     ``AUDIT_FIRST``) are spent in the warm-up, so the sampled audits afterwards count at
     their real rate.
+ddp_audit_overhead_ratio
+    The same in a 2-rank DistributedDataParallel job on this machine's CPUs (gloo, through
+    torchrun), each rank with half of the batch and sfdiag's channel to the other rank
+    (the rank agreement check on audited steps); rank 0 logs to TensorBoard. Rank 0's
+    figures.
 cli_help_seconds, compare_default_seconds
     ``sfdiag --help`` and ``sfdiag compare`` as subprocesses, medians.
 scaling
@@ -79,6 +84,7 @@ TARGETS = {
     "audit_extra_memory_fraction": ("<=", 0.01),
     "sf_adamw_step_vs_upstream": ("<=", 1.0),
     "metric_audit_overhead_ratio": ("<=", 1.03),
+    "ddp_audit_overhead_ratio": ("<=", 1.10),
     "cli_help_seconds": ("<", 0.5),
     "compare_default_seconds": ("<", 5.0),
 }
@@ -93,6 +99,7 @@ FIGURES = (
     "sf_adamw_compiled_step_vs_floor",
     "sf_sgd_step_vs_floor",
     "metric_audit_overhead_ratio",
+    "ddp_audit_overhead_ratio",
     "cli_help_seconds",
     "compare_default_seconds",
 )
@@ -339,79 +346,169 @@ class _ListWriter:
         pass
 
 
-def measure_metric_audit_overhead(settings: Settings) -> dict[str, Any]:
-    """A logged training step with and without ``sfdiag run``'s machinery (module doc)."""
-    import tempfile
+class RunMachinery:
+    """``sfdiag run``'s in-process machinery, installed for a round of steps and removed:
+    the optimizer watch (with a job's channel, in a rank), clipping wrappers, logger taps
+    and the metric audit. Its entries persist, so sampled audits keep their real rate."""
 
-    from sfdiag.judge import MetricSelector
-    from sfdiag.run import clipping, taps
-    from sfdiag.run.metrics import MetricAudit
-    from sfdiag.run.watch import AUDIT_FIRST, OptimizerWatch
+    def __init__(self, job: Any = None, channel: Any = None) -> None:
+        from sfdiag.judge import MetricSelector
+        from sfdiag.run import clipping
+        from sfdiag.run.metrics import MetricAudit
+        from sfdiag.run.watch import OptimizerWatch
 
-    torch.manual_seed(0)
-    trainer = Trainer.build(build_model(settings.model), "sf-adamw", settings.batch)
-    params = list(trainer.model.parameters())
-    with tempfile.TemporaryDirectory(prefix="sfdiag-bench-tb-") as logdir:
+        self.clips = clipping.ClipLog()
+        self.watch = OptimizerWatch(clips=self.clips, job=job, channel=channel)
+        self.audit = MetricAudit(self.watch, MetricSelector())
+        self.watch.on_step = self.audit.on_step
+
+    def run(self, steps: Callable[[], float]) -> float:
+        from sfdiag.run import clipping, taps
+
+        self.watch.install()
+        undo_clips = clipping.install(self.clips, self.audit.is_active)
+        remove_taps = taps.install_all(self.audit)
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            return steps()
+        finally:
+            self.watch.remove()
+            undo_clips.undo()
+            remove_taps()
 
-            writer: Any = SummaryWriter(logdir)
-            logger = "tensorboard"
-        except ImportError:
-            writer, logger = _ListWriter(), "none (tensorboard is not installed)"
-        counter = [0]
 
-        def logged_steps(count: int) -> float:
-            start = time.perf_counter()
-            for _ in range(count):
-                trainer.optimizer.zero_grad(set_to_none=True)
-                trainer._loss().backward()
-                norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-                writer.add_scalar("train/grad_norm", float(norm), counter[0])
-                trainer.optimizer.step()
-                counter[0] += 1
-            return (time.perf_counter() - start) / count
+def _writer(logdir: str, enabled: bool = True) -> tuple[Any, str]:
+    if not enabled:
+        return _ListWriter(), "none (not rank 0)"
+    try:
+        from torch.utils.tensorboard import SummaryWriter
 
-        clips = clipping.ClipLog()
-        watch = OptimizerWatch(clips=clips)
-        audit = MetricAudit(watch, MetricSelector())
-        watch.on_step = audit.on_step
+        return SummaryWriter(logdir), "tensorboard"
+    except ImportError:
+        return _ListWriter(), "none (tensorboard is not installed)"
 
-        def audited_steps(count: int) -> float:
-            watch.install()
-            undo_clips = clipping.install(clips, audit.is_active)
-            remove_taps = taps.install_all(audit)
-            try:
-                return logged_steps(count)
-            finally:
-                watch.remove()
-                undo_clips.undo()
-                remove_taps()
 
-        per_round = 5
-        audited_steps(AUDIT_FIRST + 5)  # the every-step audits of the first steps
-        times = interleaved(
-            {
-                "plain": lambda: logged_steps(per_round),
-                "audited": lambda: audited_steps(per_round),
-            },
-            max(2, settings.overhead_pairs // 2),
-            warmup=1,
-        )
-        writer.close()
-    metrics = audit.finish()
+def _logged_steps(trainer: Trainer, writer: Any, counter: list[int]) -> Callable[[int], float]:
+    """``count`` training steps that each log the grad norm before ``step()``; s per step."""
+    params = list(trainer.model.parameters())
+
+    def steps(count: int) -> float:
+        start = time.perf_counter()
+        for _ in range(count):
+            trainer.optimizer.zero_grad(set_to_none=True)
+            trainer._loss().backward()
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            writer.add_scalar("train/grad_norm", float(norm), counter[0])
+            trainer.optimizer.step()
+            counter[0] += 1
+        return (time.perf_counter() - start) / count
+
+    return steps
+
+
+def _machinery_overhead(
+    trainer: Trainer, writer: Any, machinery: RunMachinery, rounds: int, per_round: int = 5
+) -> dict[str, Any]:
+    from sfdiag.run.watch import AUDIT_FIRST
+
+    steps = _logged_steps(trainer, writer, [0])
+    machinery.run(lambda: steps(AUDIT_FIRST + 5))  # the every-step audits of the first steps
+    times = interleaved(
+        {
+            "plain": lambda: steps(per_round),
+            "audited": lambda: machinery.run(lambda: steps(per_round)),
+        },
+        rounds,
+        warmup=1,
+    )
+    metrics = machinery.audit.finish()
     return {
         "ratio": _ratio(times["audited"], times["plain"]),
         "paired_ratio": _paired_ratio(times["audited"], times["plain"]),
         "plain_ms": _median_ms(times["plain"]),
         "audited_ms": _median_ms(times["audited"]),
         "steps_each": len(times["plain"]) * per_round,
+        "metrics_judged": {m.name: (m.verdict, m.steps_judged) for m in metrics},
+    }
+
+
+def measure_metric_audit_overhead(settings: Settings) -> dict[str, Any]:
+    """A logged training step with and without ``sfdiag run``'s machinery (module doc)."""
+    import tempfile
+
+    torch.manual_seed(0)
+    trainer = Trainer.build(build_model(settings.model), "sf-adamw", settings.batch)
+    with tempfile.TemporaryDirectory(prefix="sfdiag-bench-tb-") as logdir:
+        writer, logger = _writer(logdir)
+        rounds = max(2, settings.overhead_pairs // 2)
+        out = _machinery_overhead(trainer, writer, RunMachinery(), rounds)
+        writer.close()
+    return {
+        **out,
         "model": settings.model,
         "batch": settings.batch,
         "optimizer": "sf-adamw",
         "logger": logger,
-        "metrics_judged": {m.name: (m.verdict, m.steps_judged) for m in metrics},
     }
+
+
+def ddp_worker(settings: Settings) -> dict[str, Any] | None:
+    """One rank of a 2-rank DDP job (gloo): the overhead of ``sfdiag run`` in a rank."""
+    import tempfile
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from sfdiag.dist import Channel, Job
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    job = Job.from_env()
+    channel = Channel.open(job)
+    torch.manual_seed(0)
+    trainer = Trainer.build(build_model(settings.model), "sf-adamw", settings.batch // world, rank)
+    trainer.model = DistributedDataParallel(trainer.model)
+    trainer.optimizer = make_optimizer("sf-adamw", trainer.model.parameters())
+    with tempfile.TemporaryDirectory(prefix="sfdiag-bench-ddp-") as logdir:
+        writer, logger = _writer(logdir, enabled=rank == 0)
+        rounds = max(2, settings.overhead_pairs // 2)
+        out = _machinery_overhead(trainer, writer, RunMachinery(job, channel), rounds)
+        writer.close()
+    channel.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    if rank != 0:
+        return None
+    return {
+        **out,
+        "model": settings.model,
+        "global_batch": settings.batch,
+        "ranks": world,
+        "backend": "gloo",
+        "optimizer": "sf-adamw",
+        "logger": logger,
+    }
+
+
+def measure_ddp_overhead(settings: Settings) -> dict[str, Any]:
+    """``ddp_worker`` on 2 local ranks, through torchrun; rank 0's figures."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(Path(__file__).resolve()),
+        "--worker",
+        "ddp",
+        "--settings",
+        json.dumps(asdict(settings)),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench ddp job failed:\n{done.stderr[-3000:]}")
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1])
 
 
 def _torch_bytes_in_marks(prof: Any) -> tuple[int, int]:
@@ -866,6 +963,11 @@ def collect(settings: Settings, progress: Callable[[str], None] | None = None) -
     out["metric_audit_overhead_ratio"] = metric_audit["ratio"]
     out["metric_audit_overhead"] = metric_audit
 
+    say("a 2-rank DDP job")
+    ddp = measure_ddp_overhead(settings)
+    out["ddp_audit_overhead_ratio"] = ddp["ratio"]
+    out["ddp_audit_overhead"] = ddp
+
     say("optimizer steps")
     sf = measure_sf_adamw_step(settings)
     out["sf_adamw_step_vs_upstream"] = sf.get("vs_release")
@@ -962,6 +1064,12 @@ def render(figures: dict[str, Any]) -> str:
         f"norm logged every step ({ma['logger']}): {ma['plain_ms']:.2f} -> "
         f"{ma['audited_ms']:.2f} ms/step (x{ma['ratio']:.3f}, paired x{ma['paired_ratio']:.3f})"
     )
+    dd = figures["ddp_audit_overhead"]
+    lines.append(
+        f"sfdiag run in a {dd['ranks']}-rank DDP job ({dd['backend']}), {dd['model']} global "
+        f"batch {dd['global_batch']}, {dd['optimizer']}: {dd['plain_ms']:.2f} -> "
+        f"{dd['audited_ms']:.2f} ms/step (x{dd['ratio']:.3f}, paired x{dd['paired_ratio']:.3f})"
+    )
     sf = figures["sf_adamw_step"]
     ms = ", ".join(f"{k} {v:.1f}" for k, v in sf["ms"].items())
     lines.append(
@@ -1022,6 +1130,10 @@ def main(argv: list[str] | None = None) -> int:
         kind, *rest = args.worker
         if kind == "scaling":
             result = scaling_worker(int(rest[0]), bool(int(rest[1])), settings)
+        elif kind == "ddp":
+            result = ddp_worker(settings)
+            if result is None:  # not rank 0
+                return 0
         else:
             result = {
                 "adamw": measure_sf_adamw_step(settings),

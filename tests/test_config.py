@@ -19,6 +19,7 @@ from sfdiag.config import (
     EXAMPLE_CONFIG,
     Config,
     DataSpec,
+    DistributedSpec,
     ModelSpec,
     OptimizerSpec,
     default_config,
@@ -184,6 +185,42 @@ BAD = [
     ("data-unknown-key", "data: {batch: 8}\noptimizers: [adamw]\n", ["data", "'batch'"]),
     ("loss-unknown", "loss: crossentropy\noptimizers: [adamw]\n", ["loss", "'crossentropy'"]),
     ("loss-mapping", "loss: {name: mse}\noptimizers: [adamw]\n", ["loss", "mapping"]),
+    (
+        "distributed-list",
+        "distributed: [2]\noptimizers: [adamw]\n",
+        ["distributed", "mapping", "[2]"],
+    ),
+    (
+        "distributed-nproc-one",
+        "distributed: {nproc: 1}\noptimizers: [adamw]\n",
+        ["distributed.nproc", "from 2 to 64", "1"],
+    ),
+    (
+        "distributed-strategy-typo",
+        "distributed: {strategy: fsdp}\noptimizers: [adamw]\n",
+        ["distributed.strategy", "'fsdp'", "fsdp2"],
+    ),
+    (
+        "distributed-unknown-key",
+        "distributed: {ranks: 2}\noptimizers: [adamw]\n",
+        ["distributed", "'ranks'", "nproc"],
+    ),
+    (
+        "distributed-uneven-batch",
+        "data: {batch_size: 7}\ndistributed: {nproc: 2}\noptimizers: [adamw]\n",
+        ["data.batch_size", "7", "2"],
+    ),
+    (
+        "distributed-cuda",
+        "device: cuda\ndistributed: {nproc: 2}\noptimizers: [adamw]\n",
+        ["distributed", "cpu"],
+    ),
+    (
+        "distributed-closure",
+        "distributed: {nproc: 2}\noptimizers: [{name: lbfgs, class: 'torch.optim:LBFGS', "
+        "closure: true}]\n",
+        ["distributed", "'lbfgs'", "closure"],
+    ),
 ]
 
 
@@ -683,3 +720,16 @@ def test_importing_config_does_not_import_torch() -> None:
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_distributed_round_trips_and_older_configs_keep_their_dict(tmp_path: Path) -> None:
+    config = _load_text(
+        tmp_path, "data: {batch_size: 8}\ndistributed: {strategy: fsdp2}\noptimizers: [adamw]\n"
+    )
+    assert config.distributed == DistributedSpec(nproc=2, strategy="fsdp2")
+    assert config.to_dict()["distributed"] == {"nproc": 2, "strategy": "fsdp2"}
+    assert parse_config(config.to_dict()) == config
+    plain = _load_text(tmp_path, "optimizers: [adamw]\n")
+    assert plain.distributed is None and "distributed" not in plain.to_dict()
+    with pytest.raises(SfdiagError, match="cpu"):
+        with_overrides(config, device="cuda")

@@ -232,6 +232,19 @@ def distributed_line(report: ProbeReport) -> str | None:
     return line + ": RANKS STEP DIFFERENT GRADIENTS: " + "; ".join(info.disagreements)
 
 
+def per_rank_lines(report: ProbeReport) -> list[str]:
+    """An optimizer whose ranks' verdicts differ: what each rank saw (``AdamW by rank: 0
+    clean, 1 mutated``). Ranks that agree need no line."""
+    lines = []
+    for result in report.results:
+        ranks = result.per_rank or ()
+        if len({r.verdict for r in ranks}) > 1:
+            seen = ", ".join(f"{r.rank} {r.verdict}" for r in ranks)
+            more = " (the ranks that differ)" if result.per_rank_summary else ""
+            lines.append(f"{result.optimizer} by rank{more}: {seen}")
+    return lines
+
+
 NO_METRICS_NOTE = (
     "No gradient metric was logged through TensorBoard, W&B, MLflow, Lightning or "
     "Transformers (--metric NAME judges a name the pattern misses)."

@@ -213,6 +213,8 @@ def render_report(report: ProbeReport, options: RenderOptions) -> str:
     if ranks:
         style = _FLAGGED if report.ranks_disagree else "dim"
         console.print(Text(ranks, style=style), soft_wrap=True)
+        for line in _text.per_rank_lines(report):
+            console.print(Text(line, style=_NOTE), soft_wrap=True)
     if report.results:
         console.print(_optimizer_table(report, console.width))
     else:

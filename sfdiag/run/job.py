@@ -10,6 +10,7 @@ ranks agree when every rank's whole grads equalled rank 0's. Pure: no torch here
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -109,8 +110,10 @@ def _worst(summaries: Sequence[tuple[int, OptimizerSummary]]) -> tuple[int, Opti
 
 
 def _per_rank(
-    found: Sequence[tuple[int, OptimizerSummary]], verdict: str
+    found: Sequence[tuple[int, OptimizerSummary]],
 ) -> tuple[tuple[RankResult, ...], dict[str, float] | None]:
+    """Every rank's row; past ``PER_RANK_LIMIT`` ranks only those whose verdict is not the
+    most common one or that disagree with rank 0, and min / median / max of the norms."""
     rows = [
         RankResult(
             rank,
@@ -125,7 +128,8 @@ def _per_rank(
         return tuple(rows), None
     pre = sorted(r.pre_step_grad_norm for r in rows)
     summary = {"ranks": len(rows), "min": pre[0], "median": _median(pre), "max": pre[-1]}
-    differing = tuple(r for r in rows if r.verdict != verdict or r.agrees is False)
+    usual = Counter(r.verdict for r in rows).most_common(1)[0][0]
+    differing = tuple(r for r in rows if r.verdict != usual or r.agrees is False)
     return differing, summary
 
 
@@ -166,7 +170,7 @@ def merge(report: ProbeReport, summaries: Sequence[RankSummary]) -> ProbeReport:
                 error=worst.error,
                 params_mutated=worst.params_mutated,
             )
-        per_rank, summary = _per_rank(found, result.verdict)
+        per_rank, summary = _per_rank(found)
         results.append(replace(result, per_rank=per_rank, per_rank_summary=summary))
         for rank, o in found:
             checked = checked or o.agreement_checked
