@@ -37,6 +37,10 @@ metric_audit_overhead_ratio
     Rounds of steps alternate with and without; the first audited steps (all of the first
     ``AUDIT_FIRST``) are spent in the warm-up, so the sampled audits afterwards count at
     their real rate.
+mode_watch_overhead_ratio
+    The schedule-free mode watching alone (a global forward pre-hook and a mode check per
+    step): ``sfdiag run``'s machinery with it over the same without it, on the steps of
+    ``metric_audit_overhead_ratio``.
 ddp_audit_overhead_ratio
     The same in a 2-rank DistributedDataParallel job on this machine's CPUs (gloo, through
     torchrun), each rank with half of the batch and sfdiag's channel to the other rank
@@ -85,6 +89,7 @@ TARGETS = {
     "sf_adamw_step_vs_upstream": ("<=", 1.0),
     "metric_audit_overhead_ratio": ("<=", 1.03),
     "ddp_audit_overhead_ratio": ("<=", 1.10),
+    "mode_watch_overhead_ratio": ("<=", 1.01),
     "cli_help_seconds": ("<", 0.5),
     "compare_default_seconds": ("<", 5.0),
 }
@@ -100,6 +105,7 @@ FIGURES = (
     "sf_sgd_step_vs_floor",
     "metric_audit_overhead_ratio",
     "ddp_audit_overhead_ratio",
+    "mode_watch_overhead_ratio",
     "cli_help_seconds",
     "compare_default_seconds",
 )
@@ -351,27 +357,33 @@ class RunMachinery:
     the optimizer watch (with a job's channel, in a rank), clipping wrappers, logger taps
     and the metric audit. Its entries persist, so sampled audits keep their real rate."""
 
-    def __init__(self, job: Any = None, channel: Any = None) -> None:
+    def __init__(self, job: Any = None, channel: Any = None, *, modes: bool = True) -> None:
         from sfdiag.judge import MetricSelector
         from sfdiag.run import clipping
         from sfdiag.run.metrics import MetricAudit
+        from sfdiag.run.modes import ModeWatch
         from sfdiag.run.watch import OptimizerWatch
 
         self.clips = clipping.ClipLog()
         self.watch = OptimizerWatch(clips=self.clips, job=job, channel=channel)
         self.audit = MetricAudit(self.watch, MetricSelector())
-        self.watch.on_step = self.audit.on_step
+        self.modes = ModeWatch(self.audit.is_active) if modes else None
+        self.watch.observers += [self.audit, *([self.modes] if self.modes else [])]
 
     def run(self, steps: Callable[[], float]) -> float:
         from sfdiag.run import clipping, taps
 
         self.watch.install()
+        if self.modes is not None:
+            self.modes.install()
         undo_clips = clipping.install(self.clips, self.audit.is_active)
         remove_taps = taps.install_all(self.audit)
         try:
             return steps()
         finally:
             self.watch.remove()
+            if self.modes is not None:
+                self.modes.remove()
             undo_clips.undo()
             remove_taps()
 
@@ -448,6 +460,43 @@ def measure_metric_audit_overhead(settings: Settings) -> dict[str, Any]:
         "batch": settings.batch,
         "optimizer": "sf-adamw",
         "logger": logger,
+    }
+
+
+def measure_mode_watch_overhead(settings: Settings) -> dict[str, Any]:
+    """The schedule-free mode watching alone: ``sfdiag run``'s machinery with it over the
+    same without it (both with the optimizer watch it needs), on sf-adamw training steps."""
+    import tempfile
+
+    from sfdiag.run.watch import AUDIT_FIRST
+
+    torch.manual_seed(0)
+    trainer = Trainer.build(build_model(settings.model), "sf-adamw", settings.batch)
+    with tempfile.TemporaryDirectory(prefix="sfdiag-bench-modes-") as logdir:
+        writer, _ = _writer(logdir)
+        steps = _logged_steps(trainer, writer, [0])
+        with_modes, without = RunMachinery(modes=True), RunMachinery(modes=False)
+        for machinery in (with_modes, without):
+            machinery.run(lambda: steps(AUDIT_FIRST + 5))
+        per_round = 5
+        times = interleaved(
+            {
+                "without": lambda: without.run(lambda: steps(per_round)),
+                "with": lambda: with_modes.run(lambda: steps(per_round)),
+            },
+            max(2, settings.overhead_pairs // 2),
+            warmup=1,
+        )
+        writer.close()
+    return {
+        "ratio": _ratio(times["with"], times["without"]),
+        "paired_ratio": _paired_ratio(times["with"], times["without"]),
+        "without_ms": _median_ms(times["without"]),
+        "with_ms": _median_ms(times["with"]),
+        "steps_each": len(times["with"]) * per_round,
+        "model": settings.model,
+        "batch": settings.batch,
+        "optimizer": "sf-adamw",
     }
 
 
@@ -963,6 +1012,11 @@ def collect(settings: Settings, progress: Callable[[str], None] | None = None) -
     out["metric_audit_overhead_ratio"] = metric_audit["ratio"]
     out["metric_audit_overhead"] = metric_audit
 
+    say("schedule-free mode watching")
+    modes = measure_mode_watch_overhead(settings)
+    out["mode_watch_overhead_ratio"] = modes["ratio"]
+    out["mode_watch_overhead"] = modes
+
     say("a 2-rank DDP job")
     ddp = measure_ddp_overhead(settings)
     out["ddp_audit_overhead_ratio"] = ddp["ratio"]
@@ -1063,6 +1117,12 @@ def render(figures: dict[str, Any]) -> str:
         f"sfdiag run machinery, {ma['model']} batch {ma['batch']}, {ma['optimizer']}, a grad "
         f"norm logged every step ({ma['logger']}): {ma['plain_ms']:.2f} -> "
         f"{ma['audited_ms']:.2f} ms/step (x{ma['ratio']:.3f}, paired x{ma['paired_ratio']:.3f})"
+    )
+    mw = figures["mode_watch_overhead"]
+    lines.append(
+        f"schedule-free mode watching, {mw['model']} batch {mw['batch']}, {mw['optimizer']}: "
+        f"{mw['without_ms']:.2f} -> {mw['with_ms']:.2f} ms/step (x{mw['ratio']:.3f}, paired "
+        f"x{mw['paired_ratio']:.3f})"
     )
     dd = figures["ddp_audit_overhead"]
     lines.append(

@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from sfdiag.results import METRIC_VERDICTS, MetricExample, MetricResult
+from sfdiag.results import FINDING_KINDS, METRIC_VERDICTS, Finding, MetricExample, MetricResult
 
 _RANK = {v: i for i, v in enumerate(METRIC_VERDICTS)}
 
@@ -435,3 +435,78 @@ def _ratio_words(value: float) -> str:
 
 def any_wrong(metrics: Iterable[MetricResult]) -> bool:
     return any(m.wrong for m in metrics)
+
+
+# ---- schedule-free modes: events in, findings out ------------------------------------------
+@dataclass
+class ModeTally:
+    """What happened of one kind to one optimizer: how often, first when, the worst gap."""
+
+    count: int = 0
+    first_step: int = -1
+    gap: float | None = None
+
+    def add(self, step: int, gap: float | None = None) -> None:
+        if self.count == 0:
+            self.first_step = step
+        self.count += 1
+        if gap is not None and (self.gap is None or gap > self.gap):
+            self.gap = gap
+
+
+def _percent(gap: float | None) -> str:
+    return "" if gap is None or not math.isfinite(gap) else f" (||x - y|| / ||x|| = {gap:.3g})"
+
+
+def mode_advice(kind: str, tally: ModeTally) -> str:
+    """What went wrong and the one line that fixes it."""
+    if kind == "eval-in-train-mode":
+        return (
+            "the model was evaluated with the optimizer in train mode: at y, where gradients "
+            f"are taken, not at x, the weights to evaluate{_percent(tally.gap)}; call "
+            "optimizer.eval() before evaluating and optimizer.train() after"
+        )
+    if kind == "checkpoint-in-train-mode":
+        return (
+            "a checkpoint was saved with the optimizer in train mode: it holds y, not x; call "
+            "optimizer.eval() before saving (and optimizer.train() after)"
+        )
+    if kind == "batchnorm-stats":
+        return (
+            "BatchNorm running statistics were used as gathered at y in training, never "
+            "recomputed at x; before evaluating: optimizer.eval(); model.train(); "
+            "with torch.no_grad(): run ~50 training batches through the model; model.eval()"
+        )
+    if kind == "step-in-eval-mode":
+        return (
+            "step() ran with the optimizer in eval mode (the parameters at x): it trained from "
+            "the wrong point; call optimizer.train() before training steps"
+        )
+    return kind
+
+
+#: what a finding counts, in words
+FINDING_UNITS = {
+    "eval-in-train-mode": ("evaluation", "evaluations"),
+    "checkpoint-in-train-mode": ("save", "saves"),
+    "batchnorm-stats": ("evaluation", "evaluations"),
+    "step-in-eval-mode": ("step", "steps"),
+}
+
+
+def mode_findings(tallies: dict[tuple[str, str], ModeTally]) -> tuple[Finding, ...]:
+    """(optimizer, kind) -> tally, as findings in the order of ``FINDING_KINDS``."""
+    order = {kind: i for i, kind in enumerate(FINDING_KINDS)}
+    found = [
+        Finding(
+            kind=kind,
+            optimizer=optimizer,
+            first_step=tally.first_step,
+            count=tally.count,
+            advice=mode_advice(kind, tally),
+            gap=tally.gap if kind == "eval-in-train-mode" else None,
+        )
+        for (optimizer, kind), tally in tallies.items()
+        if tally.count
+    ]
+    return tuple(sorted(found, key=lambda f: (order.get(f.kind, len(order)), f.optimizer)))

@@ -223,6 +223,48 @@ class MetricResult:
         }
 
 
+#: schedule-free mode findings of ``sfdiag run`` (CONTRACTS.md)
+FINDING_KINDS = (
+    "eval-in-train-mode",
+    "checkpoint-in-train-mode",
+    "batchnorm-stats",
+    "step-in-eval-mode",
+    "double-warmup",
+)
+#: the findings that fail ``sfdiag run --strict`` (the others are warnings)
+FAILING_FINDINGS = frozenset(
+    {"eval-in-train-mode", "checkpoint-in-train-mode", "step-in-eval-mode"}
+)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Something a script did with a schedule-free optimizer in the wrong mode."""
+
+    kind: str  # one of FINDING_KINDS
+    optimizer: str
+    first_step: int  # the optimizer's last finished step when it first happened (-1: none yet)
+    count: int
+    advice: str
+    gap: float | None = None  # eval-in-train-mode: ||x - y|| / ||x|| (the largest seen)
+
+    @property
+    def failing(self) -> bool:
+        return self.kind in FAILING_FINDINGS
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "kind": self.kind,
+            "optimizer": self.optimizer,
+            "first_step": self.first_step,
+            "count": self.count,
+        }
+        if self.kind == "eval-in-train-mode":
+            out["gap"] = _num(self.gap)
+        out["advice"] = self.advice
+        return out
+
+
 @dataclass(frozen=True)
 class DistributedInfo:
     """A multi-rank job, audited as one (``sfdiag run`` under torchrun or ``--nproc``)."""
@@ -255,6 +297,8 @@ class ProbeReport:
     metrics: tuple[MetricResult, ...] | None = None
     # a multi-rank job only
     distributed: DistributedInfo | None = None
+    # ``sfdiag run`` only: schedule-free mode findings
+    findings: tuple[Finding, ...] | None = None
 
     @property
     def any_flagged(self) -> bool:
@@ -263,6 +307,10 @@ class ProbeReport:
     @property
     def any_wrong_metric(self) -> bool:
         return any(m.wrong for m in self.metrics or ())
+
+    @property
+    def any_failing_finding(self) -> bool:
+        return any(f.failing for f in self.findings or ())
 
     @property
     def ranks_disagree(self) -> bool:
@@ -280,6 +328,8 @@ class ProbeReport:
             out["metrics"] = [m.to_dict() for m in self.metrics]
         if self.distributed is not None:
             out["distributed"] = self.distributed.to_dict()
+        if self.findings is not None:
+            out["findings"] = [f.to_dict() for f in self.findings]
         if self.interrupted:
             out["interrupted"] = True
         if self.timing:

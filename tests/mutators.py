@@ -139,3 +139,11 @@ class DuckTyped:
                 if self.scale != 1.0:
                     p.grad.mul_(self.scale)
                 p.sub_(p.grad, alpha=self.lr)
+
+
+class LenientScheduleFree(__import__("sfdiag.optim", fromlist=["x"]).AdamWScheduleFreeReference):
+    """Schedule-free AdamW (reference form) whose step() does not refuse eval mode, as some
+    schedule-free implementations do not: stepping at x goes unnoticed by the optimizer."""
+
+    def _require_train_mode(self) -> None:
+        pass

@@ -104,3 +104,17 @@ def test_metrics_merge_to_the_worst_rank_and_strategies_are_named():
     assert strategy_of([summary(0, backend=None)]) == "none"
     unchecked = merge(rank0_report(), [summary(0, backend=None), summary(1, backend=None)])
     assert unchecked.distributed.ranks_agree is None
+
+
+def test_findings_merge_by_kind_and_optimizer():
+    from sfdiag.results import Finding
+
+    def finding(step: int, count: int, gap: float | None) -> Finding:
+        return Finding("eval-in-train-mode", "AdamW", step, count, "call optimizer.eval()", gap)
+
+    first = RankSummary(0, 0, "gloo", (), (), (finding(9, 2, 0.01),))
+    second = RankSummary(1, 0, "gloo", (), (), (finding(4, 3, 0.03),))
+    merged = merge(rank0_report(), [first, second])
+    (one,) = merged.findings
+    assert (one.first_step, one.count, one.gap) == (4, 3, 0.03)
+    assert gate(merged, strict=True) is True

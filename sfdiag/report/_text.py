@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from sfdiag.baseline import CheckResult, Difference
-    from sfdiag.results import MetricResult, OptimizerResult, ProbeReport
+    from sfdiag.results import Finding, MetricResult, OptimizerResult, ProbeReport
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 SPARK_BAD = "!"  # a step whose post/pre ratio is nan or inf
@@ -183,6 +183,9 @@ def summary_line(report: ProbeReport) -> str:
         line += f" ({errors} error{'s' if errors != 1 else ''})"
     if report.metrics is not None:
         line += "; " + metrics_summary(report.metrics)
+    if report.findings:
+        kinds = sorted({f.kind for f in report.findings})
+        line += f"; mode findings: {', '.join(kinds)}"
     return line
 
 
@@ -243,6 +246,22 @@ def per_rank_lines(report: ProbeReport) -> list[str]:
             more = " (the ranks that differ)" if result.per_rank_summary else ""
             lines.append(f"{result.optimizer} by rank{more}: {seen}")
     return lines
+
+
+def finding_line(finding: Finding) -> str:
+    """``eval-in-train-mode: AdamWScheduleFree, 12 times from step 4: ...``"""
+    from sfdiag.judge import FINDING_UNITS
+
+    one, many = FINDING_UNITS.get(finding.kind, ("time", "times"))
+    counted = f"{finding.count} {one if finding.count == 1 else many}"
+    when = f"from step {finding.first_step}" if finding.first_step >= 0 else "before any step"
+    level = "" if finding.failing else "warning: "
+    advice = " ".join(finding.advice.split()).rstrip(".")
+    return f"{level}{finding.kind}: {finding.optimizer}, {counted} {when}: {advice}."
+
+
+def findings_lines(report: ProbeReport) -> list[str]:
+    return [finding_line(f) for f in report.findings or ()]
 
 
 NO_METRICS_NOTE = (

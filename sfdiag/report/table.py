@@ -231,6 +231,13 @@ def render_report(report: ProbeReport, options: RenderOptions) -> str:
         console.print(Text(sentence), soft_wrap=True)  # one line each: greppable in CI logs
     if sentences:
         console.print()
+    modes = _text.findings_lines(report)
+    if modes:
+        console.print(Text("schedule-free modes:", style="bold"))
+        for finding, line in zip(report.findings or (), modes, strict=True):
+            style = _FLAGGED if finding.failing else _NOTE
+            console.print(Text(line, style=style), soft_wrap=True)
+        console.print()
     style = "bold" if report.any_flagged else _CLEAN
     console.print(Text(_text.summary_line(report), style=style))
     return _strip(buffer.getvalue())

@@ -33,7 +33,7 @@ from sfdiag.run.launch import EXIT_INTERRUPTED, Target, parse_command
 from sfdiag.run.watch import AUDIT_EVERY, AUDIT_FIRST, AUDIT_MAX, audited
 
 if TYPE_CHECKING:  # pragma: no cover
-    from sfdiag.results import MetricResult, OptimizerResult, ProbeReport
+    from sfdiag.results import Finding, MetricResult, OptimizerResult, ProbeReport
 
 __all__ = [
     "AUDIT_EVERY",
@@ -92,7 +92,7 @@ def gate(report: ProbeReport, *, strict: bool) -> bool:
     """Whether ``--strict`` fails this run (see the module doc)."""
     if not strict:
         return False
-    if report.ranks_disagree:
+    if report.ranks_disagree or report.any_failing_finding:
         return True
     if report.metrics:
         return report.any_wrong_metric
@@ -177,6 +177,7 @@ def _audit_here(argv: list[str], target: Target, options: RunOptions, job: Any) 
     from sfdiag.results import ProbeReport
     from sfdiag.run import clipping, launch, taps
     from sfdiag.run.metrics import MetricAudit
+    from sfdiag.run.modes import ModeWatch
     from sfdiag.run.watch import OptimizerWatch
 
     clips = clipping.ClipLog()
@@ -187,24 +188,28 @@ def _audit_here(argv: list[str], target: Target, options: RunOptions, job: Any) 
         except Exception as exc:
             watch.channel_error = f"{type(exc).__name__}: {exc}"
     audit = MetricAudit(watch, MetricSelector(tuple(options.metrics)), options.metric_rtol)
-    watch.on_step = audit.on_step
+    modes = ModeWatch(audit.is_active)
+    watch.observers += [audit, modes]
     started = time.perf_counter()
     with launch.script_environment(target):
         if target.module is not None:
             launch.check_module(target.module)
         watch.install()
+        modes.install()
         clip_patches = clipping.install(clips, audit.is_active)
         remove_taps = taps.install_all(audit)
         try:
             code, interrupted = launch.run_target(target)
         finally:
             watch.remove()
+            modes.remove()
             clip_patches.undo()
             remove_taps()
     seconds = time.perf_counter() - started
     _flush(sys.stdout)
 
     metrics = audit.finish()
+    findings = modes.findings()
     results = watch.results()
     result: ProbeReport | None = ProbeReport(
         config={"command": list(argv)},
@@ -214,13 +219,14 @@ def _audit_here(argv: list[str], target: Target, options: RunOptions, job: Any) 
         interrupted=interrupted,
         timing={"seconds": round(seconds, 3)},
         metrics=metrics,
+        findings=findings,
     )
     writes_report = job is None or job.leader
     if job is not None:
         if code != 0 and not interrupted:
             # this rank failed: it must not wait for the others (the launcher stops them)
             return code
-        result = _as_one_job(result, job, watch, code, results, metrics, options.quiet)
+        result = _as_one_job(result, job, watch, code, results, metrics, findings, options.quiet)
         if result is None:  # not rank 0: rank 0 reports for the job
             return code
     text = render(result, "table", RenderOptions(color=ui.wants_color(sys.stderr)))
@@ -246,6 +252,7 @@ def _as_one_job(
     code: int,
     results: Sequence[OptimizerResult],
     metrics: Sequence[MetricResult],
+    findings: Sequence[Finding],
     quiet: bool,
 ) -> ProbeReport | None:
     """Every rank's summary to rank 0, which gets the job's report; None on other ranks.
@@ -258,7 +265,8 @@ def _as_one_job(
     channel = watch.channel
     if channel is not None:
         try:
-            summaries = channel.gather(summarize_rank(job.rank, code, results, metrics, watch))
+            summary = summarize_rank(job.rank, code, results, metrics, findings, watch)
+            summaries = channel.gather(summary)
         except ChannelError as exc:
             watch.channel_error, summaries = str(exc), None
             channel = None

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from sfdiag.results import (
     METRIC_VERDICTS,
     DistributedInfo,
+    Finding,
     MetricResult,
     OptimizerResult,
     ProbeReport,
@@ -57,6 +58,7 @@ class RankSummary:
     backend: str | None  # the script's process group backend, if it made one
     optimizers: tuple[OptimizerSummary, ...]
     metrics: tuple[MetricResult, ...]
+    findings: tuple[Finding, ...] = ()
 
 
 def _median(values: Sequence[float]) -> float:
@@ -68,6 +70,7 @@ def summarize_rank(
     code: int,
     results: Sequence[OptimizerResult],
     metrics: Sequence[MetricResult],
+    findings: Sequence[Finding],
     watch: OptimizerWatch,
 ) -> RankSummary:
     """This rank's summary, from its own results and the watch's bookkeeping."""
@@ -90,7 +93,9 @@ def summarize_rank(
                 disagreement=entry.disagreement,
             )
         )
-    return RankSummary(rank, code, watch.script_backend, tuple(optimizers), tuple(metrics))
+    return RankSummary(
+        rank, code, watch.script_backend, tuple(optimizers), tuple(metrics), tuple(findings)
+    )
 
 
 def strategy_of(summaries: Sequence[RankSummary]) -> str:
@@ -146,6 +151,26 @@ def _merge_metrics(summaries: Sequence[RankSummary]) -> tuple[MetricResult, ...]
     return tuple(merged.values())
 
 
+def _merge_findings(summaries: Sequence[RankSummary]) -> tuple[Finding, ...]:
+    """One finding per (kind, optimizer): the earliest step, the most occurrences and the
+    largest gap any rank saw (the ranks of a job run the same script)."""
+    merged: dict[tuple[str, str], Finding] = {}
+    for summary in summaries:
+        for finding in summary.findings:
+            key = (finding.kind, finding.optimizer)
+            held = merged.get(key)
+            if held is None:
+                merged[key] = finding
+                continue
+            gaps = [g for g in (held.gap, finding.gap) if g is not None]
+            merged[key] = replace(
+                held if held.count >= finding.count else finding,
+                first_step=min(held.first_step, finding.first_step),
+                gap=max(gaps) if gaps else None,
+            )
+    return tuple(merged.values())
+
+
 def merge(report: ProbeReport, summaries: Sequence[RankSummary]) -> ProbeReport:
     """Rank 0's report (``report``, with the job's global norms) made the job's."""
     by_rank = sorted(summaries, key=lambda s: s.rank)
@@ -188,5 +213,9 @@ def merge(report: ProbeReport, summaries: Sequence[RankSummary]) -> ProbeReport:
         disagreements=tuple(disagreements),
     )
     return replace(
-        report, results=tuple(results), metrics=_merge_metrics(by_rank), distributed=info
+        report,
+        results=tuple(results),
+        metrics=_merge_metrics(by_rank),
+        findings=_merge_findings(by_rank),
+        distributed=info,
     )

@@ -115,7 +115,7 @@ class MetricAudit:
             pass
 
     # ---- what the optimizer watch calls ----------------------------------------------------
-    def on_step(self, entry: Watched) -> None:
+    def after(self, entry: Watched, optimizer: Any = None) -> None:
         """A step finished: judge what was logged before it (see the module doc)."""
         if not self._pending:
             return

@@ -453,8 +453,11 @@ def _patched(pre: torch.Tensor | None, grads: list[Any], moved: list[int]) -> to
 class OptimizerWatch:
     """torch's global step hooks, feeding one ``Watched`` per optimizer instance.
 
-    ``on_step`` (if set) is called after each finished step of any optimizer, with the
-    entry that stepped: the logged-metric audit resolves what was logged meanwhile.
+    ``observers`` hear of every optimizer: ``adopt(entry, optimizer, frame)`` when it first
+    steps (``frame``: the code that called step()), ``before(entry, optimizer)`` as each
+    step starts and ``after(entry, optimizer)`` when it finished (the logged-metric audit
+    resolves what was logged meanwhile; the mode audit checks the modes). Each method is
+    optional; an observer that raises is dropped, never the script's step.
 
     In a multi-rank job (``job``), ``channel`` is sfdiag's own link between the ranks
     (opened at the first step if the run could not open it before the script): a step
@@ -464,7 +467,7 @@ class OptimizerWatch:
     """
 
     clips: ClipLog | None = None
-    on_step: Callable[[Watched], None] | None = None
+    observers: list[Any] = field(default_factory=list)
     job: Job | None = None
     channel: Channel | None = None
     script_backend: str | None = None  # the script's own process group, once seen
@@ -520,11 +523,15 @@ class OptimizerWatch:
         from sfdiag.audit import active_steps
 
         try:
-            entry = self._entry(optimizer, sys._getframe(1))
+            frame = sys._getframe(1)
+            entry = self._entry(optimizer, frame)
             if entry.error is not None or active_steps(optimizer) != 1:
                 return None
             if self.job is not None:
                 self._join_job()
+            if entry.started == 0:
+                self._tell("adopt", entry, optimizer, frame)
+            self._tell("before", entry, optimizer)
             entry.auditing = audited(entry.started, len(entry.auditor.observations))
             entry.started += 1
             entry.refresh_params()
@@ -592,8 +599,17 @@ class OptimizerWatch:
         except Exception as exc:
             self._give_up(optimizer, exc)
             return
-        if self.on_step is not None:
-            self.on_step(entry)
+        self._tell("after", entry, optimizer)
+
+    def _tell(self, event: str, *args: Any) -> None:
+        for observer in list(self.observers):
+            method = getattr(observer, event, None)
+            if method is None:
+                continue
+            try:
+                method(*args)
+            except Exception:  # sfdiag's own bug: stop that observer, keep the training
+                self.observers.remove(observer)
 
     # ---- multi-rank jobs ---------------------------------------------------------------
     def _join_job(self) -> None:
