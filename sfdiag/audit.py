@@ -146,7 +146,18 @@ class StepAuditor:
         if pending is None:
             return
         params, before = pending
-        after = snapshot.take(params, full=self.forensics, param_samples=False)
+        # On an accelerator the optimizer's state is sampled with the grads, so the snapshot
+        # stays one transfer; on the CPU (no transfer) it is sampled where a grad mutated.
+        on_device = any(p.device.type != "cpu" for p in params)
+        sampler = None
+        if on_device and self.fingerprint_kinds and not self.forensics:
+
+            def sampler(param: torch.Tensor) -> dict[str, torch.Tensor]:
+                return snapshot.state_samples(optimizer, param)
+
+        after = snapshot.take(
+            params, full=self.forensics, param_samples=False, before=before, states=sampler
+        )
         records = [
             self._compare(optimizer, i, p, a, b)
             for i, (p, a, b) in enumerate(zip(params, before, after, strict=True))
@@ -184,12 +195,12 @@ class StepAuditor:
             change = verdict.max_rel_change(pre, post)
             if kind == "mutated" and self.fingerprint_kinds:
                 y = a.full_param if a.full_param is not None else a.param_sample
-                states = {
-                    k: _numpy(v)
-                    for k, v in snapshot.state_samples(
-                        optimizer, param, full=self.forensics
-                    ).items()
-                }
+                sampled = b.states
+                if sampled is None:
+                    sampled = snapshot.state_samples(optimizer, param, full=self.forensics)
+                # only a state with no negative element can be a second moment (the fits'
+                # one use of state): the others are not worth a float64 copy
+                states = {k: _numpy(v) for k, v in sampled.items() if not bool((v < 0).any())}
                 fp = verdict.fingerprint(
                     pre,
                     post,
@@ -197,6 +208,7 @@ class StepAuditor:
                     states,
                     _group_eps(optimizer, param),
                     dtype_eps=_dtype_eps(a.sample if a.sample is not None else param),
+                    states_are_scratch=True,
                 )
         return ParamStep(
             name=self.names.get(id(param), f"param{index}"),

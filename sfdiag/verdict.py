@@ -51,40 +51,67 @@ def classify(present_after: bool, same_object: bool, same_content: bool) -> str:
 
 
 def max_rel_change(pre: np.ndarray, post: np.ndarray) -> float:
-    """max |post - pre| / max(|pre|, tiny) over the elements, NaN-aware (NaN == NaN)."""
+    """max |post - pre| / max(|pre|, tiny) over the elements, NaN-aware (NaN == NaN).
+
+    Written with two scratch arrays, in place: the audit runs it in an optimizer's step
+    hook, where every kilobyte counts against its memory budget.
+    """
     if pre.size == 0:
         return 0.0
-    both_nan = np.isnan(pre) & np.isnan(post)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        diff = np.where(both_nan | (pre == post), 0.0, np.abs(post - pre))
-        rel = diff / np.maximum(np.abs(pre), np.finfo(np.float64).tiny)
+        same = pre == post
+        same |= np.isnan(pre) & np.isnan(post)
+        rel = np.subtract(post, pre)
+        np.abs(rel, out=rel)
+        denom = np.abs(pre)
+        np.maximum(denom, np.finfo(np.float64).tiny, out=denom)
+        np.divide(rel, denom, out=rel)
+        del denom
     # An unchanged element is 0 even where |pre| is NaN or Inf; a NaN that appeared is inf.
-    rel = np.where(diff == 0, 0.0, np.where(np.isnan(rel), np.inf, rel))
+    np.copyto(rel, np.inf, where=np.isnan(rel))
+    rel[same] = 0.0
     return float(rel.max())
 
 
-def _lstsq(features: list[np.ndarray], target: np.ndarray) -> tuple[np.ndarray, float]:
-    """Least-squares coefficients and the residual norm relative to ||target||."""
-    a = np.stack(features, axis=1)
-    coef, *_ = np.linalg.lstsq(a, target, rcond=None)
-    resid = np.linalg.norm(target - a @ coef)
+def _fit(feature: np.ndarray, target: np.ndarray, scratch: np.ndarray) -> tuple[float, float]:
+    """Least squares of ``target`` on one ``feature``: the coefficient, and the residual's
+    norm relative to ||target|| (``scratch``, of their size, is overwritten)."""
+    # closed form for one feature: what lstsq computes, without its copies and workspace
+    energy = float(np.dot(feature, feature))
+    coef = float(np.dot(feature, target)) / energy if energy > 0 else 0.0
+    np.multiply(feature, coef, out=scratch)
+    np.subtract(target, scratch, out=scratch)
+    resid = np.linalg.norm(scratch)
     scale = np.linalg.norm(target)
-    return coef, (resid / scale if scale > 0 else (0.0 if resid == 0 else math.inf))
+    return float(coef), (resid / scale if scale > 0 else (0.0 if resid == 0 else math.inf))
 
 
-def _fits_scaled(g: np.ndarray, u: np.ndarray, tol: float) -> bool:
+def _fits_scaled(g: np.ndarray, u: np.ndarray, tol: float, scratch: np.ndarray) -> bool:
     if not np.any(g):
         return False
-    (s,), rel = _lstsq([g], u)
+    s, rel = _fit(g, u, scratch)
     return rel < tol and not math.isclose(s, 1.0, rel_tol=1e-6)
 
 
-def _fits_weight_decay(g: np.ndarray, u: np.ndarray, y: np.ndarray | None, tol: float) -> bool:
+def _fits_weight_decay(
+    g: np.ndarray, u: np.ndarray, y: np.ndarray | None, tol: float, scratch: np.ndarray
+) -> bool:
     if y is None or not np.any(y):
         return False
-    diff = u - g
-    (lam,), rel = _lstsq([y], diff)
+    diff = np.subtract(u, g)
+    lam, rel = _fit(y, diff, scratch)
     return lam != 0 and rel < tol
+
+
+def _median_of(values: np.ndarray) -> float:
+    """``np.median`` of ``values``, partitioning them in place (no copy of its own)."""
+    n = values.size
+    middle = n // 2
+    if n % 2:
+        values.partition(middle)
+        return float(values[middle])
+    values.partition((middle - 1, middle))
+    return float((values[middle - 1] + values[middle]) / 2)
 
 
 def _fits_adam(
@@ -94,30 +121,49 @@ def _fits_adam(
     states: Mapping[str, np.ndarray],
     eps: float,
     tol: float,
+    work: np.ndarray,
 ) -> bool:
-    """u == g / (k * sqrt(S) + eps) + lam * y for some second-moment state S, k > 0, lam."""
+    """u == g / (k * sqrt(S) + eps) + lam * y for some second-moment state S, k > 0, lam.
+
+    Elementwise the same arithmetic as a textbook version, over whole arrays with a mask
+    instead of copies of the usable elements, in two work arrays (``work`` is scratch).
+    Overwrites the states' arrays with their square roots.
+    """
+    rest = np.empty_like(g)
     for s in states.values():
         if s.shape != g.shape or np.any(s < 0) or not np.any(s):
             continue
-        root = np.sqrt(s)
-        usable = root > 100 * eps
-        if not np.any(usable & (g != 0)):
+        root = np.sqrt(s, out=s)  # the state's own (float64) copy: no further array
+        usable = (root > 100 * eps) & (g != 0)
+        if not np.any(usable):
             continue
         lam = 0.0
         for _ in range(3):  # alternate: scale k from the ratios, then lam by least squares
-            with np.errstate(divide="ignore", invalid="ignore"):
-                denom_seen = g[usable] / (u[usable] - lam * (y[usable] if y is not None else 0.0))
-            ok = np.isfinite(denom_seen) & (g[usable] != 0)
-            if not np.any(ok):
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                if y is not None:  # the denominator each element shows: g / (u - lam * y)
+                    np.multiply(y, lam, out=work)
+                    np.subtract(u, work, out=work)
+                else:
+                    np.copyto(work, u)
+                np.divide(g, work, out=work)
+                np.divide(work, root, out=work)
+            ok = usable & np.isfinite(work)
+            count = int(np.count_nonzero(ok))
+            if not count:
                 break
-            k = float(np.median(denom_seen[ok] / root[usable][ok]))
+            k = _median_of(np.compress(ok, work, out=rest[:count]))  # rest is free till below
             if not k > 0:
                 break
-            normalized = g / (k * root + eps)
+            np.multiply(root, k, out=work)  # the Adam-normalised gradient, in work
+            np.add(work, eps, out=work)
+            np.divide(g, work, out=work)
+            np.subtract(u, work, out=rest)  # what is left for lam * y
             if y is not None and np.any(y):
-                (lam,), _ = _lstsq([y], u - normalized)
-            resid = u - normalized - (lam * y if y is not None else 0.0)
-            if np.linalg.norm(resid) < tol * np.linalg.norm(u):
+                lam, _ = _fit(y, rest, work)
+            if y is not None:
+                np.multiply(y, lam, out=work)
+                np.subtract(rest, work, out=rest)
+            if np.linalg.norm(rest) < tol * np.linalg.norm(u):
                 return True
     return False
 
@@ -129,6 +175,8 @@ def fingerprint(
     states: Mapping[str, np.ndarray] | None = None,
     eps: float = 1e-8,
     dtype_eps: float = _FLOAT32_EPS,
+    *,
+    states_are_scratch: bool = False,
 ) -> str:
     """Name the change from ``pre`` to ``post`` (same elements of one grad), or "unknown".
 
@@ -137,11 +185,14 @@ def fingerprint(
     Adam-style denominator built from the optimizer's state (possibly plus weight decay),
     the sign of the grad. Non-finite elements (NaN/Inf grads) are left out of the fits;
     ``dtype_eps`` is the machine epsilon of the grad's dtype, which sets the tolerances.
+    ``states_are_scratch``: the states' float64 arrays are the caller's throwaway copies,
+    which the fits may overwrite (the auditor's, to save a copy in a step hook).
     """
     g = np.asarray(pre, dtype=np.float64).ravel()
     u = np.asarray(post, dtype=np.float64).ravel()
     y = None if param is None else np.asarray(param, dtype=np.float64).ravel()
-    states = {k: np.asarray(v, dtype=np.float64).ravel() for k, v in (states or {}).items()}
+    convert = np.asarray if states_are_scratch else np.array  # np.array copies
+    states = {k: convert(v, dtype=np.float64).ravel() for k, v in (states or {}).items()}
     finite = np.isfinite(g) & np.isfinite(u)
     if y is not None:
         finite &= np.isfinite(y)
@@ -155,13 +206,14 @@ def fingerprint(
     scale_tol = max(_SCALE_TOL, 4 * dtype_eps)
     if not np.any(u) and np.any(g):
         return "zeroed"
+    scratch = np.empty_like(g)
     # Huge finite values overflow the fits' norms: that candidate fails, without a warning.
     with np.errstate(all="ignore"):
-        if _fits_scaled(g, u, scale_tol):
+        if _fits_scaled(g, u, scale_tol, scratch):
             return "scaled"
-        if _fits_weight_decay(g, u, y, fit_tol):
+        if _fits_weight_decay(g, u, y, fit_tol, scratch):
             return "weight-decay"
-        if _fits_adam(g, u, y, states, eps, fit_tol):
+        if _fits_adam(g, u, y, states, eps, fit_tol, scratch):
             return "adam-normalized"
     if np.any(g) and np.array_equal(u, np.sign(g)):
         return "sign"
