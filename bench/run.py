@@ -88,6 +88,9 @@ TARGETS = {
     "audit_extra_memory_fraction": ("<=", 0.01),
     "sf_adamw_step_vs_upstream": ("<=", 1.0),
     "metric_audit_overhead_ratio": ("<=", 1.03),
+    "audit_overhead_ratio_100m": ("<=", 1.08),
+    "audit_extra_memory_fraction_mutating": ("<=", 0.01),
+    "run_overhead_ratio_long": ("<=", 1.02),
     "ddp_audit_overhead_ratio": ("<=", 1.10),
     "mode_watch_overhead_ratio": ("<=", 1.01),
     "cli_help_seconds": ("<", 0.5),
@@ -96,7 +99,9 @@ TARGETS = {
 
 FIGURES = (
     "audit_overhead_ratio",
+    "audit_overhead_ratio_100m",
     "audit_extra_memory_fraction",
+    "audit_extra_memory_fraction_mutating",
     "sf_adamw_step_vs_upstream",
     "sf_sgd_step_vs_upstream",
     "sf_adamw_step_vs_floor",
@@ -104,6 +109,7 @@ FIGURES = (
     "sf_adamw_compiled_step_vs_floor",
     "sf_sgd_step_vs_floor",
     "metric_audit_overhead_ratio",
+    "run_overhead_ratio_long",
     "ddp_audit_overhead_ratio",
     "mode_watch_overhead_ratio",
     "cli_help_seconds",
@@ -139,6 +145,9 @@ class Settings:
     scaling_width: int = 1024
     scaling_batch: int = 8
     scaling_pairs: int = 8
+    m100_size: int = 100_000_000  # audit_overhead_ratio_100m
+    long_steps: int = 2000  # run_overhead_ratio_long: steps a side
+    long_chunk: int = 50
     quick: bool = False
 
     @classmethod
@@ -151,6 +160,7 @@ class Settings:
             compare_runs=2,
             scaling_sizes=(1_000_000, 10_000_000),
             scaling_pairs=5,
+            long_steps=400,
             pinned_malloc_steps=False,
             quick=True,
             **kw,
@@ -174,6 +184,9 @@ class Settings:
             scaling_sizes=(20_000,),
             scaling_width=64,
             scaling_pairs=1,
+            m100_size=20_000,
+            long_steps=20,
+            long_chunk=10,
             scaling_batch=2,
             quick=True,
             **kw,
@@ -265,6 +278,12 @@ def make_optimizer(name: str, params: Any) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {name!r}")
 
 
+def _sync(device: Any) -> None:
+    """Wait for the device, so that a timer around queued work measures the work."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 @dataclass
 class Trainer:
     """One model, one optimizer, one fixed batch: ``step()`` times a training step."""
@@ -274,9 +293,17 @@ class Trainer:
     x: torch.Tensor
     target: torch.Tensor
     loss: str
+    device: str = "cpu"
 
     @classmethod
-    def build(cls, model: torch.nn.Module, optimizer: str, batch: int, seed: int = 0) -> Trainer:
+    def build(
+        cls,
+        model: torch.nn.Module,
+        optimizer: str,
+        batch: int,
+        seed: int = 0,
+        device: str = "cpu",
+    ) -> Trainer:
         gen = torch.Generator().manual_seed(seed)
         x = torch.randn((batch, *model.sfdiag_input_shape), generator=gen)
         model.train()
@@ -284,8 +311,14 @@ class Trainer:
             target = torch.zeros(batch, model(x[:1]).shape[1])
         else:
             target = torch.randint(0, 10, (batch,), generator=gen)
+        model.to(device)
         return cls(
-            model, make_optimizer(optimizer, model.parameters()), x, target, model.sfdiag_loss
+            model,
+            make_optimizer(optimizer, model.parameters()),
+            x.to(device),
+            target.to(device),
+            model.sfdiag_loss,
+            device,
         )
 
     def auditor(self) -> StepAuditor:
@@ -300,10 +333,12 @@ class Trainer:
         return F.cross_entropy(out, self.target)
 
     def step(self) -> float:
+        _sync(self.device)
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         self._loss().backward()
         self.optimizer.step()
+        _sync(self.device)
         return time.perf_counter() - start
 
     def audited_step(self, auditor: StepAuditor) -> float:
@@ -500,6 +535,94 @@ def measure_mode_watch_overhead(settings: Settings) -> dict[str, Any]:
     }
 
 
+def measure_long_run(settings: Settings) -> dict[str, Any]:
+    """``sfdiag run`` over a long loop: sf-adamw training steps of mnist-cnn at batch 64
+    that log their grad norm to TensorBoard every 10th step, ``long_steps`` with the whole
+    machinery (sampled audits, reference norms, taps, modes: one run's worth, from its
+    first step) and as many without, in alternating chunks; the per-step ratio."""
+    import tempfile
+
+    torch.manual_seed(0)
+    trainer = Trainer.build(build_model(settings.model), "sf-adamw", settings.batch)
+    params = list(trainer.model.parameters())
+    with tempfile.TemporaryDirectory(prefix="sfdiag-bench-long-") as logdir:
+        writer, logger = _writer(logdir)
+        counters = {"plain": 0, "audited": 0}
+
+        def steps(side: str, count: int) -> float:
+            start = time.perf_counter()
+            for _ in range(count):
+                trainer.optimizer.zero_grad(set_to_none=True)
+                trainer._loss().backward()
+                step = counters[side]
+                if step % 10 == 0:
+                    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+                    writer.add_scalar(f"{side}/grad_norm", float(norm), step)
+                trainer.optimizer.step()
+                counters[side] += 1
+            return time.perf_counter() - start
+
+        machinery = RunMachinery()
+        totals = {"plain": 0.0, "audited": 0.0}
+        chunk = settings.long_chunk
+        for index in range(settings.long_steps // chunk):
+            order = ("plain", "audited") if index % 2 == 0 else ("audited", "plain")
+            for side in order:
+                if side == "plain":
+                    totals[side] += steps(side, chunk)
+                else:
+                    totals[side] += machinery.run(lambda: steps("audited", chunk))
+        writer.close()
+    metrics = machinery.audit.finish()
+    done = counters["plain"]
+    return {
+        "ratio": round(totals["audited"] / totals["plain"], 4),
+        "plain_ms": round(totals["plain"] / done * 1e3, 3),
+        "audited_ms": round(totals["audited"] / done * 1e3, 3),
+        "steps_each": done,
+        "audited_steps": len(machinery.watch.watched[0].indices) if machinery.watch.watched else 0,
+        "logged_every": 10,
+        "logger": logger,
+        "metrics_judged": {m.name: (m.verdict, m.steps_judged) for m in metrics},
+        "model": settings.model,
+        "batch": settings.batch,
+        "optimizer": "sf-adamw",
+    }
+
+
+def measure_cuda(settings: Settings) -> dict[str, Any] | str:
+    """The figures on a CUDA device, or "not available" where there is none."""
+    if not torch.cuda.is_available():
+        return "not available"
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(0)}
+    torch.manual_seed(0)
+    trainer = Trainer.build(
+        stacked_linear(settings.m100_size, settings.scaling_width),
+        "adamw",
+        settings.scaling_batch,
+        device="cuda",
+    )
+    overhead = measure_audit_overhead(trainer, max(4, settings.scaling_pairs))
+    out["audit_overhead_ratio_100m"] = overhead["ratio"]
+    out["audit_overhead_100m"] = {
+        **overhead,
+        "params": sum(p.numel() for p in trainer.model.parameters()),
+    }
+    del trainer
+    torch.cuda.empty_cache()
+    step = measure_sf_adamw_step(settings, device="cuda")
+    out["sf_adamw_step_vs_upstream"] = step.get("vs_release")
+    out["sf_adamw_compiled_step_vs_upstream"] = step.get("compiled_vs_release")
+    out["sf_adamw_step"] = step
+    cli = _sfdiag_command()
+    compare = time_commands(
+        {"compare": ([*cli, "compare", "--device", "cuda"], {})}, settings.compare_runs
+    )["compare"]
+    out["compare_cuda_seconds"] = compare["seconds"]
+    out["compare_cuda"] = compare
+    return out
+
+
 def ddp_worker(settings: Settings) -> dict[str, Any] | None:
     """One rank of a 2-rank DDP job (gloo): the overhead of ``sfdiag run`` in a rank."""
     import tempfile
@@ -662,34 +785,44 @@ class StepBench:
     """
 
     def __init__(
-        self, factory: Callable[..., Any], base: list[torch.Tensor], grads: list[torch.Tensor]
+        self,
+        factory: Callable[..., Any],
+        base: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        device: str = "cpu",
     ):
-        self.params = [torch.nn.Parameter(b.clone()) for b in base]
+        self.params = [torch.nn.Parameter(b.to(device, copy=True)) for b in base]
         for p in self.params:
             p.grad = torch.empty_like(p)
-        self.source = grads
+        self.source = [g.to(device) for g in grads]
+        self.device = device
         self.optimizer = factory(self.params)
         self.optimizer.train()
 
     def run(self) -> float:
         for p, g in zip(self.params, self.source, strict=True):
             p.grad.copy_(g)
+        _sync(self.device)
         start = time.perf_counter()
         self.optimizer.step()
+        _sync(self.device)
         return time.perf_counter() - start
 
 
 class CopyBench:
     """``dst.copy_(src)``: bytes per second, counting the read and the write."""
 
-    def __init__(self, numel: int):
-        self.src = torch.rand(numel)
+    def __init__(self, numel: int, device: str = "cpu"):
+        self.src = torch.rand(numel, device=device)
         self.dst = torch.empty_like(self.src)
         self.bytes = 2 * self.src.nbytes
+        self.device = device
 
     def run(self) -> float:
+        _sync(self.device)
         start = time.perf_counter()
         self.dst.copy_(self.src)
+        _sync(self.device)
         return time.perf_counter() - start
 
 
@@ -701,30 +834,32 @@ def _shards(numel: int, tensors: int, seed: int) -> tuple[list[torch.Tensor], li
     return base, grads
 
 
-def measure_sf_adamw_step(settings: Settings) -> dict[str, Any]:
+def measure_sf_adamw_step(settings: Settings, device: str = "cpu") -> dict[str, Any]:
     """sfdiag's sf-adamw step vs the release's two paths, and vs the copy-bandwidth floor."""
     from sfdiag.optim import AdamWScheduleFree
 
     release = _release()
     base, grads = _shards(settings.sf_numel, settings.sf_tensors, seed=1)
     numel = sum(b.numel() for b in base)
+
+    def bench(factory: Callable[..., Any]) -> StepBench:
+        return StepBench(factory, base, grads, device)
+
     benches = {
-        "sfdiag": StepBench(AdamWScheduleFree, base, grads),
-        "sfdiag_per_tensor": StepBench(lambda p: AdamWScheduleFree(p, foreach=False), base, grads),
+        "sfdiag": bench(AdamWScheduleFree),
+        "sfdiag_per_tensor": bench(lambda p: AdamWScheduleFree(p, foreach=False)),
         # opt-in: one torch.compile-d kernel per tensor (compiled in the warm-up round)
-        "sfdiag_compiled": StepBench(lambda p: AdamWScheduleFree(p, compile=True), base, grads),
+        "sfdiag_compiled": bench(lambda p: AdamWScheduleFree(p, compile=True)),
     }
     if release is not None:
-        benches["release_foreach"] = StepBench(release.AdamWScheduleFree, base, grads)
-        benches["release_per_tensor"] = StepBench(
-            lambda p: release.AdamWScheduleFree(p, foreach=False), base, grads
-        )
+        benches["release_foreach"] = bench(release.AdamWScheduleFree)
+        benches["release_per_tensor"] = bench(lambda p: release.AdamWScheduleFree(p, foreach=False))
     contenders: dict[str, Callable[[], float]] = {k: b.run for k, b in benches.items()}
-    copy = CopyBench(settings.copy_numel)
+    copy = CopyBench(settings.copy_numel, device)
     contenders["copy"] = copy.run
     times = interleaved(contenders, settings.sf_rounds, warmup=1, seed=1)
     compiled = benches["sfdiag_compiled"].optimizer.param_groups[0]["compile"]
-    del benches, contenders, base, grads
+    del benches, contenders
 
     bandwidth = copy.bytes / statistics.median(times["copy"])
     floor_s = 32 * numel / bandwidth  # read + write g, v, y, z: 8 x 4 bytes per element
@@ -1005,12 +1140,18 @@ def collect(settings: Settings, progress: Callable[[str], None] | None = None) -
     out["audit_overhead_ratio"] = overhead["adamw"]["ratio"]
     out["audit_overhead"] = {"model": settings.model, "batch": settings.batch, **overhead}
     out["audit_extra_memory_fraction"] = memory["adamw"]["fraction"]
+    out["audit_extra_memory_fraction_mutating"] = memory["sf-adamw"]["fraction"]
     out["audit_extra_memory"] = {"model": settings.model, **memory}
 
     say("metric audit overhead")
     metric_audit = measure_metric_audit_overhead(settings)
     out["metric_audit_overhead_ratio"] = metric_audit["ratio"]
     out["metric_audit_overhead"] = metric_audit
+
+    say("a long run")
+    long_run = measure_long_run(settings)
+    out["run_overhead_ratio_long"] = long_run["ratio"]
+    out["run_overhead_long"] = long_run
 
     say("schedule-free mode watching")
     modes = measure_mode_watch_overhead(settings)
@@ -1067,6 +1208,19 @@ def collect(settings: Settings, progress: Callable[[str], None] | None = None) -
     out["scaling"] = run_scaling(settings)
     if settings.quick and 100_000_000 not in settings.scaling_sizes:
         notes.append("--quick: scaling stops at 10M parameters (100M in the full run)")
+    big = next(
+        (row for row in out["scaling"]["sizes"] if row["params"] >= 0.95 * settings.m100_size),
+        None,
+    )
+    if big is None:
+        say(f"audit overhead at {settings.m100_size:,} parameters")
+        got = run_worker(settings, "scaling", str(settings.m100_size), "1")
+        big = {"params": got["params"], "audit_overhead_ratio": got["overhead"]["ratio"], **got}
+    out["audit_overhead_ratio_100m"] = big["audit_overhead_ratio"]
+    out["audit_overhead_100m"] = {"params": big["params"], "ratio": big["audit_overhead_ratio"]}
+
+    say("CUDA")
+    out["cuda"] = measure_cuda(settings)
 
     out["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     out["targets"] = {k: f"{op} {v}" for k, (op, v) in TARGETS.items()}
@@ -1169,9 +1323,34 @@ def render(figures: dict[str, Any]) -> str:
             f"{row['audit_overhead_ratio']:>7.3f} {row['audit_peak_bytes']:>9} "
             f"{row['max_rss_plain_mb']:>8.1f} {row['max_rss_extra_mb']:>+8.1f}"
         )
+    long_run = figures["run_overhead_long"]
+    lines.append(
+        f"a long sfdiag run: {long_run['steps_each']} steps a side ({long_run['audited_steps']} "
+        f"audited), grad norm logged every {long_run['logged_every']}: "
+        f"{long_run['plain_ms']:.2f} -> {long_run['audited_ms']:.2f} ms/step "
+        f"(x{long_run['ratio']:.3f})"
+    )
+    lines.append(render_cuda(figures["cuda"]))
     lines.append("")
     lines.extend(f"note: {note}" for note in figures["notes"])
     return "\n".join(lines)
+
+
+def render_cuda(cuda: dict[str, Any] | str) -> str:
+    if isinstance(cuda, str):
+        return f"cuda: {cuda}"
+    step = cuda["sf_adamw_step"]
+    ms = ", ".join(f"{k} {v:.2f}" for k, v in step["ms"].items())
+    return "\n".join(
+        [
+            f"cuda: {cuda['device']}",
+            f"  audit overhead at {cuda['audit_overhead_100m']['params']:,} parameters: "
+            f"x{cuda['audit_overhead_ratio_100m']:.3f}",
+            f"  sf-adamw step (ms): {ms}; vs release {step.get('vs_release')}, compiled vs "
+            f"release {step.get('compiled_vs_release')}",
+            f"  sfdiag compare --device cuda: {cuda['compare_cuda_seconds']:.2f} s",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1179,6 +1358,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, no 100M")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: only the CUDA figures (skipped, with a message, where there is no GPU)",
+    )
     # internal: one measurement in a fresh process (run_worker)
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--settings", help=argparse.SUPPRESS)
@@ -1208,6 +1393,13 @@ def main(argv: list[str] | None = None) -> int:
     def progress(msg: str) -> None:
         print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
+    if args.device == "cuda":
+        torch.set_num_threads(settings.threads)
+        cuda = measure_cuda(settings)
+        if isinstance(cuda, str):
+            print("[bench] no CUDA device here: the CUDA figures are skipped", file=sys.stderr)
+        print(json.dumps({"cuda": cuda}, indent=2) if args.json else render_cuda(cuda))
+        return 0
     figures = collect(settings, progress)
     print(json.dumps(figures, indent=2) if args.json else render(figures))
     return 0

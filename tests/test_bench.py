@@ -100,3 +100,25 @@ def test_stacked_linear_has_about_the_asked_parameters(bench):
         model = bench.stacked_linear(size, width=64)
         got = sum(p.numel() for p in model.parameters())
         assert abs(got - size) / size < 0.05
+
+
+def test_cuda_figures_skip_cleanly_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: the figures would run")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--device", "cuda", "--json"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"cuda": "not available"}
+    assert "no CUDA device" in done.stderr
+
+
+def test_the_new_figures_are_there(figures):
+    assert figures["cuda"] == "not available" or isinstance(figures["cuda"], dict)
+    for key in ("audit_overhead_ratio_100m", "audit_extra_memory_fraction_mutating"):
+        assert _positive(figures[key])
+    long_run = figures["run_overhead_long"]
+    assert long_run["steps_each"] > 0 and long_run["audited_steps"] > 0
+    assert long_run["metrics_judged"]["audited/grad_norm"][0] == "correct"

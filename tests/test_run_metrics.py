@@ -326,3 +326,36 @@ def test_an_empty_metric_name_is_a_usage_error(tmp_path):
 
     with pytest.raises(SfdiagError, match="--metric"):
         run_script(["python", EXAMPLE], RunOptions(metrics=(" ",)))
+
+
+AFTER_ZERO_GRAD = """\
+    import sys, torch
+    from torch.utils.tensorboard import SummaryWriter
+    from sfdiag.optim import AdamWScheduleFree
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    optimizer = AdamWScheduleFree(model.parameters(), lr=1e-3)
+    optimizer.train()
+    with SummaryWriter(sys.argv[1]) as writer:
+        for step in range(6):
+            model(torch.randn(4, 8)).pow(2).mean().backward()
+            optimizer.step()
+            norms = [p.grad.norm() for p in model.parameters()]
+            after = float(torch.linalg.vector_norm(torch.stack(norms)))
+            optimizer.zero_grad(set_to_none=False)  # zeroed in place: the bits are gone
+            writer.add_scalar("grad_norm_after_step", after, step)
+"""
+
+
+def test_a_post_step_value_logged_after_zero_grad_is_caught_from_its_second_step(tmp_path):
+    """Post-step norms are read when a value is logged; where the grads were zeroed in place
+    first, that first value is unmatched and the post-step norms are read in the hook from
+    then on, so every later one is told apart."""
+    script = write(tmp_path, AFTER_ZERO_GRAD)
+    code, report = run(tmp_path, ["python", script, str(tmp_path / "tb")], strict=True)
+    (metric,) = report["metrics"]
+    assert metric["verdict"] == "unmatched" and metric["steps_judged"] == 6
+    first, *_, last = metric["examples"]
+    assert first["logged"] != pytest.approx(first["post_step"], rel=1e-3)
+    assert last["step"] == 5 and last["logged"] == pytest.approx(last["post_step"], rel=1e-3)
+    assert code == 1

@@ -1,11 +1,12 @@
 """The logged-metric audit of ``sfdiag run``: what the taps hear, judged at its step.
 
 The taps hand every scalar the script logs to ``MetricAudit.record``. A name the
-selector does not pick costs one dict lookup. A picked one is kept with the step each
-optimizer had last finished; once the next step has finished (so both steps it may
-belong to are known) it is judged against their reference norms (``sfdiag.judge``),
-and only its tally is kept. What is still pending when the script ends is judged
-against what there is.
+selector does not pick costs one dict lookup. A picked one is kept with the norms of the
+step each optimizer had last finished; the next step to finish pins its norms to it too
+(so both steps it may belong to are known), and at the script's next logging call (or
+when it ends) it is judged against them (``sfdiag.judge``) and only its tally is kept.
+No step hook reads a norm to the host: on an accelerator that would wait for the device
+in the middle of the training step.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from sfdiag.judge import MetricSelector, MetricTally, NormReferences
 
 if TYPE_CHECKING:  # pragma: no cover
     from sfdiag.results import MetricResult
-    from sfdiag.run.watch import OptimizerWatch, Watched
+    from sfdiag.run.watch import OptimizerWatch, StepNorms, Watched
 
 #: distinct names remembered as picked or not (a script that logs ever-new names must
 #: not grow this without bound: past it, names are looked at afresh each time)
@@ -64,9 +65,12 @@ class _Logged:
     logger: str
     name: str
     value: Any  # float or a 0-d tensor
-    after: tuple[int, ...]  # per watched optimizer (by position): its last finished step
-    fresh: tuple[bool, ...]  # per watched optimizer: grads written since that step
+    fresh: tuple[bool, ...]  # per watched optimizer (by position): grads written since its
+    #                          last step (a backward ran: the coming step comes first)
     module: Callable[[], Any] | None  # the module that logged it (Lightning's self)
+    # per watched optimizer: the norms of the steps it may belong to (the last finished,
+    # then the next), held here so they outlive the watch's few recent steps
+    steps: dict[int, list[StepNorms]] = field(default_factory=dict)
 
 
 @dataclass
@@ -78,7 +82,8 @@ class MetricAudit:
     rtol: float = judge.DEFAULT_RTOL
     active: bool = True
     _picked: dict[str, bool] = field(default_factory=dict)
-    _pending: list[_Logged] = field(default_factory=list)
+    _pending: list[_Logged] = field(default_factory=list)  # waiting for a step to finish
+    _ready: list[_Logged] = field(default_factory=list)  # its steps known: to judge
     _tallies: dict[tuple[str, str], MetricTally] = field(default_factory=dict)
     _scopes: dict[tuple[str, str], str | None] = field(default_factory=dict)
     _module_aliases: dict[tuple[int, int], dict[str, tuple[int, ...]]] = field(default_factory=dict)
@@ -105,36 +110,49 @@ class MetricAudit:
                 if number is None:
                     continue
                 watched = self.watch.watched
-                after = tuple(w.last_finished for w in watched)
                 fresh = tuple(w.last_finished < 0 or w.has_new_grads() for w in watched)
                 owner = weakref.ref(module) if module is not None else None
-                self._pending.append(_Logged(logger, name, number, after, fresh, owner))
-                if len(self._pending) > _PENDING_MAX:
-                    self._resolve(self._pending.pop(0))
+                logged = _Logged(logger, name, number, fresh, owner)
+                for position, entry in enumerate(watched):
+                    last = entry.recent[-1] if entry.recent else None
+                    if last is not None and last.step == entry.last_finished:
+                        # the grads may still be as that step() left them
+                        last.read_post(logging=True)
+                        logged.steps[position] = [last]
+                self._pending.append(logged)
+            self._judge_ready()
+            while len(self._pending) > _PENDING_MAX:  # never stepping: judge what there is
+                self._resolve(self._pending.pop(0))
         except Exception:  # a value we cannot read is not judged; the script goes on
             pass
 
+    def _judge_ready(self) -> None:
+        """Judge the values whose steps are known: here, in the script's own logging call,
+        never in a step hook (reading the norms may wait for the device)."""
+        ready, self._ready = self._ready, []
+        for logged in ready:
+            self._resolve(logged)
+
     # ---- what the optimizer watch calls ----------------------------------------------------
     def after(self, entry: Watched, optimizer: Any = None) -> None:
-        """A step finished: judge what was logged before it (see the module doc)."""
-        if not self._pending:
+        """A step finished: what was logged before it now has both steps it may belong to
+        (this one is pinned to it) and waits to be judged (see ``_judge_ready``). No
+        device read here."""
+        if not self._pending or not entry.recent or entry.recent[-1].step != entry.last_finished:
             return
         position = self.watch.watched.index(entry)
-        keep = []
+        norms = entry.recent[-1]
         for logged in self._pending:
-            after = logged.after[position] if position < len(logged.after) else -1
-            if entry.last_finished > after:
-                self._resolve(logged)
-            else:
-                keep.append(logged)
-        self._pending = keep
+            logged.steps.setdefault(position, []).append(norms)
+        self._ready += self._pending
+        self._pending = []
 
     def finish(self) -> tuple[MetricResult, ...]:
         """Judge what is left; every metric's result, in the order first logged."""
         self.active = False
-        for logged in self._pending:
+        for logged in self._ready + self._pending:
             self._resolve(logged)
-        self._pending = []
+        self._ready, self._pending = [], []
         return tuple(
             judge.summarize_metric(
                 name, logger, tally, rtol=self.rtol, scope=self._scopes.get((logger, name))
@@ -153,16 +171,12 @@ class MetricAudit:
         scope_name = None
         hint = judge.scope_hint(logged.name)
         for position, entry in enumerate(self.watch.watched):
-            after = logged.after[position] if position < len(logged.after) else -1
-            steps = [n for n in entry.recent if n.step >= after]
-            if not steps:
+            chosen = list(logged.steps.get(position, ()))
+            if not chosen:
                 continue
             scope = self._scope(entry, hint, logged.module)
             if scope is not None:
                 scope_name = hint
-            chosen = [n for n in steps if n.step == after] + [n for n in steps if n.step > after][
-                :1
-            ]
             if position < len(logged.fresh) and logged.fresh[position]:
                 chosen.reverse()  # logged between backward and step(): the coming step first
             for norms in chosen:

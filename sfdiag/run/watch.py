@@ -156,7 +156,7 @@ def _dense(grad: torch.Tensor) -> torch.Tensor:
 
 def _norms(grads: list[torch.Tensor | None]) -> torch.Tensor | None:
     """Per-tensor L2 norms (0 for a missing grad), float32 on the first grad's device; no
-    host sync. None when no grad is present."""
+    host sync (and no index built on the host). None when no grad is present."""
     import torch
 
     present = [(i, _dense(g)) for i, g in enumerate(grads) if g is not None]
@@ -168,12 +168,11 @@ def _norms(grads: list[torch.Tensor | None]) -> torch.Tensor | None:
         norms = torch._foreach_norm(views, 2, dtype=torch.float32)
     except (TypeError, RuntimeError):
         norms = [n.float() for n in torch._foreach_norm(views)]
-    stacked = torch.stack([n.to(device) for n in norms])
-    if len(present) == len(grads):
-        return stacked
-    out = torch.zeros(len(grads), dtype=torch.float32, device=device)
-    out[torch.tensor([i for i, _ in present], device=device)] = stacked
-    return out
+    if len(present) < len(grads):
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        by_index = dict(zip((i for i, _ in present), norms, strict=True))
+        norms = [by_index.get(i, zero) for i in range(len(grads))]
+    return torch.stack([n.to(device) for n in norms])
 
 
 @dataclass
@@ -191,12 +190,45 @@ class StepNorms:
     # a multi-rank job with sharded grads: pre/post are the global norms, and these the
     # ones of this rank's shards alone
     local: tuple[list[float], list[float]] | None = None
+    # the post-step norms not read yet: the grads as step() left them (weakly held), their
+    # versions, and which of them moved (see ``read_post``)
+    _later: tuple[list[Any], list[int], list[int]] | None = None
+    _lost: Callable[[], None] | None = None  # told when they could not be read any more
+
+    def read_post(self, logging: bool = False) -> None:
+        """Read the post-step norms now, while the grads are as ``step()`` left them: a
+        logged value may be one of them. A grad since freed or written again leaves the
+        post-step norms unknown (NaN): nothing logged is judged against them then.
+        ``logging``: a value is being logged right now, after this step; if its grads are
+        gone already, the optimizer reads its post-step norms in the hook from now on."""
+        if self._later is None:
+            return
+        import torch
+
+        refs, versions, moved = self._later
+        self._later = None
+        grads = [ref() if ref is not None else None for ref in refs]
+        intact = all(
+            (grads[i] is None) == (refs[i] is None)
+            and (grads[i] is None or grads[i]._version == versions[i])
+            for i in moved
+        )
+        if not intact:
+            ref = self.pre if self.pre is not None else None
+            self.post = None if ref is None else torch.full_like(ref, math.nan)
+            if logging and self._lost is not None:
+                self._lost()
+        elif len(moved) * 2 > len(grads) or self.pre is None or len(self.pre) != len(grads):
+            self.post = _norms(grads)
+        else:
+            self.post = _patched(self.pre, grads, moved)
 
     def floats(self) -> tuple[list[float], list[float]]:
         """The norms as Python floats (one transfer for both, the first time)."""
         if self._floats is None:
             import torch
 
+            self.read_post()
             if self.pre is None and self.post is None:
                 self._floats = ([], [])
             else:
@@ -263,6 +295,9 @@ class Watched:
     started: int = 0  # outermost step() calls begun
     auditing: bool = False  # the step() in progress is audited
     grads_change: bool = False  # an audited step saw step() change the grads
+    # post-step norms are read in the post-hook, not when a logged value needs them: the
+    # script once logged a value after its grads had been written again (zero_grad in place)
+    read_post_at_once: bool = False
     indices: list[int] = field(default_factory=list)  # the step index of each observation
     recent: deque[StepNorms] = field(default_factory=lambda: deque(maxlen=KEPT_STEPS))
     last_finished: int = -1  # the index of the last step that finished
@@ -317,11 +352,13 @@ class Watched:
         for the closure to return."""
         self._pre_taken = False
 
-    def take_post(self, clips: ClipLog | None) -> StepNorms | None:
+    def take_post(self, clips: ClipLog | None, later: bool = True) -> StepNorms | None:
         """This step's norms after ``step()``; reads only grads that moved (see module doc).
 
         ``clips``: the clipping calls so far; the last one since the previous step that
         covered any of this optimizer's parameters (or their grads) belongs to this step.
+        ``later``: the norms of grads that moved are read only when a logged value needs
+        them (``StepNorms.read_post``), not here: most steps log nothing.
         """
         if not self._pre_taken:
             return None
@@ -343,7 +380,7 @@ class Watched:
         grads = [p.grad for p in self.params]
         pre = self._pre_norms
         if self.grads_change or len(grads) != len(self._pre_grads):
-            post = _norms(grads)
+            moved = list(range(len(grads)))
         else:
             moved = [
                 i
@@ -352,14 +389,21 @@ class Watched:
                 )
                 if g is not g0 or (g is not None and g._version != v0)
             ]
-            if not moved:
-                post = pre
-            else:
-                post = _norms(grads) if len(moved) * 2 > len(grads) else _patched(pre, grads, moved)
         self._pre_grads, self._pre_versions, self._pre_norms = [], [], None
         self._post_refs = [weakref.ref(g) if g is not None else None for g in grads]
         self._post_versions = [g._version if g is not None else 0 for g in grads]
-        return StepNorms(self.started - 1, pre, post, clip, covered, with_grad)
+        norms = StepNorms(self.started - 1, pre, pre, clip, covered, with_grad)
+        if moved:
+            norms.post = None
+            norms._later = (list(self._post_refs), list(self._post_versions), moved)
+            if not later or self.read_post_at_once:
+                norms.read_post()
+            else:
+                norms._lost = self._read_post_at_once
+        return norms
+
+    def _read_post_at_once(self) -> None:
+        self.read_post_at_once = True
 
     def has_new_grads(self, probes: int = 8) -> bool:
         """Whether grads were written since the last ``step()`` left them (a backward ran:
@@ -436,16 +480,19 @@ class Watched:
 
 
 def _patched(pre: torch.Tensor | None, grads: list[Any], moved: list[int]) -> torch.Tensor | None:
-    """``pre`` with the norms of the ``moved`` grads read again."""
+    """``pre`` with the norms of the ``moved`` grads read again (no host sync)."""
     import torch
 
-    fresh = _norms([grads[i] for i in moved])
     if pre is None:
         return _norms(grads)
-    out = pre.clone()
-    index = torch.tensor(moved, device=out.device)
-    out[index] = fresh.to(out.device) if fresh is not None else 0.0
-    return out
+    fresh = _norms([grads[i] for i in moved])
+    zero = torch.zeros((), dtype=pre.dtype, device=pre.device)
+    again = dict(
+        zip(moved, fresh.unbind() if fresh is not None else [zero] * len(moved), strict=True)
+    )
+    return torch.stack(
+        [again[i].to(pre.device) if i in again else pre[i] for i in range(len(grads))]
+    )
 
 
 # ---- the global hooks ---------------------------------------------------------------------------
@@ -587,7 +634,8 @@ class OptimizerWatch:
                         entry.state_bytes_per_element = round(
                             snapshot.state_bytes(optimizer) / entry.elements, 3
                         )
-            norms = entry.take_post(self.clips)
+            # a job's sharded norms are summed over the ranks now, all of them together
+            norms = entry.take_post(self.clips, later=self.channel is None or not entry.sharded)
             if norms is not None:
                 if self.channel is not None:
                     try:
