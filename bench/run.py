@@ -1143,25 +1143,20 @@ def collect(settings: Settings, progress: Callable[[str], None] | None = None) -
     out["audit_extra_memory_fraction_mutating"] = memory["sf-adamw"]["fraction"]
     out["audit_extra_memory"] = {"model": settings.model, **memory}
 
-    say("metric audit overhead")
-    metric_audit = measure_metric_audit_overhead(settings)
-    out["metric_audit_overhead_ratio"] = metric_audit["ratio"]
-    out["metric_audit_overhead"] = metric_audit
-
-    say("a long run")
-    long_run = measure_long_run(settings)
-    out["run_overhead_ratio_long"] = long_run["ratio"]
-    out["run_overhead_long"] = long_run
-
-    say("schedule-free mode watching")
-    modes = measure_mode_watch_overhead(settings)
-    out["mode_watch_overhead_ratio"] = modes["ratio"]
-    out["mode_watch_overhead"] = modes
-
-    say("a 2-rank DDP job")
-    ddp = measure_ddp_overhead(settings)
-    out["ddp_audit_overhead_ratio"] = ddp["ratio"]
-    out["ddp_audit_overhead"] = ddp
+    # sfdiag run's machinery: (what, headline key, details key, measurement)
+    for what, key, details, measure in (
+        ("metric audit overhead", "metric_audit_overhead_ratio", "metric_audit_overhead",
+         measure_metric_audit_overhead),
+        ("a long run", "run_overhead_ratio_long", "run_overhead_long", measure_long_run),
+        ("schedule-free mode watching", "mode_watch_overhead_ratio", "mode_watch_overhead",
+         measure_mode_watch_overhead),
+        ("a 2-rank DDP job", "ddp_audit_overhead_ratio", "ddp_audit_overhead",
+         measure_ddp_overhead),
+    ):  # fmt: skip
+        say(what)
+        figure = measure(settings)
+        out[key] = figure["ratio"]
+        out[details] = figure
 
     say("optimizer steps")
     sf = measure_sf_adamw_step(settings)
