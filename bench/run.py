@@ -79,7 +79,7 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the profiler's start/stop line
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from sfdiag.audit import StepAuditor  # noqa: E402
+from sfdiag.auditor import StepAuditor  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

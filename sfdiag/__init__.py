@@ -12,14 +12,16 @@ from sfdiag.errors import SfdiagError
 
 __version__ = "0.1.0"
 
-__all__ = ["GradMonitor", "SfdiagError", "__version__", "run_probe"]
+__all__ = ["GradMonitor", "SfdiagError", "__version__", "audit", "run_probe"]
 
 _LAZY = {
     "GradMonitor": ("sfdiag.monitor", "GradMonitor"),
     "run_probe": ("sfdiag.probe", "run_probe"),
+    "audit": ("sfdiag.inprocess", "audit"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from sfdiag.inprocess import audit
     from sfdiag.monitor import GradMonitor
     from sfdiag.probe import run_probe
 

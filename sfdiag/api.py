@@ -63,24 +63,46 @@ def check_format(fmt: str) -> str:
     return fmt
 
 
+#: the formats that show ``--per-param`` (json always holds the parameters)
+PER_PARAM_FORMATS = ("table", "markdown", "json")
+
+
 @dataclass(frozen=True)
 class Outputs:
-    """Where results go, validated before the (possibly long) probe runs."""
+    """Where results go, validated before the (possibly long) probe runs: nothing is
+    written, and no probe runs, when any of it cannot be done."""
 
     fmt: str = "table"
     output: Path | None = None
     plot: Path | None = None
     force: bool = False
+    per_param: bool = False
 
     def validate(self) -> Outputs:
         from sfdiag.fileio import check_writable
 
         check_format(self.fmt)
+        if self.per_param and self.fmt not in PER_PARAM_FORMATS:
+            raise SfdiagError(
+                f"--per-param: the {self.fmt} format has no per-parameter view; use "
+                f"{', '.join(PER_PARAM_FORMATS)}"
+            )
         if self.output is not None:
             check_writable(self.output, force=self.force)
         if self.plot is not None:
+            if self.output is not None and _same_file(self.output, self.plot):
+                raise SfdiagError(
+                    f"--output and --plot name the same file ({self.plot}): give each its own"
+                )
+            from sfdiag.report.plot import require_matplotlib
+
+            require_matplotlib()
             check_writable(self.plot, force=self.force)
         return self
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def check_writable(path: Path, *, force: bool, what: str = "file") -> Path:

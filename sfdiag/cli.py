@@ -105,7 +105,9 @@ def _probe_with_progress(
         if stopped.report.results:
             stream = sys.stderr if stdout_is_report else sys.stdout
             stream.write(api.render(stopped.report, "table", color=ui.wants_color(stream)))
-        ui.error("interrupted; the rows above are the optimizers that finished")
+            ui.error("interrupted; the rows above are the optimizers that finished")
+        else:
+            ui.error("interrupted before any optimizer finished; nothing to show")
         raise typer.Exit(api.EXIT_INTERRUPTED) from None
 
 
@@ -130,7 +132,9 @@ def _run_and_report(
     forensics: bool,
 ) -> int:
     """Shared body of probe and compare."""
-    outputs = api.Outputs(fmt=fmt, output=output, plot=plot, force=force).validate()
+    outputs = api.Outputs(
+        fmt=fmt, output=output, plot=plot, force=force, per_param=per_param
+    ).validate()
     report = _probe_with_progress(
         load(), quiet=quiet, forensics=forensics, stdout_is_report=_stdout_is_report(fmt, output)
     )
@@ -362,14 +366,15 @@ def list_registries(debug: DebugOpt = False) -> None:
 @app.command()
 def init(
     path: Annotated[Path, typer.Argument(help="where to write the example")] = Path("sfdiag.yaml"),
+    force: ForceOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Write a commented example config (never over an existing file)."""
+    """Write a commented example config (never over an existing file without --force)."""
     from sfdiag.config import EXAMPLE_CONFIG
     from sfdiag.fileio import write_atomic
 
     with _guard(debug):
-        write_atomic(path, EXAMPLE_CONFIG, force=False)
+        write_atomic(path, EXAMPLE_CONFIG, force=force)
         ui.note(f"wrote {path}; run: sfdiag probe {path}")
 
 

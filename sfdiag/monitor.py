@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from sfdiag.audit import active_steps
+from sfdiag.auditor import active_steps
 from sfdiag.snapshot import float_bits
 
 __all__ = ["GradMonitor"]

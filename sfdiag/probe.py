@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from sfdiag import __version__, snapshot, verdict
-from sfdiag.audit import StepAuditor
+from sfdiag.auditor import StepAuditor
 from sfdiag.build import BuiltOptimizer, BuiltProbe, build
 from sfdiag.config import Config
 from sfdiag.results import OptimizerResult, ProbeReport, StepRecord

@@ -308,6 +308,13 @@ class ProbeReport:
     def any_wrong_metric(self) -> bool:
         return any(m.wrong for m in self.metrics or ())
 
+    def to_pandas(self, kind: str = "results") -> Any:
+        """One table of the report as a pandas DataFrame: ``results`` (a row per optimizer),
+        ``steps``, ``params``, ``metrics`` or ``findings`` (see ``sfdiag.frames``)."""
+        from sfdiag.frames import to_frame
+
+        return to_frame(self, kind)
+
     @property
     def any_failing_finding(self) -> bool:
         return any(f.failing for f in self.findings or ())

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from sfdiag import verdict
-from sfdiag.audit import StepAuditor, class_path
+from sfdiag.auditor import StepAuditor, class_path
 from sfdiag.results import OptimizerResult, StepRecord
 
 __all__ = ["assert_step_preserves_grads", "check_step", "tiny_mlp"]

@@ -13,7 +13,7 @@ import pytest
 import torch.optim.optimizer as torch_optimizer
 from conftest import cli_env
 
-from sfdiag.audit import class_path
+from sfdiag.auditor import class_path
 from sfdiag.errors import SfdiagError
 from sfdiag.run import (
     AUDIT_EVERY,
@@ -162,7 +162,7 @@ def test_script_sees_argv_name_and_path_as_under_python(tmp_path, monkeypatch, c
     assert (sys.argv, sys.path) == (argv_before, path_before)
     assert len(torch_optimizer._global_optimizer_pre_hooks) == hooks_before
     assert len(torch_optimizer._global_optimizer_post_hooks) == hooks_before
-    assert "stepped no optimizer" in capsys.readouterr().err
+    assert "stepped no torch.optim.Optimizer" in capsys.readouterr().err
 
 
 def test_strict_turns_a_flagged_run_into_exit_1(monkeypatch, capsys):

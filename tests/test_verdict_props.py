@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from sfdiag import snapshot, verdict
-from sfdiag.audit import StepAuditor
+from sfdiag.auditor import StepAuditor
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _INT = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16}

@@ -273,7 +273,8 @@ NO_METRICS_NOTE = (
 def interrupted_line(report: ProbeReport) -> str | None:
     if not report.interrupted:
         return None
-    if isinstance(report.config, dict) and "command" in report.config:  # sfdiag run
+    config = report.config if isinstance(report.config, dict) else {}
+    if "command" in config or config.get("in_process"):  # sfdiag run, sfdiag.audit()
         return "Interrupted: the script was stopped; the rows cover the steps it finished."
     done = len(report.results)
     planned = report.config.get("optimizers") if isinstance(report.config, dict) else None

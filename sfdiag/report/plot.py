@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
 MISSING_MATPLOTLIB = "--plot needs matplotlib: pip install 'sfdiag[plot]'"
 
 
-def _require_matplotlib() -> None:
+def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401  (None in sys.modules also lands here)
     except ImportError:
@@ -31,7 +31,7 @@ def _require_matplotlib() -> None:
 
 def plot_png(report: ProbeReport) -> bytes:
     """The figure as PNG bytes."""
-    _require_matplotlib()
+    require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -89,6 +89,6 @@ def plot_png(report: ProbeReport) -> bytes:
 def write_plot(report: ProbeReport, path: str | os.PathLike[str], *, force: bool = False) -> Path:
     """Draw the report and write the PNG to ``path`` atomically (refuses to overwrite
     an existing file unless ``force``)."""
-    _require_matplotlib()
+    require_matplotlib()
     check_writable(path, force, what="plot")
     return write_atomic(path, plot_png(report), force=force, what="plot")

@@ -21,13 +21,11 @@ gradient metric, when an optimizer is flagged. A script that ends the process it
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sfdiag import __version__
 from sfdiag.errors import SfdiagError
 from sfdiag.run.launch import EXIT_INTERRUPTED, Target, parse_command
 from sfdiag.run.watch import AUDIT_EVERY, AUDIT_FIRST, AUDIT_MAX, audited
@@ -107,7 +105,7 @@ def _metrics_are_right_advice(metrics: Sequence[MetricResult]) -> str:
     )
 
 
-def _with_metric_advice(
+def with_metric_advice(
     results: Sequence[OptimizerResult], metrics: Sequence[MetricResult]
 ) -> list[OptimizerResult]:
     """A flagged optimizer whose every logged gradient metric is right gets advice that
@@ -168,72 +166,40 @@ def run_script(argv: list[str], options: RunOptions | None = None, /, **fields: 
 
 def _audit_here(argv: list[str], target: Target, options: RunOptions, job: Any) -> int:
     """Run the script in this process, audited; this rank's part of a job if ``job``."""
-    import torch
-
     from sfdiag import ui
-    from sfdiag.dist import Channel
-    from sfdiag.judge import MetricSelector
     from sfdiag.report import RenderOptions, render
-    from sfdiag.results import ProbeReport
-    from sfdiag.run import clipping, launch, taps
-    from sfdiag.run.metrics import MetricAudit
-    from sfdiag.run.modes import ModeWatch
-    from sfdiag.run.watch import OptimizerWatch
+    from sfdiag.run import launch
+    from sfdiag.run.session import AuditSession
 
-    clips = clipping.ClipLog()
-    watch = OptimizerWatch(clips=clips, job=job)
-    if job is not None:
-        try:  # over the launcher's store, before the script: it needs nothing of the script's
-            watch.channel = Channel.open(job)
-        except Exception as exc:
-            watch.channel_error = f"{type(exc).__name__}: {exc}"
-    audit = MetricAudit(watch, MetricSelector(tuple(options.metrics)), options.metric_rtol)
-    modes = ModeWatch(audit.is_active)
-    watch.observers += [audit, modes]
-    started = time.perf_counter()
+    session = AuditSession(options, job)
     with launch.script_environment(target):
         if target.module is not None:
             launch.check_module(target.module)
-        watch.install()
-        modes.install()
-        clip_patches = clipping.install(clips, audit.is_active)
-        remove_taps = taps.install_all(audit)
+        session.start()
         try:
-            code, interrupted = launch.run_target(target)
+            code, interrupted, namespace = launch.run_target(target)
         finally:
-            watch.remove()
-            modes.remove()
-            clip_patches.undo()
-            remove_taps()
-    seconds = time.perf_counter() - started
+            session.stop()
     _flush(sys.stdout)
 
-    metrics = audit.finish()
-    findings = modes.findings()
-    results = watch.results()
-    result: ProbeReport | None = ProbeReport(
-        config={"command": list(argv)},
-        results=tuple(_with_metric_advice(results, metrics)),
-        sfdiag_version=__version__,
-        torch_version=torch.__version__,
-        interrupted=interrupted,
-        timing={"seconds": round(seconds, 3)},
-        metrics=metrics,
-        findings=findings,
-    )
+    result: ProbeReport | None = session.report({"command": list(argv)}, interrupted)
     writes_report = job is None or job.leader
     if job is not None:
         if code != 0 and not interrupted:
             # this rank failed: it must not wait for the others (the launcher stops them)
             return code
+        results, metrics, findings = session.collect()
+        watch = session.watch
         result = _as_one_job(result, job, watch, code, results, metrics, findings, options.quiet)
         if result is None:  # not rank 0: rank 0 reports for the job
             return code
-    text = render(result, "table", RenderOptions(color=ui.wants_color(sys.stderr)))
     if result.results or result.metrics:
+        text = render(result, "table", RenderOptions(color=ui.wants_color(sys.stderr)))
         sys.stderr.write(text if text.endswith("\n") else text + "\n")
     else:
-        print(f"sfdiag: {target.shown} stepped no optimizer; nothing to audit", file=sys.stderr)
+        print(launch.nothing_stepped(target, namespace), file=sys.stderr)
+    for note in session.notes():
+        ui.note(note, quiet=options.quiet)
     if options.report is not None and writes_report:
         from sfdiag.fileio import write_atomic
 

@@ -16,7 +16,7 @@ import runpy
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -39,6 +39,8 @@ class Target:
     module: str | None
     args: tuple[str, ...]
     torchrun: tuple[str, ...] | None = None
+    python_options: tuple[str, ...] = ()  # -W spec / -X opt, as "-Wspec", "-Xopt"
+    environment: tuple[tuple[str, str], ...] = ()  # env VAR=value before the command
 
     @property
     def shown(self) -> str:
@@ -68,17 +70,75 @@ def _is_python(word: str) -> bool:
         return False
 
 
+SUPPORTED = (
+    "python [-u] [-B] [-W spec] [-X opt] script.py ARGS, python -m module ARGS, script.py ARGS "
+    "(a Python script), env [VAR=value ...] python ..., torchrun [options] script.py ARGS"
+)
+
+
+def _python_options(words: list[str], interpreter: str) -> tuple[str, ...]:
+    """Take the interpreter's own options off the front of ``words``."""
+    taken: list[str] = []
+    while words and words[0].startswith("-") and words[0] not in ("-", "-m"):
+        word = words.pop(0)
+        if word in _IGNORED_PYTHON_FLAGS:
+            continue
+        flag = word[:2]
+        if flag in ("-W", "-X"):
+            value = word[2:]
+            if not value:
+                if not words:
+                    raise SfdiagError(f"{interpreter} {flag}: missing its argument; {USAGE}")
+                value = words.pop(0)
+            taken.append(flag + value)
+            continue
+        raise SfdiagError(
+            f"python option {word} is not supported by sfdiag run (the script runs in "
+            f"sfdiag's own interpreter); supported: {SUPPORTED}"
+        )
+    return tuple(taken)
+
+
+def _not_python(path: str) -> str | None:
+    """Why ``path`` is not a Python script sfdiag can run, or None when it may be one."""
+    p = Path(path)
+    if p.suffix in (".py", ".pyw") or p.is_dir() or not p.is_file():
+        return None
+    try:
+        with open(p, "rb") as handle:
+            first = handle.readline(200)
+    except OSError:
+        return None
+    if first.startswith(b"#!") and b"python" not in first:
+        shell = first[2:].decode(errors="replace").strip().split(" ")[0]
+        return f"{path} is a script for {shell}, not a Python script"
+    return None
+
+
 def parse_command(argv: list[str]) -> Target:
-    """``python [-u] script.py ARGS``, ``python -m module ARGS`` or ``script.py ARGS``."""
+    """What follows ``--``: see ``SUPPORTED``."""
     if not argv:
         raise SfdiagError(f"nothing to run: give the script after --; {USAGE}")
     words = list(argv)
+    environment: list[tuple[str, str]] = []
+    if os.path.basename(words[0]) == "env":  # env [VAR=value ...] python ...
+        words.pop(0)
+        while words and "=" in words[0] and not words[0].startswith("-"):
+            name, _, value = words.pop(0).partition("=")
+            environment.append((name, value))
+        if not words:
+            raise SfdiagError(f"env: no command given; {USAGE}")
+    target = _parse_words(words)
+    return replace(target, environment=tuple(environment)) if environment else target
+
+
+def _parse_words(words: list[str]) -> Target:
     if _is_torchrun(words[0]):
         return Target(None, None, (), tuple(words[1:]))
+    options: tuple[str, ...] = ()
     if _is_python(words[0]):
         interpreter = words.pop(0)
-        while words and words[0] in _IGNORED_PYTHON_FLAGS:
-            words.pop(0)
+        options = _python_options(words, interpreter)
         if not words:
             raise SfdiagError(f"{interpreter}: no script given; {USAGE}")
         if words[0] == "-m":
@@ -86,15 +146,16 @@ def parse_command(argv: list[str]) -> Target:
                 raise SfdiagError(f"{interpreter} -m: no module given; {USAGE}")
             if words[1] in _TORCHRUN_MODULES:
                 return Target(None, None, (), tuple(words[2:]))
-            return Target(None, words[1], tuple(words[2:]))
-        if words[0].startswith("-") and words[0] != "-":
-            raise SfdiagError(
-                f"python option {words[0]} is not supported by sfdiag run; "
-                f"only a script or -m MODULE (and -u) can follow {interpreter}"
-            )
+            return Target(None, words[1], tuple(words[2:]), python_options=options)
     if words[0] == "-":
         raise SfdiagError("sfdiag run cannot run a script read from stdin; name a file")
-    return Target(words[0], None, tuple(words[1:]))
+    why = _not_python(words[0])
+    if why is not None:
+        raise SfdiagError(
+            f"{why}: sfdiag run runs Python in its own process; run sfdiag inside it instead "
+            f"(sfdiag run -- python train.py ...), supported: {SUPPORTED}"
+        )
+    return Target(words[0], None, tuple(words[1:]), python_options=options)
 
 
 def check_script(path: str) -> None:
@@ -135,13 +196,20 @@ def script_environment(target: Target) -> Iterator[None]:
     """``sys.argv`` and ``sys.path`` as the script expects them, restored afterwards."""
     argv0, path0 = argv0_and_path0(target)
     saved_argv, saved_path = sys.argv, list(sys.path)
+    saved_environment = {name: os.environ.get(name) for name, _ in target.environment}
     sys.argv = [argv0, *target.args]
     sys.path[:] = [path0, *saved_path[1:]] if saved_path else [path0]
+    os.environ.update(dict(target.environment))
     try:
         yield
     finally:
         sys.argv = saved_argv
         sys.path[:] = saved_path
+        for name, value in saved_environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 _OUR_MODULES = frozenset({__name__, "runpy"})
@@ -173,22 +241,86 @@ def _exit_code(code: object) -> int:
     return 1
 
 
-def run_target(target: Target) -> tuple[int, bool]:
-    """Run the script (inside ``script_environment``); (exit code, interrupted)."""
+def run_target(target: Target) -> tuple[int, bool, dict[str, Any] | None]:
+    """Run the script (inside ``script_environment``); (exit code, interrupted, the
+    script's globals where it ran to its end)."""
+    _apply_python_options(target.python_options)
     try:
         if target.module is not None:
-            runpy.run_module(target.module, run_name="__main__", alter_sys=True)
+            namespace = runpy.run_module(target.module, run_name="__main__", alter_sys=True)
         else:
-            runpy.run_path(str(target.path), run_name="__main__")
+            namespace = runpy.run_path(str(target.path), run_name="__main__")
     except SystemExit as stop:
-        return _exit_code(stop.code), False
+        return _exit_code(stop.code), False, None
     except KeyboardInterrupt as exc:
         _print_uncaught(exc)
-        return EXIT_INTERRUPTED, True
+        return EXIT_INTERRUPTED, True, None
     except BaseException as exc:  # the script's own error: its traceback, exit 1
         _print_uncaught(exc)
-        return 1, False
-    return 0, False
+        return 1, False, None
+    return 0, False, namespace
+
+
+def _apply_python_options(options: tuple[str, ...]) -> None:
+    """What ``python -W spec`` and ``-X opt`` ask, in this process (as far as it can be:
+    ``-X`` options that act at interpreter start are recorded in ``sys._xoptions`` only)."""
+    import warnings
+
+    for option in options:
+        flag, value = option[:2], option[2:]
+        if flag == "-W":
+            try:
+                warnings._setoption(value)  # what python's own -W handling calls
+            except Exception:  # a spec python itself would warn about: ignored like there
+                pass
+        elif flag == "-X":
+            key, _, setting = value.partition("=")
+            sys._xoptions[key] = setting or True
+
+
+def _stepping_objects(namespace: dict[str, Any] | None) -> list[str]:
+    """Objects the script holds (its globals, and their attributes) that have a ``step()``
+    and are not torch optimizers: what ``sfdiag run`` cannot audit through step hooks."""
+    if not namespace:
+        return []
+    import types
+
+    try:
+        from torch.optim import Optimizer
+    except ImportError:  # pragma: no cover
+        return []
+    found: dict[int, str] = {}
+    values = list(namespace.values())
+    for value in list(values):
+        attrs = (
+            getattr(value, "__dict__", None) if not isinstance(value, types.ModuleType) else None
+        )
+        if isinstance(attrs, dict) and not isinstance(value, type) and len(attrs) <= 256:
+            values.extend(attrs.values())
+    for value in values:
+        kind = type(value)
+        if issubclass(kind, (type, types.ModuleType, types.FunctionType, types.MethodType)):
+            continue
+        if issubclass(kind, Optimizer) or not callable(getattr(kind, "step", None)):
+            continue
+        if kind.__module__.startswith(("torch", "builtins")):
+            continue  # a scheduler, a DataLoader: not an optimizer
+        found.setdefault(id(kind), f"{kind.__module__}:{kind.__qualname__}")
+    return sorted(found.values())
+
+
+def nothing_stepped(target: Target, namespace: dict[str, Any] | None) -> str:
+    """Why a run has nothing to show, and what to do."""
+    missed = _stepping_objects(namespace)
+    text = f"sfdiag: {target.shown} stepped no torch.optim.Optimizer; nothing to audit"
+    if missed:
+        names = ", ".join(missed[:3])
+        text += (
+            f". It holds {names}, with a step() that is not a torch optimizer's: sfdiag run "
+            f"audits through torch's optimizer step hooks; audit it with sfdiag probe "
+            f"(a config with `class: {missed[0]}`)"
+        )
+    return text
 
 
 # ---- a job of several ranks, through torch's elastic launcher ---------------------------------

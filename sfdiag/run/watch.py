@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from sfdiag.audit import StepAuditor
+    from sfdiag.auditor import StepAuditor
     from sfdiag.dist import Channel, Job
     from sfdiag.results import OptimizerResult
     from sfdiag.run.clipping import ClipCall, ClipLog
@@ -326,7 +326,7 @@ class Watched:
             return self.params
         count = sum(len(g["params"]) for g in optimizer.param_groups)
         if count != len(self.params):
-            from sfdiag.audit import StepAuditor
+            from sfdiag.auditor import StepAuditor
 
             self.params = StepAuditor.params_of(optimizer)
             self.param_ids = frozenset(id(p) for p in self.params)
@@ -542,7 +542,7 @@ class OptimizerWatch:
         return [w.result() for w in self.watched]
 
     def _entry(self, optimizer: Any, frame: FrameType | None) -> Watched:
-        from sfdiag.audit import StepAuditor, class_path
+        from sfdiag.auditor import StepAuditor, class_path
 
         entry = self._by_id.get(id(optimizer))
         if entry is not None and entry.ref() is optimizer:
@@ -567,7 +567,7 @@ class OptimizerWatch:
         return entry
 
     def _pre(self, optimizer: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        from sfdiag.audit import active_steps
+        from sfdiag.auditor import active_steps
 
         try:
             frame = sys._getframe(1)
@@ -609,7 +609,7 @@ class OptimizerWatch:
             return None
 
     def _post(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
-        from sfdiag.audit import active_steps
+        from sfdiag.auditor import active_steps
 
         entry = self._by_id.get(id(optimizer))
         if entry is None or entry.error is not None or active_steps(optimizer) != 1:

@@ -1,0 +1,171 @@
+"""``sfdiag.audit()``: what ``sfdiag run`` does, around code in the current process.
+
+For notebooks and launchers that cannot be wrapped by ``sfdiag run``::
+
+    with sfdiag.audit(report="audit.json") as audit:
+        train()
+    audit.report                 # the ProbeReport sfdiag run would write
+    audit.to_pandas("steps")     # results | steps | params | metrics | findings
+    audit                        # in Jupyter: the verdict tables
+
+Every optimizer that steps inside the block is audited, every gradient metric logged
+through TensorBoard, W&B, MLflow, Lightning or Transformers is judged, schedule-free
+mode mistakes are found. The tables go to stderr when the block ends (``show=False``
+keeps them for ``print(audit)`` / Jupyter); an exception in the block propagates after
+the report is built (and written).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sfdiag.errors import SfdiagError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas
+
+    from sfdiag.results import ProbeReport
+    from sfdiag.run.session import AuditSession
+
+__all__ = ["Audit", "audit"]
+
+
+class Audit:
+    """A context manager; see the module doc. ``report`` is None until the block ends."""
+
+    def __init__(
+        self,
+        report: str | os.PathLike[str] | None = None,
+        *,
+        metrics: tuple[str, ...] | list[str] = (),
+        metric_rtol: float = 1e-3,
+        strict: bool = False,
+        force: bool = False,
+        show: bool = True,
+        quiet: bool = False,
+    ) -> None:
+        from sfdiag.run import RunOptions
+
+        path = Path(report) if report is not None else None
+        self.options = RunOptions(
+            report=path,
+            strict=strict,
+            force=force,
+            quiet=quiet,
+            metrics=tuple(metrics),
+            metric_rtol=metric_rtol,
+        ).validate()
+        self.show = show
+        self.report: ProbeReport | None = None
+        self._session: AuditSession | None = None
+
+    # ---- the block ---------------------------------------------------------------------
+    def __enter__(self) -> Audit:
+        from sfdiag.fileio import check_writable
+        from sfdiag.run.session import AuditSession
+
+        if self._session is not None:
+            raise SfdiagError("sfdiag.audit(): this audit is running already")
+        if self.options.report is not None:  # refuse before the training, not after it
+            check_writable(self.options.report, self.options.force, what="report")
+        self._session = AuditSession(self.options).start()
+        return self
+
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
+        session, self._session = self._session, None
+        if session is None:
+            return
+        session.stop()
+        interrupted = kind is not None and issubclass(kind, KeyboardInterrupt)
+        self.report = session.report({"in_process": True}, interrupted)
+        from sfdiag import ui
+
+        if self.show:
+            sys.stderr.write(self._text(color=ui.wants_color(sys.stderr)))
+        for note in session.notes():
+            ui.note(note, quiet=self.options.quiet)
+        if self.options.report is not None:
+            from sfdiag.fileio import write_atomic
+            from sfdiag.report import render
+
+            write_atomic(self.options.report, render(self.report, "json"), force=True)
+            ui.note(
+                f"sfdiag: json report written to {self.options.report}", quiet=self.options.quiet
+            )
+
+    # ---- what it found -----------------------------------------------------------------
+    @property
+    def passed(self) -> bool:
+        """What ``sfdiag run --strict`` would make of it (True without ``strict=True``)."""
+        from sfdiag.run import gate
+
+        return self._finished().results is not None and not gate(
+            self._finished(), strict=self.options.strict
+        )
+
+    def to_pandas(self, kind: str = "results") -> pandas.DataFrame:
+        """One of the report's tables as a DataFrame (see ``ProbeReport.to_pandas``)."""
+        return self._finished().to_pandas(kind)
+
+    def _finished(self) -> ProbeReport:
+        if self.report is None:
+            raise SfdiagError("sfdiag.audit(): the report exists once the `with` block has ended")
+        return self.report
+
+    def _text(self, color: bool = False) -> str:
+        from sfdiag.report import RenderOptions, render
+
+        if self.report is None:
+            return "sfdiag.audit(): running\n"
+        text = render(self.report, "table", RenderOptions(color=color))
+        return text if text.endswith("\n") else text + "\n"
+
+    def __str__(self) -> str:
+        return self._text()
+
+    def __repr__(self) -> str:
+        if self.report is None:
+            return "<sfdiag.audit: running>"
+        flagged = sum(r.flagged for r in self.report.results)
+        return (
+            f"<sfdiag.audit: {len(self.report.results)} optimizers ({flagged} flagged), "
+            f"{len(self.report.metrics or ())} gradient metrics, "
+            f"{len(self.report.findings or ())} mode findings>"
+        )
+
+    def _repr_html_(self) -> str:
+        """Jupyter's display: the verdict tables, as the terminal shows them."""
+        import html
+
+        return f"<pre>{html.escape(self._text())}</pre>"
+
+
+def audit(
+    report: str | os.PathLike[str] | None = None,
+    *,
+    metrics: tuple[str, ...] | list[str] = (),
+    metric_rtol: float = 1e-3,
+    strict: bool = False,
+    force: bool = False,
+    show: bool = True,
+    quiet: bool = False,
+) -> Audit:
+    """An in-process audit: ``with sfdiag.audit() as audit: train()`` (see the module doc).
+
+    ``report``: also write the JSON report there (refused up front over an existing file
+    without ``force``); ``metrics``: names (globs) to judge as gradient norms besides the
+    pattern's; ``strict``: what ``audit.passed`` means, as ``sfdiag run --strict``;
+    ``show``: print the tables to stderr when the block ends.
+    """
+    return Audit(
+        report,
+        metrics=metrics,
+        metric_rtol=metric_rtol,
+        strict=strict,
+        force=force,
+        show=show,
+        quiet=quiet,
+    )
