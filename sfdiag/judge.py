@@ -116,28 +116,82 @@ def is_grad_norm_word(part: str) -> bool:
     return all(w in _FILLER for w in words[:start] + words[end + 1 :])
 
 
+_LR_FILLER = frozenset(
+    {"train", "training", "current", "last", "scheduled", "effective", "applied", "step", "opt"}
+)
+_GROUP = re.compile(r"^(?:pg|group_?|param_group_?|g)?(\d+)$")
+#: what Lightning's LearningRateMonitor logs beside a rate, under the rate's name
+_NOT_A_RATE = ("momentum", "weight_decay", "weight-decay", "beta")
+
+
+def _without_group(words: list[str]) -> tuple[list[str], int | None]:
+    """``[lr, group, 1]`` / ``[lr, group1]`` -> ``([lr], 1)``."""
+    if len(words) >= 2 and words[-2] in ("group", "pg") and words[-1].isdigit():
+        return words[:-2], int(words[-1])
+    if len(words) >= 2 and _GROUP.match(words[-1]) and not words[-1].isdigit():
+        return words[:-1], int(_GROUP.match(words[-1]).group(1))
+    return words, None
+
+
+def is_learning_rate_word(part: str) -> bool:
+    """Whether one ``/``-part of a metric name reads as a learning rate: ``lr``,
+    ``learning_rate``, ``LearningRate``, ``train_lr``, ``lr_group_1``, Lightning's
+    ``lr-AdamW`` (not its ``lr-AdamW-momentum``)."""
+    if part.lower().endswith(_NOT_A_RATE):
+        return False
+    if re.match(r"^lr-[A-Za-z]", part):  # Lightning's LearningRateMonitor: lr-<Optimizer>
+        return True
+    words, _ = _without_group(_words(part))
+    core = [w for w in words if w not in _LR_FILLER]
+    return core in (["lr"], ["learning", "rate"], ["learningrate"])
+
+
+def rate_group(name: str) -> int:
+    """The param group a learning-rate metric names (``lr-AdamW/pg2`` -> 1, Lightning counts
+    from 1; ``lr/group1``, ``lr_group_1`` -> 1); group 0 where it names none."""
+    parts = name.split("/")
+    last = parts[-1]
+    if len(parts) >= 2 and is_learning_rate_word(parts[-2]):
+        match = _GROUP.match(last.lower())
+        if match:
+            number = int(match.group(1))
+            return max(0, number - 1) if last.lower().startswith("pg") else number
+    _, group = _without_group(_words(last))
+    return group or 0
+
+
 @dataclass(frozen=True)
 class MetricSelector:
-    """Which logged names are judged, and against what part of the model.
+    """Which logged names are judged, as what quantity, and against what part of the model.
 
     ``globs`` are the ``--metric`` arguments (``fnmatch`` patterns, case-sensitive); a
-    name with no wildcard is taken even if it reads as a loss.
+    name with no wildcard is taken even if it reads as a loss. A glob's name is judged as
+    a learning rate where it reads as one, else as a gradient norm.
     """
 
     globs: tuple[str, ...] = ()
 
-    def selects(self, name: str) -> bool:
+    def quantity(self, name: str) -> str | None:
+        """ "grad_norm", "learning_rate", or None for a name that is not judged."""
         parts = name.split("/")
         if is_grad_norm_word(parts[-1]):
-            return True
+            return "grad_norm"
         if len(parts) >= 2 and is_grad_norm_word(parts[-2]):
-            return True
+            return "grad_norm"
+        if is_learning_rate_word(parts[-1]):
+            return "learning_rate"
+        if len(parts) >= 2 and is_learning_rate_word(parts[-2]) and _GROUP.match(parts[-1].lower()):
+            return "learning_rate"
         for glob in self.globs:
-            if glob == name:
-                return True
-            if fnmatch.fnmatchcase(name, glob) and not (set(_words(parts[-1])) & _NEVER):
-                return True
-        return False
+            if glob == name or fnmatch.fnmatchcase(name, glob):
+                words = set(_words(parts[-1]))
+                if glob != name and words & _NEVER - {"lr", "learning", "rate"}:
+                    continue  # a glob never picks a loss, a count or a time
+                return "learning_rate" if words & {"lr", "learning"} else "grad_norm"
+        return None
+
+    def selects(self, name: str) -> bool:
+        return self.quantity(name) is not None
 
 
 def scope_hint(name: str) -> str | None:
@@ -147,7 +201,7 @@ def scope_hint(name: str) -> str | None:
     Whether it does name one is up to the caller, who knows the model.
     """
     parts = name.split("/")
-    if len(parts) < 2 or is_grad_norm_word(parts[-1]):
+    if len(parts) < 2 or is_grad_norm_word(parts[-1]) or is_learning_rate_word(parts[-2]):
         return None
     return parts[-1]
 
@@ -179,6 +233,50 @@ class NormReferences:
             out.append(("local-shard", self.local_shard))
         out.append(("post-step", self.post_step))
         return out
+
+    def example(self) -> tuple[tuple[str, float | None], ...]:
+        """What the report's examples show of these references."""
+        return (
+            ("pre_clip", self.pre_clip),
+            ("pre_step", self.pre_step),
+            ("post_step", self.post_step),
+        )
+
+
+@dataclass(frozen=True)
+class RateReferences:
+    """The learning rates of one optimizer step and param group."""
+
+    step: int
+    applied: float  # the rate the update used: the schedule-free warmup's, else group["lr"]
+    base: float  # group["lr"]
+    next_applied: float | None = None  # the following step's applied rate, where known
+    scaled_by: str | None = None  # a factor the optimizer applies on top (Prodigy's "d")
+
+    @property
+    def true(self) -> float:
+        return self.applied
+
+    def named(self) -> list[tuple[str, float]]:
+        out = [("applied", self.applied), ("base-lr", self.base)]
+        if self.next_applied is not None:
+            out.append(("next-step", self.next_applied))
+        return out
+
+    def example(self) -> tuple[tuple[str, float | None], ...]:
+        return (("applied", self.applied), ("base", self.base), ("next_step", self.next_applied))
+
+
+def judge_rate(logged: float, refs: RateReferences, rtol: float) -> tuple[str, str | None]:
+    """(verdict, the reference it equals) for one logged learning rate."""
+    if close(logged, refs.applied, rtol):
+        return "correct", "applied"
+    nxt = refs.next_applied
+    if nxt is not None and close(logged, nxt, rtol):
+        return "next-step", "next-step"
+    if close(logged, refs.base, rtol):
+        return "base-lr", "base-lr"
+    return "unmatched", None
 
 
 def close(logged: float, reference: float, rtol: float) -> bool:
@@ -218,13 +316,19 @@ class JudgedValue:
     step: int
     optimizer: str
     logged: float
-    refs: NormReferences
+    refs: NormReferences | RateReferences
     verdict: str
     matches: str | None
 
     @property
     def rank(self) -> int:
         return _RANK[self.verdict]
+
+
+def judge_claimed(logged: float, optimizer: str, refs: RateReferences, rtol: float) -> JudgedValue:
+    """A learning rate judged at the one step it claims (see ``sfdiag.run.metrics``)."""
+    verdict, matches = judge_rate(logged, refs, rtol)
+    return JudgedValue(refs.step, optimizer, logged, refs, verdict, matches)
 
 
 def judge_candidates(
@@ -311,16 +415,7 @@ class MetricTally:
                 break
             chosen.setdefault(id(value), value)
         ordered = sorted(chosen.values(), key=lambda v: (v.step, v is self.last))
-        return tuple(
-            MetricExample(
-                step=v.step,
-                logged=v.logged,
-                pre_clip=v.refs.pre_clip,
-                pre_step=v.refs.pre_step,
-                post_step=v.refs.post_step,
-            )
-            for v in ordered
-        )
+        return tuple(MetricExample(v.step, v.logged, v.refs.example()) for v in ordered)
 
 
 def _squared(value: JudgedValue, rtol: float) -> str | None:
@@ -338,6 +433,7 @@ def summarize_metric(
     *,
     rtol: float = DEFAULT_RTOL,
     scope: str | None = None,
+    quantity: str = "grad_norm",
 ) -> MetricResult:
     """A metric over every step it was judged at: worst verdict, medians, examples, advice."""
     verdict = tally.verdict
@@ -351,10 +447,15 @@ def summarize_metric(
         ratio = logged_median / true_median
     near = squared = None
     if at_worst is not None and verdict == "unmatched":
-        near, squared = nearest(at_worst), _squared(at_worst, rtol)
+        near = nearest(at_worst)
+        squared = _squared(at_worst, rtol) if quantity == "grad_norm" else None
+    if quantity == "learning_rate":
+        advice = rate_advice(verdict, name, optimizer, at_worst, near)
+    else:
+        advice = metric_advice(verdict, name, logger, optimizer, near=near, squared=squared)
     return MetricResult(
         name=name,
-        quantity="grad_norm",
+        quantity=quantity,
         logger=logger,
         optimizer=optimizer,
         scope=scope,
@@ -366,7 +467,7 @@ def summarize_metric(
         ratio=ratio,
         nearest=near[0] if near else None,
         nearest_ratio=near[1] if near else None,
-        advice=metric_advice(verdict, name, logger, optimizer, near=near, squared=squared),
+        advice=advice,
         examples=tally.examples(),
     )
 
@@ -427,6 +528,45 @@ def metric_advice(
     return f"{name}: {verdict}"
 
 
+def rate_advice(
+    verdict: str,
+    name: str,
+    optimizer: str | None,
+    at_worst: JudgedValue | None,
+    near: tuple[str, float] | None,
+) -> str | None:
+    """One sentence for a logged learning rate; None when it is the rate applied."""
+    refs = at_worst.refs if at_worst is not None else None
+    further = getattr(refs, "scaled_by", None)
+    owner = optimizer or "the optimizer"
+    if verdict == "correct":
+        if further:
+            return (
+                f"{name} is the rate {owner} was given; it scales it further by its own "
+                f"{further} (not judged)"
+            )
+        return None
+    if verdict == "next-step":
+        return (
+            f"{name} is the next step's rate, read after the scheduler advanced: log "
+            "scheduler.get_last_lr() before scheduler.step() (or under the next step's number)"
+        )
+    if verdict == "base-lr":
+        share = ""
+        if isinstance(refs, RateReferences) and refs.base:
+            share = f" ({refs.applied / refs.base:.3g}x of it at step {refs.step})"
+        return (
+            f"{name} is group['lr'], the base rate, while {owner} applied its own warmup"
+            f"{share}: log param_groups[i]['scheduled_lr'] for the rate the update used"
+        )
+    if near is not None:
+        return (
+            f"{name} equals neither the rate applied at its step, the next step's, nor the "
+            f"base rate (nearest is the {near[0]} rate at {_ratio_words(near[1])})"
+        )
+    return f"{name} equals none of the step's learning rates"
+
+
 def _ratio_words(value: float) -> str:
     if not math.isfinite(value):
         return "an infinite ratio" if math.isinf(value) else "no ratio"
@@ -445,6 +585,7 @@ class ModeTally:
     count: int = 0
     first_step: int = -1
     gap: float | None = None
+    detail: str | None = None  # what it did, in words (double-warmup: the product's effect)
 
     def add(self, step: int, gap: float | None = None) -> None:
         if self.count == 0:
@@ -482,7 +623,29 @@ def mode_advice(kind: str, tally: ModeTally) -> str:
             "step() ran with the optimizer in eval mode (the parameters at x): it trained from "
             "the wrong point; call optimizer.train() before training steps"
         )
+    if kind == "double-warmup":
+        return (
+            "the optimizer's own warmup and a scheduler's rising rate act in the same steps"
+            f"{': ' + tally.detail if tally.detail else ''}: warmup applied twice; keep one "
+            "(warmup_steps=0 on the optimizer, or a scheduler without warmup)"
+        )
     return kind
+
+
+def double_warmup(rows: Iterable[tuple[int, float, float, float, bool]], peak: float) -> ModeTally:
+    """Steps at which the optimizer's own warmup was on while the scheduler's rate (group
+    ``lr``) was still rising, from ``(step, base, the step before's base, applied, own
+    warmup on)``; ``peak``: the highest base rate of the run."""
+    tally = ModeTally()
+    for step, base, previous, applied, own in rows:
+        if own and base > previous:
+            if tally.count == 0 and peak > 0:
+                tally.detail = (
+                    f"at step {step} the applied rate is {applied / peak:.2g}x the base "
+                    f"({applied:.3g} of {peak:.3g})"
+                )
+            tally.add(step)
+    return tally
 
 
 #: what a finding counts, in words
@@ -491,6 +654,7 @@ FINDING_UNITS = {
     "checkpoint-in-train-mode": ("save", "saves"),
     "batchnorm-stats": ("evaluation", "evaluations"),
     "step-in-eval-mode": ("step", "steps"),
+    "double-warmup": ("step", "steps"),
 }
 
 

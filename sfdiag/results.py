@@ -161,22 +161,21 @@ class OptimizerResult:
 
 @dataclass(frozen=True)
 class MetricExample:
-    """One judged step of a logged metric, with the references it was judged against."""
+    """One judged step of a logged metric, with the references it was judged against:
+    a gradient norm's ``pre_clip``, ``pre_step``, ``post_step``; a learning rate's
+    ``applied``, ``base``, ``next_step``."""
 
     step: int
     logged: float
-    pre_clip: float | None
-    pre_step: float
-    post_step: float
+    references: tuple[tuple[str, float | None], ...] = ()
+
+    def __getitem__(self, key: str) -> float | None:
+        return dict(self.references)[key]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "logged": _num(self.logged),
-            "pre_clip": _num(self.pre_clip),
-            "pre_step": _num(self.pre_step),
-            "post_step": _num(self.post_step),
-        }
+        out: dict[str, Any] = {"step": self.step, "logged": _num(self.logged)}
+        out.update((key, _num(value)) for key, value in self.references)
+        return out
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ PICKED = [
 NOT_PICKED = [
     "loss",
     "train/loss",
-    "lr",
+    "lr",  # a learning rate: judged as one, not as a gradient norm
     "learning_rate",
     "epoch",
     "grad_1.0_norm_total",  # an L1 norm is no L2 norm
@@ -71,18 +71,44 @@ def test_the_pattern_picks_gradient_norm_names(name):
 
 @pytest.mark.parametrize("name", NOT_PICKED)
 def test_the_pattern_leaves_other_names_alone(name):
-    assert not MetricSelector().selects(name)
+    expected = "learning_rate" if name in ("lr", "learning_rate") else None
+    assert MetricSelector().quantity(name) == expected
 
 
-def test_globs_add_names_but_never_losses_or_rates():
+RATES = [
+    ("lr", 0),
+    ("learning_rate", 0),
+    ("train/lr", 0),
+    ("LearningRate", 0),
+    ("lr-AdamW", 0),  # Lightning's LearningRateMonitor
+    ("lr-AdamW/pg2", 1),  # ... counts its groups from 1
+    ("lr/group1", 1),
+    ("lr_group_1", 1),
+    ("scheduled_lr", 0),
+]
+
+
+@pytest.mark.parametrize(("name", "group"), RATES)
+def test_learning_rate_names_and_their_groups(name, group):
+    assert MetricSelector().quantity(name) == "learning_rate"
+    assert judge.rate_group(name) == group
+
+
+@pytest.mark.parametrize("name", ["lr-AdamW-momentum", "lr-SGD-weight_decay", "lr_scale", "mlr"])
+def test_what_lightning_logs_beside_a_rate_is_no_rate(name):
+    assert MetricSelector().quantity(name) is None
+
+
+def test_globs_add_names_but_never_losses_or_counts():
     selector = MetricSelector(("clip_*", "*/norm_of_grads", "train/*"))
-    assert selector.selects("clip_total")
-    assert selector.selects("model/norm_of_grads")
-    assert selector.selects("train/anything")
-    assert not selector.selects("train/loss")  # a glob never picks a loss...
-    assert not selector.selects("train/lr")
+    assert selector.quantity("clip_total") == "grad_norm"
+    assert selector.quantity("model/norm_of_grads") == "grad_norm"
+    assert selector.quantity("train/anything") == "grad_norm"
+    assert selector.quantity("train/loss") is None  # a glob never picks a loss...
+    assert selector.quantity("train/epoch") is None
     assert MetricSelector(("train/loss",)).selects("train/loss")  # ...an exact name does
     assert not MetricSelector(("Clip_*",)).selects("clip_total")  # case-sensitive, like names
+    assert MetricSelector(("my_*",)).quantity("my_lr_now") == "learning_rate"
 
 
 def test_scope_hints():

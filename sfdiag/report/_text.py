@@ -193,7 +193,8 @@ def summary_line(report: ProbeReport) -> str:
 
 
 def metrics_summary(metrics: Sequence[MetricResult]) -> str:
-    """``2 logged gradient metrics: 1 correct, 1 post-step (wrong)``."""
+    """``2 logged gradient metrics: 1 correct, 1 post-step (wrong)`` (``metrics``, where
+    learning rates are among them)."""
     from sfdiag.results import METRIC_VERDICTS, WRONG_METRIC_VERDICTS
 
     if not metrics:
@@ -205,7 +206,8 @@ def metrics_summary(metrics: Sequence[MetricResult]) -> str:
         if n
     ]
     noun = "metric" if len(metrics) == 1 else "metrics"
-    return f"{len(metrics)} logged gradient {noun}: {', '.join(parts)}"
+    kind = "gradient " if all(m.quantity == "grad_norm" for m in metrics) else ""
+    return f"{len(metrics)} logged {kind}{noun}: {', '.join(parts)}"
 
 
 def metric_sentence(metric: MetricResult) -> str | None:

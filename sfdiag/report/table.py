@@ -140,14 +140,16 @@ def _optimizer_table(report: ProbeReport, width: int) -> Any:
 
 _METRIC_COLUMNS = (
     ("logged metric", False, None),
+    ("is", False, 7),
     ("logger", False, 2),
     ("optimizer", False, 1),
     ("steps\njudged", True, 3),
     ("logged\n(median)", True, 5),
-    ("true ‖g‖\n(median)", True, 4),
+    ("true\n(median)", True, 4),
     ("ratio", True, 6),
     ("verdict", False, None),
 )
+_QUANTITY_WORDS = {"grad_norm": "‖g‖", "learning_rate": "lr"}
 
 
 def _metric_style(verdict: str) -> str:
@@ -161,6 +163,7 @@ def _metric_table(metrics: Sequence[MetricResult], width: int) -> Any:
     rows = [
         [
             (m.name, ""),
+            (_QUANTITY_WORDS.get(m.quantity, m.quantity), ""),
             (m.logger, ""),
             (m.optimizer or "-", ""),
             (str(m.steps_judged), ""),

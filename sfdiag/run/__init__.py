@@ -90,10 +90,10 @@ def gate(report: ProbeReport, *, strict: bool) -> bool:
     """Whether ``--strict`` fails this run (see the module doc)."""
     if not strict:
         return False
-    if report.ranks_disagree or report.any_failing_finding:
+    if report.ranks_disagree or report.any_failing_finding or report.any_wrong_metric:
         return True
-    if report.metrics:
-        return report.any_wrong_metric
+    if any(m.quantity == "grad_norm" for m in report.metrics or ()):
+        return False  # the numbers the user reads are right: the mutation is beside them
     return report.any_flagged
 
 
@@ -112,7 +112,7 @@ def with_metric_advice(
     says so instead of the generic one."""
     out = []
     for result in results:
-        own = [m for m in metrics if m.optimizer == result.optimizer]
+        own = [m for m in metrics if m.optimizer == result.optimizer and m.quantity == "grad_norm"]
         if (
             result.verdict in ("mutated", "replaced", "cleared")
             and own

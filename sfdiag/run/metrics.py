@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sfdiag import judge
-from sfdiag.judge import MetricSelector, MetricTally, NormReferences
+from sfdiag.judge import (
+    JudgedValue,
+    MetricSelector,
+    MetricTally,
+    NormReferences,
+    RateReferences,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from sfdiag.results import MetricResult
@@ -68,6 +74,10 @@ class _Logged:
     fresh: tuple[bool, ...]  # per watched optimizer (by position): grads written since its
     #                          last step (a backward ran: the coming step comes first)
     module: Callable[[], Any] | None  # the module that logged it (Lightning's self)
+    quantity: str = "grad_norm"  # or "learning_rate"
+    label: int | None = None  # the step number the logger was given, if any
+    after: tuple[int, ...] = ()  # per watched optimizer: its last finished step
+    stepping: tuple[bool, ...] = ()  # per watched optimizer: logged during its step()
     # per watched optimizer: the norms of the steps it may belong to (the last finished,
     # then the next), held here so they outlive the watch's few recent steps
     steps: dict[int, list[StepNorms]] = field(default_factory=dict)
@@ -86,25 +96,36 @@ class MetricAudit:
     _ready: list[_Logged] = field(default_factory=list)  # its steps known: to judge
     _tallies: dict[tuple[str, str], MetricTally] = field(default_factory=dict)
     _scopes: dict[tuple[str, str], str | None] = field(default_factory=dict)
+    _quantities: dict[tuple[str, str], str] = field(default_factory=dict)
     _module_aliases: dict[tuple[int, int], dict[str, tuple[int, ...]]] = field(default_factory=dict)
 
     # ---- what the taps call -----------------------------------------------------------------
     def is_active(self) -> bool:
         return self.active
 
-    def picks(self, name: str) -> bool:
-        picked = self._picked.get(name)
-        if picked is None:
-            picked = self.selector.selects(name)
-            if len(self._picked) < _NAME_CACHE:
-                self._picked[name] = picked
+    def picks(self, name: str) -> str | None:
+        """The quantity ``name`` is judged as (``grad_norm``, ``learning_rate``), or None."""
+        if name in self._picked:
+            return self._picked[name]
+        picked = self.selector.quantity(name)
+        if len(self._picked) < _NAME_CACHE:
+            self._picked[name] = picked
         return picked
 
-    def record(self, logger: str, items: Iterable[tuple[Any, Any]], module: Any = None) -> None:
-        """Keep the logged (name, value) pairs that are gradient metrics. Never raises."""
+    def record(
+        self,
+        logger: str,
+        items: Iterable[tuple[Any, Any]],
+        module: Any = None,
+        step: Any = None,
+    ) -> None:
+        """Keep the logged (name, value) pairs that are gradient norms or learning rates;
+        ``step``: the step number the logger was given (if any). Never raises."""
         try:
+            label = step if isinstance(step, int) and not isinstance(step, bool) else None
             for name, value in items:
-                if not isinstance(name, str) or not self.picks(name):
+                quantity = self.picks(name) if isinstance(name, str) else None
+                if quantity is None:
                     continue
                 number = as_number(value)
                 if number is None:
@@ -112,12 +133,23 @@ class MetricAudit:
                 watched = self.watch.watched
                 fresh = tuple(w.last_finished < 0 or w.has_new_grads() for w in watched)
                 owner = weakref.ref(module) if module is not None else None
-                logged = _Logged(logger, name, number, fresh, owner)
+                logged = _Logged(
+                    logger,
+                    name,
+                    number,
+                    fresh,
+                    owner,
+                    quantity,
+                    label,
+                    tuple(w.last_finished for w in watched),
+                    tuple(w.stepping for w in watched),
+                )
                 for position, entry in enumerate(watched):
                     last = entry.recent[-1] if entry.recent else None
                     if last is not None and last.step == entry.last_finished:
-                        # the grads may still be as that step() left them
-                        last.read_post(logging=True)
+                        if quantity == "grad_norm":
+                            # the grads may still be as that step() left them
+                            last.read_post(logging=True)
                         logged.steps[position] = [last]
                 self._pending.append(logged)
             self._judge_ready()
@@ -155,7 +187,12 @@ class MetricAudit:
         self._ready, self._pending = [], []
         return tuple(
             judge.summarize_metric(
-                name, logger, tally, rtol=self.rtol, scope=self._scopes.get((logger, name))
+                name,
+                logger,
+                tally,
+                rtol=self.rtol,
+                scope=self._scopes.get((logger, name)),
+                quantity=self._quantities.get((logger, name), "grad_norm"),
             )
             for (logger, name), tally in self._tallies.items()
             if tally.count
@@ -166,6 +203,9 @@ class MetricAudit:
         try:
             value = _float(logged.value)
         except Exception:
+            return
+        if logged.quantity == "learning_rate":
+            self._resolve_rate(logged, value)
             return
         candidates: list[tuple[str, NormReferences]] = []
         scope_name = None
@@ -187,6 +227,52 @@ class MetricAudit:
         key = (logged.logger, logged.name)
         self._tallies.setdefault(key, MetricTally()).add(judged)
         self._scopes.setdefault(key, scope_name)
+
+    def _resolve_rate(self, logged: _Logged, value: float) -> None:
+        """A learning rate belongs to one step (unlike a norm, the value alone cannot tell,
+        the next step's rate being a legitimate rate too): the step under way where it was
+        logged during a step(); else the step the logger was told (its number read as the
+        step's index, or as the count of steps done); else the step just run, or the next
+        one where a backward ran since. Judged at that step of the optimizer that fits best."""
+        group = judge.rate_group(logged.name)
+        best: JudgedValue | None = None
+        for position, entry in enumerate(self.watch.watched):
+            pinned = {n.step: n for n in logged.steps.get(position, ())}
+            after = logged.after[position] if position < len(logged.after) else -1
+            if logged.stepping[position : position + 1] == (True,):
+                claimed, lenient = after + 1, None
+            elif logged.label is not None and logged.label in (after, after + 1):
+                claimed = logged.label
+                lenient = after if logged.label == after + 1 else None  # counted steps done
+            else:
+                fresh = position < len(logged.fresh) and logged.fresh[position]
+                claimed, lenient = (after + 1 if fresh else after), None
+            here = pinned.get(claimed)
+            rates = here.rate(group) if here is not None else None
+            if rates is None:
+                continue
+            after_that = pinned.get(claimed + 1)
+            following = after_that.rate(group) if after_that is not None else None
+            refs = RateReferences(
+                step=claimed,
+                applied=rates[1],
+                base=rates[0],
+                next_applied=following[1] if following else None,
+                scaled_by=rates[2],
+            )
+            judged = judge.judge_claimed(value, entry.label, refs, self.rtol)
+            if judged.verdict != "correct" and lenient is not None and lenient in pinned:
+                earlier = pinned[lenient].rate(group)
+                if earlier is not None and judge.close(value, earlier[1], self.rtol):
+                    previous = RateReferences(lenient, earlier[1], earlier[0], rates[1], earlier[2])
+                    judged = judge.judge_claimed(value, entry.label, previous, self.rtol)
+            if best is None or judged.rank < best.rank:
+                best = judged
+        if best is None:
+            return
+        key = (logged.logger, logged.name)
+        self._tallies.setdefault(key, MetricTally()).add(best)
+        self._quantities[key] = "learning_rate"
 
     def _scope(
         self, entry: Watched, hint: str | None, module: Callable[[], Any] | None

@@ -190,6 +190,17 @@ class StepNorms:
     # a multi-rank job with sharded grads: pre/post are the global norms, and these the
     # ones of this rank's shards alone
     local: tuple[list[float], list[float]] | None = None
+    # per param group: (group["lr"] as step() began, the rate the update used, a factor
+    # the optimizer applies on top, by name: Prodigy's "d"); numbers or device scalars
+    rates: tuple[tuple[Any, Any, str | None], ...] = ()
+
+    def rate(self, group: int) -> tuple[float, float, str | None] | None:
+        """(base, applied, scaled_by) of ``group`` as floats; None where there is none."""
+        if group >= len(self.rates):
+            return None
+        base, applied, scaled_by = self.rates[group]
+        return _float(base), _float(applied), scaled_by
+
     # the post-step norms not read yet: the grads as step() left them (weakly held), their
     # versions, and which of them moved (see ``read_post``)
     _later: tuple[list[Any], list[int], list[int]] | None = None
@@ -275,6 +286,25 @@ class StepNorms:
         self._sums.clear()
 
 
+def _float(value: Any) -> float:
+    return float(value.item()) if hasattr(value, "item") else float(value)
+
+
+def _number(value: Any) -> Any:
+    """A learning rate as read in a hook: a float, or a device scalar left unread (a
+    capturable optimizer keeps its rate on the device: reading it would wait for it)."""
+    if hasattr(value, "detach"):
+        value = value.detach()
+        return float(value) if value.device.type == "cpu" else value.clone()
+    return value
+
+
+def _own_warmup(group: dict[str, Any]) -> bool:
+    """Whether a schedule-free group's own warmup scales this step's rate (k < warmup)."""
+    warmup, k = group.get("warmup_steps"), group.get("k")
+    return isinstance(warmup, int) and isinstance(k, int) and warmup > 0 and k < warmup
+
+
 def _l2(values: list[float], indices: tuple[int, ...] | None) -> float:
     picked = values if indices is None else [values[i] for i in indices if i < len(values)]
     return math.sqrt(math.fsum(v * v for v in picked))
@@ -301,6 +331,7 @@ class Watched:
     indices: list[int] = field(default_factory=list)  # the step index of each observation
     recent: deque[StepNorms] = field(default_factory=lambda: deque(maxlen=KEPT_STEPS))
     last_finished: int = -1  # the index of the last step that finished
+    stepping: bool = False  # a step() is under way (a closure runs the training step in it)
     param_ids: frozenset[int] = frozenset()
     # the step in progress: its grads as step() received them, their versions, their norms
     _pre_grads: list[Any] = field(default_factory=list)
@@ -318,6 +349,12 @@ class Watched:
     global_norms: dict[int, tuple[float, float]] = field(default_factory=dict)  # audited steps
     agreement_checked: bool = False
     disagreement: tuple[int, str] | None = None  # (step, parameter) where this rank differed
+    # learning rates: group["lr"] as each step began; the double-warmup record (group 0)
+    _pre_rates: list[tuple[Any, bool]] = field(default_factory=list)
+    warmup_rows: list[tuple[int, float, float, float, bool]] = field(default_factory=list)
+    # (step, base, the base of the step before, applied, own warmup on)
+    peak_rate: float = 0.0
+    _previous_rate: float | None = None
 
     def refresh_params(self) -> list[torch.Tensor]:
         """The optimizer's parameters (param groups may have grown since the last step)."""
@@ -346,6 +383,40 @@ class Watched:
         self._pre_versions = [g._version if g is not None else 0 for g in grads]
         self._pre_norms = _norms(grads)
         self._pre_taken = True
+
+    def take_rates(self, optimizer: Any) -> None:
+        """group["lr"] of every param group as step() begins (and whether a schedule-free
+        group's own warmup is on)."""
+        self._pre_rates = [
+            (_number(group.get("lr", 0.0)), _own_warmup(group))
+            for group in getattr(optimizer, "param_groups", ())
+        ]
+
+    def rates_after(self, optimizer: Any) -> tuple[tuple[Any, Any, str | None], ...]:
+        """Per group (base, applied, scaled_by) once step() ran: a schedule-free optimizer
+        records the rate its update used in ``scheduled_lr``."""
+        rates = []
+        groups = list(getattr(optimizer, "param_groups", ()))
+        for (base, _), group in zip(self._pre_rates, groups, strict=False):
+            applied = _number(group["scheduled_lr"]) if "scheduled_lr" in group else base
+            rates.append((base, applied, "d" if "d" in group else None))
+        self._note_warmup(rates)
+        return tuple(rates)
+
+    def _note_warmup(self, rates: list[tuple[Any, Any, str | None]]) -> None:
+        """Keep what ``judge.double_warmup`` reads: group 0's rates while its own warmup
+        is on (the rates are plain floats there: schedule-free groups keep them so)."""
+        if not rates or not self._pre_rates:
+            return
+        base, applied, _ = rates[0]
+        if hasattr(base, "detach") or hasattr(applied, "detach"):
+            return  # device scalars: not read in a hook
+        own = self._pre_rates[0][1]
+        self.peak_rate = max(self.peak_rate, float(base))
+        if own:
+            previous = self._previous_rate if self._previous_rate is not None else float(base)
+            self.warmup_rows.append((self.started - 1, float(base), previous, float(applied), own))
+        self._previous_rate = float(base)
 
     def await_closure(self) -> None:
         """``step(closure)``: the grads are computed inside ``step()``; ``take_pre`` waits
@@ -393,6 +464,9 @@ class Watched:
         self._post_refs = [weakref.ref(g) if g is not None else None for g in grads]
         self._post_versions = [g._version if g is not None else 0 for g in grads]
         norms = StepNorms(self.started - 1, pre, pre, clip, covered, with_grad)
+        optimizer = self.ref()
+        if optimizer is not None and self._pre_rates:
+            norms.rates = self.rates_after(optimizer)
         if moved:
             norms.post = None
             norms._later = (list(self._post_refs), list(self._post_versions), moved)
@@ -582,6 +656,8 @@ class OptimizerWatch:
             entry.auditing = audited(entry.started, len(entry.auditor.observations))
             entry.started += 1
             entry.refresh_params()
+            entry.take_rates(optimizer)
+            entry.stepping = True
             closure = _closure_of(args, kwargs)
             if closure is None:
                 entry.take_pre()
@@ -614,6 +690,7 @@ class OptimizerWatch:
         entry = self._by_id.get(id(optimizer))
         if entry is None or entry.error is not None or active_steps(optimizer) != 1:
             return
+        entry.stepping = False
         import numpy as np
 
         from sfdiag import snapshot
