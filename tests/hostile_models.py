@@ -142,6 +142,24 @@ def slow_model(delay: float = 0.05) -> nn.Module:
     return _Slow(delay)
 
 
+def per_sample_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A loss that forgot to reduce: one value per sample, not a scalar."""
+    return F.cross_entropy(output, target, reduction="none")
+
+
+class _BrokenInTraining(_Small):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            raise ValueError("this model's training forward is broken")
+        return super().forward(x)
+
+
+def broken_in_training_model() -> nn.Module:
+    """Evaluates (so sfdiag's shape check passes), but its training forward raises: the
+    model's failure, whatever the optimizer."""
+    return _BrokenInTraining()
+
+
 class InterruptOnStep(torch.optim.SGD):
     """An optimizer whose ``step()`` raises KeyboardInterrupt (Ctrl-C) at step ``at``."""
 
