@@ -9,8 +9,9 @@ that says who failed. Nothing here prints; progress goes through a callback.
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,8 @@ import torch
 from sfdiag import __version__, snapshot, verdict
 from sfdiag.audit import AuditError, StepAuditor, StepWatch, exception_text
 from sfdiag.build import BuiltOptimizer, BuiltProbe, build
-from sfdiag.config import Config
+from sfdiag.config import Config, load_config, parse_config
+from sfdiag.errors import SfdiagError
 from sfdiag.results import OptimizerResult, ProbeReport, StepRecord
 
 #: called after every step: (optimizer label, step index, steps in all)
@@ -208,8 +210,31 @@ def probe_optimizer(
     )
 
 
-def run_probe(config: Config, options: ProbeOptions = ProbeOptions()) -> ProbeReport:
-    """Probe every optimizer of ``config``. Raises SfdiagError on bad input, before running."""
+def as_config(config: Any) -> Config:
+    """A Config from a config file's path (str or PathLike), a dict shaped like the YAML, or
+    a Config; anything else is an SfdiagError naming what it got."""
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        return load_config(config)
+    if isinstance(config, Mapping):
+        return parse_config(config, "<dict>")
+    shown = repr(config)
+    shown = shown if len(shown) <= 60 else shown[:59] + "…"
+    raise SfdiagError(
+        "run_probe: config must be a config file's path (str or os.PathLike), a dict "
+        f"shaped like the YAML config, or a sfdiag.config.Config; got "
+        f"{type(config).__name__} {shown}"
+    )
+
+
+def run_probe(
+    config: Config | Mapping[str, Any] | str | os.PathLike[str],
+    options: ProbeOptions = ProbeOptions(),
+) -> ProbeReport:
+    """Probe every optimizer of ``config`` (a path, a dict or a Config; see ``as_config``).
+    Raises SfdiagError on bad input, before running."""
+    config = as_config(config)
     built = build(config)
     results: list[OptimizerResult] = []
     started = time.perf_counter()

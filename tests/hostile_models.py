@@ -160,6 +160,20 @@ def broken_in_training_model() -> nn.Module:
     return _BrokenInTraining()
 
 
+def lazy_first_model(declare: bool = False) -> nn.Module:
+    """A LazyLinear first: its input size is unknown until a first forward, unless the
+    model declares ``sfdiag_input_shape`` (``declare=True``)."""
+    model = nn.Sequential(nn.LazyLinear(HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, CLASSES))
+    if declare:
+        model.sfdiag_input_shape = (IN,)
+    return model
+
+
+def lazy_last_model() -> nn.Module:
+    """A convolution first (its input shape inferable), a LazyLinear last."""
+    return nn.Sequential(nn.Conv2d(1, 2, 3, stride=4), nn.Flatten(), nn.LazyLinear(CLASSES))
+
+
 class InterruptOnStep(torch.optim.SGD):
     """An optimizer whose ``step()`` raises KeyboardInterrupt (Ctrl-C) at step ``at``."""
 

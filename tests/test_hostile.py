@@ -16,6 +16,7 @@ import torch
 
 from sfdiag import audit
 from sfdiag.config import parse_config
+from sfdiag.errors import SfdiagError
 from sfdiag.probe import ProbeOptions, run_probe
 from sfdiag.report import RenderOptions, render
 from sfdiag.results import ProbeReport
@@ -382,6 +383,29 @@ def test_sfdiag_own_failure_is_worded_as_sfdiags(monkeypatch, optimizer):
     assert row.error == "sfdiag could not audit it: ZeroDivisionError: a bug in the fits"
     assert "sfdiag's failure" in row.advice and "please report" in row.advice
     assert clean.verdict == "clean"
+
+
+# --------------------------------------------------------------------------- lazy layers
+
+
+def test_a_lazy_first_layer_asks_for_sfdiag_input_shape():
+    with pytest.raises(SfdiagError) as caught:
+        probe("lazy_first_model", ["adamw"])
+    message = str(caught.value)
+    assert "cannot infer the input shape" in message and "(LazyLinear) is lazy" in message
+    assert "sfdiag_input_shape" in message
+    declared = {"name": "hostile_models:lazy_first_model", "kwargs": {"declare": True}}
+    assert verdicts(probe(declared, ["adamw", "sf-adamw"])) == {
+        "adamw": "clean",
+        "sf-adamw": "mutated",
+    }
+
+
+def test_a_lazy_last_layer_after_a_convolution_needs_nothing_given():
+    assert verdicts(probe("lazy_last_model", ["adamw", "sf-adamw"])) == {
+        "adamw": "clean",
+        "sf-adamw": "mutated",
+    }
 
 
 # --------------------------------------------------------------------------- through the CLI
