@@ -69,6 +69,9 @@ class StepObservation:
     post_norm: float
     params: list[ParamStep]
     digests: tuple[int, ...] = ()  # per parameter, of the grad step() was given (0: none)
+    # the grads step() was given held NaN and no finite non-zero element: comparing bits
+    # (NaN equals NaN) cannot tell an in-place change from none
+    nan_only: bool = False
 
     @property
     def params_mutated(self) -> int:
@@ -114,6 +117,20 @@ def _group_eps(optimizer: Any, param: torch.Tensor) -> float:
     return DEFAULT_EPS
 
 
+def _nan_only(params: list[torch.Tensor], prints: list[snapshot.GradFingerprint]) -> bool:
+    """Whether the grads hold NaN (or Inf) and no finite non-zero element (the zeros a ReLU
+    leaves in a NaN grad are no number either): no change that keeps NaN a NaN shows in
+    their bits. Only grads whose norm is not finite are read again: a healthy step pays
+    nothing."""
+    present = [(p, fp) for p, fp in zip(params, prints, strict=True) if fp.present]
+    if all(math.isfinite(fp.norm) for _, fp in present):
+        return False
+    return all(
+        fp.norm == 0 or (not math.isfinite(fp.norm) and not snapshot.holds_a_number(p.grad))
+        for p, fp in present
+    )
+
+
 @dataclass
 class StepAuditor:
     """Collects a StepObservation for every ``step()`` of the optimizers it watches."""
@@ -122,7 +139,7 @@ class StepAuditor:
     forensics: bool = False
     fingerprint_kinds: bool = True  # name the kind of a mutation (reads optimizer state)
     observations: list[StepObservation] = field(default_factory=list)
-    _pending: dict[int, tuple[list[torch.Tensor], list[snapshot.GradFingerprint]]] = field(
+    _pending: dict[int, tuple[list[torch.Tensor], list[snapshot.GradFingerprint], bool]] = field(
         default_factory=dict
     )
     _handles: list[Any] = field(default_factory=list)
@@ -149,7 +166,8 @@ class StepAuditor:
 
     def _snapshot_before(self, optimizer: Any) -> None:
         params = self.params_of(optimizer)
-        self._pending[id(optimizer)] = (params, snapshot.take(params, full=self.forensics))
+        prints = snapshot.take(params, full=self.forensics)
+        self._pending[id(optimizer)] = (params, prints, _nan_only(params, prints))
 
     def retake(self, optimizer: Any) -> None:
         """Snapshot A again: a closure recomputed the grads inside ``step()``."""
@@ -163,7 +181,7 @@ class StepAuditor:
         pending = self._pending.pop(id(optimizer), None)
         if pending is None:
             return
-        params, before = pending
+        params, before, nan_only = pending
         # On an accelerator the optimizer's state is sampled with the grads, so the snapshot
         # stays one transfer; on the CPU (no transfer) it is sampled where a grad mutated.
         on_device = any(p.device.type != "cpu" for p in params)
@@ -187,6 +205,7 @@ class StepAuditor:
                 _global_norm(after),
                 records,
                 tuple(snapshot.digest(fp) for fp in before),
+                nan_only,
             )
         )
 

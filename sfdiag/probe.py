@@ -207,6 +207,7 @@ def probe_optimizer(
         error=error,
         failure=failure,
         state_bytes_per_element=_state_bytes_or_none(optimizer, model),
+        nan_only=bool(observations) and all(o.nan_only for o in observations),
     )
 
 

@@ -150,11 +150,13 @@ def check_step(
                 )
         finally:
             watch.detach()
+    observations = auditor.observations
     return verdict.summarize(
         type(optimizer).__name__,
         class_path(optimizer),
         records,
-        [o.params for o in auditor.observations],
+        [o.params for o in observations],
+        nan_only=bool(observations) and all(o.nan_only for o in observations),
     )
 
 
@@ -164,6 +166,11 @@ def _as_args(inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[Any, ...]:
 
 def failure_message(result: OptimizerResult) -> str:
     """Why ``result`` fails ``assert_step_preserves_grads``: several lines, no colour."""
+    if result.undetermined:
+        return (
+            f"{result.optimizer} ({result.cls}): could not tell whether step() leaves p.grad "
+            f"alone: {result.advice}"
+        )
     kind = f", fingerprint {result.fingerprint}" if result.fingerprint else ""
     lines = [
         f"{result.optimizer} ({result.cls}) did not leave p.grad alone during step(): "
@@ -195,7 +202,8 @@ def assert_step_preserves_grads(
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     closure: bool | None = None,
 ) -> OptimizerResult:
-    """Raise AssertionError if any step mutated, replaced or cleared any ``p.grad``.
+    """Raise AssertionError if any step mutated, replaced or cleared any ``p.grad``, or
+    if the check could not tell (the grads held nothing but NaN at every step).
 
     Arguments as for ``check_step``; returns its (clean) result when the check passes.
     """
@@ -208,6 +216,6 @@ def assert_step_preserves_grads(
         loss_fn=loss_fn,
         closure=closure,
     )
-    if result.flagged:
+    if result.flagged or result.undetermined:
         raise AssertionError(failure_message(result))
     return result

@@ -268,6 +268,12 @@ _FAILURE_ADVICE = {
     ),
     "sfdiag": _SFDIAG_FAILED_ADVICE,
 }
+#: a clean verdict over grads that held nothing but NaN (or Inf, or zero) at every step
+_UNDETERMINED_ADVICE = (
+    "the grads held nothing but NaN (or Inf, or zeros) at every audited step and NaN equals "
+    "NaN, so the audit could not tell whether step() changed p.grad; probe it where the "
+    "loss and the grads are finite"
+)
 
 # What to use instead, for our own optimizers that mutate.
 _CLEAN_ALTERNATIVE = {
@@ -338,17 +344,21 @@ def summarize(
     error: str | None = None,
     failure: str | None = None,
     state_bytes_per_element: float | None = None,
+    nan_only: bool = False,
 ) -> OptimizerResult:
     """An optimizer's result from its per-step records (and an error, if it failed).
 
     ``failure``: who failed, for an error (one of FAILURES; an error worded as
-    SFDIAG_FAILED is sfdiag's).
+    SFDIAG_FAILED is sfdiag's). ``nan_only``: at every audited step the grads held NaN
+    and no finite non-zero element, so a clean verdict is one the audit could not tell
+    from a change: the result says so (``undetermined``).
     """
     params = summarize_params(param_steps)
     worst = max((p.verdict for p in params), key=SEVERITY.__getitem__, default="clean")
     verdict = "error" if error is not None else worst
     if error is not None and error.startswith(SFDIAG_FAILED):
         failure = "sfdiag"
+    undetermined = nan_only and verdict == "clean" and bool(steps)
     fp = _most_common([p.fingerprint for s in param_steps for p in s if p.verdict == "mutated"])
     pre = _median([s.pre_step_grad_norm for s in steps])
     post = _median([s.post_step_grad_norm for s in steps])
@@ -362,8 +372,9 @@ def summarize(
         params_mutated=sum(p.verdict != "clean" for p in params),
         params_with_grad=len(params),
         fingerprint=fp if worst == "mutated" else None,
-        advice=advice(verdict, fp, cls, failure),
+        advice=_UNDETERMINED_ADVICE if undetermined else advice(verdict, fp, cls, failure),
         error=error,
+        undetermined=undetermined,
         state_bytes_per_element=state_bytes_per_element,
         steps=tuple(steps),
         params=params,

@@ -1,8 +1,8 @@
 """Hostile numbers: NaN/Inf grads and losses, frozen and unused params, sparse and zero
 grads, float64 and bfloat16. Each is a finding in the report, never a crash, and never
-mistaken for a mutation. Hostile optimizers, models and losses fail as error rows that say
-who failed. Models come from tests/hostile_models.py by import path, optimizers from
-tests/mutators.py.
+mistaken for a mutation; where NaN hides what step() did, the report says it could not
+tell. Hostile optimizers, models and losses fail as error rows that say who failed.
+Models come from tests/hostile_models.py by import path, optimizers from tests/mutators.py.
 """
 
 from __future__ import annotations
@@ -57,6 +57,10 @@ def strict_json(text: str):
 
 # --------------------------------------------------------------------------- clean stays clean
 
+# Models whose grads hold nothing but NaN (and the zeros a ReLU leaves): clean by bits,
+# but the audit cannot tell a change that keeps NaN a NaN, and says so.
+NAN_ONLY = {"nan_model", "inf_model"}
+
 
 @pytest.mark.parametrize(
     ("model", "dtype"),
@@ -78,6 +82,9 @@ def test_clean_optimizers_stay_clean(model, dtype, forensics):
     for result in report.results:
         assert result.error is None and result.params_mutated == 0
         assert len(result.steps) == 3
+        # a few NaN among finite elements (nan_grad_model) still tell; NaN-only grads do not
+        assert result.undetermined == (model in NAN_ONLY)
+        assert (result.advice is not None) == (model in NAN_ONLY)
         for finding in result.params:
             # An unchanged grad changed by 0, also where it holds NaN or Inf.
             assert finding.max_rel_change == 0.0
@@ -89,25 +96,43 @@ def test_clean_optimizers_stay_clean(model, dtype, forensics):
 
 def test_a_nan_loss_is_reported_not_a_crash():
     report = probe("nan_model", ["adamw", _mutator("ZeroGrads")])
-    adamw = report.results[0]
+    adamw, zeroing = report.results
     assert adamw.verdict == "clean"
     assert all(math.isnan(s.loss) for s in adamw.steps)
     assert math.isnan(adamw.pre_step_grad_norm) and math.isnan(adamw.post_step_grad_norm)
+    # clean only because NaN equals NaN: the result says the audit could not tell
+    assert adamw.undetermined and "could not tell" in adamw.advice and not adamw.flagged
+    # NaN turned into zeros is a change the bits do show
+    assert zeroing.verdict == "mutated" and not zeroing.undetermined
 
     data = strict_json(render(report, "json", RenderOptions()))
     row = data["results"][0]
     assert row["pre_step_grad_norm"] == "nan" and row["norm_ratio"] == "nan"
     assert [s["loss"] for s in row["steps"]] == ["nan"] * 3
+    assert row["verdict"] == "clean" and row["undetermined"] is True
+    assert data["results"][1]["undetermined"] is False
 
-    table = render(report, "table", RenderOptions())
+    table = render(report, "table", RenderOptions(width=200))
     adamw_line = next(line for line in table.splitlines() if line.lstrip().startswith("adamw"))
-    assert "nan" in adamw_line and "clean" in adamw_line
+    assert "nan" in adamw_line and "clean (NaN grads: could not tell)" in adamw_line
+    assert "adamw: clean, but undetermined." in table
+    assert "1 undetermined (NaN grads)" in table
+    markdown = render(report, "markdown", RenderOptions())
+    assert "clean (NaN grads: could not tell)" in markdown
+
+
+@pytest.mark.parametrize("name", ["ScaleGrads", "AdamNormalize"])
+def test_a_change_that_keeps_nan_a_nan_is_undetermined_not_silently_clean(name):
+    # the same mutators are caught on finite grads (test_probe): here NaN hides them
+    (result,) = probe("nan_model", [_mutator(name)]).results
+    assert (result.verdict, result.undetermined) == ("clean", True)
+    assert "could not tell whether step() changed p.grad" in result.advice
 
 
 def test_an_infinite_output_is_reported():
     report = probe("inf_model", ["adamw"])
     (result,) = report.results
-    assert result.verdict == "clean"
+    assert result.verdict == "clean" and result.undetermined
     assert not any(math.isfinite(s.loss) for s in result.steps)
     strict_json(render(report, "json", RenderOptions()))
 
@@ -151,6 +176,7 @@ def test_mutators_are_detected_in_grads_holding_nan_and_inf(optimizer, expected)
 def test_mutators_are_detected_in_all_nan_grads(optimizer, expected):
     (result,) = probe("nan_model", [optimizer]).results
     assert result.verdict == expected
+    assert not result.undetermined  # a change the bits show is no guess
 
 
 # --------------------------------------------------------------------------- missing grads
@@ -443,6 +469,8 @@ def test_cli_json_of_nan_and_sparse_is_valid_json(sfdiag_cli, tmp_path):
     assert nan.returncode == 0, nan.stderr
     (row,) = strict_json(nan.stdout)["results"]
     assert row["verdict"] == "clean" and row["pre_step_grad_norm"] == "nan"
+    assert row["undetermined"] is True
+    assert [r["undetermined"] for r in data["results"]] == [False, False]
 
 
 def test_cli_error_rows_say_who_failed(sfdiag_cli, tmp_path):

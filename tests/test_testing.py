@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import hostile_models
 import mutators
 import pytest
@@ -166,3 +168,13 @@ def test_a_lazy_model_given_inputs_is_checked():
         torch.optim.AdamW, hostile_models.lazy_last_model, inputs=torch.randn(4, 1, 28, 28)
     )
     assert result.verdict == "clean" and result.params_with_grad == 4
+
+
+def test_nan_only_grads_fail_the_check_as_undetermined():
+    def nan_loss(output):
+        return output.pow(2).mean() * math.nan
+
+    result = check_step(mutators.ScaleGrads, loss_fn=nan_loss)
+    assert (result.verdict, result.undetermined) == ("clean", True)
+    with pytest.raises(AssertionError, match="could not tell whether step\\(\\) leaves p.grad"):
+        assert_step_preserves_grads(torch.optim.SGD, loss_fn=nan_loss)
