@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -68,6 +69,9 @@ class StepObservation:
     post_norm: float
     params: list[ParamStep]
     digests: tuple[int, ...] = ()  # per parameter, of the grad step() was given (0: none)
+    # the grads step() was given held NaN and no finite non-zero element: comparing bits
+    # (NaN equals NaN) cannot tell an in-place change from none
+    nan_only: bool = False
 
     @property
     def params_mutated(self) -> int:
@@ -88,12 +92,43 @@ def _dtype_eps(t: torch.Tensor) -> float:
     return float(torch.finfo(t.dtype).eps) if t.is_floating_point() else 0.0
 
 
+#: the Adam fit's eps where an optimizer has none that reads as one number
+DEFAULT_EPS = 1e-8
+
+
+def _as_eps(value: Any) -> float:
+    """An optimizer's ``eps`` as one float: the first of a tuple (Adafactor's
+    ``(1e-30, 1e-3)``), DEFAULT_EPS for what is no number (None, ``(None, 1e-3)``, "auto")."""
+    if isinstance(value, (tuple, list)):
+        value = value[0] if value else None
+    try:
+        eps = float(value)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of many elements
+        return DEFAULT_EPS
+    return eps if math.isfinite(eps) and eps >= 0 else DEFAULT_EPS
+
+
 def _group_eps(optimizer: Any, param: torch.Tensor) -> float:
+    """The eps of ``param``'s group; the fit needs only its order of magnitude, so odd
+    hyperparameters (and odd groups) fall back to DEFAULT_EPS instead of failing the audit."""
     for group in getattr(optimizer, "param_groups", ()):
-        if any(p is param for p in group["params"]):
-            eps = group.get("eps", 1e-8)
-            return float(eps[0] if isinstance(eps, (tuple, list)) else eps)
-    return 1e-8
+        if isinstance(group, Mapping) and any(p is param for p in group.get("params", ())):
+            return _as_eps(group.get("eps", DEFAULT_EPS))
+    return DEFAULT_EPS
+
+
+def _nan_only(params: list[torch.Tensor], prints: list[snapshot.GradFingerprint]) -> bool:
+    """Whether the grads hold NaN (or Inf) and no finite non-zero element (the zeros a ReLU
+    leaves in a NaN grad are no number either): no change that keeps NaN a NaN shows in
+    their bits. Only grads whose norm is not finite are read again: a healthy step pays
+    nothing."""
+    present = [(p, fp) for p, fp in zip(params, prints, strict=True) if fp.present]
+    if all(math.isfinite(fp.norm) for _, fp in present):
+        return False
+    return all(
+        fp.norm == 0 or (not math.isfinite(fp.norm) and not snapshot.holds_a_number(p.grad))
+        for p, fp in present
+    )
 
 
 @dataclass
@@ -104,7 +139,7 @@ class StepAuditor:
     forensics: bool = False
     fingerprint_kinds: bool = True  # name the kind of a mutation (reads optimizer state)
     observations: list[StepObservation] = field(default_factory=list)
-    _pending: dict[int, tuple[list[torch.Tensor], list[snapshot.GradFingerprint]]] = field(
+    _pending: dict[int, tuple[list[torch.Tensor], list[snapshot.GradFingerprint], bool]] = field(
         default_factory=dict
     )
     _handles: list[Any] = field(default_factory=list)
@@ -131,7 +166,8 @@ class StepAuditor:
 
     def _snapshot_before(self, optimizer: Any) -> None:
         params = self.params_of(optimizer)
-        self._pending[id(optimizer)] = (params, snapshot.take(params, full=self.forensics))
+        prints = snapshot.take(params, full=self.forensics)
+        self._pending[id(optimizer)] = (params, prints, _nan_only(params, prints))
 
     def retake(self, optimizer: Any) -> None:
         """Snapshot A again: a closure recomputed the grads inside ``step()``."""
@@ -145,7 +181,7 @@ class StepAuditor:
         pending = self._pending.pop(id(optimizer), None)
         if pending is None:
             return
-        params, before = pending
+        params, before, nan_only = pending
         # On an accelerator the optimizer's state is sampled with the grads, so the snapshot
         # stays one transfer; on the CPU (no transfer) it is sampled where a grad mutated.
         on_device = any(p.device.type != "cpu" for p in params)
@@ -169,6 +205,7 @@ class StepAuditor:
                 _global_norm(after),
                 records,
                 tuple(snapshot.digest(fp) for fp in before),
+                nan_only,
             )
         )
 
@@ -219,3 +256,143 @@ class StepAuditor:
             max_rel_change=change,
             fingerprint=fp,
         )
+
+
+def exception_text(exc: BaseException) -> str:
+    """``TypeName: the message's first line``: how an error row quotes an exception."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+class AuditError(Exception):
+    """sfdiag's own failure while auditing a step, neither the optimizer's nor the model's.
+
+    Its message starts with ``verdict.SFDIAG_FAILED``.
+    """
+
+
+def _guarded(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """``hook``, with any failure of sfdiag's own code in it raised as an AuditError: a hook
+    runs inside the optimizer's step(), where a plain error would pass for the optimizer's."""
+
+    def guarded(*args: Any) -> Any:
+        try:
+            return hook(*args)
+        except AuditError:
+            raise
+        except Exception as exc:
+            raise AuditError(f"{verdict.SFDIAG_FAILED}: {exception_text(exc)}") from exc
+
+    return guarded
+
+
+@dataclass(frozen=True)
+class _Unhooked:
+    """What the auditor reads of an optimizer it cannot hook: the model's params."""
+
+    optimizer: Any
+    params: list[torch.Tensor]
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": self.params}]
+
+    @property
+    def state(self) -> Any:
+        return getattr(self.optimizer, "state", {})
+
+
+def _hook_into(optimizer: Any, pre: Callable[..., Any], post: Callable[..., Any]) -> list[Any]:
+    """Handles of ``pre`` and ``post`` registered as ``optimizer``'s step hooks; none where it
+    has no step hooks that fire: not a torch optimizer, or an Optimizer subclass that never
+    called ``Optimizer.__init__`` (timm's Lookahead), which has no hook dicts and whose
+    step() torch never wrapped."""
+    if not getattr(getattr(type(optimizer), "step", None), "hooked", False):
+        return []
+    handles: list[Any] = []
+    try:
+        handles.append(optimizer.register_step_pre_hook(pre))
+        handles.append(optimizer.register_step_post_hook(post))
+    except Exception:  # no hook dicts after all: snapshots around step() serve
+        for handle in handles:
+            handle.remove()
+        return []
+    return handles
+
+
+@dataclass
+class StepWatch:
+    """One optimizer, followed by a StepAuditor over one model's parameters.
+
+    Through the optimizer's own step hooks where they work; otherwise (any object with
+    ``step()``, an Optimizer subclass that skipped ``Optimizer.__init__``) by snapshots of
+    ``params`` taken around the call. Call ``before_step()`` and ``after_step()`` around
+    every ``step()`` either way. The auditor's own failures surface as AuditError.
+    """
+
+    auditor: StepAuditor
+    optimizer: Any
+    params: list[torch.Tensor]
+    target: Any = None  # what the auditor reads: the optimizer, or an _Unhooked view
+    _handles: list[Any] = field(default_factory=list)
+    _seen: int = 0
+
+    @classmethod
+    def start(cls, auditor: StepAuditor, optimizer: Any, params: list[torch.Tensor]) -> StepWatch:
+        handles = _hook_into(optimizer, _guarded(auditor.pre_step), _guarded(auditor.post_step))
+        target = optimizer if handles else _Unhooked(optimizer, params)
+        return cls(auditor, optimizer, params, target, handles)
+
+    @property
+    def hooked(self) -> bool:
+        return bool(self._handles)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the grads for the next step: by the optimizer's ``zero_grad()`` where it has a
+        usable one, else directly (only ``step()`` is required of an optimizer)."""
+        own = getattr(self.optimizer, "zero_grad", None)
+        # torch's zero_grad on an Optimizer never initialised wraps its class's step() in
+        # the hook-firing wrapper, which then fails for want of hook dicts
+        uninitialised = (
+            not self.hooked
+            and isinstance(self.optimizer, torch.optim.Optimizer)
+            and getattr(type(self.optimizer), "zero_grad", None) is torch.optim.Optimizer.zero_grad
+        )
+        if callable(own) and not uninitialised:
+            own(set_to_none=set_to_none)
+            return
+        for p in self.params:
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:  # as torch's zero_grad: the same tensor, zeroed, out of any graph
+                if p.grad.grad_fn is not None:
+                    p.grad.detach_()
+                else:
+                    p.grad.requires_grad_(False)
+                p.grad.zero_()
+
+    def before_step(self) -> None:
+        self._seen = len(self.auditor.observations)
+        if not self.hooked:
+            _guarded(self.auditor.pre_step)(self.target)
+
+    def retake(self) -> None:
+        """A closure recomputed the grads inside ``step()``: snapshot A again."""
+        _guarded(self.auditor.retake)(self.target)
+
+    def after_step(self) -> StepObservation:
+        """The observation of the ``step()`` that just ran."""
+        if not self.hooked:
+            _guarded(self.auditor.post_step)(self.target)
+        if len(self.auditor.observations) == self._seen:
+            raise AuditError(
+                f"{verdict.SFDIAG_FAILED}: step() ran without firing the optimizer's step hooks"
+            )
+        return self.auditor.observations[-1]
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from sfdiag.errors import SfdiagError
 from sfdiag.losses import CLASS_TARGET_LOSSES
@@ -35,7 +36,17 @@ def infer_input_spec(model: nn.Module) -> InputSpec:
     declared = getattr(model, "sfdiag_input_shape", None)
     if declared is not None:
         return InputSpec(tuple(int(d) for d in declared))
-    for module in model.modules():
+    for name, module in model.named_modules():
+        # a lazy layer (LazyLinear, LazyConv2d: subclasses of the layers below) reads 0
+        # input features until a first forward sets them
+        if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+            raise SfdiagError(
+                f"data: auto cannot infer the input shape of {type(model).__name__}: its "
+                f"layer {name or 'model'} ({type(module).__name__}) is lazy, so its input "
+                "shape is only set by a first forward pass; give the model a "
+                "'sfdiag_input_shape' attribute (one sample's shape, e.g. (3, 32, 32)) or "
+                "name a data factory"
+            )
         if isinstance(module, nn.Linear):
             return InputSpec((module.in_features,))
         if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):

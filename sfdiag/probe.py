@@ -2,23 +2,27 @@
 
 For each optimizer: a fresh model from the config's seed, the same batches in the
 same order. Each step: zero grads, forward, backward, snapshot A (step pre-hook),
-``optimizer.step()``, snapshot B (step post-hook). Nothing here prints; progress
-goes through a callback.
+``optimizer.step()``, snapshot B (step post-hook); an optimizer without working step
+hooks is snapshotted just before and after the call instead. A failure is an error row
+that says who failed. Nothing here prints; progress goes through a callback.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from sfdiag import __version__, snapshot, verdict
-from sfdiag.auditor import StepAuditor
+from sfdiag.auditor import AuditError, StepAuditor, StepWatch, exception_text
 from sfdiag.build import BuiltOptimizer, BuiltProbe, build
-from sfdiag.config import Config
+from sfdiag.config import Config, load_config, parse_config
+from sfdiag.errors import SfdiagError
 from sfdiag.results import OptimizerResult, ProbeReport, StepRecord
 
 #: called after every step: (optimizer label, step index, steps in all)
@@ -39,9 +43,42 @@ class ProbeInterrupted(Exception):
         self.report = report
 
 
-def _error_text(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+class ProbeFailure(Exception):
+    """A probe that could not finish, with who failed (one of ``verdict.FAILURES``)."""
+
+    def __init__(self, failure: str, message: str):
+        super().__init__(message)
+        self.failure = failure
+        self.message = message
+
+
+@contextmanager
+def _failing_as(failure: str, what: str) -> Iterator[None]:
+    """Any error inside is ``failure``'s, worded ``"{what} raised TypeError: ..."``; a
+    failure already attributed (further in: a closure's model, sfdiag's hooks) keeps its."""
+    try:
+        yield
+    except (ProbeFailure, AuditError):
+        raise
+    except Exception as exc:
+        raise ProbeFailure(failure, f"{what} raised {exception_text(exc)}") from exc
+
+
+def _checked_loss(loss: Any) -> torch.Tensor:
+    """The loss, if it is one number; a ProbeFailure of the model's saying what it was."""
+    if not isinstance(loss, torch.Tensor):
+        raise ProbeFailure(
+            "model",
+            f"the loss returned {type(loss).__name__}, not a tensor: a loss must be a "
+            "scalar tensor",
+        )
+    if loss.numel() != 1:
+        raise ProbeFailure(
+            "model",
+            f"the loss returned a non-scalar (a tensor of shape {tuple(loss.shape)}): a loss "
+            "must be one number (reduce it, with mean or sum)",
+        )
+    return loss
 
 
 def _set_train_mode(optimizer: Any) -> None:
@@ -73,20 +110,13 @@ class Sharding:
         return loss, observed.pre_norm, observed.post_norm
 
 
-@dataclass(frozen=True)
-class _Unhooked:
-    """What the auditor reads of an optimizer that has no step hooks: the model's params."""
-
-    optimizer: Any
-    params: list[torch.Tensor]
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return [{"params": self.params}]
-
-    @property
-    def state(self) -> Any:
-        return getattr(self.optimizer, "state", {})
+def _state_bytes_or_none(optimizer: Any, model: torch.nn.Module) -> float | None:
+    if optimizer is None:
+        return None
+    try:
+        return round(_state_bytes_per_element(optimizer, model), 3)
+    except Exception:  # an odd state: the column is empty, the verdict stands
+        return None
 
 
 def probe_optimizer(
@@ -95,54 +125,61 @@ def probe_optimizer(
     options: ProbeOptions = ProbeOptions(),
     sharding: Sharding = Sharding(),
 ) -> OptimizerResult:
-    """Run one optimizer's probe; a failure to construct or step becomes an error row."""
+    """Run one optimizer's probe. A failure is an error row that says who failed: the
+    optimizer (constructing or stepping), the model or the loss, or sfdiag itself."""
     spec, steps_total = opt.spec, built.config.steps
     plain = built.model_factory().to(built.device)
     plain.train()
     auditor = StepAuditor(forensics=options.forensics)
     step_records: list[StepRecord] = []
-    error = None
+    error = failure = None
     optimizer = None
+    watch = None
     model = plain
     try:
-        model = sharding.wrap(plain)  # FSDP2 swaps in DTensor parameters: name them after
+        with _failing_as("model", "wrapping the model for the distributed probe"):
+            model = sharding.wrap(plain)  # FSDP2 swaps in DTensor parameters: name them after
         auditor.names.update({id(p): name for name, p in plain.named_parameters()})
-        optimizer = opt.factory(model.parameters(), **spec.kwargs)
-        _set_train_mode(optimizer)
-        # torch.optim.Optimizer subclasses are audited through their step hooks; any other
-        # object with step() by snapshots taken around the call, over the model's parameters.
-        hooked = hasattr(optimizer, "register_step_pre_hook")
-        watched = optimizer if hooked else _Unhooked(optimizer, list(model.parameters()))
-        if hooked:
-            auditor.attach(optimizer)
+        with _failing_as("construct", "the optimizer's constructor"):
+            optimizer = opt.factory(model.parameters(), **spec.kwargs)
+        with _failing_as("step", "the optimizer's train()"):
+            _set_train_mode(optimizer)
+        # torch optimizers are audited through their step hooks; any other object with
+        # step() (or one without hooks) by snapshots taken around the call
+        watch = StepWatch.start(auditor, optimizer, list(model.parameters()))
+
+        def forward_backward(x: Any, y: Any) -> torch.Tensor:
+            with _failing_as("model", "the model's forward"):
+                output = model(x)
+            with _failing_as("model", "the loss"):
+                loss = _checked_loss(built.loss_fn(output, y))
+            with _failing_as("model", "backward() through the model and loss"):
+                loss.backward(create_graph=spec.create_graph)
+            return loss
+
         for index, (x, y) in enumerate(built.batches):
             x, y = sharding.share(x.to(built.device), y.to(built.device))
-            optimizer.zero_grad(set_to_none=True)
-            loss = built.loss_fn(model(x), y)
-            loss.backward(create_graph=spec.create_graph)
+            with _failing_as("step", "the optimizer's zero_grad()"):
+                watch.zero_grad(set_to_none=True)
+            loss = forward_backward(x, y)
             loss_value = float(loss.detach())
             if spec.closure:
 
-                def closure(x=x, y=y, optimizer=optimizer):
+                def closure(x=x, y=y):
                     with torch.enable_grad():
-                        optimizer.zero_grad(set_to_none=False)
-                        again = built.loss_fn(model(x), y)
-                        again.backward(create_graph=spec.create_graph)
-                    auditor.retake(watched)  # the grads step() sees are these
+                        with _failing_as("step", "the optimizer's zero_grad()"):
+                            watch.zero_grad(set_to_none=False)
+                        again = forward_backward(x, y)
+                    watch.retake()  # the grads step() sees are these
                     return again
 
                 step_args: tuple = (closure,)
             else:
                 step_args = ()
-            seen = len(auditor.observations)
-            if not hooked:
-                auditor.pre_step(watched)
-            optimizer.step(*step_args)
-            if not hooked:
-                auditor.post_step(watched)
-            if len(auditor.observations) == seen:
-                raise RuntimeError("step() ran without firing the optimizer's step hooks")
-            observed = auditor.observations[-1]
+            watch.before_step()
+            with _failing_as("step", "the optimizer's step()"):
+                optimizer.step(*step_args)
+            observed = watch.after_step()
             step_records.append(
                 StepRecord(
                     index, *sharding.step_values(loss_value, observed), observed.params_mutated
@@ -152,10 +189,15 @@ def probe_optimizer(
                 options.progress(spec.name, index + 1, steps_total)
     except KeyboardInterrupt:
         raise
-    except Exception as exc:  # the optimizer (or the user's model) failed: an error row
-        error = _error_text(exc)
+    except ProbeFailure as failed:
+        error, failure = failed.message, failed.failure
+    except AuditError as exc:
+        error, failure = str(exc), "sfdiag"
+    except Exception as exc:  # not in any attributed part: sfdiag's own code
+        error, failure = f"{verdict.SFDIAG_FAILED}: {exception_text(exc)}", "sfdiag"
     finally:
-        auditor.detach()
+        if watch is not None:
+            watch.detach()
     observations = auditor.observations[: len(step_records)]
     return verdict.summarize(
         spec.name,
@@ -163,14 +205,37 @@ def probe_optimizer(
         step_records,
         [o.params for o in observations],
         error=error,
-        state_bytes_per_element=(
-            round(_state_bytes_per_element(optimizer, model), 3) if optimizer is not None else None
-        ),
+        failure=failure,
+        state_bytes_per_element=_state_bytes_or_none(optimizer, model),
+        nan_only=bool(observations) and all(o.nan_only for o in observations),
     )
 
 
-def run_probe(config: Config, options: ProbeOptions = ProbeOptions()) -> ProbeReport:
-    """Probe every optimizer of ``config``. Raises SfdiagError on bad input, before running."""
+def as_config(config: Any) -> Config:
+    """A Config from a config file's path (str or PathLike), a dict shaped like the YAML, or
+    a Config; anything else is an SfdiagError naming what it got."""
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        return load_config(config)
+    if isinstance(config, Mapping):
+        return parse_config(config, "<dict>")
+    shown = repr(config)
+    shown = shown if len(shown) <= 60 else shown[:59] + "…"
+    raise SfdiagError(
+        "run_probe: config must be a config file's path (str or os.PathLike), a dict "
+        f"shaped like the YAML config, or a sfdiag.config.Config; got "
+        f"{type(config).__name__} {shown}"
+    )
+
+
+def run_probe(
+    config: Config | Mapping[str, Any] | str | os.PathLike[str],
+    options: ProbeOptions = ProbeOptions(),
+) -> ProbeReport:
+    """Probe every optimizer of ``config`` (a path, a dict or a Config; see ``as_config``).
+    Raises SfdiagError on bad input, before running."""
+    config = as_config(config)
     built = build(config)
     results: list[OptimizerResult] = []
     started = time.perf_counter()

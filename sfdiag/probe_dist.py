@@ -69,8 +69,13 @@ def _worst_of_ranks(results: list[OptimizerResult], gathered: list[Any]) -> list
         for rank_rows in gathered:
             verdict, fingerprint, error, advice = rank_rows[index]
             if SEVERITY[verdict] > SEVERITY[worst.verdict]:
-                worst = replace(
-                    worst, verdict=verdict, fingerprint=fingerprint, error=error, advice=advice
+                worst = replace(  # a worse verdict is a finding: no longer undetermined
+                    worst,
+                    verdict=verdict,
+                    fingerprint=fingerprint,
+                    error=error,
+                    advice=advice,
+                    undetermined=False,
                 )
         out.append(worst)
     return out

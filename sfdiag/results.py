@@ -125,6 +125,9 @@ class OptimizerResult:
     state_bytes_per_element: float | None = None
     steps: tuple[StepRecord, ...] = ()
     params: tuple[ParamFinding, ...] = ()
+    # clean, but the grads held nothing but NaN (or Inf, or zeros) at every audited step:
+    # bits compared equal (NaN equals NaN), so the audit could not tell a change from none
+    undetermined: bool = False
     # a multi-rank job only: one entry per rank (past 64 ranks, the ranks that differ)
     per_rank: tuple[RankResult, ...] | None = None
     # ... and past 64 ranks, min / median / max of the ranks' local pre-step norms
@@ -140,6 +143,7 @@ class OptimizerResult:
             "class": self.cls,
             "flagged": self.flagged,
             "verdict": self.verdict,
+            "undetermined": self.undetermined,
             "pre_step_grad_norm": _num(self.pre_step_grad_norm),
             "post_step_grad_norm": _num(self.post_step_grad_norm),
             "norm_ratio": _num(self.norm_ratio),

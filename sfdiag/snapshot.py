@@ -119,6 +119,15 @@ def _dense_view(grad: torch.Tensor) -> torch.Tensor:
     return grad
 
 
+def holds_a_number(grad: torch.Tensor) -> bool:
+    """Whether any element a fingerprint reads of ``grad`` is finite and non-zero (one read,
+    one host sync: for grads whose norm is NaN or Inf)."""
+    view = _dense_view(grad).detach()
+    if not (view.is_floating_point() or view.is_complex()):
+        return bool(view.any())
+    return bool((torch.isfinite(view) & (view != 0)).any())
+
+
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1)
 

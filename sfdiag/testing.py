@@ -8,13 +8,17 @@
         assert_step_preserves_grads(lambda params: MyOptimizer(params, lr=1e-3))
 
 A few real steps on a small model (a tiny MLP unless you pass ``model_factory``), with
-every grad fingerprinted just before and just after ``step()``. No pytest import: the
-failure is a plain ``AssertionError`` naming the verdict, the kind of change and the
-parameters. Exceptions from your optimizer or model propagate unchanged.
+every grad fingerprinted just before and just after ``step()``. Any object with ``step()``
+works: a torch optimizer is audited through its step hooks, anything else by snapshots
+taken around the call; an optimizer whose ``step()`` requires a closure (LBFGS) gets one.
+No pytest import: the failure is a plain ``AssertionError`` naming the verdict, the kind
+of change and the parameters. Exceptions from your optimizer or model propagate
+unchanged; sfdiag's own are ``sfdiag.auditor.AuditError``.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,7 +26,7 @@ import numpy as np
 import torch
 
 from sfdiag import verdict
-from sfdiag.auditor import StepAuditor, class_path
+from sfdiag.auditor import StepAuditor, StepWatch, class_path
 from sfdiag.results import OptimizerResult, StepRecord
 
 __all__ = ["assert_step_preserves_grads", "check_step", "tiny_mlp"]
@@ -44,12 +48,36 @@ def _default_loss(output: Any) -> torch.Tensor:
     return output.float().pow(2).mean()
 
 
+def _lazy(module: torch.nn.Module) -> bool:
+    """A lazy layer (LazyLinear, LazyConv2d...) whose input size no first forward has set."""
+    return isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and bool(
+        module.has_uninitialized_params()
+    )
+
+
 def _default_inputs(model: torch.nn.Module) -> torch.Tensor:
-    first = next((m for m in model.modules() if isinstance(m, torch.nn.Linear)), None)
-    if first is None:
-        raise ValueError("cannot guess an input for this model (it has no nn.Linear): pass inputs=")
-    weight = first.weight
-    return torch.randn(_BATCH, first.in_features, device=weight.device, dtype=weight.dtype)
+    """A random batch for the model's first nn.Linear, unless a lazy layer comes first."""
+    for name, module in model.named_modules():
+        if _lazy(module):
+            raise ValueError(
+                f"cannot infer an input for this model: its layer {name or 'model'} "
+                f"({type(module).__name__}) is lazy, so its input shape is only set by a "
+                "first forward pass: pass inputs= (a batch the model takes, e.g. "
+                "inputs=torch.randn(16, 3, 32, 32))"
+            )
+        if isinstance(module, torch.nn.Linear):
+            weight = module.weight
+            return torch.randn(_BATCH, module.in_features, device=weight.device, dtype=weight.dtype)
+    raise ValueError("cannot guess an input for this model (it has no nn.Linear): pass inputs=")
+
+
+def _requires_closure(optimizer: Any) -> bool:
+    """Whether ``optimizer.step`` takes a ``closure`` it cannot do without (LBFGS)."""
+    try:
+        parameter = inspect.signature(optimizer.step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return False
+    return parameter is not None and parameter.default is inspect.Parameter.empty
 
 
 def check_step(
@@ -60,14 +88,18 @@ def check_step(
     seed: int = 0,
     inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    closure: bool | None = None,
 ) -> OptimizerResult:
     """Run ``steps`` audited steps and return the result (verdict, fingerprint, per param).
 
-    ``optimizer_factory(params)`` builds the optimizer (an optimizer class works);
-    schedule-free optimizers are put in train mode. ``inputs`` is the model's input (a
-    tuple is unpacked as positional arguments); by default a random batch sized to the
-    model's first ``nn.Linear``. ``loss_fn(output)`` gives the loss; by default the mean
-    square of the output. The global CPU RNG state is left as it was.
+    ``optimizer_factory(params)`` builds the optimizer (an optimizer class works): a
+    torch optimizer, or any object with ``step()`` (``zero_grad()`` is used where it has
+    one); schedule-free optimizers are put in train mode. ``inputs`` is the model's input
+    (a tuple is unpacked as positional arguments); by default a random batch sized to the
+    model's first ``nn.Linear`` (a model whose first layer is lazy needs ``inputs``).
+    ``loss_fn(output)`` gives the loss; by default the mean square of the output.
+    ``closure``: call ``step(closure)``, the closure recomputing the loss and grads; by
+    default where ``step`` requires one (LBFGS). The global CPU RNG state is left as it was.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -82,21 +114,31 @@ def check_step(
         if callable(train):
             train()
         auditor = StepAuditor(names={id(p): n for n, p in model.named_parameters()})
-        auditor.attach(optimizer)
+        watch = StepWatch.start(auditor, optimizer, list(model.parameters()))
+        if closure is None:
+            closure = _requires_closure(optimizer)
         records: list[StepRecord] = []
         try:
             for index in range(steps):
-                optimizer.zero_grad(set_to_none=True)
+                watch.zero_grad(set_to_none=True)
                 loss = loss_of(model(*args))
                 loss.backward()
-                with np.errstate(all="ignore"):  # the post-step hook's fits, not your code
-                    optimizer.step()
-                if len(auditor.observations) <= index:
-                    raise RuntimeError(
-                        f"{type(optimizer).__name__}.step() did not fire torch's step hooks: "
-                        "is it a torch.optim.Optimizer?"
-                    )
-                observed = auditor.observations[index]
+                step_args: tuple = ()
+                if closure:
+
+                    def recompute() -> torch.Tensor:
+                        with torch.enable_grad():
+                            watch.zero_grad(set_to_none=False)
+                            again = loss_of(model(*args))
+                            again.backward()
+                        watch.retake()  # the grads step() sees are these
+                        return again
+
+                    step_args = (recompute,)
+                with np.errstate(all="ignore"):  # the post-step fits, not your code
+                    watch.before_step()
+                    optimizer.step(*step_args)
+                    observed = watch.after_step()
                 records.append(
                     StepRecord(
                         index,
@@ -107,12 +149,14 @@ def check_step(
                     )
                 )
         finally:
-            auditor.detach()
+            watch.detach()
+    observations = auditor.observations
     return verdict.summarize(
         type(optimizer).__name__,
         class_path(optimizer),
         records,
-        [o.params for o in auditor.observations],
+        [o.params for o in observations],
+        nan_only=bool(observations) and all(o.nan_only for o in observations),
     )
 
 
@@ -122,6 +166,11 @@ def _as_args(inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[Any, ...]:
 
 def failure_message(result: OptimizerResult) -> str:
     """Why ``result`` fails ``assert_step_preserves_grads``: several lines, no colour."""
+    if result.undetermined:
+        return (
+            f"{result.optimizer} ({result.cls}): could not tell whether step() leaves p.grad "
+            f"alone: {result.advice}"
+        )
     kind = f", fingerprint {result.fingerprint}" if result.fingerprint else ""
     lines = [
         f"{result.optimizer} ({result.cls}) did not leave p.grad alone during step(): "
@@ -151,14 +200,22 @@ def assert_step_preserves_grads(
     seed: int = 0,
     inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    closure: bool | None = None,
 ) -> OptimizerResult:
-    """Raise AssertionError if any step mutated, replaced or cleared any ``p.grad``.
+    """Raise AssertionError if any step mutated, replaced or cleared any ``p.grad``, or
+    if the check could not tell (the grads held nothing but NaN at every step).
 
     Arguments as for ``check_step``; returns its (clean) result when the check passes.
     """
     result = check_step(
-        optimizer_factory, model_factory, steps=steps, seed=seed, inputs=inputs, loss_fn=loss_fn
+        optimizer_factory,
+        model_factory,
+        steps=steps,
+        seed=seed,
+        inputs=inputs,
+        loss_fn=loss_fn,
+        closure=closure,
     )
-    if result.flagged:
+    if result.flagged or result.undetermined:
         raise AssertionError(failure_message(result))
     return result

@@ -245,11 +245,34 @@ _VERDICT_ADVICE = {
     "cleared": "step() set p.grad to None: read grads before step()",
     "error": "the optimizer could not run on this model; see the error",
 }
-#: how the auditor words its own failures: the optimizer ran, sfdiag could not follow it
+#: how sfdiag words its own failures (an error while auditing, not the optimizer's)
 SFDIAG_FAILED = "sfdiag could not audit it"
 _SFDIAG_FAILED_ADVICE = (
-    "the optimizer ran: this is sfdiag's failure, not the optimizer's; please report it "
+    "this is sfdiag's failure, not the optimizer's or the model's; please report it "
     "with this message"
+)
+#: who failed, for an error row: each kind has its own advice
+FAILURES = ("construct", "step", "model", "sfdiag")
+_FAILURE_ADVICE = {
+    "construct": (
+        "the optimizer could not be built on this model's parameters: fix its class or "
+        "kwargs in the config, or leave it out"
+    ),
+    "step": (
+        "the optimizer failed while stepping this model (its own code raised): see the "
+        "error; the other optimizers still ran"
+    ),
+    "model": (
+        "the model or the loss failed, not the optimizer, so every optimizer fails alike: "
+        "fix the model, the loss or the data in the config"
+    ),
+    "sfdiag": _SFDIAG_FAILED_ADVICE,
+}
+#: a clean verdict over grads that held nothing but NaN (or Inf, or zero) at every step
+_UNDETERMINED_ADVICE = (
+    "the grads held nothing but NaN (or Inf, or zeros) at every audited step and NaN equals "
+    "NaN, so the audit could not tell whether step() changed p.grad; probe it where the "
+    "loss and the grads are finite"
 )
 
 # What to use instead, for our own optimizers that mutate.
@@ -261,10 +284,15 @@ _CLEAN_ALTERNATIVE = {
 }
 
 
-def advice(verdict: str, fingerprint_name: str | None, cls: str = "") -> str | None:
-    """One sentence on what to do, or None for a clean optimizer."""
+def advice(
+    verdict: str, fingerprint_name: str | None, cls: str = "", failure: str | None = None
+) -> str | None:
+    """One sentence on what to do, or None for a clean optimizer. ``failure``: for an error
+    row, who failed (one of FAILURES; None: not known)."""
     if verdict == "clean":
         return None
+    if verdict == "error" and failure in _FAILURE_ADVICE:
+        return _FAILURE_ADVICE[failure]
     if verdict != "mutated":
         return _VERDICT_ADVICE[verdict]
     alternative = _CLEAN_ALTERNATIVE.get(cls, "an optimizer that leaves p.grad intact")
@@ -314,13 +342,23 @@ def summarize(
     param_steps: Sequence[Sequence[ParamStep]],
     *,
     error: str | None = None,
+    failure: str | None = None,
     state_bytes_per_element: float | None = None,
+    nan_only: bool = False,
 ) -> OptimizerResult:
-    """An optimizer's result from its per-step records (and an error, if it failed)."""
+    """An optimizer's result from its per-step records (and an error, if it failed).
+
+    ``failure``: who failed, for an error (one of FAILURES; an error worded as
+    SFDIAG_FAILED is sfdiag's). ``nan_only``: at every audited step the grads held NaN
+    and no finite non-zero element, so a clean verdict is one the audit could not tell
+    from a change: the result says so (``undetermined``).
+    """
     params = summarize_params(param_steps)
     worst = max((p.verdict for p in params), key=SEVERITY.__getitem__, default="clean")
     verdict = "error" if error is not None else worst
-    ours = error is not None and error.startswith(SFDIAG_FAILED)
+    if error is not None and error.startswith(SFDIAG_FAILED):
+        failure = "sfdiag"
+    undetermined = nan_only and verdict == "clean" and bool(steps)
     fp = _most_common([p.fingerprint for s in param_steps for p in s if p.verdict == "mutated"])
     pre = _median([s.pre_step_grad_norm for s in steps])
     post = _median([s.post_step_grad_norm for s in steps])
@@ -334,8 +372,9 @@ def summarize(
         params_mutated=sum(p.verdict != "clean" for p in params),
         params_with_grad=len(params),
         fingerprint=fp if worst == "mutated" else None,
-        advice=_SFDIAG_FAILED_ADVICE if ours else advice(verdict, fp, cls),
+        advice=_UNDETERMINED_ADVICE if undetermined else advice(verdict, fp, cls, failure),
         error=error,
+        undetermined=undetermined,
         state_bytes_per_element=state_bytes_per_element,
         steps=tuple(steps),
         params=params,

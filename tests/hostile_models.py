@@ -142,6 +142,38 @@ def slow_model(delay: float = 0.05) -> nn.Module:
     return _Slow(delay)
 
 
+def per_sample_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A loss that forgot to reduce: one value per sample, not a scalar."""
+    return F.cross_entropy(output, target, reduction="none")
+
+
+class _BrokenInTraining(_Small):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            raise ValueError("this model's training forward is broken")
+        return super().forward(x)
+
+
+def broken_in_training_model() -> nn.Module:
+    """Evaluates (so sfdiag's shape check passes), but its training forward raises: the
+    model's failure, whatever the optimizer."""
+    return _BrokenInTraining()
+
+
+def lazy_first_model(declare: bool = False) -> nn.Module:
+    """A LazyLinear first: its input size is unknown until a first forward, unless the
+    model declares ``sfdiag_input_shape`` (``declare=True``)."""
+    model = nn.Sequential(nn.LazyLinear(HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, CLASSES))
+    if declare:
+        model.sfdiag_input_shape = (IN,)
+    return model
+
+
+def lazy_last_model() -> nn.Module:
+    """A convolution first (its input shape inferable), a LazyLinear last."""
+    return nn.Sequential(nn.Conv2d(1, 2, 3, stride=4), nn.Flatten(), nn.LazyLinear(CLASSES))
+
+
 class InterruptOnStep(torch.optim.SGD):
     """An optimizer whose ``step()`` raises KeyboardInterrupt (Ctrl-C) at step ``at``."""
 

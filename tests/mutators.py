@@ -6,6 +6,8 @@ Tests name them by import path ("mutators:ScaleGrads"), like a user's own optimi
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
 
 
@@ -147,3 +149,85 @@ class LenientScheduleFree(__import__("sfdiag.optim", fromlist=["x"]).AdamWSchedu
 
     def _require_train_mode(self) -> None:
         pass
+
+
+class NoSuperInit(torch.optim.Optimizer):
+    """Lookahead as timm writes it: wraps a base optimizer and never calls
+    ``Optimizer.__init__`` (so it has no step-hook dicts, and torch never wraps its step());
+    ``zero_grad`` delegates to the base. ``base="adam"`` steps with AdamNormalize, which
+    divides p.grad in place."""
+
+    def __init__(self, params, lr: float = 0.01, alpha: float = 0.5, k: int = 2, base="sgd"):
+        # NOTE: super().__init__() not called on purpose, as timm's Lookahead does
+        bases = {"sgd": torch.optim.SGD, "adam": AdamNormalize}
+        self._base = bases[base](params, lr=lr)
+        self.param_groups = self._base.param_groups
+        self.defaults = self._base.defaults
+        self.state = defaultdict(dict)
+        self.alpha, self.k, self.count = alpha, k, 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._base.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = self._base.step(closure)
+        self.count += 1
+        if self.count % self.k == 0:  # pull the fast weights toward the slow ones
+            for group in self.param_groups:
+                for p in group["params"]:
+                    slow = self.state[p].setdefault("slow", p.detach().clone())
+                    slow.add_(p - slow, alpha=self.alpha)
+                    p.copy_(slow)
+        return loss
+
+
+class NoSuperInitInheritedZeroGrad(NoSuperInit):
+    """The same without a zero_grad of its own: torch's, on an Optimizer never initialised,
+    would wrap the class's step() in the hook-firing wrapper, and every step() would fail."""
+
+    zero_grad = torch.optim.Optimizer.zero_grad
+
+
+class TupleEps(AdamNormalize):
+    """AdamNormalize with Adafactor-style ``eps=(None, 1e-3)``: None stands for the dtype's
+    machine epsilon, which is what it adds to the denominator."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps=(None, 1e-3)):
+        torch.optim.Optimizer.__init__(self, params, dict(lr=lr, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta2 = group["betas"][1]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                eps = group["eps"][0]
+                eps = torch.finfo(p.dtype).eps if eps is None else eps
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                v = state["exp_avg_sq"]
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denom = (v / (1 - beta2 ** state["step"])).sqrt_().add_(eps)
+                p.grad.div_(denom)
+                p.add_(p.grad, alpha=-group["lr"])
+
+
+class StepOnly:
+    """Not a torch optimizer and no zero_grad(): step() is all an optimizer must have."""
+
+    def __init__(self, params, lr: float = 0.01, scale: float = 1.0):
+        self.params = list(params)
+        self.lr, self.scale = lr, scale
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for p in self.params:
+            if p.grad is not None:
+                if self.scale != 1.0:
+                    p.grad.mul_(self.scale)
+                p.sub_(p.grad, alpha=self.lr)

@@ -395,6 +395,12 @@ TORCH = [
         ["probe", "c.yaml", *JSON_OUT],
         ["'hiden'", "did you mean 'hidden'"],
     ),
+    (
+        "model-lazy-first-layer",
+        _model("hostile_models:lazy_first_model"),
+        ["probe", "c.yaml", *JSON_OUT],
+        ["cannot infer the input shape", "(LazyLinear) is lazy", "'sfdiag_input_shape'"],
+    ),
 ]
 
 

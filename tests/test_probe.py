@@ -11,6 +11,7 @@ import math
 
 import pytest
 
+import sfdiag
 from sfdiag.config import parse_config
 from sfdiag.probe import ProbeOptions, run_probe
 
@@ -193,3 +194,29 @@ def test_an_optimizer_without_step_hooks_is_audited_around_step():
         "mutated",
         "scaled",
     )
+
+
+def test_run_probe_takes_a_path_a_dict_or_a_config(tmp_path):
+    data = {"steps": 2, "optimizers": ["adamw", "sf-adamw"]}
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 2\noptimizers: [adamw, sf-adamw]\n", encoding="utf-8")
+    reports = [
+        sfdiag.run_probe(given) for given in (str(path), path, data, parse_config(data, "<test>"))
+    ]
+    results = [[r.to_dict() for r in report.results] for report in reports]
+    assert all(found == results[0] for found in results)
+    assert [r["verdict"] for r in results[0]] == ["clean", "mutated"]
+
+
+@pytest.mark.parametrize(
+    ("given", "named"), [(42, "int 42"), (["adamw"], "list ['adamw']"), (None, "NoneType None")]
+)
+def test_run_probe_names_anything_else_it_is_given(given, named):
+    with pytest.raises(sfdiag.SfdiagError, match="a config file's path") as caught:
+        sfdiag.run_probe(given)
+    assert f"got {named}" in str(caught.value)
+
+
+def test_run_probe_of_a_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(sfdiag.SfdiagError, match="config file not found"):
+        sfdiag.run_probe(tmp_path / "nope.yaml")

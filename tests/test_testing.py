@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import hostile_models
 import mutators
 import pytest
 import torch
@@ -110,3 +113,68 @@ def test_seeded_and_leaves_the_global_rng_alone():
 def test_steps_must_be_positive():
     with pytest.raises(ValueError, match="steps"):
         check_step(torch.optim.SGD, steps=0)
+
+
+def test_a_closure_optimizer_is_checked_with_a_closure():
+    # LBFGS.step(closure) requires one: the check passes one that recomputes the grads
+    result = assert_step_preserves_grads(lambda ps: torch.optim.LBFGS(ps, max_iter=3))
+    assert result.verdict == "clean" and len(result.steps) == 3
+
+
+def test_a_closure_can_be_asked_for_and_mutations_still_show():
+    result = check_step(mutators.ScaleGrads, closure=True)  # SGD's step calls it
+    assert (result.verdict, result.fingerprint) == ("mutated", "scaled")
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [mutators.DuckTyped, mutators.StepOnly, mutators.NoSuperInit],
+    ids=lambda f: f.__name__,
+)
+def test_an_optimizer_without_torch_step_hooks_is_checked_around_step(factory):
+    # not a torch optimizer (StepOnly has no zero_grad either), or one that skipped
+    # Optimizer.__init__: snapshots taken around step()
+    result = assert_step_preserves_grads(factory)
+    assert result.verdict == "clean" and result.params_with_grad == 4
+
+
+def test_a_mutation_without_torch_step_hooks_fails_the_check():
+    with pytest.raises(AssertionError, match="verdict mutated, fingerprint scaled"):
+        assert_step_preserves_grads(lambda ps: mutators.StepOnly(ps, scale=0.5))
+
+
+@pytest.mark.parametrize(
+    ("model_factory", "layer"),
+    [
+        (hostile_models.lazy_last_model, "2 (LazyLinear)"),
+        (lambda: torch.nn.Sequential(torch.nn.LazyLinear(4)), "0 (LazyLinear)"),
+        (
+            lambda: torch.nn.Sequential(
+                torch.nn.LazyConv2d(2, 3), torch.nn.Flatten(), torch.nn.Linear(8, 4)
+            ),
+            "0 (LazyConv2d)",
+        ),
+    ],
+    ids=["lazy-last", "lazy-linear-first", "lazy-conv-first"],
+)
+def test_a_model_with_a_lazy_layer_first_needs_inputs(model_factory, layer):
+    with pytest.raises(ValueError, match="pass inputs=") as caught:
+        check_step(torch.optim.SGD, model_factory)
+    assert f"its layer {layer} is lazy" in str(caught.value)
+
+
+def test_a_lazy_model_given_inputs_is_checked():
+    result = assert_step_preserves_grads(
+        torch.optim.AdamW, hostile_models.lazy_last_model, inputs=torch.randn(4, 1, 28, 28)
+    )
+    assert result.verdict == "clean" and result.params_with_grad == 4
+
+
+def test_nan_only_grads_fail_the_check_as_undetermined():
+    def nan_loss(output):
+        return output.pow(2).mean() * math.nan
+
+    result = check_step(mutators.ScaleGrads, loss_fn=nan_loss)
+    assert (result.verdict, result.undetermined) == ("clean", True)
+    with pytest.raises(AssertionError, match="could not tell whether step\\(\\) leaves p.grad"):
+        assert_step_preserves_grads(torch.optim.SGD, loss_fn=nan_loss)

@@ -127,7 +127,13 @@ def short_class(cls: str) -> str:
     return cls.rsplit(":", 1)[-1].rsplit(".", 1)[-1] or cls
 
 
+#: what the verdict column adds to a clean verdict the audit could not tell from a change
+UNDETERMINED = "NaN grads: could not tell"
+
+
 def verdict_text(result: OptimizerResult) -> str:
+    if result.undetermined:
+        return f"{result.verdict} ({UNDETERMINED})"
     return f"{result.verdict} ({result.fingerprint})" if result.fingerprint else result.verdict
 
 
@@ -142,10 +148,13 @@ def _sentence(text: str) -> str:
 
 
 def advice_sentence(result: OptimizerResult) -> str | None:
-    """What happened to a flagged optimizer and what to do about it; None when clean."""
+    """What happened to a flagged optimizer and what to do about it; None when clean (and
+    told apart from a change)."""
+    label = result.optimizer
+    if result.undetermined:
+        return f"{label}: clean, but undetermined. {_sentence(result.advice or '')}"
     if not result.flagged:
         return None
-    label = result.optimizer
     if result.verdict == "error":
         message = " ".join((result.error or "unknown error").split()).rstrip(".")
         todo = result.advice or "Fix its class or kwargs in the config, or leave it out"
@@ -181,6 +190,9 @@ def summary_line(report: ProbeReport) -> str:
     line = f"{flagged} of {total} {noun} flagged"
     if errors:
         line += f" ({errors} error{'s' if errors != 1 else ''})"
+    undetermined = sum(r.undetermined for r in report.results)
+    if undetermined:
+        line += f"; {undetermined} undetermined (NaN grads)"
     if report.metrics is not None:
         line += "; " + metrics_summary(report.metrics)
     if report.findings:

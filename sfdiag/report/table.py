@@ -83,7 +83,7 @@ def _cells(report: ProbeReport) -> list[list[tuple[str, str]]]:
                 (_text.sparkline(r, scale) or "-", ""),
                 (_text.fmt_mutated(r), ""),
                 (_text.fmt_bytes_per_element(r.state_bytes_per_element), ""),
-                (_text.verdict_text(r), _verdict_style(r.verdict)),
+                (_text.verdict_text(r), _NOTE if r.undetermined else _verdict_style(r.verdict)),
             ]
         )
     return rows
