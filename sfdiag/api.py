@@ -22,9 +22,9 @@ from sfdiag.config import (
 from sfdiag.errors import SfdiagError
 
 if TYPE_CHECKING:
-    from sfdiag.baseline import Baseline, CheckResult
+    from sfdiag.baseline import Baseline
     from sfdiag.probe import Progress
-    from sfdiag.results import ProbeReport
+    from sfdiag.results import CheckResult, ProbeReport
 
 OUTPUT_FORMATS = ("table", "json", "csv", "markdown", "junit")
 

@@ -9,7 +9,9 @@ from the same run gives the same bytes and a diff in review shows what really mo
      "norm_ratio": ..., "pre_step_grad_norms": [...], "post_step_grad_norms": [...]}]}
 
 Non-finite norms are written as the strings "nan", "inf", "-inf" (as in the JSON report).
-``compare`` is pure: a baseline and a report in, a ``CheckResult`` out.
+``compare`` is pure: a baseline and a report in, a ``CheckResult`` out (that record and
+its ``Difference`` rows live with the other records in ``sfdiag.results``; importing them
+from here still works).
 """
 
 from __future__ import annotations
@@ -18,21 +20,21 @@ import json
 import math
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sfdiag.errors import SfdiagError
 from sfdiag.fileio import write_atomic
+from sfdiag.results import CHECK_ATOL, CHECK_RTOL, CheckResult, Difference, json_safe
 
 if TYPE_CHECKING:  # pragma: no cover
     from sfdiag.report import RenderOptions
     from sfdiag.results import OptimizerResult, ProbeReport
 
 BASELINE_FORMAT = 1  # the "sfdiag_baseline" value this sfdiag writes and reads
-CHECK_SCHEMA_VERSION = 1
-DEFAULT_RTOL = 1e-4
-DEFAULT_ATOL = 1e-12
+DEFAULT_RTOL = CHECK_RTOL
+DEFAULT_ATOL = CHECK_ATOL
 
 # -- records -------------------------------------------------------------------------
 
@@ -74,11 +76,11 @@ class BaselineResult:
             "verdict": self.verdict,
             "fingerprint": self.fingerprint,
             "error": self.error,
-            "pre_step_grad_norm": _plain(self.pre_step_grad_norm),
-            "post_step_grad_norm": _plain(self.post_step_grad_norm),
-            "norm_ratio": _plain(self.norm_ratio),
-            "pre_step_grad_norms": [_plain(v) for v in self.pre_step_grad_norms],
-            "post_step_grad_norms": [_plain(v) for v in self.post_step_grad_norms],
+            "pre_step_grad_norm": json_safe(self.pre_step_grad_norm),
+            "post_step_grad_norm": json_safe(self.post_step_grad_norm),
+            "norm_ratio": json_safe(self.norm_ratio),
+            "pre_step_grad_norms": [json_safe(v) for v in self.pre_step_grad_norms],
+            "post_step_grad_norms": [json_safe(v) for v in self.post_step_grad_norms],
         }
 
 
@@ -93,7 +95,7 @@ class Baseline:
     @classmethod
     def from_report(cls, report: ProbeReport) -> Baseline:
         return cls(
-            config=_plain(report.config),
+            config=json_safe(report.config),
             results=tuple(BaselineResult.from_result(r) for r in report.results),
             sfdiag_version=str(report.sfdiag_version),
             torch_version=str(report.torch_version),
@@ -106,61 +108,6 @@ class Baseline:
             "torch_version": self.torch_version,
             "config": self.config,
             "results": [r.to_dict() for r in self.results],
-        }
-
-
-@dataclass(frozen=True)
-class Difference:
-    """One thing that moved between the baseline and this run."""
-
-    optimizer: str | None  # None: the whole run (config, versions)
-    what: str  # human words: "verdict", "post-step grad norm (worst: step 3)", "config: steps"
-    baseline_value: Any
-    current_value: Any
-    allowed: float | None  # relative tolerance for norms; None = must match exactly
-    regression: bool
-    kind: str = ""  # machine words: config, version, added, missing, class, verdict, ...
-    change: float | None = None  # signed relative change of a norm, (now - then) / |then|
-    step: int | None = None  # the (worst) step of a norm difference
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "optimizer": self.optimizer,
-            "kind": self.kind,
-            "what": self.what,
-            "step": self.step,
-            "baseline": _plain(self.baseline_value),
-            "current": _plain(self.current_value),
-            "change": _plain(self.change),
-            "allowed": _plain(self.allowed),
-            "regression": self.regression,
-        }
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    differences: list[Difference] = field(default_factory=list)
-    optimizers: tuple[str, ...] = ()  # every label in the baseline or this run, in order
-    baseline_path: str | None = None
-    rtol: float = DEFAULT_RTOL
-    atol: float = DEFAULT_ATOL
-
-    @property
-    def regressions(self) -> list[Difference]:
-        return [d for d in self.differences if d.regression]
-
-    @property
-    def regressed(self) -> bool:
-        return any(d.regression for d in self.differences)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema_version": CHECK_SCHEMA_VERSION,
-            "regressed": self.regressed,
-            "baseline": self.baseline_path,
-            "rtol": self.rtol,
-            "atol": self.atol,
-            "differences": [d.to_dict() for d in self.differences],
         }
 
 
@@ -483,20 +430,3 @@ def render_check(check: CheckResult, fmt: str, options: RenderOptions | None = N
     from sfdiag import report as formats
 
     return formats.render_check(check, fmt, options or formats.RenderOptions())
-
-
-# -- helpers -------------------------------------------------------------------------
-
-
-def _plain(value: Any) -> Any:
-    """A JSON-safe copy, as it reads back from a baseline file (tuples -> lists,
-    non-finite floats -> "nan"/"inf"/"-inf" as in the JSON report, other objects -> str)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import io
 import json
@@ -9,6 +10,7 @@ import math
 import os
 import re
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +29,7 @@ from sfdiag.report import RenderOptions
 from sfdiag.results import OptimizerResult, ProbeReport, StepRecord
 
 ANSI = re.compile(r"\x1b\[")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _steps(pre, post, mutated=0):
@@ -510,3 +513,27 @@ def test_check_writable_read_only_directory(tmp_path):
             write_atomic(locked / "x.json", "x")
     finally:
         locked.chmod(0o700)
+
+
+# -- module structure ----------------------------------------------------------------
+
+
+def _imported_modules(path: Path) -> set[str]:
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            modules.add(node.module)
+            modules.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return modules
+
+
+def test_report_formats_do_not_import_baseline():
+    """No import circle: the check result is a record like the others, in sfdiag.results."""
+    for path in sorted((REPO / "sfdiag" / "report").glob("*.py")):
+        assert "sfdiag.baseline" not in _imported_modules(path), path.name
+    from sfdiag import baseline, results
+
+    assert baseline.CheckResult is results.CheckResult  # the old import still works
+    assert baseline.Difference is results.Difference
