@@ -1,9 +1,10 @@
 """YAML -> a validated, typed, frozen run spec (CONTRACTS.md, "Config", schema_version 1).
 
-The only module that reads YAML (``yaml.safe_load``, nothing else), and it never imports
-torch. Every problem raises ``SfdiagError`` with one message naming the source (file or
-option), the key path (``optimizers[1].kwargs``) and the offending value. Registry names are
-checked here; import paths ("pkg.mod:attr") are only checked for their form and are imported
+The only module that reads YAML (``ConfigLoader``, a ``yaml.SafeLoader`` that reads floats
+as YAML 1.2 does and refuses duplicate keys), and it never imports torch. Every problem
+raises ``SfdiagError`` with one message naming the source (file or option), the key path
+(``optimizers[1].kwargs``) and the offending value. Registry names are checked here; import
+paths ("pkg.mod:attr") are only checked for their form and are imported
 later, by whoever builds the run.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -272,6 +274,104 @@ def with_overrides(
 
 # --------------------------------------------------------------------------- reading
 
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+# YAML 1.2's floats, which is what ML configs mean: YAML 1.1 (PyYAML's) wants a dot and a
+# signed exponent, so it reads `lr: 1e-3` as the string "1e-3". Every form 1.1 reads as a
+# float still is one (1_000.5, sexagesimal 1:30.5, .inf, .nan).
+_FLOAT = re.compile(
+    r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+
+
+class _DuplicateKey(Exception):
+    """A mapping names one key twice; the message lacks only the source."""
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (no object construction) with YAML 1.2 floats, refusing a key
+    that appears twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._refuse_duplicate_keys(node)
+        return super().construct_document(node)
+
+    def _refuse_duplicate_keys(self, root: yaml.Node) -> None:
+        # Iterative, each node once (aliases share nodes, so an alias bomb costs what its
+        # text costs), in document order: a shared node is named where it is written.
+        stack: list[tuple[yaml.Node, str]] = [(root, "")]
+        visited: set[int] = set()
+        earliest: tuple[int, str] | None = None  # the duplicate that comes first in the text
+        while stack:
+            node, path = stack.pop()
+            if id(node) in visited:
+                continue
+            visited.add(id(node))
+            children: list[tuple[yaml.Node, str]] = []
+            if isinstance(node, yaml.SequenceNode):
+                children = [(item, f"{path}[{i}]") for i, item in enumerate(node.value)]
+            elif isinstance(node, yaml.MappingNode):
+                first: dict[Any, yaml.Node] = {}
+                for key_node, value_node in node.value:
+                    if key_node.tag == _MERGE_TAG:  # `<<: *defaults`: keys may override it
+                        children.append((value_node, path))
+                        continue
+                    name = _path_key(str(key_node.value)) if _is_scalar(key_node) else "?"
+                    children.append((value_node, f"{path}.{name}" if path else name))
+                    if not _is_scalar(key_node):
+                        continue  # an unhashable key: the constructor says so
+                    key = self.construct_object(key_node)
+                    if key not in first:
+                        first[key] = key_node
+                    elif earliest is None or key_node.start_mark.index < earliest[0]:
+                        message = _duplicate_message(name, path, key_node, first[key])
+                        earliest = (key_node.start_mark.index, message)
+            stack.extend(reversed(children))
+        if earliest is not None:
+            raise _DuplicateKey(earliest[1])
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _FLOAT_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver(_FLOAT_TAG, _FLOAT, list("-+0123456789."))
+
+
+def _is_scalar(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode)
+
+
+def _duplicate_message(name: str, path: str, again: yaml.Node, first: yaml.Node) -> str:
+    def at(node: yaml.Node) -> str:
+        return f"line {node.start_mark.line + 1}, column {node.start_mark.column + 1}"
+
+    where = f"{path}: " if path else ""
+    return (
+        f"{where}duplicate key {name!r} at {at(again)} (first at {at(first)}); "
+        "a key may appear only once in a mapping"
+    )
+
+
+def _path_key(key: str) -> str:
+    """A key as shown in a key path: long keys cut short."""
+    return key if len(key) <= 40 else key[:37] + "..."
+
+
+def load_yaml(text: str) -> Any:
+    """Parse one YAML document with ``ConfigLoader``; errors are yaml's (and _DuplicateKey)."""
+    loader = ConfigLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
 
 def _read(source: str) -> str:
     if not os.path.exists(source):
@@ -298,7 +398,9 @@ def _parse_text(text: str, source: str) -> Config:
     if not text.strip():
         raise SfdiagError(f"{source}: the config file is empty; it needs at least `optimizers:`")
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
+    except _DuplicateKey as exc:
+        raise SfdiagError(f"{source}: {exc}") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -143,6 +143,27 @@ BAD = [
         ["optimizers[0].kwargs.", "10000 values"],
     ),
     (
+        "duplicate-top-key",
+        "steps: 3\noptimizers: [adamw]\nsteps: 4\n",
+        ["duplicate key 'steps'", "line 3", "first at line 1"],
+    ),
+    (
+        "duplicate-kwarg",
+        "optimizers:\n  - name: adamw\n    kwargs:\n      lr: 1e-3\n      lr: 0.1\n",
+        ["optimizers[0].kwargs: duplicate key 'lr'", "line 5", "first at line 4"],
+    ),
+    (
+        "duplicate-flow-key-deep",
+        "model: {name: mlp, kwargs: {layers: [{w: 1}, {w: 2, w: 3}]}}\noptimizers: [adamw]\n",
+        ["model.kwargs.layers[1]: duplicate key 'w'", "line 1"],
+    ),
+    (
+        "duplicate-key-first-in-the-text-is-named",
+        "optimizers: [{name: adamw, name: sgd}]\nseed: 1\nseed: 2\n",
+        ["optimizers[0]: duplicate key 'name'"],
+    ),
+    ("steps-exponent", "optimizers: [adamw]\nsteps: 1e1\n", ["steps", "10.0 (a number)"]),
+    (
         "closure-string",
         "optimizers: [{name: adamw, closure: 'yes please'}]\n",
         ["optimizers[0].closure", "'yes please'"],
@@ -366,6 +387,79 @@ optimizers:
     )
     assert sgd == OptimizerSpec("torch.optim:SGD", "torch.optim:SGD", {})
     assert parse_config(config.to_dict()) == config
+
+
+def test_floats_are_read_as_yaml_1_2_reads_them_anywhere(tmp_path: Path) -> None:
+    # YAML 1.1 (PyYAML's default) reads 1e-3 as the string "1e-3": the way ML configs
+    # write a learning rate must give a number.
+    config = _load_text(
+        tmp_path,
+        "model: {name: mlp, kwargs: {init_scale: 1E5, shift: .5}}\n"
+        "data: {name: gaussian, kwargs: {noise: -2.5e-4}}\n"
+        "optimizers:\n  - name: adamw\n"
+        "    kwargs: {lr: 1e-3, eps: +1e-8, betas: [.9, 9.99e-1], decay: 1.5e2, bias: -.25}\n",
+    )
+    kwargs = config.optimizers[0].kwargs
+    assert kwargs == {
+        "lr": 0.001,
+        "eps": 1e-8,
+        "betas": [0.9, 0.999],
+        "decay": 150.0,
+        "bias": -0.25,
+    }
+    numbers = [kwargs["lr"], kwargs["eps"], *kwargs["betas"], kwargs["decay"], kwargs["bias"]]
+    assert all(type(v) is float for v in numbers)
+    assert config.model.kwargs == {"init_scale": 100000.0, "shift": 0.5}
+    assert config.data.kwargs == {"noise": -0.00025}
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("1e-3", 0.001),
+        ("1E5", 1e5),
+        (".5", 0.5),
+        ("-2.5e-4", -2.5e-4),
+        ("1_000.5", 1000.5),
+        ("3.", 3.0),
+        ("12", 12),
+        ("0x1f", 31),
+        ("1e", "1e"),
+        ("e5", "e5"),
+        ("1.2.3", "1.2.3"),
+        ("'1e-3'", "1e-3"),
+    ],
+)
+def test_scalar_types_yaml_1_2_floats_and_the_rest_as_before(
+    tmp_path: Path, text: str, value: object
+) -> None:
+    config = _load_text(tmp_path, f"optimizers: [{{name: adamw, kwargs: {{x: {text}}}}}]\n")
+    got = config.optimizers[0].kwargs["x"]
+    assert (type(got), got) == (type(value), value)
+
+
+def test_infinity_and_nan_stay_non_finite_numbers(tmp_path: Path) -> None:
+    for text in (".inf", "-.inf", ".NaN", "1e400"):
+        with pytest.raises(SfdiagError, match="must be a finite number"):
+            _load_text(tmp_path, f"optimizers: [{{name: adamw, kwargs: {{x: {text}}}}}]\n")
+
+
+def test_merge_keys_may_override_what_they_merge(tmp_path: Path) -> None:
+    config = _load_text(
+        tmp_path,
+        "optimizers:\n"
+        "  - name: a\n    class: adamw\n    kwargs: &common {lr: 1e-3, weight_decay: 0.1}\n"
+        "  - name: b\n    class: adamw\n    kwargs: {<<: *common, lr: 2e-3}\n",
+    )
+    assert config.optimizers[1].kwargs == {"lr": 0.002, "weight_decay": 0.1}
+
+
+def test_an_anchored_mapping_with_a_duplicate_is_named_once(tmp_path: Path) -> None:
+    text = "optimizers:\n  - {name: a, class: adamw, kwargs: &k {lr: 1, lr: 2}}\n" + "".join(
+        f"  - {{name: n{i}, class: adamw, kwargs: *k}}\n" for i in range(3)
+    )
+    with pytest.raises(SfdiagError, match=r"optimizers\[0\]\.kwargs: duplicate key 'lr'"):
+        _load_text(tmp_path, text)
 
 
 def test_empty_kwargs_key_is_empty_mapping(tmp_path: Path) -> None:

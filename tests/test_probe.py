@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from sfdiag.config import parse_config
+from sfdiag.config import load_config, parse_config
 from sfdiag.probe import ProbeOptions, run_probe
 
 
@@ -100,6 +100,15 @@ def test_an_import_path_works_like_its_registry_name():
         by_name.pop(key), by_path.pop(key)
     assert by_name == by_path
     assert found["by-path"].cls == "sfdiag.optim:SGDScheduleFree"
+
+
+def test_a_learning_rate_written_1e_minus_3_probes_as_0_001(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 2\noptimizers: [{name: adamw, kwargs: {lr: 1e-3}}]\n")
+    report = run_probe(load_config(path))
+    [result] = report.results
+    assert (result.verdict, result.error) == ("clean", None)
+    assert report.config["optimizers"][0]["kwargs"]["lr"] == 0.001
 
 
 def test_failing_optimizers_are_error_rows_and_the_rest_still_runs():
