@@ -18,7 +18,7 @@ from torch import nn
 from sfdiag import data as data_module
 from sfdiag import losses, registry
 from sfdiag.config import Config, OptimizerSpec
-from sfdiag.errors import SfdiagError
+from sfdiag.errors import SfdiagError, shown
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -63,7 +63,7 @@ def _check_kwargs(target: Callable[..., Any], kwargs: dict[str, Any], where: str
         if key not in accepted:
             options = [a for a in accepted if a not in ("self", "params")]
             raise SfdiagError(
-                f"{where}: unknown argument {key!r}{registry.did_you_mean(key, options)}; "
+                f"{where}: unknown argument {shown(key)}{registry.did_you_mean(key, options)}; "
                 f"accepted: {', '.join(options) or 'none'}"
             )
 
@@ -89,16 +89,16 @@ def resolve_optimizer(spec: OptimizerSpec, index: int) -> BuiltOptimizer:
     where = f"optimizers[{index}] ({spec.name})"
     factory = registry.load("optimizer", spec.cls, f"{where}.class")
     if not callable(factory):
-        raise SfdiagError(f"{where}.class: {spec.cls!r} is not an optimizer class or factory")
+        raise SfdiagError(f"{where}.class: {shown(spec.cls)} is not an optimizer class or factory")
     if inspect.isclass(factory) and not issubclass(factory, torch.optim.Optimizer):
         if not hasattr(factory, "step"):
             raise SfdiagError(
-                f"{where}.class: {spec.cls!r} is not an optimizer class (no step() method)"
+                f"{where}.class: {shown(spec.cls)} is not an optimizer class (no step() method)"
             )
     _check_kwargs(factory, spec.kwargs, f"{where}.kwargs")
     if not _takes_params(factory):
         raise SfdiagError(
-            f"{where}.class: {spec.cls!r} is not an optimizer class or factory "
+            f"{where}.class: {shown(spec.cls)} is not an optimizer class or factory "
             "(it cannot be called with the model's parameters)"
         )
     return BuiltOptimizer(spec, factory, _class_name(spec.cls))
@@ -108,7 +108,7 @@ def _model_factory(config: Config, dtype: torch.dtype) -> Callable[[], nn.Module
     where = "model.name"
     factory = registry.load("model", config.model.name, where)
     if not callable(factory):
-        raise SfdiagError(f"{where}: {config.model.name!r} is not callable")
+        raise SfdiagError(f"{where}: {shown(config.model.name)} is not callable")
     _check_kwargs(factory, config.model.kwargs, "model.kwargs")
 
     def build() -> nn.Module:
@@ -116,12 +116,12 @@ def _model_factory(config: Config, dtype: torch.dtype) -> Callable[[], nn.Module
         model = factory(**config.model.kwargs)
         if not isinstance(model, nn.Module):
             raise SfdiagError(
-                f"{where}: {config.model.name!r} returned {type(model).__name__}, "
+                f"{where}: {shown(config.model.name)} returned {type(model).__name__}, "
                 "not a torch.nn.Module"
             )
         if next(model.parameters(), None) is None:
             raise SfdiagError(
-                f"{where}: {config.model.name!r} built a {type(model).__name__} without "
+                f"{where}: {shown(config.model.name)} built a {type(model).__name__} without "
                 "parameters: there is nothing to optimize"
             )
         return model.to(dtype=dtype)
@@ -144,7 +144,7 @@ def build(config: Config) -> BuiltProbe:
     dtype = DTYPES[config.dtype]
     optimizers = tuple(resolve_optimizer(spec, i) for i, spec in enumerate(config.optimizers))
     model_factory = _model_factory(config, dtype)
-    model = _call(f"model {config.model.name!r}", model_factory)
+    model = _call(f"model {shown(config.model.name)}", model_factory)
 
     loss_name = config.loss
     if loss_name == "auto":
@@ -155,11 +155,11 @@ def build(config: Config) -> BuiltProbe:
         loss_name = losses.auto(model, data_module.output_shape(model, sample))
     loss_fn = registry.load("loss", loss_name, "loss")
     if not callable(loss_fn):
-        raise SfdiagError(f"loss: {loss_name!r} is not callable")
+        raise SfdiagError(f"loss: {shown(loss_name)} is not callable")
 
     data_fn = registry.load("data", config.data.name, "data.name")
     batches = _call(
-        f"data {config.data.name!r}",
+        f"data {shown(config.data.name)}",
         data_fn,
         model,
         batch_size=config.data.batch_size,

@@ -4,8 +4,9 @@ The only module that reads YAML (``ConfigLoader``, a ``yaml.SafeLoader`` that re
 as YAML 1.2 does and refuses duplicate keys), and it never imports torch. Every problem
 raises ``SfdiagError`` with one message naming the source (file or option), the key path
 (``optimizers[1].kwargs``) and the offending value. Registry names are checked here; import
-paths ("pkg.mod:attr") are only checked for their form and are imported
-later, by whoever builds the run.
+paths ("pkg.mod:attr") are only checked for their form and are imported later, by whoever
+builds the run. Messages show values bounded (``errors.shown``): an exploding YAML alias or a
+huge integer costs nothing to report.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import yaml
 
 from sfdiag import registry
-from sfdiag.errors import SfdiagError
+from sfdiag.errors import SfdiagError, shown
 
 SCHEMA_VERSION = 1
 DEFAULT_OPTIMIZERS = ("adamw", "sf-adamw", "sf-ref", "sf-sgd")
@@ -234,7 +235,8 @@ def parse_optimizer_list(text: str) -> list[str]:
         raise SfdiagError("--optimizers: no optimizers given; e.g. --optimizers adamw,sf-adamw")
     if "" in items:
         raise SfdiagError(
-            f"--optimizers: empty item in {text!r}; give comma-separated names, e.g. adamw,sf-adamw"
+            f"--optimizers: empty item in {shown(text)}; give comma-separated names, "
+            "e.g. adamw,sf-adamw"
         )
     return items
 
@@ -425,14 +427,12 @@ def _parse_text(text: str, source: str) -> Config:
 
 
 def _show(value: object) -> str:
-    """The offending value, in YAML's words, for messages."""
+    """The offending value, in YAML's words and bounded, for messages."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return f"{str(value).lower()} (a boolean)"
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
+    text = shown(value)
     kind = {int: "an integer", float: "a number", str: "a string"}.get(type(value))
     if isinstance(value, Mapping):
         kind = "a mapping"
@@ -452,16 +452,17 @@ def _check_keys(data: Mapping[Any, Any], allowed: tuple[str, ...], where: str) -
             continue
         hint = registry.did_you_mean(key, allowed) if isinstance(key, str) else ""
         if not hint and "kwargs" in allowed and "optimizers" not in allowed:
-            hint = f" (keyword arguments go under `kwargs:`, e.g. kwargs: {{{key}: ...}})"
-        shown = repr(key) if isinstance(key, str) else _show(key)
-        raise SfdiagError(f"{where}: unknown key {shown}{hint}; allowed keys: {', '.join(allowed)}")
+            example = _path_key(str(key))
+            hint = f" (keyword arguments go under `kwargs:`, e.g. kwargs: {{{example}: ...}})"
+        named = shown(key) if isinstance(key, str) else _show(key)
+        raise SfdiagError(f"{where}: unknown key {named}{hint}; allowed keys: {', '.join(allowed)}")
 
 
 def _int(value: object, lo: int, hi: int, where: str) -> int:
     if not _is_int(value):
         raise SfdiagError(f"{where}: must be an integer, got {_show(value)}")
     if not lo <= value <= hi:
-        raise SfdiagError(f"{where}: must be from {lo} to {hi}, got {value}")
+        raise SfdiagError(f"{where}: must be from {lo} to {hi}, got {shown(value)}")
     return value
 
 
@@ -493,7 +494,8 @@ def _registry_name(value: object, kind: str, where: str) -> str:
         module, _, attr = name.partition(":")
         if not all(part.isidentifier() for part in [*module.split("."), *attr.split(".")]):
             raise SfdiagError(
-                f"{where}: {name!r} is not an import path of the form 'package.module:attribute'"
+                f"{where}: {shown(name)} is not an import path of the form "
+                "'package.module:attribute'"
             )
     return name
 
@@ -537,7 +539,7 @@ def _plain(value: object, where: str, depth: int, budget: list[int]) -> Any:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise SfdiagError(f"{where}: keys must be strings, got key {_show(key)}")
-            out[key] = _plain(item, f"{where}.{key}", depth + 1, budget)
+            out[key] = _plain(item, f"{where}.{_path_key(key)}", depth + 1, budget)
         return out
     if isinstance(value, (list, tuple)):
         return [_plain(item, f"{where}[{i}]", depth + 1, budget) for i, item in enumerate(value)]
@@ -602,7 +604,7 @@ def _check_distributed(config: Config, source: str) -> None:
     closures = [o.name for o in config.optimizers if o.closure or o.create_graph]
     if closures:
         raise SfdiagError(
-            f"{source}: distributed: optimizer {closures[0]!r} needs a closure or "
+            f"{source}: distributed: optimizer {shown(closures[0])} needs a closure or "
             "create_graph, which a distributed probe does not run; probe it in one process"
         )
 
@@ -611,7 +613,7 @@ def _optimizers(value: object, source: str) -> tuple[OptimizerSpec, ...]:
     where = f"{source}: optimizers"
     if isinstance(value, str):
         raise SfdiagError(
-            f"{where}: must be a list, got {_show(value)}; write `optimizers: [{value}]`"
+            f"{where}: must be a list, got {_show(value)}; write `optimizers: [{_path_key(value)}]`"
         )
     if not isinstance(value, (list, tuple)) or not value:
         raise SfdiagError(f"{where}: must be a list of at least one optimizer, got {_show(value)}")
@@ -621,8 +623,9 @@ def _optimizers(value: object, source: str) -> tuple[OptimizerSpec, ...]:
         spec = _optimizer(entry, f"{where}[{i}]")
         if spec.name in seen:
             raise SfdiagError(
-                f"{where}[{i}]: duplicate label {spec.name!r} (also optimizers[{seen[spec.name]}]);"
-                " labels must be unique: add `name:` with a label of its own"
+                f"{where}[{i}]: duplicate label {shown(spec.name)} "
+                f"(also optimizers[{seen[spec.name]}]); labels must be unique: add `name:` "
+                "with a label of its own"
             )
         seen[spec.name] = i
         specs.append(spec)
@@ -649,7 +652,7 @@ def _optimizer(entry: object, where: str) -> OptimizerSpec:
     else:
         hint = registry.did_you_mean(name, tuple(registry.OPTIMIZERS))
         raise SfdiagError(
-            f"{where}.name: {name!r} is not a registry optimizer{hint}, so `class:` is "
+            f"{where}.name: {shown(name)} is not a registry optimizer{hint}, so `class:` is "
             "required: add `class:` with a registry name or an import path "
             "'package.module:Class'"
         )
@@ -671,6 +674,6 @@ def _override_optimizers(names: object) -> tuple[OptimizerSpec, ...]:
     for name in names:
         name = _registry_name(name, "optimizer", "--optimizers")
         if any(spec.name == name for spec in specs):
-            raise SfdiagError(f"--optimizers: {name!r} is listed twice")
+            raise SfdiagError(f"--optimizers: {shown(name)} is listed twice")
         specs.append(OptimizerSpec(name, name))
     return tuple(specs)

@@ -13,7 +13,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from sfdiag.errors import SfdiagError
+from sfdiag.errors import SfdiagError, shown
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,8 @@ def is_import_path(name: str) -> bool:
 
 def did_you_mean(name: str, choices: list[str] | tuple[str, ...]) -> str:
     """A " (did you mean 'x'?)" suffix, or "" when nothing is close."""
+    if len(name) > 100:  # nothing is close to it, and difflib would take its time to say so
+        return ""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -98,7 +100,7 @@ def check_name(kind: str, name: str, where: str) -> None:
     if name in table or is_import_path(name):
         return
     raise SfdiagError(
-        f"{where}: unknown {kind} {name!r}{did_you_mean(name, tuple(table))}; "
+        f"{where}: unknown {kind} {shown(name)}{did_you_mean(name, tuple(table))}; "
         f"known: {', '.join(table)}, or an import path 'package.module:attribute'"
     )
 
@@ -117,15 +119,17 @@ def import_object(path: str, where: str) -> Any:
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise SfdiagError(
-            f"{where}: {path!r} is not an import path of the form 'package.module:attribute'"
+            f"{where}: {shown(path)} is not an import path of the form 'package.module:attribute'"
         )
     try:
         obj: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        raise SfdiagError(f"{where}: cannot import {path!r}: no module named {exc.name!r}") from exc
+        raise SfdiagError(
+            f"{where}: cannot import {shown(path)}: no module named {shown(exc.name)}"
+        ) from exc
     except Exception as exc:  # the module's own code failed while importing
         raise SfdiagError(
-            f"{where}: cannot import {path!r}: importing {module_name!r} raised "
+            f"{where}: cannot import {shown(path)}: importing {shown(module_name)} raised "
             f"{type(exc).__name__}: {exc}"
         ) from exc
     for part in attr.split("."):
@@ -133,7 +137,8 @@ def import_object(path: str, where: str) -> Any:
             obj = getattr(obj, part)
         except AttributeError as exc:
             raise SfdiagError(
-                f"{where}: cannot import {path!r}: module {module_name!r} has no attribute {attr!r}"
+                f"{where}: cannot import {shown(path)}: module {shown(module_name)} "
+                f"has no attribute {shown(attr)}"
             ) from exc
     return obj
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import start_cli
+from conftest import alias_bomb, start_cli
 from typer.testing import CliRunner
 
 from sfdiag.cli import app
@@ -75,7 +75,12 @@ FAST = [
         ["probe", "c.yaml"],
         ["'kwarg'", "did you mean 'kwargs'"],
     ),
-    ("steps-string", {"c.yaml": OK + "steps: ten\n"}, ["probe", "c.yaml"], ["steps", "'ten'"]),
+    (
+        "steps-string",
+        {"c.yaml": "optimizers: [adamw]\nsteps: ten\n"},
+        ["probe", "c.yaml"],
+        ["steps", "'ten'"],
+    ),
     (
         "steps-zero",
         {"c.yaml": "optimizers: [adamw]\nsteps: 0\n"},
@@ -208,6 +213,21 @@ FAST = [
         {"c.yaml": "optimizers: 3\n"},
         ["compare", "--config", "c.yaml"],
         ["c.yaml", "optimizers", "list"],
+    ),
+    (
+        "duplicate-key",
+        {"c.yaml": OK + "steps: 2\n"},
+        ["probe", "c.yaml"],
+        ["c.yaml: duplicate key 'steps'", "line 3", "first at line 2"],
+    ),
+    *(
+        (
+            f"alias-bomb-{key}",
+            {"c.yaml": alias_bomb(key)},
+            ["probe", "c.yaml"],
+            [f"c.yaml: {key}: must be", "(a list)"],
+        )
+        for key in ("seed", "loss", "model")
     ),
     ("format", {"c.yaml": OK}, ["probe", "c.yaml", "--format", "bogus"], ["--format", "'bogus'"]),
     (
@@ -414,6 +434,8 @@ SUBPROCESS = [
     "batch-size-zero",
     "dtype",
     "device-option",
+    "duplicate-key",
+    "alias-bomb-seed",
     "unknown-optimizer",
     "unknown-model",
     "duplicate-labels",

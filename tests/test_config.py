@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import alias_bomb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -162,6 +163,11 @@ BAD = [
         "optimizers: [{name: adamw, name: sgd}]\nseed: 1\nseed: 2\n",
         ["optimizers[0]: duplicate key 'name'"],
     ),
+    (
+        "seed-huge-hex-int",
+        f"optimizers: [adamw]\nseed: 0x{'f' * 4000}\n",
+        ["seed", "from 0 to 4294967295", "an integer of about 4817 digits"],
+    ),
     ("steps-exponent", "optimizers: [adamw]\nsteps: 1e1\n", ["steps", "10.0 (a number)"]),
     (
         "closure-string",
@@ -254,6 +260,74 @@ def test_bad_config_is_one_clear_error(tmp_path: Path, text: str, expected: list
     assert "\n" not in message
     for part in expected:
         assert part in message, (part, message)
+
+
+_TIMED_LOAD = """
+import sys, time
+from sfdiag.config import load_config
+from sfdiag.errors import SfdiagError
+start = time.perf_counter()
+try:
+    load_config(sys.argv[1])
+except SfdiagError as exc:
+    print(time.perf_counter() - start)
+    print(exc)
+"""
+
+
+@pytest.mark.parametrize("key", ["seed", "loss", "model", "distributed", "optimizers"])
+def test_an_alias_bomb_is_refused_at_once_naming_the_key(tmp_path: Path, key: str) -> None:
+    # In a subprocess, so that a regression times out instead of eating the machine.
+    path = tmp_path / "bomb.yaml"
+    text = alias_bomb(key)
+    if key == "optimizers":
+        text = text.replace("optimizers: [adamw]\n", "")
+    path.write_text(text, encoding="utf-8")
+    assert len(text) < 500
+    done = subprocess.run(
+        [sys.executable, "-c", _TIMED_LOAD, str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    seconds, message = done.stdout.split("\n", 1)
+    assert float(seconds) < 1.0
+    assert message.startswith(f"{path}: {key}"), message
+    assert len(message) < len(str(path)) + 300, message
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"optimizers: [adamw]\n? {'k' * 100_000}\n: 1\n",
+        f"optimizers: [adamw]\nmodel: {'m' * 100_000}\n",
+        f"optimizers: [adamw]\nmodel: 'a:{'m' * 100_000}-'\n",
+        f"optimizers: [adamw]\nseed: '{'s' * 100_000}'\n",
+        f"optimizers:\n  - name: adamw\n    ? {'k' * 100_000}\n    : 1\n",
+        f"optimizers: {'o' * 100_000}\n",
+        f"optimizers: [{{name: {'n' * 100_000}}}]\n",
+        f"optimizers:\n  - name: adamw\n    kwargs:\n      ? {'k' * 100_000}\n      : .nan\n",
+        "optimizers: [adamw]\nseed: &x [*x]\n",
+        "optimizers: [adamw]\nseed: &x {a: *x}\n",
+    ],
+    ids=[
+        "long-key",
+        "long-model",
+        "long-bad-import-path",
+        "long-string-seed",
+        "long-optimizer-key",
+        "long-optimizers-string",
+        "long-label",
+        "long-kwargs-key",
+        "self-referencing-list",
+        "self-referencing-mapping",
+    ],
+)
+def test_messages_show_values_bounded(tmp_path: Path, text: str) -> None:
+    with pytest.raises(SfdiagError) as info:
+        _load_text(tmp_path, text)
+    assert len(str(info.value)) < len(str(tmp_path)) + 400, str(info.value)[:1000]
 
 
 def test_missing_file(tmp_path: Path) -> None:
