@@ -33,6 +33,7 @@ MAX_BATCH_SIZE = 65_536
 MAX_FILE_BYTES = 1 << 20
 _MAX_DEPTH = 32  # of nested kwargs values; also stops self-referencing YAML anchors
 _MAX_NODES = 10_000  # per kwargs mapping; stops "billion laughs" alias expansion
+_MAX_INT_BITS = 1024  # of an integer in kwargs: as large as a float goes
 
 _TOP_KEYS = (
     "schema_version",
@@ -523,11 +524,14 @@ def _kwargs(value: object, where: str) -> dict[str, Any]:
 def _plain(value: object, where: str, depth: int, budget: list[int]) -> Any:
     budget[0] -= 1
     if depth > _MAX_DEPTH or budget[0] < 0:
-        shown = where if len(where) <= 120 else where[:117] + "..."
+        path = where if len(where) <= 120 else where[:117] + "..."
         raise SfdiagError(
-            f"{shown}: more than {_MAX_DEPTH} levels deep or {_MAX_NODES} values "
+            f"{path}: more than {_MAX_DEPTH} levels deep or {_MAX_NODES} values "
             "(a self-referencing or exploding YAML anchor?)"
         )
+    if _is_int(value) and value.bit_length() > _MAX_INT_BITS:
+        # beyond any float; it would not even go into the JSON report (4300 digits at most)
+        raise SfdiagError(f"{where}: integer too large, got {shown(value)}")
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):

@@ -168,6 +168,11 @@ BAD = [
         f"optimizers: [adamw]\nseed: 0x{'f' * 4000}\n",
         ["seed", "from 0 to 4294967295", "an integer of about 4817 digits"],
     ),
+    (
+        "kwargs-huge-hex-int",
+        f"optimizers: [{{name: adamw, kwargs: {{lr: 0x{'f' * 4000}}}}}]\n",
+        ["optimizers[0].kwargs.lr", "integer too large", "about 4817 digits"],
+    ),
     ("steps-exponent", "optimizers: [adamw]\nsteps: 1e1\n", ["steps", "10.0 (a number)"]),
     (
         "closure-string",
