@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,8 +115,30 @@ def target_of(kind: str, name: str) -> str:
     return table[name].target if name in table else name
 
 
+@contextmanager
+def _current_directory_importable() -> Iterator[None]:
+    """The current directory first on ``sys.path`` while importing, as ``python -m sfdiag``
+    has it (the ``sfdiag`` console script's ``sys.path[0]`` is its own bin directory), so
+    ``mymodels:make`` finds ./mymodels.py with both; ``sys.path`` is restored afterwards."""
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the directory was removed under us: nothing to find there
+        yield
+        return
+    if any(os.path.abspath(entry or os.curdir) == cwd for entry in sys.path):
+        yield
+        return
+    sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if cwd in sys.path:
+            sys.path.remove(cwd)
+
+
 def import_object(path: str, where: str) -> Any:
-    """Import "package.module:attribute" (attribute may be dotted).
+    """Import "package.module:attribute" (attribute may be dotted), looking in the current
+    directory too.
 
     Importing runs the module's code: configs that name import paths are trusted code.
     """
@@ -122,7 +148,8 @@ def import_object(path: str, where: str) -> Any:
             f"{where}: {shown(path)} is not an import path of the form 'package.module:attribute'"
         )
     try:
-        obj: Any = importlib.import_module(module_name)
+        with _current_directory_importable():
+            obj: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         raise SfdiagError(
             f"{where}: cannot import {shown(path)}: no module named {shown(exc.name)}"

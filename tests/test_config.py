@@ -884,6 +884,28 @@ def test_loader_on_random_bytes(tmp_path_factory: pytest.TempPathFactory, raw: b
         pass
 
 
+# --------------------------------------------------------------------------- import paths
+
+
+def test_import_paths_find_the_current_directory_and_leave_sys_path_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "sfdiag_cwd_module.py").write_text("VALUE = 42\n")
+    monkeypatch.chdir(tmp_path)
+    # sys.path as the `sfdiag` console script has it: neither '' nor the cwd on it
+    console = [p for p in sys.path if p and os.path.abspath(p) != str(tmp_path)]
+    monkeypatch.setattr(sys, "path", console)
+    monkeypatch.delitem(sys.modules, "sfdiag_cwd_module", raising=False)
+    try:
+        assert registry.import_object("sfdiag_cwd_module:VALUE", "model.name") == 42
+        assert sys.path == console and sys.path is console
+        with pytest.raises(SfdiagError, match="no module named 'sfdiag_no_such_module'"):
+            registry.import_object("sfdiag_no_such_module:x", "model.name")
+        assert sys.path == console
+    finally:
+        sys.modules.pop("sfdiag_cwd_module", None)
+
+
 # --------------------------------------------------------------------------- import hygiene
 
 
