@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sfdiag.errors import SfdiagError
+from sfdiag.errors import SfdiagError, shown
 from sfdiag.fileio import write_atomic
 from sfdiag.results import CHECK_ATOL, CHECK_RTOL, CheckResult, Difference, json_safe
 
@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from sfdiag.results import OptimizerResult, ProbeReport
 
 BASELINE_FORMAT = 1  # the "sfdiag_baseline" value this sfdiag writes and reads
+MAX_BASELINE_BYTES = 256 << 20  # some 50 optimizers of 100,000 steps
+_MAX_DEPTH = 64  # a config's kwargs nest 32 levels at most, and the rest of a baseline 4
 DEFAULT_RTOL = CHECK_RTOL
 DEFAULT_ATOL = CHECK_ATOL
 
@@ -132,10 +134,12 @@ def save_baseline(
 
 
 def load_baseline(path: str | os.PathLike[str]) -> Baseline:
-    """Read and validate a baseline file; every problem is an SfdiagError naming the path."""
+    """Read and validate a baseline file; every problem is an SfdiagError naming the path
+    and what is wrong with it (a corrupt file is the user's input, never a crash)."""
     where = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as file:
+            raw = file.read(MAX_BASELINE_BYTES + 1)
     except FileNotFoundError:
         raise SfdiagError(
             f"baseline file {where} does not exist "
@@ -143,18 +147,76 @@ def load_baseline(path: str | os.PathLike[str]) -> Baseline:
         ) from None
     except IsADirectoryError:
         raise SfdiagError(f"baseline file {where} is a directory") from None
-    except UnicodeDecodeError:
-        raise SfdiagError(f"baseline file {where} is not a text (UTF-8 JSON) file") from None
     except OSError as exc:
         raise SfdiagError(f"cannot read baseline file {where}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_BASELINE_BYTES:
+        raise SfdiagError(
+            f"baseline file {where} is larger than {MAX_BASELINE_BYTES} bytes; not a baseline"
+        )
     try:
-        data = json.loads(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SfdiagError(f"baseline file {where} is not a text (UTF-8 JSON) file") from None
+    try:
+        data = json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
     except json.JSONDecodeError as exc:
         raise SfdiagError(
             f"baseline file {where} is not valid JSON (line {exc.lineno}, column {exc.colno}: "
             f"{exc.msg})"
         ) from None
+    except _DuplicateKey as exc:
+        raise _fail(where, f"key {shown(exc.args[0])} appears twice in one object") from None
+    except RecursionError:
+        raise _fail(where, "JSON nested too deeply; not a baseline") from None
+    except ValueError:  # Python reads no integer of more than 4300 digits
+        raise _fail(where, "holds an integer too long to read; not a baseline") from None
+    _check_values(data, where)
     return _parse(data, where)
+
+
+class _DuplicateKey(Exception):
+    """A JSON object names one key twice (json keeps the last, silently)."""
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _check_values(data: Any, where: str) -> None:
+    """What JSON can hold but no baseline does: deep nesting (the comparison recurses),
+    numbers beyond a float, text that is not Unicode (a lone surrogate cannot be printed)."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        field = shown(path or "(top level)", 120)
+        if depth > _MAX_DEPTH:
+            raise _fail(where, f"nested more than {_MAX_DEPTH} levels deep (at {field})")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key, where, f"a key in {field}")
+                stack.append((item, f"{path}.{key}" if path else key, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, where, f"field {field}")
+        elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 1024:
+            raise _fail(where, f"field {field} holds a number too large: {shown(value)}")
+
+
+def _check_text(text: str, where: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _fail(where, f"{what} is not valid Unicode text (a lone surrogate)") from None
+
+
+def _fail(where: str, problem: str) -> SfdiagError:
+    return SfdiagError(f"baseline file {where}: {problem}")
 
 
 class _Reader:
@@ -164,7 +226,7 @@ class _Reader:
         self.where = where
 
     def fail(self, problem: str) -> SfdiagError:
-        return SfdiagError(f"baseline file {self.where}: {problem}")
+        return _fail(self.where, problem)
 
     def get(self, obj: dict[str, Any], key: str, ctx: str) -> Any:
         if key not in obj:
@@ -183,8 +245,11 @@ class _Reader:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise self.fail(f"field {name!r} should be a number, not {_type(value)}")
         if isinstance(value, str) and value not in ("nan", "inf", "-inf"):
-            raise self.fail(f"field {name!r} should be a number, not {value!r}")
-        return float(value)
+            raise self.fail(f"field {name!r} should be a number, not {shown(value)}")
+        try:
+            return float(value)
+        except OverflowError:
+            raise self.fail(f"field {name!r} is a number too large: {shown(value)}") from None
 
     def numbers(self, obj: dict[str, Any], key: str, ctx: str) -> tuple[float, ...]:
         value = self.get(obj, key, ctx)
@@ -209,14 +274,14 @@ def _parse(data: Any, where: str) -> Baseline:
         raise read.fail(f"not an sfdiag baseline file (no 'sfdiag_baseline' key){hint}")
     version = data["sfdiag_baseline"]
     if isinstance(version, bool) or not isinstance(version, int):
-        raise read.fail(f"unknown baseline format {version!r}")
+        raise read.fail(f"unknown baseline format {shown(version)}")
     if version > BASELINE_FORMAT:
         raise read.fail(
-            f"baseline format {version} is newer than this sfdiag reads "
+            f"baseline format {shown(version)} is newer than this sfdiag reads "
             f"(format {BASELINE_FORMAT}): upgrade sfdiag, or re-create the baseline"
         )
     if version < 1:
-        raise read.fail(f"unknown baseline format {version!r}")
+        raise read.fail(f"unknown baseline format {shown(version)}")
     config = read.get(data, "config", "")
     if not isinstance(config, dict):
         raise read.fail(f"field 'config' should be an object, not {_type(config)}")
@@ -248,7 +313,7 @@ def _parse(data: Any, where: str) -> Baseline:
         if len(result.pre_step_grad_norms) != len(result.post_step_grad_norms):
             raise read.fail(f"{ctx}pre_step_grad_norms and post_step_grad_norms differ in length")
         if result.optimizer in seen:
-            raise read.fail(f"optimizer {result.optimizer!r} appears twice")
+            raise read.fail(f"optimizer {shown(result.optimizer)} appears twice")
         seen.add(result.optimizer)
         results.append(result)
     return Baseline(

@@ -239,6 +239,103 @@ def test_missing_or_bad_fields(saved, tmp_path, mutate, words):
     assert words in _load_error(tmp_path, json.dumps(data))
 
 
+def _with(saved, change) -> str:
+    data = json.loads(saved.read_text())
+    change(data)
+    return json.dumps(data)
+
+
+def _nest(levels: int) -> dict:
+    value: dict = {}
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
+HOSTILE = [
+    # (id, the file's text from the good one's, words the message must hold)
+    ("nested-arrays", lambda saved: "[" * 100_000 + "]" * 100_000, ["nested too deeply"]),
+    ("nested-objects", lambda saved: '{"a":' * 100_000 + "1" + "}" * 100_000, ["too deeply"]),
+    (
+        "nested-config",
+        lambda saved: _with(saved, lambda d: d["config"].update(model=_nest(100))),
+        ["nested more than 64 levels deep", "config.model.a.a"],
+    ),
+    (
+        "400-digit-norm",
+        lambda saved: _with(
+            saved, lambda d: d["results"][0]["pre_step_grad_norms"].insert(0, 10**400)
+        ),
+        ["results[0].pre_step_grad_norms[0]", "too large", "about 401 digits"],
+    ),
+    (
+        "negative-400-digit-median",
+        lambda saved: _with(saved, lambda d: d["results"][1].update(norm_ratio=-(10**400))),
+        ["results[1].norm_ratio", "too large"],
+    ),
+    (
+        "integer-just-beyond-a-float",
+        lambda saved: _with(saved, lambda d: d["results"][1].update(norm_ratio=2**1024 - 1)),
+        ["'results[1].norm_ratio' is a number too large"],
+    ),
+    (
+        "5000-digit-integer",
+        lambda saved: saved.read_text().replace('"steps": 3', '"steps": 1' + "0" * 5000),
+        ["integer too long to read"],
+    ),
+    (
+        "400-digit-format-version",
+        lambda saved: _with(saved, lambda d: d.update(sfdiag_baseline=10**400)),
+        ["field 'sfdiag_baseline' holds a number too large"],
+    ),
+    (
+        "300-digit-format-version",
+        lambda saved: _with(saved, lambda d: d.update(sfdiag_baseline=10**300)),
+        ["baseline format <an integer of about 301 digits> is newer"],
+    ),
+    (
+        "negative-300-digit-format-version",
+        lambda saved: _with(saved, lambda d: d.update(sfdiag_baseline=-(10**300))),
+        ["unknown baseline format -<an integer of about 301 digits>"],
+    ),
+    (
+        "lone-surrogate-in-a-name",
+        lambda saved: _with(saved, lambda d: d["results"][1].update(optimizer="ad\ud800mw")),
+        ["field 'results[1].optimizer' is not valid Unicode"],
+    ),
+    (
+        "lone-surrogate-in-a-key",
+        lambda saved: _with(saved, lambda d: d["config"].update({"\udfff": 1})),
+        ["a key in 'config' is not valid Unicode"],
+    ),
+    (
+        "duplicate-key",
+        lambda saved: saved.read_text().replace('"steps": 3', '"steps": 3, "steps": 4'),
+        ["key 'steps' appears twice"],
+    ),
+    (
+        "long-string-norm",
+        lambda saved: _with(saved, lambda d: d["results"][0].update(norm_ratio="x" * 100_000)),
+        ["results[0].norm_ratio", "should be a number"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("make", "words"), [h[1:] for h in HOSTILE], ids=[h[0] for h in HOSTILE])
+def test_hostile_baselines_are_input_errors_naming_the_file(saved, tmp_path, make, words):
+    message = _load_error(tmp_path, make(saved))
+    assert "\n" not in message and len(message) < len(str(tmp_path)) + 300, message[:500]
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_a_file_larger_than_any_baseline_is_refused_unread(saved, tmp_path, monkeypatch):
+    from sfdiag import baseline as module
+
+    monkeypatch.setattr(module, "MAX_BASELINE_BYTES", 100)
+    assert "larger than 100 bytes" in _load_error(tmp_path, saved.read_text())
+
+
 # -- compare -------------------------------------------------------------------------
 
 

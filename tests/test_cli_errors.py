@@ -24,6 +24,9 @@ from sfdiag.cli import app
 
 OK = "optimizers: [adamw]\nsteps: 1\n"
 REPORT = json.dumps({"schema_version": 1, "results": [], "config": {}})
+_ROW = {"optimizer": "a", "class": "c", "verdict": "clean", "fingerprint": None, "error": None}
+_ROW |= {"pre_step_grad_norm": 1, "post_step_grad_norm": 1, "norm_ratio": 10**400}
+HUGE_NORM = json.dumps({"sfdiag_baseline": 1, "config": {}, "results": [_ROW]})
 
 # (id, files to create, CLI arguments, substrings the one error line must contain)
 FAST = [
@@ -309,6 +312,18 @@ FAST = [
         ["base.json", "'config'"],
     ),
     (
+        "check-baseline-nested",
+        {"c.yaml": OK, "base.json": "[" * 100_000 + "]" * 100_000},
+        ["check", "c.yaml", "--baseline", "base.json"],
+        ["base.json", "nested too deeply"],
+    ),
+    (
+        "check-baseline-400-digits",
+        {"c.yaml": OK, "base.json": HUGE_NORM},
+        ["check", "c.yaml", "--baseline", "base.json"],
+        ["base.json", "results[0].norm_ratio", "too large"],
+    ),
+    (
         "check-rtol-negative",
         {"c.yaml": OK, "base.json": "{}"},
         ["check", "c.yaml", "--baseline", "base.json", "--rtol", "-1"],
@@ -446,6 +461,8 @@ SUBPROCESS = [
     "output-exists",
     "baseline-exists",
     "check-baseline-corrupt",
+    "check-baseline-nested",
+    "check-baseline-400-digits",
     "check-rtol-negative",
     "optimizer-kwarg",
     "missing-module",
