@@ -53,11 +53,13 @@ def with_device(config: Config, device: str | None) -> Config:
 
 
 def check_format(fmt: str) -> str:
+    """Formats are lower case, as every other option value; ``JSON`` gets a did-you-mean."""
     if fmt not in OUTPUT_FORMATS:
+        from sfdiag.errors import shown
         from sfdiag.registry import did_you_mean
 
         raise SfdiagError(
-            f"--format: unknown format {fmt!r}{did_you_mean(fmt, OUTPUT_FORMATS)}; "
+            f"--format: unknown format {shown(fmt)}{did_you_mean(fmt, OUTPUT_FORMATS)}; "
             f"choose from {', '.join(OUTPUT_FORMATS)}"
         )
     return fmt

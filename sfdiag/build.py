@@ -49,19 +49,52 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _check_kwargs(target: Callable[..., Any], kwargs: dict[str, Any], where: str) -> None:
-    """Unknown keyword arguments are config errors, named, before anything runs."""
+# What sfdiag passes a data factory by name, and the config key that sets it.
+_DATA_ARGUMENTS = {
+    "batch_size": "data.batch_size",
+    "steps": "steps",
+    "seed": "seed",
+    "loss": "loss",
+}
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _check_kwargs(
+    target: Callable[..., Any],
+    kwargs: dict[str, Any],
+    where: str,
+    *,
+    supplied: dict[str, str] | None = None,
+    positional: int = 0,
+) -> None:
+    """Unknown keyword arguments are config errors, named, before anything runs.
+
+    sfdiag itself passes the ``supplied`` arguments (name -> the config key that sets them)
+    and the first ``positional`` parameters (the data factory's model): naming one of those
+    in kwargs is an error too, and they are not offered as alternatives.
+    """
+    supplied = supplied or {}
+    for key in kwargs:
+        if key in supplied:
+            raise SfdiagError(
+                f"{where}: {shown(key)} is passed by sfdiag; set it with `{supplied[key]}:`"
+            )
     try:
         signature = inspect.signature(target)
     except (TypeError, ValueError):
         return  # builtins without a signature: let the call itself complain
     parameters = signature.parameters.values()
+    leading = [p.name for p in parameters if p.kind in _POSITIONAL][:positional]
+    for key in kwargs:
+        if key in leading:
+            raise SfdiagError(f"{where}: {shown(key)} is passed by sfdiag")
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return
     accepted = [p.name for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL]
     for key in kwargs:
         if key not in accepted:
-            options = [a for a in accepted if a not in ("self", "params")]
+            passed = ("self", "params", *supplied, *leading)
+            options = [a for a in accepted if a not in passed]
             raise SfdiagError(
                 f"{where}: unknown argument {shown(key)}{registry.did_you_mean(key, options)}; "
                 f"accepted: {', '.join(options) or 'none'}"
@@ -158,6 +191,11 @@ def build(config: Config) -> BuiltProbe:
         raise SfdiagError(f"loss: {shown(loss_name)} is not callable")
 
     data_fn = registry.load("data", config.data.name, "data.name")
+    if not callable(data_fn):
+        raise SfdiagError(f"data.name: {shown(config.data.name)} is not callable")
+    _check_kwargs(
+        data_fn, config.data.kwargs, "data.kwargs", supplied=_DATA_ARGUMENTS, positional=1
+    )
     batches = _call(
         f"data {shown(config.data.name)}",
         data_fn,

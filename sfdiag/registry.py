@@ -91,11 +91,15 @@ def is_import_path(name: str) -> bool:
 
 
 def did_you_mean(name: str, choices: list[str] | tuple[str, ...]) -> str:
-    """A " (did you mean 'x'?)" suffix, or "" when nothing is close."""
+    """A " (did you mean 'x'?)" suffix, or "" when nothing is close; case does not count
+    (``JSON`` -> 'json', ``AdamW`` -> 'adamw')."""
     if len(name) > 100:  # nothing is close to it, and difflib would take its time to say so
         return ""
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    by_folded: dict[str, str] = {}
+    for choice in choices:
+        by_folded.setdefault(choice.casefold(), choice)
+    close = difflib.get_close_matches(name.casefold(), list(by_folded), n=1, cutoff=0.5)
+    return f" (did you mean {by_folded[close[0]]!r}?)" if close else ""
 
 
 def check_name(kind: str, name: str, where: str) -> None:

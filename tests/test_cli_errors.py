@@ -234,6 +234,12 @@ FAST = [
     ),
     ("format", {"c.yaml": OK}, ["probe", "c.yaml", "--format", "bogus"], ["--format", "'bogus'"]),
     (
+        "format-upper-case",
+        {"c.yaml": OK},
+        ["probe", "c.yaml", "--format", "JSON"],
+        ["--format", "'JSON' (did you mean 'json'?)"],
+    ),
+    (
         "format-check",
         {"c.yaml": OK, "b.json": "{}"},
         ["check", "c.yaml", "--baseline", "b.json", "--format", "yaml"],
@@ -425,6 +431,24 @@ TORCH = [
         ["data.kwargs", "'shape'"],
     ),
     (
+        "data-kwarg-typo",
+        {"c.yaml": OK + "data: {kwargs: {input_shap: [64]}}\n"},
+        ["probe", "c.yaml", *JSON_OUT],
+        ["data.kwargs: unknown argument 'input_shap' (did you mean 'input_shape'?)"],
+    ),
+    (
+        "data-kwarg-passed-by-sfdiag",
+        {"c.yaml": OK + "data: {kwargs: {batch_size: 8}}\n"},
+        ["probe", "c.yaml", *JSON_OUT],
+        ["data.kwargs: 'batch_size' is passed by sfdiag", "data.batch_size"],
+    ),
+    (
+        "data-kwarg-bad-shape",
+        {"c.yaml": OK + "data: {kwargs: {input_shape: [0]}}\n"},
+        ["probe", "c.yaml", *JSON_OUT],
+        ["data.kwargs.input_shape", "[0]"],
+    ),
+    (
         "model-kwarg",
         _model("mlp", "hiden: 3"),
         ["probe", "c.yaml", *JSON_OUT],
@@ -457,6 +481,7 @@ SUBPROCESS = [
     "optimizers-empty-option",
     "optimizers-unknown-option",
     "format",
+    "format-upper-case",
     "output-missing-dir",
     "output-exists",
     "baseline-exists",
@@ -468,6 +493,7 @@ SUBPROCESS = [
     "missing-module",
     "optimizer-is-module",
     "model-is-base-module",
+    "data-kwarg-typo",
 ]
 
 

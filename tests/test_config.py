@@ -67,6 +67,8 @@ BAD = [
     ("seed-negative", "optimizers: [adamw]\nseed: -1\n", ["seed", "-1"]),
     ("seed-huge", "optimizers: [adamw]\nseed: 99999999999999\n", ["seed", "99999999999999"]),
     ("device", "optimizers: [adamw]\ndevice: gpu\n", ["device", "'gpu'", "cuda"]),
+    ("device-case", "optimizers: [adamw]\ndevice: CPU\n", ["'CPU'", "(did you mean 'cpu'?)"]),
+    ("optimizer-case", "optimizers: [AdamW]\n", ["'AdamW' (did you mean 'adamw'?)"]),
     ("dtype", "optimizers: [adamw]\ndtype: float16\n", ["dtype", "'float16'", "bfloat16"]),
     ("schema-version", "schema_version: 2\noptimizers: [adamw]\n", ["schema_version", "2"]),
     ("schema-version-bool", "schema_version: true\noptimizers: [adamw]\n", ["schema_version"]),

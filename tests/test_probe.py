@@ -12,6 +12,7 @@ import math
 import pytest
 
 from sfdiag.config import load_config, parse_config
+from sfdiag.errors import SfdiagError
 from sfdiag.probe import ProbeOptions, run_probe
 
 
@@ -109,6 +110,14 @@ def test_a_learning_rate_written_1e_minus_3_probes_as_0_001(tmp_path):
     [result] = report.results
     assert (result.verdict, result.error) == ("clean", None)
     assert report.config["optimizers"][0]["kwargs"]["lr"] == 0.001
+
+
+def test_data_input_shape_overrides_the_inferred_shape():
+    shaped = {"name": "gaussian", "kwargs": {"input_shape": [64]}}
+    assert probe(["adamw"], steps=1, data=shaped)["adamw"].verdict == "clean"
+    wrong = {"name": "gaussian", "kwargs": {"input_shape": [65]}}  # the mlp takes 64 features
+    with pytest.raises(SfdiagError, match=r"shape \(32, 65\)"):
+        probe(["adamw"], steps=1, data=wrong)
 
 
 def test_failing_optimizers_are_error_rows_and_the_rest_still_runs():
