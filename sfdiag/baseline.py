@@ -3,12 +3,13 @@
 A baseline file is deterministic JSON (no timestamps, no timings), so re-creating it
 from the same run gives the same bytes and a diff in review shows what really moved::
 
-    {"sfdiag_baseline": 1, "sfdiag_version": ..., "torch_version": ...,
+    {"sfdiag_baseline": 1, "sfdiag_version": ..., "torch_version": ..., "device": "cpu",
      "config": {...}, "results": [{"optimizer": ..., "class": ..., "verdict": ...,
      "fingerprint": ..., "error": ..., "pre_step_grad_norm": ..., "post_step_grad_norm": ...,
      "norm_ratio": ..., "pre_step_grad_norms": [...], "post_step_grad_norms": [...]}]}
 
 Non-finite norms are written as the strings "nan", "inf", "-inf" (as in the JSON report).
+``device`` is where the probe ran (``device: auto`` resolved); older files lack it.
 ``compare`` is pure: a baseline and a report in, a ``CheckResult`` out (that record and
 its ``Difference`` rows live with the other records in ``sfdiag.results``; importing them
 from here still works).
@@ -93,6 +94,7 @@ class Baseline:
     sfdiag_version: str
     torch_version: str
     path: str | None = None  # where it was loaded from, for messages
+    device: str | None = None  # where the probe ran: "cpu", "cuda"; None: not recorded
 
     @classmethod
     def from_report(cls, report: ProbeReport) -> Baseline:
@@ -101,16 +103,28 @@ class Baseline:
             results=tuple(BaselineResult.from_result(r) for r in report.results),
             sfdiag_version=str(report.sfdiag_version),
             torch_version=str(report.torch_version),
+            device=report.device,
         )
 
+    @property
+    def ran_on(self) -> str | None:
+        """The device the probe ran on; a config that named one (not auto) says it too."""
+        if self.device is not None:
+            return self.device
+        named = self.config.get("device")
+        return named if named in ("cpu", "cuda") else None
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "sfdiag_baseline": BASELINE_FORMAT,
             "sfdiag_version": self.sfdiag_version,
             "torch_version": self.torch_version,
-            "config": self.config,
-            "results": [r.to_dict() for r in self.results],
         }
+        if self.device is not None:
+            out["device"] = self.device
+        out["config"] = self.config
+        out["results"] = [r.to_dict() for r in self.results]
+        return out
 
 
 # -- save / load ---------------------------------------------------------------------
@@ -322,6 +336,7 @@ def _parse(data: Any, where: str) -> Baseline:
         sfdiag_version=read.text(data, "sfdiag_version"),
         torch_version=read.text(data, "torch_version"),
         path=where,
+        device=read.text(data, "device", optional=True) if "device" in data else None,
     )
 
 
@@ -397,8 +412,18 @@ def _leaf_diffs(old: Any, new: Any, path: str) -> Iterator[tuple[str, Any, Any]]
 
 
 def _config_diffs(baseline: Baseline, current: Baseline) -> Iterator[Difference]:
+    ran_on = baseline.ran_on if baseline.ran_on == current.ran_on else None
     for path, a, b in _leaf_diffs(baseline.config, current.config, ""):
-        yield Difference(None, f"config: {path}", a, b, None, True, "config")
+        if path == "device" and ran_on is not None:  # `auto` that resolved to the same device
+            yield Difference(
+                None, f"config: device (both ran on {ran_on})", a, b, None, False, "config"
+            )
+        else:
+            yield Difference(None, f"config: {path}", a, b, None, True, "config")
+    if baseline.config.get("device") == current.config.get("device"):
+        before, now = baseline.ran_on, current.ran_on
+        if before is not None and now is not None and before != now:  # `auto` moved
+            yield Difference(None, "device it ran on", before, now, None, False, "device")
     for what, a, b in (
         ("sfdiag version", baseline.sfdiag_version, current.sfdiag_version),
         ("torch version", baseline.torch_version, current.torch_version),

@@ -299,6 +299,8 @@ class ProbeReport:
     distributed: DistributedInfo | None = None
     # ``sfdiag run`` only: schedule-free mode findings
     findings: tuple[Finding, ...] | None = None
+    # where a probe ran, ``device: auto`` resolved ("cpu", "cuda"); None where unknown
+    device: str | None = None
 
     @property
     def any_flagged(self) -> bool:

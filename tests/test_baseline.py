@@ -436,6 +436,50 @@ def test_config_mismatch_names_the_leaf_that_moved(report, saved):
     assert (diff.baseline_value, diff.current_value) == (None, {"weight_decay": 0.02})
 
 
+def _on(report, config_device, ran_on):
+    return dataclasses.replace(
+        report, config={**report.config, "device": config_device}, device=ran_on
+    )
+
+
+def _saved_on(report, tmp_path, config_device, ran_on, name="b.json"):
+    path = tmp_path / name
+    save_baseline(_on(report, config_device, ran_on), path)
+    return load_baseline(path)
+
+
+def test_the_device_it_ran_on_is_recorded(report, tmp_path):
+    loaded = _saved_on(report, tmp_path, "auto", "cpu")
+    assert loaded.device == "cpu" and loaded.ran_on == "cpu"
+    assert json.loads((tmp_path / "b.json").read_text())["device"] == "cpu"
+    unknown = _saved_on(report, tmp_path, "auto", None, "old.json")  # as older files are
+    assert "device" not in json.loads((tmp_path / "old.json").read_text())
+    assert unknown.device is None and unknown.ran_on is None
+
+
+@pytest.mark.parametrize("recorded", ["cpu", None], ids=["recorded", "older-file"])
+def test_device_auto_on_the_baselines_device_is_no_regression(report, tmp_path, recorded):
+    baseline = _saved_on(report, tmp_path, "cpu", recorded)
+    check = compare(baseline, _on(report, "auto", "cpu"))
+    assert not check.regressed
+    [diff] = check.differences
+    assert (diff.kind, diff.baseline_value, diff.current_value) == ("config", "cpu", "auto")
+    assert "both ran on cpu" in diff.what
+
+
+def test_device_auto_on_another_device_is_a_regression(report, tmp_path):
+    check = compare(_saved_on(report, tmp_path, "cpu", "cpu"), _on(report, "auto", "cuda"))
+    assert _kinds(check) == [(None, "config")]
+    assert check.regressions[0].what == "config: device"
+
+
+def test_device_auto_that_moved_is_a_note(report, tmp_path):
+    check = compare(_saved_on(report, tmp_path, "auto", "cuda"), _on(report, "auto", "cpu"))
+    assert not check.regressed
+    [diff] = check.differences
+    assert (diff.kind, diff.baseline_value, diff.current_value) == ("device", "cuda", "cpu")
+
+
 def test_config_with_tuples_and_non_finite_floats_round_trips(report, tmp_path):
     odd = dataclasses.replace(report, config={**report.config, "betas": (0.9, 0.99), "x": math.inf})
     path = tmp_path / "b.json"

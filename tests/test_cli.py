@@ -129,6 +129,21 @@ def test_baseline_then_check_then_regressions(tmp_path):
     assert table.returncode == 1 and "sf-sgd-ref" in table.stdout
 
 
+def test_check_with_device_auto_against_a_cpu_baseline(tmp_path):
+    import torch
+
+    (tmp_path / "c.yaml").write_text("steps: 2\noptimizers: [adamw, sf-adamw]\n")
+    made = run_cli("baseline", "c.yaml", "--device", "cpu", "-o", "b.json", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    auto = run_cli(
+        "check", "c.yaml", "-b", "b.json", "--device", "auto", "--format", "json", cwd=tmp_path
+    )
+    # auto is the CPU here, unless this machine has CUDA: only then is it another run
+    assert auto.returncode == (1 if torch.cuda.is_available() else 0), auto.stdout + auto.stderr
+    [diff] = [d for d in json.loads(auto.stdout)["differences"] if d["kind"] == "config"]
+    assert (diff["baseline"], diff["current"]) == ("cpu", "auto")
+
+
 CONSOLE_SCRIPT = Path(sys.executable).with_name("sfdiag")
 MY_PIECES = """\
 import torch
