@@ -22,9 +22,9 @@ from sfdiag.config import (
 from sfdiag.errors import SfdiagError
 
 if TYPE_CHECKING:
-    from sfdiag.baseline import Baseline, CheckResult
+    from sfdiag.baseline import Baseline
     from sfdiag.probe import Progress
-    from sfdiag.results import ProbeReport
+    from sfdiag.results import CheckResult, ProbeReport
 
 OUTPUT_FORMATS = ("table", "json", "csv", "markdown", "junit")
 
@@ -53,11 +53,13 @@ def with_device(config: Config, device: str | None) -> Config:
 
 
 def check_format(fmt: str) -> str:
+    """Formats are lower case, as every other option value; ``JSON`` gets a did-you-mean."""
     if fmt not in OUTPUT_FORMATS:
+        from sfdiag.errors import shown
         from sfdiag.registry import did_you_mean
 
         raise SfdiagError(
-            f"--format: unknown format {fmt!r}{did_you_mean(fmt, OUTPUT_FORMATS)}; "
+            f"--format: unknown format {shown(fmt)}{did_you_mean(fmt, OUTPUT_FORMATS)}; "
             f"choose from {', '.join(OUTPUT_FORMATS)}"
         )
     return fmt

@@ -3,13 +3,16 @@
 A baseline file is deterministic JSON (no timestamps, no timings), so re-creating it
 from the same run gives the same bytes and a diff in review shows what really moved::
 
-    {"sfdiag_baseline": 1, "sfdiag_version": ..., "torch_version": ...,
+    {"sfdiag_baseline": 1, "sfdiag_version": ..., "torch_version": ..., "device": "cpu",
      "config": {...}, "results": [{"optimizer": ..., "class": ..., "verdict": ...,
      "fingerprint": ..., "error": ..., "pre_step_grad_norm": ..., "post_step_grad_norm": ...,
      "norm_ratio": ..., "pre_step_grad_norms": [...], "post_step_grad_norms": [...]}]}
 
 Non-finite norms are written as the strings "nan", "inf", "-inf" (as in the JSON report).
-``compare`` is pure: a baseline and a report in, a ``CheckResult`` out.
+``device`` is where the probe ran (``device: auto`` resolved); older files lack it.
+``compare`` is pure: a baseline and a report in, a ``CheckResult`` out (that record and
+its ``Difference`` rows live with the other records in ``sfdiag.results``; importing them
+from here still works).
 """
 
 from __future__ import annotations
@@ -18,21 +21,23 @@ import json
 import math
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sfdiag.errors import SfdiagError
+from sfdiag.errors import SfdiagError, shown
 from sfdiag.fileio import write_atomic
+from sfdiag.results import CHECK_ATOL, CHECK_RTOL, CheckResult, Difference, json_safe
 
 if TYPE_CHECKING:  # pragma: no cover
     from sfdiag.report import RenderOptions
     from sfdiag.results import OptimizerResult, ProbeReport
 
 BASELINE_FORMAT = 1  # the "sfdiag_baseline" value this sfdiag writes and reads
-CHECK_SCHEMA_VERSION = 1
-DEFAULT_RTOL = 1e-4
-DEFAULT_ATOL = 1e-12
+MAX_BASELINE_BYTES = 256 << 20  # some 50 optimizers of 100,000 steps
+_MAX_DEPTH = 64  # a config's kwargs nest 32 levels at most, and the rest of a baseline 4
+DEFAULT_RTOL = CHECK_RTOL
+DEFAULT_ATOL = CHECK_ATOL
 
 # -- records -------------------------------------------------------------------------
 
@@ -74,11 +79,11 @@ class BaselineResult:
             "verdict": self.verdict,
             "fingerprint": self.fingerprint,
             "error": self.error,
-            "pre_step_grad_norm": _plain(self.pre_step_grad_norm),
-            "post_step_grad_norm": _plain(self.post_step_grad_norm),
-            "norm_ratio": _plain(self.norm_ratio),
-            "pre_step_grad_norms": [_plain(v) for v in self.pre_step_grad_norms],
-            "post_step_grad_norms": [_plain(v) for v in self.post_step_grad_norms],
+            "pre_step_grad_norm": json_safe(self.pre_step_grad_norm),
+            "post_step_grad_norm": json_safe(self.post_step_grad_norm),
+            "norm_ratio": json_safe(self.norm_ratio),
+            "pre_step_grad_norms": [json_safe(v) for v in self.pre_step_grad_norms],
+            "post_step_grad_norms": [json_safe(v) for v in self.post_step_grad_norms],
         }
 
 
@@ -89,79 +94,37 @@ class Baseline:
     sfdiag_version: str
     torch_version: str
     path: str | None = None  # where it was loaded from, for messages
+    device: str | None = None  # where the probe ran: "cpu", "cuda"; None: not recorded
 
     @classmethod
     def from_report(cls, report: ProbeReport) -> Baseline:
         return cls(
-            config=_plain(report.config),
+            config=json_safe(report.config),
             results=tuple(BaselineResult.from_result(r) for r in report.results),
             sfdiag_version=str(report.sfdiag_version),
             torch_version=str(report.torch_version),
+            device=report.device,
         )
 
+    @property
+    def ran_on(self) -> str | None:
+        """The device the probe ran on; a config that named one (not auto) says it too."""
+        if self.device is not None:
+            return self.device
+        named = self.config.get("device")
+        return named if named in ("cpu", "cuda") else None
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "sfdiag_baseline": BASELINE_FORMAT,
             "sfdiag_version": self.sfdiag_version,
             "torch_version": self.torch_version,
-            "config": self.config,
-            "results": [r.to_dict() for r in self.results],
         }
-
-
-@dataclass(frozen=True)
-class Difference:
-    """One thing that moved between the baseline and this run."""
-
-    optimizer: str | None  # None: the whole run (config, versions)
-    what: str  # human words: "verdict", "post-step grad norm (worst: step 3)", "config: steps"
-    baseline_value: Any
-    current_value: Any
-    allowed: float | None  # relative tolerance for norms; None = must match exactly
-    regression: bool
-    kind: str = ""  # machine words: config, version, added, missing, class, verdict, ...
-    change: float | None = None  # signed relative change of a norm, (now - then) / |then|
-    step: int | None = None  # the (worst) step of a norm difference
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "optimizer": self.optimizer,
-            "kind": self.kind,
-            "what": self.what,
-            "step": self.step,
-            "baseline": _plain(self.baseline_value),
-            "current": _plain(self.current_value),
-            "change": _plain(self.change),
-            "allowed": _plain(self.allowed),
-            "regression": self.regression,
-        }
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    differences: list[Difference] = field(default_factory=list)
-    optimizers: tuple[str, ...] = ()  # every label in the baseline or this run, in order
-    baseline_path: str | None = None
-    rtol: float = DEFAULT_RTOL
-    atol: float = DEFAULT_ATOL
-
-    @property
-    def regressions(self) -> list[Difference]:
-        return [d for d in self.differences if d.regression]
-
-    @property
-    def regressed(self) -> bool:
-        return any(d.regression for d in self.differences)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema_version": CHECK_SCHEMA_VERSION,
-            "regressed": self.regressed,
-            "baseline": self.baseline_path,
-            "rtol": self.rtol,
-            "atol": self.atol,
-            "differences": [d.to_dict() for d in self.differences],
-        }
+        if self.device is not None:
+            out["device"] = self.device
+        out["config"] = self.config
+        out["results"] = [r.to_dict() for r in self.results]
+        return out
 
 
 # -- save / load ---------------------------------------------------------------------
@@ -185,10 +148,12 @@ def save_baseline(
 
 
 def load_baseline(path: str | os.PathLike[str]) -> Baseline:
-    """Read and validate a baseline file; every problem is an SfdiagError naming the path."""
+    """Read and validate a baseline file; every problem is an SfdiagError naming the path
+    and what is wrong with it (a corrupt file is the user's input, never a crash)."""
     where = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as file:
+            raw = file.read(MAX_BASELINE_BYTES + 1)
     except FileNotFoundError:
         raise SfdiagError(
             f"baseline file {where} does not exist "
@@ -196,18 +161,76 @@ def load_baseline(path: str | os.PathLike[str]) -> Baseline:
         ) from None
     except IsADirectoryError:
         raise SfdiagError(f"baseline file {where} is a directory") from None
-    except UnicodeDecodeError:
-        raise SfdiagError(f"baseline file {where} is not a text (UTF-8 JSON) file") from None
     except OSError as exc:
         raise SfdiagError(f"cannot read baseline file {where}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_BASELINE_BYTES:
+        raise SfdiagError(
+            f"baseline file {where} is larger than {MAX_BASELINE_BYTES} bytes; not a baseline"
+        )
     try:
-        data = json.loads(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SfdiagError(f"baseline file {where} is not a text (UTF-8 JSON) file") from None
+    try:
+        data = json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
     except json.JSONDecodeError as exc:
         raise SfdiagError(
             f"baseline file {where} is not valid JSON (line {exc.lineno}, column {exc.colno}: "
             f"{exc.msg})"
         ) from None
+    except _DuplicateKey as exc:
+        raise _fail(where, f"key {shown(exc.args[0])} appears twice in one object") from None
+    except RecursionError:
+        raise _fail(where, "JSON nested too deeply; not a baseline") from None
+    except ValueError:  # Python reads no integer of more than 4300 digits
+        raise _fail(where, "holds an integer too long to read; not a baseline") from None
+    _check_values(data, where)
     return _parse(data, where)
+
+
+class _DuplicateKey(Exception):
+    """A JSON object names one key twice (json keeps the last, silently)."""
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _check_values(data: Any, where: str) -> None:
+    """What JSON can hold but no baseline does: deep nesting (the comparison recurses),
+    numbers beyond a float, text that is not Unicode (a lone surrogate cannot be printed)."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        field = shown(path or "(top level)", 120)
+        if depth > _MAX_DEPTH:
+            raise _fail(where, f"nested more than {_MAX_DEPTH} levels deep (at {field})")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key, where, f"a key in {field}")
+                stack.append((item, f"{path}.{key}" if path else key, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, where, f"field {field}")
+        elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 1024:
+            raise _fail(where, f"field {field} holds a number too large: {shown(value)}")
+
+
+def _check_text(text: str, where: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _fail(where, f"{what} is not valid Unicode text (a lone surrogate)") from None
+
+
+def _fail(where: str, problem: str) -> SfdiagError:
+    return SfdiagError(f"baseline file {where}: {problem}")
 
 
 class _Reader:
@@ -217,7 +240,7 @@ class _Reader:
         self.where = where
 
     def fail(self, problem: str) -> SfdiagError:
-        return SfdiagError(f"baseline file {self.where}: {problem}")
+        return _fail(self.where, problem)
 
     def get(self, obj: dict[str, Any], key: str, ctx: str) -> Any:
         if key not in obj:
@@ -236,8 +259,11 @@ class _Reader:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise self.fail(f"field {name!r} should be a number, not {_type(value)}")
         if isinstance(value, str) and value not in ("nan", "inf", "-inf"):
-            raise self.fail(f"field {name!r} should be a number, not {value!r}")
-        return float(value)
+            raise self.fail(f"field {name!r} should be a number, not {shown(value)}")
+        try:
+            return float(value)
+        except OverflowError:
+            raise self.fail(f"field {name!r} is a number too large: {shown(value)}") from None
 
     def numbers(self, obj: dict[str, Any], key: str, ctx: str) -> tuple[float, ...]:
         value = self.get(obj, key, ctx)
@@ -262,14 +288,14 @@ def _parse(data: Any, where: str) -> Baseline:
         raise read.fail(f"not an sfdiag baseline file (no 'sfdiag_baseline' key){hint}")
     version = data["sfdiag_baseline"]
     if isinstance(version, bool) or not isinstance(version, int):
-        raise read.fail(f"unknown baseline format {version!r}")
+        raise read.fail(f"unknown baseline format {shown(version)}")
     if version > BASELINE_FORMAT:
         raise read.fail(
-            f"baseline format {version} is newer than this sfdiag reads "
+            f"baseline format {shown(version)} is newer than this sfdiag reads "
             f"(format {BASELINE_FORMAT}): upgrade sfdiag, or re-create the baseline"
         )
     if version < 1:
-        raise read.fail(f"unknown baseline format {version!r}")
+        raise read.fail(f"unknown baseline format {shown(version)}")
     config = read.get(data, "config", "")
     if not isinstance(config, dict):
         raise read.fail(f"field 'config' should be an object, not {_type(config)}")
@@ -301,7 +327,7 @@ def _parse(data: Any, where: str) -> Baseline:
         if len(result.pre_step_grad_norms) != len(result.post_step_grad_norms):
             raise read.fail(f"{ctx}pre_step_grad_norms and post_step_grad_norms differ in length")
         if result.optimizer in seen:
-            raise read.fail(f"optimizer {result.optimizer!r} appears twice")
+            raise read.fail(f"optimizer {shown(result.optimizer)} appears twice")
         seen.add(result.optimizer)
         results.append(result)
     return Baseline(
@@ -310,6 +336,7 @@ def _parse(data: Any, where: str) -> Baseline:
         sfdiag_version=read.text(data, "sfdiag_version"),
         torch_version=read.text(data, "torch_version"),
         path=where,
+        device=read.text(data, "device", optional=True) if "device" in data else None,
     )
 
 
@@ -385,8 +412,18 @@ def _leaf_diffs(old: Any, new: Any, path: str) -> Iterator[tuple[str, Any, Any]]
 
 
 def _config_diffs(baseline: Baseline, current: Baseline) -> Iterator[Difference]:
+    ran_on = baseline.ran_on if baseline.ran_on == current.ran_on else None
     for path, a, b in _leaf_diffs(baseline.config, current.config, ""):
-        yield Difference(None, f"config: {path}", a, b, None, True, "config")
+        if path == "device" and ran_on is not None:  # `auto` that resolved to the same device
+            yield Difference(
+                None, f"config: device (both ran on {ran_on})", a, b, None, False, "config"
+            )
+        else:
+            yield Difference(None, f"config: {path}", a, b, None, True, "config")
+    if baseline.config.get("device") == current.config.get("device"):
+        before, now = baseline.ran_on, current.ran_on
+        if before is not None and now is not None and before != now:  # `auto` moved
+            yield Difference(None, "device it ran on", before, now, None, False, "device")
     for what, a, b in (
         ("sfdiag version", baseline.sfdiag_version, current.sfdiag_version),
         ("torch version", baseline.torch_version, current.torch_version),
@@ -483,20 +520,3 @@ def render_check(check: CheckResult, fmt: str, options: RenderOptions | None = N
     from sfdiag import report as formats
 
     return formats.render_check(check, fmt, options or formats.RenderOptions())
-
-
-# -- helpers -------------------------------------------------------------------------
-
-
-def _plain(value: Any) -> Any:
-    """A JSON-safe copy, as it reads back from a baseline file (tuples -> lists,
-    non-finite floats -> "nan"/"inf"/"-inf" as in the JSON report, other objects -> str)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)

@@ -18,7 +18,7 @@ from torch import nn
 from sfdiag import data as data_module
 from sfdiag import losses, registry
 from sfdiag.config import Config, OptimizerSpec
-from sfdiag.errors import SfdiagError
+from sfdiag.errors import SfdiagError, shown
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -49,21 +49,54 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _check_kwargs(target: Callable[..., Any], kwargs: dict[str, Any], where: str) -> None:
-    """Unknown keyword arguments are config errors, named, before anything runs."""
+# What sfdiag passes a data factory by name, and the config key that sets it.
+_DATA_ARGUMENTS = {
+    "batch_size": "data.batch_size",
+    "steps": "steps",
+    "seed": "seed",
+    "loss": "loss",
+}
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _check_kwargs(
+    target: Callable[..., Any],
+    kwargs: dict[str, Any],
+    where: str,
+    *,
+    supplied: dict[str, str] | None = None,
+    positional: int = 0,
+) -> None:
+    """Unknown keyword arguments are config errors, named, before anything runs.
+
+    sfdiag itself passes the ``supplied`` arguments (name -> the config key that sets them)
+    and the first ``positional`` parameters (the data factory's model): naming one of those
+    in kwargs is an error too, and they are not offered as alternatives.
+    """
+    supplied = supplied or {}
+    for key in kwargs:
+        if key in supplied:
+            raise SfdiagError(
+                f"{where}: {shown(key)} is passed by sfdiag; set it with `{supplied[key]}:`"
+            )
     try:
         signature = inspect.signature(target)
     except (TypeError, ValueError):
         return  # builtins without a signature: let the call itself complain
     parameters = signature.parameters.values()
+    leading = [p.name for p in parameters if p.kind in _POSITIONAL][:positional]
+    for key in kwargs:
+        if key in leading:
+            raise SfdiagError(f"{where}: {shown(key)} is passed by sfdiag")
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return
     accepted = [p.name for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL]
     for key in kwargs:
         if key not in accepted:
-            options = [a for a in accepted if a not in ("self", "params")]
+            passed = ("self", "params", *supplied, *leading)
+            options = [a for a in accepted if a not in passed]
             raise SfdiagError(
-                f"{where}: unknown argument {key!r}{registry.did_you_mean(key, options)}; "
+                f"{where}: unknown argument {shown(key)}{registry.did_you_mean(key, options)}; "
                 f"accepted: {', '.join(options) or 'none'}"
             )
 
@@ -89,16 +122,16 @@ def resolve_optimizer(spec: OptimizerSpec, index: int) -> BuiltOptimizer:
     where = f"optimizers[{index}] ({spec.name})"
     factory = registry.load("optimizer", spec.cls, f"{where}.class")
     if not callable(factory):
-        raise SfdiagError(f"{where}.class: {spec.cls!r} is not an optimizer class or factory")
+        raise SfdiagError(f"{where}.class: {shown(spec.cls)} is not an optimizer class or factory")
     if inspect.isclass(factory) and not issubclass(factory, torch.optim.Optimizer):
         if not hasattr(factory, "step"):
             raise SfdiagError(
-                f"{where}.class: {spec.cls!r} is not an optimizer class (no step() method)"
+                f"{where}.class: {shown(spec.cls)} is not an optimizer class (no step() method)"
             )
     _check_kwargs(factory, spec.kwargs, f"{where}.kwargs")
     if not _takes_params(factory):
         raise SfdiagError(
-            f"{where}.class: {spec.cls!r} is not an optimizer class or factory "
+            f"{where}.class: {shown(spec.cls)} is not an optimizer class or factory "
             "(it cannot be called with the model's parameters)"
         )
     return BuiltOptimizer(spec, factory, _class_name(spec.cls))
@@ -108,7 +141,7 @@ def _model_factory(config: Config, dtype: torch.dtype) -> Callable[[], nn.Module
     where = "model.name"
     factory = registry.load("model", config.model.name, where)
     if not callable(factory):
-        raise SfdiagError(f"{where}: {config.model.name!r} is not callable")
+        raise SfdiagError(f"{where}: {shown(config.model.name)} is not callable")
     _check_kwargs(factory, config.model.kwargs, "model.kwargs")
 
     def build() -> nn.Module:
@@ -116,12 +149,12 @@ def _model_factory(config: Config, dtype: torch.dtype) -> Callable[[], nn.Module
         model = factory(**config.model.kwargs)
         if not isinstance(model, nn.Module):
             raise SfdiagError(
-                f"{where}: {config.model.name!r} returned {type(model).__name__}, "
+                f"{where}: {shown(config.model.name)} returned {type(model).__name__}, "
                 "not a torch.nn.Module"
             )
         if next(model.parameters(), None) is None:
             raise SfdiagError(
-                f"{where}: {config.model.name!r} built a {type(model).__name__} without "
+                f"{where}: {shown(config.model.name)} built a {type(model).__name__} without "
                 "parameters: there is nothing to optimize"
             )
         return model.to(dtype=dtype)
@@ -144,7 +177,7 @@ def build(config: Config) -> BuiltProbe:
     dtype = DTYPES[config.dtype]
     optimizers = tuple(resolve_optimizer(spec, i) for i, spec in enumerate(config.optimizers))
     model_factory = _model_factory(config, dtype)
-    model = _call(f"model {config.model.name!r}", model_factory)
+    model = _call(f"model {shown(config.model.name)}", model_factory)
 
     loss_name = config.loss
     if loss_name == "auto":
@@ -155,11 +188,16 @@ def build(config: Config) -> BuiltProbe:
         loss_name = losses.auto(model, data_module.output_shape(model, sample))
     loss_fn = registry.load("loss", loss_name, "loss")
     if not callable(loss_fn):
-        raise SfdiagError(f"loss: {loss_name!r} is not callable")
+        raise SfdiagError(f"loss: {shown(loss_name)} is not callable")
 
     data_fn = registry.load("data", config.data.name, "data.name")
+    if not callable(data_fn):
+        raise SfdiagError(f"data.name: {shown(config.data.name)} is not callable")
+    _check_kwargs(
+        data_fn, config.data.kwargs, "data.kwargs", supplied=_DATA_ARGUMENTS, positional=1
+    )
     batches = _call(
-        f"data {config.data.name!r}",
+        f"data {shown(config.data.name)}",
         data_fn,
         model,
         batch_size=config.data.batch_size,

@@ -1,16 +1,19 @@
 """YAML -> a validated, typed, frozen run spec (CONTRACTS.md, "Config", schema_version 1).
 
-The only module that reads YAML (``yaml.safe_load``, nothing else), and it never imports
-torch. Every problem raises ``SfdiagError`` with one message naming the source (file or
-option), the key path (``optimizers[1].kwargs``) and the offending value. Registry names are
-checked here; import paths ("pkg.mod:attr") are only checked for their form and are imported
-later, by whoever builds the run.
+The only module that reads YAML (``ConfigLoader``, a ``yaml.SafeLoader`` that reads floats
+as YAML 1.2 does and refuses duplicate keys), and it never imports torch. Every problem
+raises ``SfdiagError`` with one message naming the source (file or option), the key path
+(``optimizers[1].kwargs``) and the offending value. Registry names are checked here; import
+paths ("pkg.mod:attr") are only checked for their form and are imported later, by whoever
+builds the run. Messages show values bounded (``errors.shown``): an exploding YAML alias or a
+huge integer costs nothing to report.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -18,7 +21,7 @@ from typing import Any
 import yaml
 
 from sfdiag import registry
-from sfdiag.errors import SfdiagError
+from sfdiag.errors import SfdiagError, shown
 
 SCHEMA_VERSION = 1
 DEFAULT_OPTIMIZERS = ("adamw", "sf-adamw", "sf-ref", "sf-sgd")
@@ -30,6 +33,7 @@ MAX_BATCH_SIZE = 65_536
 MAX_FILE_BYTES = 1 << 20
 _MAX_DEPTH = 32  # of nested kwargs values; also stops self-referencing YAML anchors
 _MAX_NODES = 10_000  # per kwargs mapping; stops "billion laughs" alias expansion
+_MAX_INT_BITS = 1024  # of an integer in kwargs: as large as a float goes
 
 _TOP_KEYS = (
     "schema_version",
@@ -232,7 +236,8 @@ def parse_optimizer_list(text: str) -> list[str]:
         raise SfdiagError("--optimizers: no optimizers given; e.g. --optimizers adamw,sf-adamw")
     if "" in items:
         raise SfdiagError(
-            f"--optimizers: empty item in {text!r}; give comma-separated names, e.g. adamw,sf-adamw"
+            f"--optimizers: empty item in {shown(text)}; give comma-separated names, "
+            "e.g. adamw,sf-adamw"
         )
     return items
 
@@ -272,6 +277,104 @@ def with_overrides(
 
 # --------------------------------------------------------------------------- reading
 
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+# YAML 1.2's floats, which is what ML configs mean: YAML 1.1 (PyYAML's) wants a dot and a
+# signed exponent, so it reads `lr: 1e-3` as the string "1e-3". Every form 1.1 reads as a
+# float still is one (1_000.5, sexagesimal 1:30.5, .inf, .nan).
+_FLOAT = re.compile(
+    r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+
+
+class _DuplicateKey(Exception):
+    """A mapping names one key twice; the message lacks only the source."""
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (no object construction) with YAML 1.2 floats, refusing a key
+    that appears twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._refuse_duplicate_keys(node)
+        return super().construct_document(node)
+
+    def _refuse_duplicate_keys(self, root: yaml.Node) -> None:
+        # Iterative, each node once (aliases share nodes, so an alias bomb costs what its
+        # text costs), in document order: a shared node is named where it is written.
+        stack: list[tuple[yaml.Node, str]] = [(root, "")]
+        visited: set[int] = set()
+        earliest: tuple[int, str] | None = None  # the duplicate that comes first in the text
+        while stack:
+            node, path = stack.pop()
+            if id(node) in visited:
+                continue
+            visited.add(id(node))
+            children: list[tuple[yaml.Node, str]] = []
+            if isinstance(node, yaml.SequenceNode):
+                children = [(item, f"{path}[{i}]") for i, item in enumerate(node.value)]
+            elif isinstance(node, yaml.MappingNode):
+                first: dict[Any, yaml.Node] = {}
+                for key_node, value_node in node.value:
+                    if key_node.tag == _MERGE_TAG:  # `<<: *defaults`: keys may override it
+                        children.append((value_node, path))
+                        continue
+                    name = _path_key(str(key_node.value)) if _is_scalar(key_node) else "?"
+                    children.append((value_node, f"{path}.{name}" if path else name))
+                    if not _is_scalar(key_node):
+                        continue  # an unhashable key: the constructor says so
+                    key = self.construct_object(key_node)
+                    if key not in first:
+                        first[key] = key_node
+                    elif earliest is None or key_node.start_mark.index < earliest[0]:
+                        message = _duplicate_message(name, path, key_node, first[key])
+                        earliest = (key_node.start_mark.index, message)
+            stack.extend(reversed(children))
+        if earliest is not None:
+            raise _DuplicateKey(earliest[1])
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _FLOAT_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver(_FLOAT_TAG, _FLOAT, list("-+0123456789."))
+
+
+def _is_scalar(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode)
+
+
+def _duplicate_message(name: str, path: str, again: yaml.Node, first: yaml.Node) -> str:
+    def at(node: yaml.Node) -> str:
+        return f"line {node.start_mark.line + 1}, column {node.start_mark.column + 1}"
+
+    where = f"{path}: " if path else ""
+    return (
+        f"{where}duplicate key {name!r} at {at(again)} (first at {at(first)}); "
+        "a key may appear only once in a mapping"
+    )
+
+
+def _path_key(key: str) -> str:
+    """A key as shown in a key path: long keys cut short."""
+    return key if len(key) <= 40 else key[:37] + "..."
+
+
+def load_yaml(text: str) -> Any:
+    """Parse one YAML document with ``ConfigLoader``; errors are yaml's (and _DuplicateKey)."""
+    loader = ConfigLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
 
 def _read(source: str) -> str:
     if not os.path.exists(source):
@@ -298,7 +401,9 @@ def _parse_text(text: str, source: str) -> Config:
     if not text.strip():
         raise SfdiagError(f"{source}: the config file is empty; it needs at least `optimizers:`")
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
+    except _DuplicateKey as exc:
+        raise SfdiagError(f"{source}: {exc}") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -323,14 +428,12 @@ def _parse_text(text: str, source: str) -> Config:
 
 
 def _show(value: object) -> str:
-    """The offending value, in YAML's words, for messages."""
+    """The offending value, in YAML's words and bounded, for messages."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return f"{str(value).lower()} (a boolean)"
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
+    text = shown(value)
     kind = {int: "an integer", float: "a number", str: "a string"}.get(type(value))
     if isinstance(value, Mapping):
         kind = "a mapping"
@@ -350,16 +453,17 @@ def _check_keys(data: Mapping[Any, Any], allowed: tuple[str, ...], where: str) -
             continue
         hint = registry.did_you_mean(key, allowed) if isinstance(key, str) else ""
         if not hint and "kwargs" in allowed and "optimizers" not in allowed:
-            hint = f" (keyword arguments go under `kwargs:`, e.g. kwargs: {{{key}: ...}})"
-        shown = repr(key) if isinstance(key, str) else _show(key)
-        raise SfdiagError(f"{where}: unknown key {shown}{hint}; allowed keys: {', '.join(allowed)}")
+            example = _path_key(str(key))
+            hint = f" (keyword arguments go under `kwargs:`, e.g. kwargs: {{{example}: ...}})"
+        named = shown(key) if isinstance(key, str) else _show(key)
+        raise SfdiagError(f"{where}: unknown key {named}{hint}; allowed keys: {', '.join(allowed)}")
 
 
 def _int(value: object, lo: int, hi: int, where: str) -> int:
     if not _is_int(value):
         raise SfdiagError(f"{where}: must be an integer, got {_show(value)}")
     if not lo <= value <= hi:
-        raise SfdiagError(f"{where}: must be from {lo} to {hi}, got {value}")
+        raise SfdiagError(f"{where}: must be from {lo} to {hi}, got {shown(value)}")
     return value
 
 
@@ -391,7 +495,8 @@ def _registry_name(value: object, kind: str, where: str) -> str:
         module, _, attr = name.partition(":")
         if not all(part.isidentifier() for part in [*module.split("."), *attr.split(".")]):
             raise SfdiagError(
-                f"{where}: {name!r} is not an import path of the form 'package.module:attribute'"
+                f"{where}: {shown(name)} is not an import path of the form "
+                "'package.module:attribute'"
             )
     return name
 
@@ -419,11 +524,14 @@ def _kwargs(value: object, where: str) -> dict[str, Any]:
 def _plain(value: object, where: str, depth: int, budget: list[int]) -> Any:
     budget[0] -= 1
     if depth > _MAX_DEPTH or budget[0] < 0:
-        shown = where if len(where) <= 120 else where[:117] + "..."
+        path = where if len(where) <= 120 else where[:117] + "..."
         raise SfdiagError(
-            f"{shown}: more than {_MAX_DEPTH} levels deep or {_MAX_NODES} values "
+            f"{path}: more than {_MAX_DEPTH} levels deep or {_MAX_NODES} values "
             "(a self-referencing or exploding YAML anchor?)"
         )
+    if _is_int(value) and value.bit_length() > _MAX_INT_BITS:
+        # beyond any float; it would not even go into the JSON report (4300 digits at most)
+        raise SfdiagError(f"{where}: integer too large, got {shown(value)}")
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
@@ -435,7 +543,7 @@ def _plain(value: object, where: str, depth: int, budget: list[int]) -> Any:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise SfdiagError(f"{where}: keys must be strings, got key {_show(key)}")
-            out[key] = _plain(item, f"{where}.{key}", depth + 1, budget)
+            out[key] = _plain(item, f"{where}.{_path_key(key)}", depth + 1, budget)
         return out
     if isinstance(value, (list, tuple)):
         return [_plain(item, f"{where}[{i}]", depth + 1, budget) for i, item in enumerate(value)]
@@ -500,7 +608,7 @@ def _check_distributed(config: Config, source: str) -> None:
     closures = [o.name for o in config.optimizers if o.closure or o.create_graph]
     if closures:
         raise SfdiagError(
-            f"{source}: distributed: optimizer {closures[0]!r} needs a closure or "
+            f"{source}: distributed: optimizer {shown(closures[0])} needs a closure or "
             "create_graph, which a distributed probe does not run; probe it in one process"
         )
 
@@ -509,7 +617,7 @@ def _optimizers(value: object, source: str) -> tuple[OptimizerSpec, ...]:
     where = f"{source}: optimizers"
     if isinstance(value, str):
         raise SfdiagError(
-            f"{where}: must be a list, got {_show(value)}; write `optimizers: [{value}]`"
+            f"{where}: must be a list, got {_show(value)}; write `optimizers: [{_path_key(value)}]`"
         )
     if not isinstance(value, (list, tuple)) or not value:
         raise SfdiagError(f"{where}: must be a list of at least one optimizer, got {_show(value)}")
@@ -519,8 +627,9 @@ def _optimizers(value: object, source: str) -> tuple[OptimizerSpec, ...]:
         spec = _optimizer(entry, f"{where}[{i}]")
         if spec.name in seen:
             raise SfdiagError(
-                f"{where}[{i}]: duplicate label {spec.name!r} (also optimizers[{seen[spec.name]}]);"
-                " labels must be unique: add `name:` with a label of its own"
+                f"{where}[{i}]: duplicate label {shown(spec.name)} "
+                f"(also optimizers[{seen[spec.name]}]); labels must be unique: add `name:` "
+                "with a label of its own"
             )
         seen[spec.name] = i
         specs.append(spec)
@@ -547,7 +656,7 @@ def _optimizer(entry: object, where: str) -> OptimizerSpec:
     else:
         hint = registry.did_you_mean(name, tuple(registry.OPTIMIZERS))
         raise SfdiagError(
-            f"{where}.name: {name!r} is not a registry optimizer{hint}, so `class:` is "
+            f"{where}.name: {shown(name)} is not a registry optimizer{hint}, so `class:` is "
             "required: add `class:` with a registry name or an import path "
             "'package.module:Class'"
         )
@@ -569,6 +678,6 @@ def _override_optimizers(names: object) -> tuple[OptimizerSpec, ...]:
     for name in names:
         name = _registry_name(name, "optimizer", "--optimizers")
         if any(spec.name == name for spec in specs):
-            raise SfdiagError(f"--optimizers: {name!r} is listed twice")
+            raise SfdiagError(f"--optimizers: {shown(name)} is listed twice")
         specs.append(OptimizerSpec(name, name))
     return tuple(specs)

@@ -8,13 +8,15 @@ name (or import path), so targets can be class indices or real values.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from sfdiag.errors import SfdiagError
+from sfdiag.errors import SfdiagError, shown
 from sfdiag.losses import CLASS_TARGET_LOSSES
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -98,14 +100,17 @@ def _targets(
 
 
 def gaussian(
-    model: nn.Module, *, batch_size: int, steps: int, seed: int, loss: str, **shape_override
+    model: nn.Module,
+    *,
+    batch_size: int,
+    steps: int,
+    seed: int,
+    loss: str,
+    input_shape: Sequence[int] | None = None,
 ) -> Batches:
-    """N(0, 1) inputs of the model's input shape; class-index or N(0, 1) targets."""
-    spec = infer_input_spec(model)
-    if "input_shape" in shape_override:
-        spec = InputSpec(tuple(int(d) for d in shape_override.pop("input_shape")))
-    if shape_override:
-        raise SfdiagError(f"data.kwargs: unknown key(s) {', '.join(map(repr, shape_override))}")
+    """N(0, 1) inputs of the model's input shape (or ``input_shape``, one sample's);
+    class-index or N(0, 1) targets."""
+    spec = infer_input_spec(model) if input_shape is None else _input_shape(input_shape)
     gen = torch.Generator().manual_seed(seed)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     inputs = [
@@ -117,10 +122,31 @@ def gaussian(
 
 
 def gaussian_regression(
-    model: nn.Module, *, batch_size: int, steps: int, seed: int, loss: str, **kwargs
+    model: nn.Module,
+    *,
+    batch_size: int,
+    steps: int,
+    seed: int,
+    loss: str,
+    input_shape: Sequence[int] | None = None,
 ) -> Batches:
     """N(0, 1) inputs and N(0, 1) targets, whatever the loss."""
-    return gaussian(model, batch_size=batch_size, steps=steps, seed=seed, loss="mse", **kwargs)
+    return gaussian(
+        model, batch_size=batch_size, steps=steps, seed=seed, loss="mse", input_shape=input_shape
+    )
+
+
+def _input_shape(value: Any) -> InputSpec:
+    if (
+        not isinstance(value, (list, tuple))
+        or not value
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in value)
+    ):
+        raise SfdiagError(
+            f"data.kwargs.input_shape: must be a list of sizes >= 1 (one sample's shape, e.g. "
+            f"[3, 32, 32]), got {shown(value)}"
+        )
+    return InputSpec(tuple(value))
 
 
 #: ``data: auto`` is the gaussian generator matched to the model and loss.

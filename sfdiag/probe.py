@@ -248,6 +248,7 @@ def run_probe(
             torch_version=torch.__version__,
             interrupted=interrupted,
             timing={"seconds": round(time.perf_counter() - started, 3)},
+            device=built.device.type,
         )
 
     if config.distributed is not None:

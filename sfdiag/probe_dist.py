@@ -111,6 +111,7 @@ def _rank_main(config: Config, forensics: bool) -> ProbeReport | None:
             sfdiag_version=__version__,
             torch_version=torch.__version__,
             timing={"seconds": round(time.perf_counter() - started, 3)},
+            device=built.device.type,
         )
         return report if rank == 0 else None
     finally:

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sfdiag.errors import SfdiagError
+from sfdiag.errors import SfdiagError, shown
 
 
 @dataclass(frozen=True)
@@ -87,9 +91,15 @@ def is_import_path(name: str) -> bool:
 
 
 def did_you_mean(name: str, choices: list[str] | tuple[str, ...]) -> str:
-    """A " (did you mean 'x'?)" suffix, or "" when nothing is close."""
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    """A " (did you mean 'x'?)" suffix, or "" when nothing is close; case does not count
+    (``JSON`` -> 'json', ``AdamW`` -> 'adamw')."""
+    if len(name) > 100:  # nothing is close to it, and difflib would take its time to say so
+        return ""
+    by_folded: dict[str, str] = {}
+    for choice in choices:
+        by_folded.setdefault(choice.casefold(), choice)
+    close = difflib.get_close_matches(name.casefold(), list(by_folded), n=1, cutoff=0.5)
+    return f" (did you mean {by_folded[close[0]]!r}?)" if close else ""
 
 
 def check_name(kind: str, name: str, where: str) -> None:
@@ -98,7 +108,7 @@ def check_name(kind: str, name: str, where: str) -> None:
     if name in table or is_import_path(name):
         return
     raise SfdiagError(
-        f"{where}: unknown {kind} {name!r}{did_you_mean(name, tuple(table))}; "
+        f"{where}: unknown {kind} {shown(name)}{did_you_mean(name, tuple(table))}; "
         f"known: {', '.join(table)}, or an import path 'package.module:attribute'"
     )
 
@@ -109,23 +119,48 @@ def target_of(kind: str, name: str) -> str:
     return table[name].target if name in table else name
 
 
+@contextmanager
+def _current_directory_importable() -> Iterator[None]:
+    """The current directory first on ``sys.path`` while importing, as ``python -m sfdiag``
+    has it (the ``sfdiag`` console script's ``sys.path[0]`` is its own bin directory), so
+    ``mymodels:make`` finds ./mymodels.py with both; ``sys.path`` is restored afterwards."""
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the directory was removed under us: nothing to find there
+        yield
+        return
+    if any(os.path.abspath(entry or os.curdir) == cwd for entry in sys.path):
+        yield
+        return
+    sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if cwd in sys.path:
+            sys.path.remove(cwd)
+
+
 def import_object(path: str, where: str) -> Any:
-    """Import "package.module:attribute" (attribute may be dotted).
+    """Import "package.module:attribute" (attribute may be dotted), looking in the current
+    directory too.
 
     Importing runs the module's code: configs that name import paths are trusted code.
     """
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise SfdiagError(
-            f"{where}: {path!r} is not an import path of the form 'package.module:attribute'"
+            f"{where}: {shown(path)} is not an import path of the form 'package.module:attribute'"
         )
     try:
-        obj: Any = importlib.import_module(module_name)
+        with _current_directory_importable():
+            obj: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        raise SfdiagError(f"{where}: cannot import {path!r}: no module named {exc.name!r}") from exc
+        raise SfdiagError(
+            f"{where}: cannot import {shown(path)}: no module named {shown(exc.name)}"
+        ) from exc
     except Exception as exc:  # the module's own code failed while importing
         raise SfdiagError(
-            f"{where}: cannot import {path!r}: importing {module_name!r} raised "
+            f"{where}: cannot import {shown(path)}: importing {shown(module_name)} raised "
             f"{type(exc).__name__}: {exc}"
         ) from exc
     for part in attr.split("."):
@@ -133,7 +168,8 @@ def import_object(path: str, where: str) -> Any:
             obj = getattr(obj, part)
         except AttributeError as exc:
             raise SfdiagError(
-                f"{where}: cannot import {path!r}: module {module_name!r} has no attribute {attr!r}"
+                f"{where}: cannot import {shown(path)}: module {shown(module_name)} "
+                f"has no attribute {shown(attr)}"
             ) from exc
     return obj
 

@@ -302,6 +302,8 @@ class ProbeReport:
     distributed: DistributedInfo | None = None
     # ``sfdiag run`` only: schedule-free mode findings
     findings: tuple[Finding, ...] | None = None
+    # where a probe ran, ``device: auto`` resolved ("cpu", "cuda"); None where unknown
+    device: str | None = None
 
     @property
     def any_flagged(self) -> bool:
@@ -345,3 +347,79 @@ class ProbeReport:
         if self.timing:
             out["timing"] = dict(self.timing)
         return out
+
+
+# -- sfdiag check: a baseline comparison ----------------------------------------------
+
+CHECK_SCHEMA_VERSION = 1  # of ``sfdiag check --format json``
+CHECK_RTOL = 1e-4  # default relative tolerance on every step's grad norms
+CHECK_ATOL = 1e-12
+
+
+def json_safe(value: Any) -> Any:
+    """A JSON-safe copy, as it reads back from a baseline file (tuples -> lists,
+    non-finite floats -> "nan"/"inf"/"-inf" as in the JSON report, other objects -> str)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One thing that moved between the baseline and this run."""
+
+    optimizer: str | None  # None: the whole run (config, versions)
+    what: str  # human words: "verdict", "post-step grad norm (worst: step 3)", "config: steps"
+    baseline_value: Any
+    current_value: Any
+    allowed: float | None  # relative tolerance for norms; None = must match exactly
+    regression: bool
+    kind: str = ""  # machine words: config, version, added, missing, class, verdict, ...
+    change: float | None = None  # signed relative change of a norm, (now - then) / |then|
+    step: int | None = None  # the (worst) step of a norm difference
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer,
+            "kind": self.kind,
+            "what": self.what,
+            "step": self.step,
+            "baseline": json_safe(self.baseline_value),
+            "current": json_safe(self.current_value),
+            "change": json_safe(self.change),
+            "allowed": json_safe(self.allowed),
+            "regression": self.regression,
+        }
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    differences: list[Difference] = field(default_factory=list)
+    optimizers: tuple[str, ...] = ()  # every label in the baseline or this run, in order
+    baseline_path: str | None = None
+    rtol: float = CHECK_RTOL
+    atol: float = CHECK_ATOL
+
+    @property
+    def regressions(self) -> list[Difference]:
+        return [d for d in self.differences if d.regression]
+
+    @property
+    def regressed(self) -> bool:
+        return any(d.regression for d in self.differences)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": CHECK_SCHEMA_VERSION,
+            "regressed": self.regressed,
+            "baseline": self.baseline_path,
+            "rtol": self.rtol,
+            "atol": self.atol,
+            "differences": [d.to_dict() for d in self.differences],
+        }

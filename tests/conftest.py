@@ -65,3 +65,15 @@ def sfdiag_cli(tmp_path: Path) -> CliRunner:
         return run_cli(*args, **kwargs)
 
     return run
+
+
+def alias_bomb(key: str) -> str:
+    """A config of about 400 bytes whose ``key`` expands to 9**9 strings ("billion laughs")."""
+    lines = [
+        "optimizers: [adamw]",
+        f"{key}:",
+        "  - &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]",
+    ]
+    for previous, name in zip("abcdefgh", "bcdefghi", strict=True):
+        lines.append(f"  - &{name} [{', '.join([f'*{previous}'] * 9)}]")
+    return "\n".join(lines) + "\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import io
 import json
@@ -9,6 +10,7 @@ import math
 import os
 import re
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +29,7 @@ from sfdiag.report import RenderOptions
 from sfdiag.results import OptimizerResult, ProbeReport, StepRecord
 
 ANSI = re.compile(r"\x1b\[")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _steps(pre, post, mutated=0):
@@ -236,6 +239,103 @@ def test_missing_or_bad_fields(saved, tmp_path, mutate, words):
     assert words in _load_error(tmp_path, json.dumps(data))
 
 
+def _with(saved, change) -> str:
+    data = json.loads(saved.read_text())
+    change(data)
+    return json.dumps(data)
+
+
+def _nest(levels: int) -> dict:
+    value: dict = {}
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
+HOSTILE = [
+    # (id, the file's text from the good one's, words the message must hold)
+    ("nested-arrays", lambda saved: "[" * 100_000 + "]" * 100_000, ["nested too deeply"]),
+    ("nested-objects", lambda saved: '{"a":' * 100_000 + "1" + "}" * 100_000, ["too deeply"]),
+    (
+        "nested-config",
+        lambda saved: _with(saved, lambda d: d["config"].update(model=_nest(100))),
+        ["nested more than 64 levels deep", "config.model.a.a"],
+    ),
+    (
+        "400-digit-norm",
+        lambda saved: _with(
+            saved, lambda d: d["results"][0]["pre_step_grad_norms"].insert(0, 10**400)
+        ),
+        ["results[0].pre_step_grad_norms[0]", "too large", "about 401 digits"],
+    ),
+    (
+        "negative-400-digit-median",
+        lambda saved: _with(saved, lambda d: d["results"][1].update(norm_ratio=-(10**400))),
+        ["results[1].norm_ratio", "too large"],
+    ),
+    (
+        "integer-just-beyond-a-float",
+        lambda saved: _with(saved, lambda d: d["results"][1].update(norm_ratio=2**1024 - 1)),
+        ["'results[1].norm_ratio' is a number too large"],
+    ),
+    (
+        "5000-digit-integer",
+        lambda saved: saved.read_text().replace('"steps": 3', '"steps": 1' + "0" * 5000),
+        ["integer too long to read"],
+    ),
+    (
+        "400-digit-format-version",
+        lambda saved: _with(saved, lambda d: d.update(sfdiag_baseline=10**400)),
+        ["field 'sfdiag_baseline' holds a number too large"],
+    ),
+    (
+        "300-digit-format-version",
+        lambda saved: _with(saved, lambda d: d.update(sfdiag_baseline=10**300)),
+        ["baseline format <an integer of about 301 digits> is newer"],
+    ),
+    (
+        "negative-300-digit-format-version",
+        lambda saved: _with(saved, lambda d: d.update(sfdiag_baseline=-(10**300))),
+        ["unknown baseline format -<an integer of about 301 digits>"],
+    ),
+    (
+        "lone-surrogate-in-a-name",
+        lambda saved: _with(saved, lambda d: d["results"][1].update(optimizer="ad\ud800mw")),
+        ["field 'results[1].optimizer' is not valid Unicode"],
+    ),
+    (
+        "lone-surrogate-in-a-key",
+        lambda saved: _with(saved, lambda d: d["config"].update({"\udfff": 1})),
+        ["a key in 'config' is not valid Unicode"],
+    ),
+    (
+        "duplicate-key",
+        lambda saved: saved.read_text().replace('"steps": 3', '"steps": 3, "steps": 4'),
+        ["key 'steps' appears twice"],
+    ),
+    (
+        "long-string-norm",
+        lambda saved: _with(saved, lambda d: d["results"][0].update(norm_ratio="x" * 100_000)),
+        ["results[0].norm_ratio", "should be a number"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("make", "words"), [h[1:] for h in HOSTILE], ids=[h[0] for h in HOSTILE])
+def test_hostile_baselines_are_input_errors_naming_the_file(saved, tmp_path, make, words):
+    message = _load_error(tmp_path, make(saved))
+    assert "\n" not in message and len(message) < len(str(tmp_path)) + 300, message[:500]
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_a_file_larger_than_any_baseline_is_refused_unread(saved, tmp_path, monkeypatch):
+    from sfdiag import baseline as module
+
+    monkeypatch.setattr(module, "MAX_BASELINE_BYTES", 100)
+    assert "larger than 100 bytes" in _load_error(tmp_path, saved.read_text())
+
+
 # -- compare -------------------------------------------------------------------------
 
 
@@ -334,6 +434,50 @@ def test_config_mismatch_names_the_leaf_that_moved(report, saved):
     (diff,) = [d for d in check.regressions if d.kind == "config"]
     assert diff.what == "config: optimizers[0].kwargs"
     assert (diff.baseline_value, diff.current_value) == (None, {"weight_decay": 0.02})
+
+
+def _on(report, config_device, ran_on):
+    return dataclasses.replace(
+        report, config={**report.config, "device": config_device}, device=ran_on
+    )
+
+
+def _saved_on(report, tmp_path, config_device, ran_on, name="b.json"):
+    path = tmp_path / name
+    save_baseline(_on(report, config_device, ran_on), path)
+    return load_baseline(path)
+
+
+def test_the_device_it_ran_on_is_recorded(report, tmp_path):
+    loaded = _saved_on(report, tmp_path, "auto", "cpu")
+    assert loaded.device == "cpu" and loaded.ran_on == "cpu"
+    assert json.loads((tmp_path / "b.json").read_text())["device"] == "cpu"
+    unknown = _saved_on(report, tmp_path, "auto", None, "old.json")  # as older files are
+    assert "device" not in json.loads((tmp_path / "old.json").read_text())
+    assert unknown.device is None and unknown.ran_on is None
+
+
+@pytest.mark.parametrize("recorded", ["cpu", None], ids=["recorded", "older-file"])
+def test_device_auto_on_the_baselines_device_is_no_regression(report, tmp_path, recorded):
+    baseline = _saved_on(report, tmp_path, "cpu", recorded)
+    check = compare(baseline, _on(report, "auto", "cpu"))
+    assert not check.regressed
+    [diff] = check.differences
+    assert (diff.kind, diff.baseline_value, diff.current_value) == ("config", "cpu", "auto")
+    assert "both ran on cpu" in diff.what
+
+
+def test_device_auto_on_another_device_is_a_regression(report, tmp_path):
+    check = compare(_saved_on(report, tmp_path, "cpu", "cpu"), _on(report, "auto", "cuda"))
+    assert _kinds(check) == [(None, "config")]
+    assert check.regressions[0].what == "config: device"
+
+
+def test_device_auto_that_moved_is_a_note(report, tmp_path):
+    check = compare(_saved_on(report, tmp_path, "auto", "cuda"), _on(report, "auto", "cpu"))
+    assert not check.regressed
+    [diff] = check.differences
+    assert (diff.kind, diff.baseline_value, diff.current_value) == ("device", "cuda", "cpu")
 
 
 def test_config_with_tuples_and_non_finite_floats_round_trips(report, tmp_path):
@@ -510,3 +654,27 @@ def test_check_writable_read_only_directory(tmp_path):
             write_atomic(locked / "x.json", "x")
     finally:
         locked.chmod(0o700)
+
+
+# -- module structure ----------------------------------------------------------------
+
+
+def _imported_modules(path: Path) -> set[str]:
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            modules.add(node.module)
+            modules.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return modules
+
+
+def test_report_formats_do_not_import_baseline():
+    """No import circle: the check result is a record like the others, in sfdiag.results."""
+    for path in sorted((REPO / "sfdiag" / "report").glob("*.py")):
+        assert "sfdiag.baseline" not in _imported_modules(path), path.name
+    from sfdiag import baseline, results
+
+    assert baseline.CheckResult is results.CheckResult  # the old import still works
+    assert baseline.Difference is results.Difference

@@ -5,12 +5,14 @@ from __future__ import annotations
 import io
 import json
 import re
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import run_cli, start_cli
+from conftest import cli_env, run_cli, start_cli
 
 REPO = Path(__file__).resolve().parent.parent
 ANSI = re.compile(r"\x1b\[")
@@ -125,6 +127,69 @@ def test_baseline_then_check_then_regressions(tmp_path):
     assert "class" in kinds and "config" in kinds
     table = run_cli("check", "c.yaml", "--baseline", "b.json", cwd=tmp_path)
     assert table.returncode == 1 and "sf-sgd-ref" in table.stdout
+
+
+def test_check_with_device_auto_against_a_cpu_baseline(tmp_path):
+    import torch
+
+    (tmp_path / "c.yaml").write_text("steps: 2\noptimizers: [adamw, sf-adamw]\n")
+    made = run_cli("baseline", "c.yaml", "--device", "cpu", "-o", "b.json", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    auto = run_cli(
+        "check", "c.yaml", "-b", "b.json", "--device", "auto", "--format", "json", cwd=tmp_path
+    )
+    # auto is the CPU here, unless this machine has CUDA: only then is it another run
+    assert auto.returncode == (1 if torch.cuda.is_available() else 0), auto.stdout + auto.stderr
+    [diff] = [d for d in json.loads(auto.stdout)["differences"] if d["kind"] == "config"]
+    assert (diff["baseline"], diff["current"]) == ("cpu", "auto")
+
+
+CONSOLE_SCRIPT = Path(sys.executable).with_name("sfdiag")
+MY_PIECES = """\
+import torch
+
+
+def make():
+    return torch.nn.Linear(4, 2)
+
+
+def batches(model, *, batch_size, steps, seed, loss):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(batch_size, 4, generator=gen), torch.randn(batch_size, 2, generator=gen))
+        for _ in range(steps)
+    ]
+
+
+def loss(output, target):
+    return torch.nn.functional.mse_loss(output, target)
+
+
+class Optimizer(torch.optim.SGD):
+    pass
+"""
+
+
+@pytest.mark.skipif(not CONSOLE_SCRIPT.exists(), reason="no sfdiag console script next to python")
+def test_the_console_script_finds_import_paths_in_the_current_directory(tmp_path):
+    """`sfdiag` as `python -m sfdiag` does: ./mymodels.py serves every kind of import path."""
+    (tmp_path / "mymodels.py").write_text(MY_PIECES)
+    (tmp_path / "c.yaml").write_text(
+        "steps: 2\nmodel: {name: 'mymodels:make'}\ndata: {name: 'mymodels:batches'}\n"
+        "loss: 'mymodels:loss'\noptimizers: [{name: mine, class: 'mymodels:Optimizer'}]\n"
+    )
+    env = cli_env(PYTHONPATH=str(REPO))  # this checkout's sfdiag; the cwd only as sfdiag puts it
+    done = subprocess.run(
+        [str(CONSOLE_SCRIPT), "probe", "c.yaml", "--format", "json", "--quiet"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    [mine] = json.loads(done.stdout)["results"]
+    assert (mine["class"], mine["verdict"], mine["error"]) == ("mymodels:Optimizer", "clean", None)
 
 
 def test_list_init_and_version(tmp_path):

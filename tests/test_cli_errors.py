@@ -17,13 +17,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import start_cli
+from conftest import alias_bomb, start_cli
 from typer.testing import CliRunner
 
 from sfdiag.cli import app
 
 OK = "optimizers: [adamw]\nsteps: 1\n"
 REPORT = json.dumps({"schema_version": 1, "results": [], "config": {}})
+_ROW = {"optimizer": "a", "class": "c", "verdict": "clean", "fingerprint": None, "error": None}
+_ROW |= {"pre_step_grad_norm": 1, "post_step_grad_norm": 1, "norm_ratio": 10**400}
+HUGE_NORM = json.dumps({"sfdiag_baseline": 1, "config": {}, "results": [_ROW]})
 
 # (id, files to create, CLI arguments, substrings the one error line must contain)
 FAST = [
@@ -75,7 +78,12 @@ FAST = [
         ["probe", "c.yaml"],
         ["'kwarg'", "did you mean 'kwargs'"],
     ),
-    ("steps-string", {"c.yaml": OK + "steps: ten\n"}, ["probe", "c.yaml"], ["steps", "'ten'"]),
+    (
+        "steps-string",
+        {"c.yaml": "optimizers: [adamw]\nsteps: ten\n"},
+        ["probe", "c.yaml"],
+        ["steps", "'ten'"],
+    ),
     (
         "steps-zero",
         {"c.yaml": "optimizers: [adamw]\nsteps: 0\n"},
@@ -209,7 +217,28 @@ FAST = [
         ["compare", "--config", "c.yaml"],
         ["c.yaml", "optimizers", "list"],
     ),
+    (
+        "duplicate-key",
+        {"c.yaml": OK + "steps: 2\n"},
+        ["probe", "c.yaml"],
+        ["c.yaml: duplicate key 'steps'", "line 3", "first at line 2"],
+    ),
+    *(
+        (
+            f"alias-bomb-{key}",
+            {"c.yaml": alias_bomb(key)},
+            ["probe", "c.yaml"],
+            [f"c.yaml: {key}: must be", "(a list)"],
+        )
+        for key in ("seed", "loss", "model")
+    ),
     ("format", {"c.yaml": OK}, ["probe", "c.yaml", "--format", "bogus"], ["--format", "'bogus'"]),
+    (
+        "format-upper-case",
+        {"c.yaml": OK},
+        ["probe", "c.yaml", "--format", "JSON"],
+        ["--format", "'JSON' (did you mean 'json'?)"],
+    ),
     (
         "format-check",
         {"c.yaml": OK, "b.json": "{}"},
@@ -287,6 +316,18 @@ FAST = [
         {"c.yaml": OK, "base.json": '{"sfdiag_baseline": 1}'},
         ["check", "c.yaml", "--baseline", "base.json"],
         ["base.json", "'config'"],
+    ),
+    (
+        "check-baseline-nested",
+        {"c.yaml": OK, "base.json": "[" * 100_000 + "]" * 100_000},
+        ["check", "c.yaml", "--baseline", "base.json"],
+        ["base.json", "nested too deeply"],
+    ),
+    (
+        "check-baseline-400-digits",
+        {"c.yaml": OK, "base.json": HUGE_NORM},
+        ["check", "c.yaml", "--baseline", "base.json"],
+        ["base.json", "results[0].norm_ratio", "too large"],
     ),
     (
         "check-rtol-negative",
@@ -390,6 +431,24 @@ TORCH = [
         ["data.kwargs", "'shape'"],
     ),
     (
+        "data-kwarg-typo",
+        {"c.yaml": OK + "data: {kwargs: {input_shap: [64]}}\n"},
+        ["probe", "c.yaml", *JSON_OUT],
+        ["data.kwargs: unknown argument 'input_shap' (did you mean 'input_shape'?)"],
+    ),
+    (
+        "data-kwarg-passed-by-sfdiag",
+        {"c.yaml": OK + "data: {kwargs: {batch_size: 8}}\n"},
+        ["probe", "c.yaml", *JSON_OUT],
+        ["data.kwargs: 'batch_size' is passed by sfdiag", "data.batch_size"],
+    ),
+    (
+        "data-kwarg-bad-shape",
+        {"c.yaml": OK + "data: {kwargs: {input_shape: [0]}}\n"},
+        ["probe", "c.yaml", *JSON_OUT],
+        ["data.kwargs.input_shape", "[0]"],
+    ),
+    (
         "model-kwarg",
         _model("mlp", "hiden: 3"),
         ["probe", "c.yaml", *JSON_OUT],
@@ -420,21 +479,27 @@ SUBPROCESS = [
     "batch-size-zero",
     "dtype",
     "device-option",
+    "duplicate-key",
+    "alias-bomb-seed",
     "unknown-optimizer",
     "unknown-model",
     "duplicate-labels",
     "optimizers-empty-option",
     "optimizers-unknown-option",
     "format",
+    "format-upper-case",
     "output-missing-dir",
     "output-exists",
     "baseline-exists",
     "check-baseline-corrupt",
+    "check-baseline-nested",
+    "check-baseline-400-digits",
     "check-rtol-negative",
     "optimizer-kwarg",
     "missing-module",
     "optimizer-is-module",
     "model-is-base-module",
+    "data-kwarg-typo",
 ]
 
 

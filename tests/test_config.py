@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import alias_bomb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -66,6 +67,8 @@ BAD = [
     ("seed-negative", "optimizers: [adamw]\nseed: -1\n", ["seed", "-1"]),
     ("seed-huge", "optimizers: [adamw]\nseed: 99999999999999\n", ["seed", "99999999999999"]),
     ("device", "optimizers: [adamw]\ndevice: gpu\n", ["device", "'gpu'", "cuda"]),
+    ("device-case", "optimizers: [adamw]\ndevice: CPU\n", ["'CPU'", "(did you mean 'cpu'?)"]),
+    ("optimizer-case", "optimizers: [AdamW]\n", ["'AdamW' (did you mean 'adamw'?)"]),
     ("dtype", "optimizers: [adamw]\ndtype: float16\n", ["dtype", "'float16'", "bfloat16"]),
     ("schema-version", "schema_version: 2\noptimizers: [adamw]\n", ["schema_version", "2"]),
     ("schema-version-bool", "schema_version: true\noptimizers: [adamw]\n", ["schema_version"]),
@@ -142,6 +145,37 @@ BAD = [
         "    f: [*e,*e,*e,*e,*e,*e,*e,*e,*e,*e]\n",
         ["optimizers[0].kwargs.", "10000 values"],
     ),
+    (
+        "duplicate-top-key",
+        "steps: 3\noptimizers: [adamw]\nsteps: 4\n",
+        ["duplicate key 'steps'", "line 3", "first at line 1"],
+    ),
+    (
+        "duplicate-kwarg",
+        "optimizers:\n  - name: adamw\n    kwargs:\n      lr: 1e-3\n      lr: 0.1\n",
+        ["optimizers[0].kwargs: duplicate key 'lr'", "line 5", "first at line 4"],
+    ),
+    (
+        "duplicate-flow-key-deep",
+        "model: {name: mlp, kwargs: {layers: [{w: 1}, {w: 2, w: 3}]}}\noptimizers: [adamw]\n",
+        ["model.kwargs.layers[1]: duplicate key 'w'", "line 1"],
+    ),
+    (
+        "duplicate-key-first-in-the-text-is-named",
+        "optimizers: [{name: adamw, name: sgd}]\nseed: 1\nseed: 2\n",
+        ["optimizers[0]: duplicate key 'name'"],
+    ),
+    (
+        "seed-huge-hex-int",
+        f"optimizers: [adamw]\nseed: 0x{'f' * 4000}\n",
+        ["seed", "from 0 to 4294967295", "an integer of about 4817 digits"],
+    ),
+    (
+        "kwargs-huge-hex-int",
+        f"optimizers: [{{name: adamw, kwargs: {{lr: 0x{'f' * 4000}}}}}]\n",
+        ["optimizers[0].kwargs.lr", "integer too large", "about 4817 digits"],
+    ),
+    ("steps-exponent", "optimizers: [adamw]\nsteps: 1e1\n", ["steps", "10.0 (a number)"]),
     (
         "closure-string",
         "optimizers: [{name: adamw, closure: 'yes please'}]\n",
@@ -233,6 +267,74 @@ def test_bad_config_is_one_clear_error(tmp_path: Path, text: str, expected: list
     assert "\n" not in message
     for part in expected:
         assert part in message, (part, message)
+
+
+_TIMED_LOAD = """
+import sys, time
+from sfdiag.config import load_config
+from sfdiag.errors import SfdiagError
+start = time.perf_counter()
+try:
+    load_config(sys.argv[1])
+except SfdiagError as exc:
+    print(time.perf_counter() - start)
+    print(exc)
+"""
+
+
+@pytest.mark.parametrize("key", ["seed", "loss", "model", "distributed", "optimizers"])
+def test_an_alias_bomb_is_refused_at_once_naming_the_key(tmp_path: Path, key: str) -> None:
+    # In a subprocess, so that a regression times out instead of eating the machine.
+    path = tmp_path / "bomb.yaml"
+    text = alias_bomb(key)
+    if key == "optimizers":
+        text = text.replace("optimizers: [adamw]\n", "")
+    path.write_text(text, encoding="utf-8")
+    assert len(text) < 500
+    done = subprocess.run(
+        [sys.executable, "-c", _TIMED_LOAD, str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    seconds, message = done.stdout.split("\n", 1)
+    assert float(seconds) < 1.0
+    assert message.startswith(f"{path}: {key}"), message
+    assert len(message) < len(str(path)) + 300, message
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"optimizers: [adamw]\n? {'k' * 100_000}\n: 1\n",
+        f"optimizers: [adamw]\nmodel: {'m' * 100_000}\n",
+        f"optimizers: [adamw]\nmodel: 'a:{'m' * 100_000}-'\n",
+        f"optimizers: [adamw]\nseed: '{'s' * 100_000}'\n",
+        f"optimizers:\n  - name: adamw\n    ? {'k' * 100_000}\n    : 1\n",
+        f"optimizers: {'o' * 100_000}\n",
+        f"optimizers: [{{name: {'n' * 100_000}}}]\n",
+        f"optimizers:\n  - name: adamw\n    kwargs:\n      ? {'k' * 100_000}\n      : .nan\n",
+        "optimizers: [adamw]\nseed: &x [*x]\n",
+        "optimizers: [adamw]\nseed: &x {a: *x}\n",
+    ],
+    ids=[
+        "long-key",
+        "long-model",
+        "long-bad-import-path",
+        "long-string-seed",
+        "long-optimizer-key",
+        "long-optimizers-string",
+        "long-label",
+        "long-kwargs-key",
+        "self-referencing-list",
+        "self-referencing-mapping",
+    ],
+)
+def test_messages_show_values_bounded(tmp_path: Path, text: str) -> None:
+    with pytest.raises(SfdiagError) as info:
+        _load_text(tmp_path, text)
+    assert len(str(info.value)) < len(str(tmp_path)) + 400, str(info.value)[:1000]
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -366,6 +468,79 @@ optimizers:
     )
     assert sgd == OptimizerSpec("torch.optim:SGD", "torch.optim:SGD", {})
     assert parse_config(config.to_dict()) == config
+
+
+def test_floats_are_read_as_yaml_1_2_reads_them_anywhere(tmp_path: Path) -> None:
+    # YAML 1.1 (PyYAML's default) reads 1e-3 as the string "1e-3": the way ML configs
+    # write a learning rate must give a number.
+    config = _load_text(
+        tmp_path,
+        "model: {name: mlp, kwargs: {init_scale: 1E5, shift: .5}}\n"
+        "data: {name: gaussian, kwargs: {noise: -2.5e-4}}\n"
+        "optimizers:\n  - name: adamw\n"
+        "    kwargs: {lr: 1e-3, eps: +1e-8, betas: [.9, 9.99e-1], decay: 1.5e2, bias: -.25}\n",
+    )
+    kwargs = config.optimizers[0].kwargs
+    assert kwargs == {
+        "lr": 0.001,
+        "eps": 1e-8,
+        "betas": [0.9, 0.999],
+        "decay": 150.0,
+        "bias": -0.25,
+    }
+    numbers = [kwargs["lr"], kwargs["eps"], *kwargs["betas"], kwargs["decay"], kwargs["bias"]]
+    assert all(type(v) is float for v in numbers)
+    assert config.model.kwargs == {"init_scale": 100000.0, "shift": 0.5}
+    assert config.data.kwargs == {"noise": -0.00025}
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("1e-3", 0.001),
+        ("1E5", 1e5),
+        (".5", 0.5),
+        ("-2.5e-4", -2.5e-4),
+        ("1_000.5", 1000.5),
+        ("3.", 3.0),
+        ("12", 12),
+        ("0x1f", 31),
+        ("1e", "1e"),
+        ("e5", "e5"),
+        ("1.2.3", "1.2.3"),
+        ("'1e-3'", "1e-3"),
+    ],
+)
+def test_scalar_types_yaml_1_2_floats_and_the_rest_as_before(
+    tmp_path: Path, text: str, value: object
+) -> None:
+    config = _load_text(tmp_path, f"optimizers: [{{name: adamw, kwargs: {{x: {text}}}}}]\n")
+    got = config.optimizers[0].kwargs["x"]
+    assert (type(got), got) == (type(value), value)
+
+
+def test_infinity_and_nan_stay_non_finite_numbers(tmp_path: Path) -> None:
+    for text in (".inf", "-.inf", ".NaN", "1e400"):
+        with pytest.raises(SfdiagError, match="must be a finite number"):
+            _load_text(tmp_path, f"optimizers: [{{name: adamw, kwargs: {{x: {text}}}}}]\n")
+
+
+def test_merge_keys_may_override_what_they_merge(tmp_path: Path) -> None:
+    config = _load_text(
+        tmp_path,
+        "optimizers:\n"
+        "  - name: a\n    class: adamw\n    kwargs: &common {lr: 1e-3, weight_decay: 0.1}\n"
+        "  - name: b\n    class: adamw\n    kwargs: {<<: *common, lr: 2e-3}\n",
+    )
+    assert config.optimizers[1].kwargs == {"lr": 0.002, "weight_decay": 0.1}
+
+
+def test_an_anchored_mapping_with_a_duplicate_is_named_once(tmp_path: Path) -> None:
+    text = "optimizers:\n  - {name: a, class: adamw, kwargs: &k {lr: 1, lr: 2}}\n" + "".join(
+        f"  - {{name: n{i}, class: adamw, kwargs: *k}}\n" for i in range(3)
+    )
+    with pytest.raises(SfdiagError, match=r"optimizers\[0\]\.kwargs: duplicate key 'lr'"):
+        _load_text(tmp_path, text)
 
 
 def test_empty_kwargs_key_is_empty_mapping(tmp_path: Path) -> None:
@@ -709,6 +884,28 @@ def test_loader_on_random_bytes(tmp_path_factory: pytest.TempPathFactory, raw: b
         _check_valid(load_config(path))
     except SfdiagError:
         pass
+
+
+# --------------------------------------------------------------------------- import paths
+
+
+def test_import_paths_find_the_current_directory_and_leave_sys_path_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "sfdiag_cwd_module.py").write_text("VALUE = 42\n")
+    monkeypatch.chdir(tmp_path)
+    # sys.path as the `sfdiag` console script has it: neither '' nor the cwd on it
+    console = [p for p in sys.path if p and os.path.abspath(p) != str(tmp_path)]
+    monkeypatch.setattr(sys, "path", console)
+    monkeypatch.delitem(sys.modules, "sfdiag_cwd_module", raising=False)
+    try:
+        assert registry.import_object("sfdiag_cwd_module:VALUE", "model.name") == 42
+        assert sys.path == console and sys.path is console
+        with pytest.raises(SfdiagError, match="no module named 'sfdiag_no_such_module'"):
+            registry.import_object("sfdiag_no_such_module:x", "model.name")
+        assert sys.path == console
+    finally:
+        sys.modules.pop("sfdiag_cwd_module", None)
 
 
 # --------------------------------------------------------------------------- import hygiene

@@ -1,4 +1,4 @@
-"""sfdiag.optim: the schedule-free optimizers against ALGORITHMS.md and against each other.
+"""sfdiag.optim: the schedule-free optimizers against docs/algorithms.md and against each other.
 
 Each optimizer configuration is described once in CASES; the generic tests (modes,
 closure, hooks, state dict, dtypes, grad handling) run over that table.
@@ -114,7 +114,7 @@ def run(case: Case, steps: int, dtype=torch.float32, **overrides: Any):
 def oracle(
     p0: torch.Tensor, grads: list[torch.Tensor], *, family: str, **h: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ALGORITHMS.md written out naively (float64): returns (x, y) after len(grads) steps."""
+    """docs/algorithms.md written out naively (float64): returns (x, y) after len(grads) steps."""
     lr, wd, warmup, r, power = h["lr"], h["weight_decay"], h["warmup_steps"], h["r"], h["wlp"]
     beta = h["betas"][0] if family == "adam" else h["momentum"]
     x, y, z = p0.clone(), p0.clone(), p0.clone()

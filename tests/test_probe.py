@@ -1,19 +1,24 @@
 """The probe engine end to end, in process: verdict and fingerprint for every kind of change.
 
 Each purpose-built optimizer in tests/mutators.py changes p.grad one way; the in-repo
-optimizers change it as ALGORITHMS.md says. Both are named by import path or registry
+optimizers change it as docs/algorithms.md says. Both are named by import path or registry
 name, exactly as a user's config would.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 
 import sfdiag
-from sfdiag.config import parse_config
+from sfdiag.config import load_config, parse_config
+from sfdiag.errors import SfdiagError
 from sfdiag.probe import ProbeOptions, run_probe
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def probe(optimizers, *, steps=3, model="mlp", options=ProbeOptions(), **extra):
@@ -103,6 +108,23 @@ def test_an_import_path_works_like_its_registry_name():
     assert found["by-path"].cls == "sfdiag.optim:SGDScheduleFree"
 
 
+def test_a_learning_rate_written_1e_minus_3_probes_as_0_001(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 2\noptimizers: [{name: adamw, kwargs: {lr: 1e-3}}]\n")
+    report = run_probe(load_config(path))
+    [result] = report.results
+    assert (result.verdict, result.error) == ("clean", None)
+    assert report.config["optimizers"][0]["kwargs"]["lr"] == 0.001
+
+
+def test_data_input_shape_overrides_the_inferred_shape():
+    shaped = {"name": "gaussian", "kwargs": {"input_shape": [64]}}
+    assert probe(["adamw"], steps=1, data=shaped)["adamw"].verdict == "clean"
+    wrong = {"name": "gaussian", "kwargs": {"input_shape": [65]}}  # the mlp takes 64 features
+    with pytest.raises(SfdiagError, match=r"shape \(32, 65\)"):
+        probe(["adamw"], steps=1, data=wrong)
+
+
 def test_failing_optimizers_are_error_rows_and_the_rest_still_runs():
     found = probe(["mutators:FailsToConstruct", "mutators:FailsToStep", "adamw"])
     assert found["mutators:FailsToConstruct"].verdict == "error"
@@ -133,12 +155,29 @@ def test_closure_and_create_graph():
     assert found["sgd-graph"].verdict == "clean"
 
 
-def test_state_bytes_per_element_match_the_memory_table():
-    found = probe(["adamw", "sf-adamw", "sf-ref", "sf-sgd"], steps=1)
-    assert found["sf-adamw"].state_bytes_per_element == 8
-    assert found["sf-ref"].state_bytes_per_element == 16
-    assert found["sf-sgd"].state_bytes_per_element == 4
-    assert found["adamw"].state_bytes_per_element == pytest.approx(8, abs=0.01)  # + step scalars
+def _documented_memory() -> dict[str, int]:
+    """docs/algorithms.md's memory table: registry name -> bytes per element (float32)."""
+    text = (REPO / "docs" / "algorithms.md").read_text(encoding="utf-8")
+    section = text.split("\n## Memory\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([a-z0-9-]+)` \|[^|]*\| (\d+) \|$", section, re.M)
+    return {name: int(size) for name, size in rows}
+
+
+def test_state_bytes_per_element_match_the_documented_memory_table():
+    documented = _documented_memory()
+    assert set(documented) == {"adamw", "sf-adamw", "sf-ref", "sf-sgd", "sf-sgd-ref"}
+    found = probe(list(documented), steps=1)
+    for name, size in documented.items():
+        if name == "adamw":  # + torch's per-tensor step counters
+            assert found[name].state_bytes_per_element == pytest.approx(size, abs=0.01)
+        else:
+            assert found[name].state_bytes_per_element == size, name
+
+
+def test_the_readme_links_the_algorithms_it_implements():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "../shared/" not in readme  # users have no such directory
+    assert "(docs/algorithms.md)" in readme
 
 
 def test_every_optimizer_sees_the_same_model_and_data():

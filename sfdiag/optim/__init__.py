@@ -1,4 +1,4 @@
-"""The in-repo schedule-free optimizers (update rules: ALGORITHMS.md).
+"""The in-repo schedule-free optimizers (update rules: docs/algorithms.md).
 
 | class | registry name | ``p.grad`` after ``step()`` |
 |---|---|---|

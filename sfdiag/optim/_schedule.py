@@ -1,6 +1,6 @@
 """What every schedule-free optimizer shares: the schedule, the modes, the step scaffold.
 
-The schedule (ALGORITHMS.md, "Shared schedule") is computed here and nowhere else:
+The schedule (docs/algorithms.md, "The schedule") is computed here and nowhere else:
 
     sched_k = (k+1) / warmup_steps  if k < warmup_steps  else 1
     lr_k    = lr * sched_k                      -> group['scheduled_lr']

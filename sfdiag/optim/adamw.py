@@ -1,6 +1,6 @@
 """Schedule-free AdamW: memory-efficient form (``sf-adamw``) and reference form (``sf-ref``).
 
-Update rules: ALGORITHMS.md, "Schedule-free AdamW". The memory-efficient
+Update rules: docs/algorithms.md, "Schedule-free AdamW". The memory-efficient
 form keeps only ``z`` and ``v`` and reaches the new ``y`` in place, reusing ``p.grad``
 as the buffer for ``u = g / denom + weight_decay * y``: after ``step()``, ``p.grad``
 holds ``u``, not the gradient. The reference form keeps ``x``, ``y``, ``z``, ``v`` and

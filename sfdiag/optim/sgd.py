@@ -1,6 +1,6 @@
 """Schedule-free SGD: the memory-efficient form (``sf-sgd``) and the reference form.
 
-Update rules: ALGORITHMS.md, "Schedule-free SGD". The memory-efficient
+Update rules: docs/algorithms.md, "Schedule-free SGD". The memory-efficient
 form folds the weight decay into ``p.grad`` in place (``g += weight_decay * y``) when
 ``weight_decay > 0`` and leaves it untouched otherwise. The reference form keeps
 ``x``, ``y``, ``z`` and never writes to ``p.grad``.

@@ -20,8 +20,7 @@ from sfdiag.report import table as _table
 from sfdiag.report._options import RenderOptions
 
 if TYPE_CHECKING:  # pragma: no cover
-    from sfdiag.baseline import CheckResult
-    from sfdiag.results import ProbeReport
+    from sfdiag.results import CheckResult, ProbeReport
 
 __all__ = ["CHECK_FORMATS", "FORMATS", "RenderOptions", "render", "render_check"]
 

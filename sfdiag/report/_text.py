@@ -13,8 +13,14 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from sfdiag.baseline import CheckResult, Difference
-    from sfdiag.results import Finding, MetricResult, OptimizerResult, ProbeReport
+    from sfdiag.results import (
+        CheckResult,
+        Difference,
+        Finding,
+        MetricResult,
+        OptimizerResult,
+        ProbeReport,
+    )
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 SPARK_BAD = "!"  # a step whose post/pre ratio is nan or inf

@@ -10,9 +10,8 @@ import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from sfdiag.baseline import CheckResult
     from sfdiag.report._options import RenderOptions
-    from sfdiag.results import ProbeReport
+    from sfdiag.results import CheckResult, ProbeReport
 
 REPORT_COLUMNS = (
     "optimizer",

@@ -6,9 +6,8 @@ import json
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
-    from sfdiag.baseline import CheckResult
     from sfdiag.report._options import RenderOptions
-    from sfdiag.results import ProbeReport
+    from sfdiag.results import CheckResult, ProbeReport
 
 
 def render_report(report: ProbeReport, options: RenderOptions) -> str:

@@ -15,9 +15,8 @@ from sfdiag.report import _text
 if TYPE_CHECKING:  # pragma: no cover
     from xml.etree.ElementTree import Element
 
-    from sfdiag.baseline import CheckResult
     from sfdiag.report._options import RenderOptions
-    from sfdiag.results import OptimizerResult, ProbeReport
+    from sfdiag.results import CheckResult, OptimizerResult, ProbeReport
 
 SUITE = "sfdiag"
 

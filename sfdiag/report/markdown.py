@@ -8,9 +8,8 @@ from typing import TYPE_CHECKING
 from sfdiag.report import _text
 
 if TYPE_CHECKING:  # pragma: no cover
-    from sfdiag.baseline import CheckResult
     from sfdiag.report._options import RenderOptions
-    from sfdiag.results import OptimizerResult, ProbeReport
+    from sfdiag.results import CheckResult, OptimizerResult, ProbeReport
 
 
 def escape(text: str) -> str:

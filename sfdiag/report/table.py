@@ -15,9 +15,8 @@ from sfdiag.report import _text
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
 
-    from sfdiag.baseline import CheckResult
     from sfdiag.report._options import RenderOptions
-    from sfdiag.results import MetricResult, OptimizerResult, ProbeReport
+    from sfdiag.results import CheckResult, MetricResult, OptimizerResult, ProbeReport
 
 DEFAULT_WIDTH = 120
 
