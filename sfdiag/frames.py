@@ -32,6 +32,7 @@ _RESULT_COLUMNS = (
     "params_mutated",
     "params_with_grad",
     "state_bytes_per_element",
+    "undetermined",
     "advice",
     "error",
 )
@@ -53,6 +54,7 @@ def _rows(report: ProbeReport, kind: str) -> tuple[list[dict[str, Any]], tuple[s
                 "params_mutated": r.params_mutated,
                 "params_with_grad": r.params_with_grad,
                 "state_bytes_per_element": r.state_bytes_per_element,
+                "undetermined": r.undetermined,
                 "advice": r.advice,
                 "error": r.error,
             }

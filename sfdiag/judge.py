@@ -27,6 +27,7 @@ from array import array
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from sfdiag.results import FINDING_KINDS, METRIC_VERDICTS, Finding, MetricExample, MetricResult
 
@@ -252,6 +253,7 @@ class RateReferences:
     base: float  # group["lr"]
     next_applied: float | None = None  # the following step's applied rate, where known
     scaled_by: str | None = None  # a factor the optimizer applies on top (Prodigy's "d")
+    next_base: float | None = None  # the following step's group["lr"], where known
 
     @property
     def true(self) -> float:
@@ -261,6 +263,8 @@ class RateReferences:
         out = [("applied", self.applied), ("base-lr", self.base)]
         if self.next_applied is not None:
             out.append(("next-step", self.next_applied))
+        if self.next_base is not None and self.next_base != self.next_applied:
+            out.append(("next-step base", self.next_base))
         return out
 
     def example(self) -> tuple[tuple[str, float | None], ...]:
@@ -268,14 +272,18 @@ class RateReferences:
 
 
 def judge_rate(logged: float, refs: RateReferences, rtol: float) -> tuple[str, str | None]:
-    """(verdict, the reference it equals) for one logged learning rate."""
+    """(verdict, the reference it equals) for one logged learning rate. A value that is
+    both its step's base rate and the next step's rate (a warmup can make them meet) is
+    read as the base rate: the reading that needs no shift in steps."""
     if close(logged, refs.applied, rtol):
         return "correct", "applied"
-    nxt = refs.next_applied
-    if nxt is not None and close(logged, nxt, rtol):
-        return "next-step", "next-step"
     if close(logged, refs.base, rtol):
         return "base-lr", "base-lr"
+    for following in (refs.next_applied, refs.next_base):
+        # read after the scheduler advanced (under a warmup of the optimizer's own, the
+        # next step's group["lr"] is not the rate that step applies: either is next-step)
+        if following is not None and close(logged, following, rtol):
+            return "next-step", "next-step"
     return "unmatched", None
 
 
@@ -539,12 +547,17 @@ def rate_advice(
     refs = at_worst.refs if at_worst is not None else None
     further = getattr(refs, "scaled_by", None)
     owner = optimizer or "the optimizer"
+    said = _rate_words(verdict, name, owner, refs, near)
+    if further:  # Prodigy's d, D-Adaptation's: a factor no param group shows as a rate
+        scaled = f"{owner} scales the rate it is given further by its own {further} (not judged)"
+        return f"{said}; {scaled}" if said else f"{name} is the rate {owner} was given; {scaled}"
+    return said
+
+
+def _rate_words(
+    verdict: str, name: str, owner: str, refs: Any, near: tuple[str, float] | None
+) -> str | None:
     if verdict == "correct":
-        if further:
-            return (
-                f"{name} is the rate {owner} was given; it scales it further by its own "
-                f"{further} (not judged)"
-            )
         return None
     if verdict == "next-step":
         return (
@@ -554,7 +567,7 @@ def rate_advice(
     if verdict == "base-lr":
         share = ""
         if isinstance(refs, RateReferences) and refs.base:
-            share = f" ({refs.applied / refs.base:.3g}x of it at step {refs.step})"
+            share = f" (at step {refs.step}: {refs.applied / refs.base:.3g}x the base)"
         return (
             f"{name} is group['lr'], the base rate, while {owner} applied its own warmup"
             f"{share}: log param_groups[i]['scheduled_lr'] for the rate the update used"

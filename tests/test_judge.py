@@ -268,3 +268,60 @@ def test_strict_gate(flagged, metrics, fails):
     report = _report(flagged, found)
     assert gate(report, strict=True) is fails
     assert gate(report, strict=False) is False
+
+
+# ---- learning rates ------------------------------------------------------------------------
+RATES = judge.RateReferences(step=3, applied=2e-4, base=1e-3, next_applied=3e-4, next_base=1.2e-3)
+
+
+@pytest.mark.parametrize(
+    ("logged", "expected"),
+    [
+        (2e-4, ("correct", "applied")),
+        (2e-4 * (1 + 5e-4), ("correct", "applied")),  # within rtol
+        (1e-3, ("base-lr", "base-lr")),
+        (3e-4, ("next-step", "next-step")),
+        (1.2e-3, ("next-step", "next-step")),  # the next step's group["lr"]
+        (5e-4, ("unmatched", None)),
+        (math.nan, ("unmatched", None)),
+    ],
+)
+def test_judge_rate(logged, expected):
+    assert judge.judge_rate(logged, RATES, 1e-3) == expected
+
+
+def test_a_rate_that_is_both_the_base_and_the_next_steps_reads_as_the_base():
+    refs = judge.RateReferences(step=1, applied=5.6e-5, base=1.7e-4, next_applied=1.7e-4)
+    assert judge.judge_rate(1.7e-4, refs, 1e-3) == ("base-lr", "base-lr")
+
+
+@pytest.mark.parametrize(
+    ("rows", "count", "first"),
+    [
+        # (step, base, the step before's base, applied, own warmup on)
+        ([(0, 0.0, 0.0, 0.0, True), (1, 1e-4, 0.0, 2e-5, True), (2, 2e-4, 1e-4, 6e-5, True)], 2, 1),
+        ([(0, 1e-3, 1e-3, 2e-4, True), (1, 1e-3, 1e-3, 4e-4, True)], 0, -1),  # constant rate
+        ([(1, 1e-4, 0.0, 1e-4, False), (2, 2e-4, 1e-4, 2e-4, False)], 0, -1),  # no own warmup
+        ([(1, 9e-4, 1e-3, 2e-4, True)], 0, -1),  # a decaying rate
+    ],
+)
+def test_double_warmup(rows, count, first):
+    tally = judge.double_warmup(rows, peak=1e-3)
+    assert (tally.count, tally.first_step) == (count, first)
+    if count:
+        assert tally.detail == "at step 1 the applied rate is 0.02x the base (2e-05 of 0.001)"
+        (finding,) = judge.mode_findings({("SF", "double-warmup"): tally})
+        assert not finding.failing and "warmup applied twice" in finding.advice
+
+
+@pytest.mark.parametrize("verdict", ["correct", "next-step", "base-lr", "unmatched"])
+def test_rate_advice_says_when_the_optimizer_scales_its_rate_further(verdict):
+    refs = judge.RateReferences(step=0, applied=1e-3, base=1e-3, scaled_by="d")
+    value = JudgedValue(0, "Prodigy", 1e-3, refs, verdict, None)
+    advice = judge.rate_advice(verdict, "lr", "Prodigy", value, None)
+    assert advice.endswith("Prodigy scales the rate it is given further by its own d (not judged)")
+    plain = judge.RateReferences(step=0, applied=1e-3, base=1e-3)
+    without = judge.rate_advice(
+        verdict, "lr", "AdamW", JudgedValue(0, "AdamW", 1, plain, verdict, None), None
+    )
+    assert (without is None) is (verdict == "correct")

@@ -211,7 +211,9 @@ def test_the_in_process_audit_of_a_schedule_free_loop(tmp_path, capsys):
     assert set(steps.columns) >= {"optimizer", "step", "pre_step_grad_norm", "post_step_grad_norm"}
     params = audit.to_pandas("params")
     assert list(params["name"]) == ["0.weight", "0.bias", "2.weight", "2.bias"]
-    assert audit.to_pandas("results").loc[0, "fingerprint"] == "adam-normalized"
+    results = audit.to_pandas("results")
+    assert results.loc[0, "fingerprint"] == "adam-normalized"
+    assert not results.loc[0, "undetermined"]
     assert audit.to_pandas("metrics").empty and audit.to_pandas("findings").empty
     assert not audit.passed  # --strict: a flagged optimizer, no gradient metric logged
     saved = json.loads((tmp_path / "audit.json").read_text())

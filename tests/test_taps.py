@@ -21,12 +21,15 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 CLIENTS = REPO / "tests" / "clients"
+HF_EXAMPLE = str(REPO / "examples" / "train_hf_trainer.py")  # absolute: CLIENTS / it is it
 
 NEEDS = {
     "lightning": ("lightning",),
     "lightning-clip": ("lightning",),
     "hf": ("transformers", "accelerate", "schedulefree"),
     "hf-clip": ("transformers", "accelerate"),
+    "hf-warmup-constant": ("transformers", "accelerate", "schedulefree"),
+    "hf-warmup-linear": ("transformers", "accelerate", "schedulefree"),
     "loggers": ("wandb", "mlflow", "tensorboardX"),
     "none": (),
 }
@@ -49,11 +52,14 @@ class Done:
         return {m["name"]: m for m in self.report.get("metrics", [])}
 
 
+HF_WARMUP = [HF_EXAMPLE, "{out}", "--lr", "1e-3", "--warmup-steps", "6"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Done]:
     tmp = tmp_path_factory.mktemp("taps")
     commands = {
-        "lightning": ["lightning_grad_norms.py", "{out}"],
+        "lightning": ["lightning_grad_norms.py", "{out}", "--lr-monitor"],
         "lightning-clip": [
             "lightning_grad_norms.py",
             "{out}",
@@ -62,8 +68,11 @@ def runs(tmp_path_factory) -> dict[str, Done]:
             "--optimizer",
             "adamw",
         ],
-        "hf": ["hf_trainer.py", "{out}"],
-        "hf-clip": ["hf_trainer.py", "{out}", "adamw_torch", "0.01"],
+        "hf": [HF_EXAMPLE, "{out}"],
+        "hf-clip": [HF_EXAMPLE, "{out}", "--optim", "adamw_torch", "--max-grad-norm", "0.01"],
+        # the optimizer warms up on its own (Trainer hands it warmup_steps)
+        "hf-warmup-constant": [*HF_WARMUP, "--scheduler", "constant"],
+        "hf-warmup-linear": [*HF_WARMUP, "--scheduler", "linear"],
         "loggers": ["wandb_mlflow_tbx.py", "{out}"],
         "none": ["no_loggers.py"],
     }
@@ -115,6 +124,15 @@ def test_lightning_grad_norm_hook_is_right_and_batch_end_is_post_step(runs):
     assert done.code == 1, done.stderr  # --strict: a post-step metric
     metrics = done.metrics()
     assert {m["logger"] for m in metrics.values()} == {"lightning"}  # no TensorBoard duplicates
+    # LearningRateMonitor logs as a batch starts, the scheduler having moved on: right
+    rate = metrics["lr-AdamWScheduleFree"]
+    assert (rate["quantity"], rate["verdict"], rate["steps_judged"]) == (
+        "learning_rate",
+        "correct",
+        16,
+    )
+    assert rate["examples"][-1]["logged"] == pytest.approx(1e-2 * 0.9**15)
+    assert not any(name.endswith(("-momentum", "-weight_decay")) for name in metrics)
     total = metrics["grad_2.0_norm_total"]
     assert (total["verdict"], total["scope"], total["steps_judged"]) == ("correct", None, 16)
     for name in ("net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"):
@@ -145,16 +163,54 @@ def test_hf_trainer_grad_norm_is_right_with_schedule_free(runs):
     done = get(runs, "hf")
     assert done.code == 0, done.stderr  # --strict passes: the logged grad_norm is right
     metrics = done.metrics()
-    assert set(metrics) == {"grad_norm"}  # loss, learning_rate, epoch are not judged
+    assert set(metrics) == {"grad_norm", "learning_rate"}  # loss and epoch are not judged
     grad_norm = metrics["grad_norm"]
     assert (grad_norm["verdict"], grad_norm["logger"], grad_norm["steps_judged"]) == (
         "correct",
         "transformers",
         10,
     )
+    # no warmup: the linear decay's rate, read before the scheduler steps, is the applied one
+    rate = metrics["learning_rate"]
+    assert (rate["quantity"], rate["verdict"], rate["steps_judged"]) == (
+        "learning_rate",
+        "correct",
+        10,
+    )
+    assert [e["logged"] for e in rate["examples"]][-1] == pytest.approx(1e-3)  # 1e-2 * 1/10
     (row,) = done.report["results"]
     assert row["verdict"] == "mutated" and row["class"] == "schedulefree:AdamWScheduleFree"
     assert "are right" in row["advice"]
+    assert done.report["findings"] == []
+
+
+def test_hf_trainer_constant_schedule_logs_the_base_rate_through_the_optimizers_warmup(runs):
+    done = get(runs, "hf-warmup-constant")
+    assert done.code == 1, done.stderr  # --strict: base-lr is a wrong metric
+    rate = done.metrics()["learning_rate"]
+    assert (rate["verdict"], rate["matches"]) == ("base-lr", "base-lr")
+    first = rate["examples"][0]  # step 1: the optimizer applied 2/6 of the base rate
+    assert (first["step"], first["logged"], first["base"]) == (1, 1e-3, 1e-3)
+    assert first["applied"] == pytest.approx(1e-3 * 2 / 6)
+    assert "scheduled_lr" in rate["advice"]
+    assert done.report["findings"] == []  # the scheduler does not warm up: no double warmup
+    assert done.metrics()["grad_norm"]["verdict"] == "correct"
+
+
+def test_hf_trainer_linear_schedule_and_the_optimizers_warmup_is_a_double_warmup(runs):
+    done = get(runs, "hf-warmup-linear")
+    (finding,) = done.report["findings"]
+    assert (finding["kind"], finding["optimizer"], finding["first_step"], finding["count"]) == (
+        "double-warmup",
+        "AdamWScheduleFree",
+        1,
+        5,
+    )
+    # at step 1 the scheduler gives 1/6 of the rate and the optimizer applies 2/6 of that
+    assert "0.056x the base" in finding["advice"] and "warmup applied twice" in finding["advice"]
+    assert "warmup_steps=0" in finding["advice"]
+    assert "double-warmup" in done.stdout + done.stderr
+    assert done.metrics()["learning_rate"]["verdict"] == "base-lr"
 
 
 def test_hf_trainer_grad_norm_is_the_pre_clip_norm(runs):
@@ -177,9 +233,14 @@ def test_wandb_mlflow_and_tensorboardx(runs):
         "after/grad_norm": ("wandb", "post-step"),
         "after_gnorm": ("mlflow", "post-step"),
         "tbx_after/grad_norm": ("tensorboard", "post-step"),
+        # learning rates: read before scheduler.step() (right), after it (the next step's)
+        "train/lr": ("wandb", "correct"),
+        "tbx/lr": ("tensorboard", "correct"),
+        "lr": ("mlflow", "next-step"),
     }
     assert {n: (m["logger"], m["verdict"]) for n, m in metrics.items()} == expected
     assert all(m["steps_judged"] == 8 for m in metrics.values())
+    assert all(e["logged"] == pytest.approx(e["next_step"]) for e in metrics["lr"]["examples"])
 
 
 def test_loggers_the_script_does_not_use_are_never_imported(runs):

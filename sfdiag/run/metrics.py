@@ -78,6 +78,9 @@ class _Logged:
     label: int | None = None  # the step number the logger was given, if any
     after: tuple[int, ...] = ()  # per watched optimizer: its last finished step
     stepping: tuple[bool, ...] = ()  # per watched optimizer: logged during its step()
+    # learning rates, per watched optimizer: its groups' rates for the next step as they
+    # stood when logged (the run may end before that step, see ``Watched.coming_rates``)
+    coming: tuple[tuple[tuple[float, float] | None, ...], ...] = ()
     # per watched optimizer: the norms of the steps it may belong to (the last finished,
     # then the next), held here so they outlive the watch's few recent steps
     steps: dict[int, list[StepNorms]] = field(default_factory=dict)
@@ -144,6 +147,8 @@ class MetricAudit:
                     tuple(w.last_finished for w in watched),
                     tuple(w.stepping for w in watched),
                 )
+                if quantity == "learning_rate":
+                    logged.coming = tuple(w.coming_rates() for w in watched)
                 for position, entry in enumerate(watched):
                     last = entry.recent[-1] if entry.recent else None
                     if last is not None and last.step == entry.last_finished:
@@ -247,25 +252,37 @@ class MetricAudit:
             else:
                 fresh = position < len(logged.fresh) and logged.fresh[position]
                 claimed, lenient = (after + 1 if fresh else after), None
+            if claimed not in pinned and lenient in pinned:  # the run ended: no next step
+                claimed, lenient = lenient, None
             here = pinned.get(claimed)
             rates = here.rate(group) if here is not None else None
             if rates is None:
                 continue
             after_that = pinned.get(claimed + 1)
             following = after_that.rate(group) if after_that is not None else None
+            if following is None and claimed == after:  # no step ran after it (yet)
+                coming = logged.coming[position] if position < len(logged.coming) else ()
+                now = coming[group] if group < len(coming) else None
+                following = (now[0], now[1], None) if now is not None else None
             refs = RateReferences(
                 step=claimed,
                 applied=rates[1],
                 base=rates[0],
                 next_applied=following[1] if following else None,
                 scaled_by=rates[2],
+                next_base=following[0] if following else None,
             )
             judged = judge.judge_claimed(value, entry.label, refs, self.rtol)
             if judged.verdict != "correct" and lenient is not None and lenient in pinned:
+                # a step number that counts the steps done names the step before
                 earlier = pinned[lenient].rate(group)
-                if earlier is not None and judge.close(value, earlier[1], self.rtol):
-                    previous = RateReferences(lenient, earlier[1], earlier[0], rates[1], earlier[2])
-                    judged = judge.judge_claimed(value, entry.label, previous, self.rtol)
+                if earlier is not None:
+                    previous = RateReferences(
+                        lenient, earlier[1], earlier[0], rates[1], earlier[2], rates[0]
+                    )
+                    other = judge.judge_claimed(value, entry.label, previous, self.rtol)
+                    if other.rank < judged.rank:
+                        judged = other
             if best is None or judged.rank < best.rank:
                 best = judged
         if best is None:

@@ -117,8 +117,19 @@ class AuditSession:
 
             metrics = self.metric_audit.finish()
             results = tuple(with_metric_advice(self.watch.results(), metrics))
-            self._found = (results, metrics, self.modes.findings())
+            self._found = (results, metrics, self.findings())
         return self._found
+
+    def findings(self) -> tuple[Finding, ...]:
+        """The mode findings, and each optimizer's warmup applied twice (``double-warmup``)."""
+        from sfdiag import judge
+
+        tallies = dict(self.modes.tallies)
+        for entry in self.watch.watched:
+            warmup = judge.double_warmup(entry.warmup_rows, entry.peak_rate)
+            if warmup.count:
+                tallies[(entry.label, "double-warmup")] = warmup
+        return judge.mode_findings(tallies)
 
     def report(self, config: dict[str, Any], interrupted: bool = False) -> ProbeReport:
         """This process's report, once the session stopped."""

@@ -418,6 +418,23 @@ class Watched:
             self.warmup_rows.append((self.started - 1, float(base), previous, float(applied), own))
         self._previous_rate = float(base)
 
+    def coming_rates(self) -> tuple[tuple[float, float] | None, ...]:
+        """Per group, (group["lr"], the rate the next step() will apply) as they stand now:
+        what a rate logged after the last step of a run is the next step's rate of. A
+        schedule-free group's own warmup scales the next step by (k+1)/warmup_steps
+        (docs/algorithms.md); a rate on a device is not read (None)."""
+        out: list[tuple[float, float] | None] = []
+        for group in getattr(self.ref(), "param_groups", ()):
+            base = _number(group.get("lr", 0.0))
+            if hasattr(base, "detach") or not isinstance(base, (int, float)):
+                out.append(None)
+                continue
+            factor = 1.0
+            if "scheduled_lr" in group and _own_warmup(group):
+                factor = (group["k"] + 1) / group["warmup_steps"]
+            out.append((float(base), float(base) * factor))
+        return tuple(out)
+
     def await_closure(self) -> None:
         """``step(closure)``: the grads are computed inside ``step()``; ``take_pre`` waits
         for the closure to return."""

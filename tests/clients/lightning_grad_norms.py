@@ -1,7 +1,9 @@
 """Lightning: grad_norm(self) logged in on_before_optimizer_step (right) and a norm logged
-in on_train_batch_end, after step() (wrong with schedule-free AdamW).
+in on_train_batch_end, after step() (wrong with schedule-free AdamW). With --lr-monitor,
+a per-step decaying schedule and LearningRateMonitor logging its rate (right).
 
     python lightning_grad_norms.py LOGDIR [--clip X] [--optimizer sf-adamw|adamw]
+                                          [--lr-monitor]
 """
 
 import argparse
@@ -16,6 +18,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("logdir")
 parser.add_argument("--clip", type=float, default=None)
 parser.add_argument("--optimizer", default="sf-adamw")
+parser.add_argument("--lr-monitor", action="store_true")
 args = parser.parse_args()
 
 
@@ -46,8 +49,13 @@ class Net(pl.LightningModule):
 
     def configure_optimizers(self):
         if args.optimizer == "adamw":
-            return torch.optim.AdamW(self.parameters(), lr=1e-2)
-        return AdamWScheduleFree(self.parameters(), lr=1e-2)
+            optimizer = torch.optim.AdamW(self.parameters(), lr=1e-2)
+        else:
+            optimizer = AdamWScheduleFree(self.parameters(), lr=1e-2)
+        if not args.lr_monitor:
+            return optimizer
+        decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.9**step)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
 
 
 torch.manual_seed(0)
@@ -59,6 +67,7 @@ trainer = pl.Trainer(
     logger=pl.loggers.TensorBoardLogger(args.logdir),
     log_every_n_steps=1,
     gradient_clip_val=args.clip,
+    callbacks=[pl.callbacks.LearningRateMonitor("step")] if args.lr_monitor else [],
     enable_checkpointing=False,
     enable_progress_bar=False,
     enable_model_summary=False,

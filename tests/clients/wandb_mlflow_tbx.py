@@ -1,5 +1,7 @@
 """One loop, three loggers: W&B (offline), MLflow (local file store), tensorboardX.
-Each logs a norm taken before step() (right) and one taken after (wrong).
+Each logs a norm taken before step() (right) and one taken after (wrong); the scheduler's
+rate is logged before scheduler.step() (right: W&B, tensorboardX) and after it, under the
+step's own number (the next step's rate: MLflow).
 
     python wandb_mlflow_tbx.py DIR
 """
@@ -19,6 +21,7 @@ torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
 optimizer = AdamWScheduleFree(model.parameters(), lr=1e-2)
 optimizer.train()
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.8**step)
 
 
 def norm():
@@ -41,6 +44,10 @@ for step in range(8):
     run.log({"after/grad_norm": after})
     mlflow.log_metrics({"after_gnorm": after, "loss": 1.0}, step=step)
     writer.add_scalars("tbx_after", {"grad_norm": after}, step)
+    wandb.log({"train/lr": scheduler.get_last_lr()[0]})
+    writer.add_scalar("tbx/lr", scheduler.get_last_lr()[0], global_step=step)
+    scheduler.step()
+    mlflow.log_metric("lr", scheduler.get_last_lr()[0], step=step)
 writer.close()
 mlflow.end_run()
 run.finish()

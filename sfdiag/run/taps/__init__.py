@@ -3,8 +3,9 @@
 Every tap module has ``LOGGER`` (the name reports use) and ``install(sink) ->
 uninstall``. A tap patches its package's public logging call only once the script
 has imported that package (never importing it itself), hands each call on unchanged,
-and records through ``sink.record(logger, [(name, value), ...], module=None)`` only
-while ``sink.is_active()``. Adding a logger is one new module and one entry here.
+and records through ``sink.record(logger, [(name, value), ...], module=None, step=None)``
+(``step``: the step number the call was given, if any) only while ``sink.is_active()``.
+Adding a logger is one new module and one entry here.
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from typing import Any, Protocol
 class Sink(Protocol):
     def is_active(self) -> bool: ...
 
-    def record(self, logger: str, items: Iterable[tuple[Any, Any]], module: Any = None) -> None: ...
+    def record(
+        self,
+        logger: str,
+        items: Iterable[tuple[Any, Any]],
+        module: Any = None,
+        step: Any = None,
+    ) -> None: ...
 
 
 #: logger name -> the module of its tap

@@ -8,6 +8,8 @@ from typing import Any
 from sfdiag.run.taps._hooks import Patches, guarded, when_imported
 
 Extract = Callable[[tuple, dict], Iterable[tuple[Any, Any]]]
+#: the step number a logging call was given (``global_step=``, ``step=``), or None
+StepOf = Callable[[tuple, dict], Any]
 
 
 def argument(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
@@ -29,8 +31,10 @@ def tap(
     logger: str,
     extract: Extract,
     module_of: Callable[[tuple, dict], Any] | None = None,
+    step_of: StepOf | None = None,
 ) -> None:
-    """Patch ``owner.attribute`` to record ``extract(args, kwargs)`` and then call through."""
+    """Patch ``owner.attribute`` to record ``extract(args, kwargs)`` (with the module and
+    the step number the call names, where it names them) and then call through."""
     original = getattr(owner, attribute, None)
     if original is None or getattr(original, "_sfdiag_tap", False):
         return
@@ -39,9 +43,10 @@ def tap(
         try:
             items = extract(args, kwargs)
             module = module_of(args, kwargs) if module_of is not None else None
+            step = step_of(args, kwargs) if step_of is not None else None
         except Exception:  # arguments we cannot read: the logger gets them as they are
-            items, module = (), None
-        sink.record(logger, items, module)
+            items, module, step = (), None, None
+        sink.record(logger, items, module, step=step)
         return original(*args, **kwargs)
 
     patches.set(owner, attribute, guarded(original, recording, sink.is_active))

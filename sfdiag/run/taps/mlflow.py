@@ -19,12 +19,23 @@ def _metrics(args: tuple, kwargs: dict) -> list[tuple[Any, Any]]:
     return list(items_of(argument(args, kwargs, 0, "metrics")))
 
 
+def _metric_step(args: tuple, kwargs: dict) -> Any:
+    return argument(args, kwargs, 2, "step")
+
+
+def _metrics_step(args: tuple, kwargs: dict) -> Any:
+    return argument(args, kwargs, 1, "step")
+
+
 def _patch(module: Any, patches: Patches, sink: Any) -> None:
     from mlflow.tracking import fluent
 
-    for name, extract in (("log_metric", _metric), ("log_metrics", _metrics)):
+    for name, extract, step_of in (
+        ("log_metric", _metric, _metric_step),
+        ("log_metrics", _metrics, _metrics_step),
+    ):
         original = getattr(fluent, name, None)
-        tap(patches, fluent, name, sink, LOGGER, extract)
+        tap(patches, fluent, name, sink, LOGGER, extract, step_of=step_of)
         wrapped = getattr(fluent, name, None)
         if wrapped is not original and getattr(module, name, None) is original:
             patches.set(module, name, wrapped)

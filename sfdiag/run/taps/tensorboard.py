@@ -22,10 +22,14 @@ def _scalars(args: tuple, kwargs: dict) -> list[tuple[Any, Any]]:
     return [(f"{main_tag}/{tag}", value) for tag, value in items_of(values)]
 
 
+def _global_step(args: tuple, kwargs: dict) -> Any:
+    return argument(args, kwargs, 3, "global_step")
+
+
 def _patch(module: Any, patches: Patches, sink: Any) -> None:
     writer = module.SummaryWriter
-    tap(patches, writer, "add_scalar", sink, LOGGER, _scalar)
-    tap(patches, writer, "add_scalars", sink, LOGGER, _scalars)
+    tap(patches, writer, "add_scalar", sink, LOGGER, _scalar, step_of=_global_step)
+    tap(patches, writer, "add_scalars", sink, LOGGER, _scalars, step_of=_global_step)
 
 
 install = installer({"torch.utils.tensorboard.writer": _patch, "tensorboardX.writer": _patch})

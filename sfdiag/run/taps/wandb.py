@@ -15,10 +15,14 @@ def _items(args: tuple, kwargs: dict) -> list[tuple[Any, Any]]:
     return list(items_of(argument(args, kwargs, 1, "data")))
 
 
+def _step(args: tuple, kwargs: dict) -> Any:
+    return argument(args, kwargs, 2, "step")
+
+
 def _patch(module: Any, patches: Patches, sink: Any) -> None:
     from wandb.sdk import wandb_run
 
-    tap(patches, wandb_run.Run, "log", sink, LOGGER, _items)
+    tap(patches, wandb_run.Run, "log", sink, LOGGER, _items, step_of=_step)
 
 
 install = installer({"wandb": _patch})

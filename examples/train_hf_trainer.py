@@ -1,13 +1,26 @@
 """Hugging Face Trainer on a tiny model: its logged grad_norm is clip_grad_norm_'s return
-value, taken before step().
+value, taken before step(); its logged learning_rate is the scheduler's rate, read before
+the scheduler steps (right, unless the optimizer warms up on its own).
 
-    python hf_trainer.py OUTDIR [OPTIM] [MAX_GRAD_NORM]
+    sfdiag run -- python examples/train_hf_trainer.py OUTDIR [--optim NAME]
+        [--max-grad-norm X] [--warmup-steps N] [--scheduler linear|constant] [--lr X]
+
+Needs transformers, accelerate and schedulefree (pip install -e '.[test]').
 """
 
-import sys
+import argparse
 
 import torch
 from transformers import Trainer, TrainingArguments
+
+parser = argparse.ArgumentParser()
+parser.add_argument("outdir")
+parser.add_argument("--optim", default="schedule_free_adamw")
+parser.add_argument("--max-grad-norm", type=float, default=1.0)
+parser.add_argument("--warmup-steps", type=int, default=0)
+parser.add_argument("--scheduler", default="linear")
+parser.add_argument("--lr", type=float, default=1e-2)
+options = parser.parse_args()
 
 
 class Net(torch.nn.Module):
@@ -36,12 +49,14 @@ class Data(torch.utils.data.Dataset):
 
 
 args = TrainingArguments(
-    output_dir=sys.argv[1],
-    optim=sys.argv[2] if len(sys.argv) > 2 else "schedule_free_adamw",
-    max_grad_norm=float(sys.argv[3]) if len(sys.argv) > 3 else 1.0,
+    output_dir=options.outdir,
+    optim=options.optim,
+    max_grad_norm=options.max_grad_norm,
+    warmup_steps=options.warmup_steps,
+    lr_scheduler_type=options.scheduler,
     max_steps=10,
     per_device_train_batch_size=8,
-    learning_rate=1e-2,
+    learning_rate=options.lr,
     logging_steps=1,
     report_to=["tensorboard"],
     save_strategy="no",
