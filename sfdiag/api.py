@@ -145,10 +145,13 @@ def emit(text: str, outputs: Outputs) -> None:
         sys.stdout.flush()
 
 
-def write_plot(report: ProbeReport, path: Path, *, force: bool = False) -> None:
+def write_plot(
+    report: ProbeReport, path: Path, *, force: bool = False, baseline: Baseline | None = None
+) -> None:
+    """The report's picture as a PNG (``baseline``: check's, drawn beside)."""
     from sfdiag.report.plot import write_plot as write
 
-    write(report, path, force=force)
+    write(report, path, force=force, baseline=baseline)
 
 
 def gate(report: ProbeReport, *, strict: bool) -> int:

@@ -46,7 +46,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar o
 ForceOpt = Annotated[bool, typer.Option("--force", help="overwrite existing output files")]
 PlotOpt = Annotated[
     Optional[Path],  # noqa: UP045
-    typer.Option("--plot", help="also draw pre/post-step grad norms per step to FILE.png"),
+    typer.Option("--plot", help="also draw each optimizer's pre/post-step grad norms to FILE.png"),
 ]
 PerParamOpt = Annotated[
     bool, typer.Option("--per-param", help="also show a table per optimizer, one row per parameter")
@@ -260,6 +260,12 @@ def check(
     force: ForceOpt = False,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
+    plot: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            "--plot", help="also draw this run's grad norms, the baseline's beside, to FILE.png"
+        ),
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Probe CONFIG and compare with a baseline; exit 1 on regression."""
@@ -267,7 +273,7 @@ def check(
 
     with _guard(debug):
         check_tolerance(rtol, "--rtol")
-        outputs = api.Outputs(fmt=fmt, output=output, force=force).validate()
+        outputs = api.Outputs(fmt=fmt, output=output, plot=plot, force=force).validate()
         recorded = load_baseline(baseline_file)  # a bad baseline fails before the probe
         report = _probe_with_progress(
             api.with_device(api.load_config(config), device),
@@ -276,6 +282,9 @@ def check(
         )
         result = api.check_against_baseline(report, recorded, rtol=rtol)
         api.emit(api.render_check(result, fmt, color=_color_for(fmt, output)), outputs)
+        if plot is not None:
+            api.write_plot(report, plot, force=force, baseline=recorded)
+            ui.note(f"plot written to {plot}", quiet=quiet)
         code = api.EXIT_GATE if result.regressed else api.EXIT_OK
     raise typer.Exit(code)
 
@@ -310,6 +319,14 @@ def run(
         float,
         typer.Option("--metric-rtol", help="relative tolerance for a logged value to match"),
     ] = 1e-3,
+    plot: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            "--plot",
+            help="also draw each logged metric against the true values to FILE.png",
+            metavar="FILE.png",
+        ),
+    ] = None,
     nproc: Annotated[
         int,
         typer.Option(
@@ -344,6 +361,7 @@ def run(
             metrics=tuple(metric or ()),
             metric_rtol=metric_rtol,
             nproc=nproc,
+            plot=plot,
         )
         code = run_script(list(ctx.args), options)
     raise typer.Exit(code)

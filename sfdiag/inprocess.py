@@ -6,6 +6,7 @@ For notebooks and launchers that cannot be wrapped by ``sfdiag run``::
         train()
     audit.report                 # the ProbeReport sfdiag run would write
     audit.to_pandas("steps")     # results | steps | params | metrics | findings
+    audit.figure()               # logged vs true, a panel per logged metric (plot="x.png")
     audit                        # in Jupyter: the verdict tables
 
 Every optimizer that steps inside the block is audited, every gradient metric logged
@@ -26,6 +27,7 @@ from sfdiag.errors import SfdiagError
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas
+    from matplotlib.figure import Figure
 
     from sfdiag.results import ProbeReport
     from sfdiag.run.session import AuditSession
@@ -46,12 +48,14 @@ class Audit:
         force: bool = False,
         show: bool = True,
         quiet: bool = False,
+        plot: str | os.PathLike[str] | None = None,
     ) -> None:
         from sfdiag.run import RunOptions
 
         path = Path(report) if report is not None else None
         self.options = RunOptions(
             report=path,
+            plot=Path(plot) if plot is not None else None,
             strict=strict,
             force=force,
             quiet=quiet,
@@ -64,13 +68,12 @@ class Audit:
 
     # ---- the block ---------------------------------------------------------------------
     def __enter__(self) -> Audit:
-        from sfdiag.fileio import check_writable
+        from sfdiag.run import checked_outputs
         from sfdiag.run.session import AuditSession
 
         if self._session is not None:
             raise SfdiagError("sfdiag.audit(): this audit is running already")
-        if self.options.report is not None:  # refuse before the training, not after it
-            check_writable(self.options.report, self.options.force, what="report")
+        self.options = checked_outputs(self.options)  # refuse before the training, not after
         self._session = AuditSession(self.options).start()
         return self
 
@@ -87,14 +90,9 @@ class Audit:
             sys.stderr.write(self._text(color=ui.wants_color(sys.stderr)))
         for note in session.notes():
             ui.note(note, quiet=self.options.quiet)
-        if self.options.report is not None:
-            from sfdiag.fileio import write_atomic
-            from sfdiag.report import render
+        from sfdiag.run import write_outputs
 
-            write_atomic(self.options.report, render(self.report, "json"), force=True)
-            ui.note(
-                f"sfdiag: json report written to {self.options.report}", quiet=self.options.quiet
-            )
+        write_outputs(self.report, self.options)
 
     # ---- what it found -----------------------------------------------------------------
     @property
@@ -105,6 +103,12 @@ class Audit:
         return self._finished().results is not None and not gate(
             self._finished(), strict=self.options.strict
         )
+
+    def figure(self) -> Figure:
+        """The picture ``plot=`` writes, as a matplotlib Figure (a panel per logged metric)."""
+        from sfdiag.report.plot import figure_for
+
+        return figure_for(self._finished())
 
     def to_pandas(self, kind: str = "results") -> pandas.DataFrame:
         """One of the report's tables as a DataFrame (see ``ProbeReport.to_pandas``)."""
@@ -152,13 +156,15 @@ def audit(
     force: bool = False,
     show: bool = True,
     quiet: bool = False,
+    plot: str | os.PathLike[str] | None = None,
 ) -> Audit:
     """An in-process audit: ``with sfdiag.audit() as audit: train()`` (see the module doc).
 
     ``report``: also write the JSON report there (refused up front over an existing file
-    without ``force``); ``metrics``: names (globs) to judge as gradient norms besides the
-    pattern's; ``strict``: what ``audit.passed`` means, as ``sfdiag run --strict``;
-    ``show``: print the tables to stderr when the block ends.
+    without ``force``); ``plot``: also draw the picture of ``sfdiag run --plot`` there (a
+    PNG; needs matplotlib); ``metrics``: names (globs) to judge besides the pattern's;
+    ``strict``: what ``audit.passed`` means, as ``sfdiag run --strict``; ``show``: print
+    the tables to stderr when the block ends.
     """
     return Audit(
         report,
@@ -168,4 +174,5 @@ def audit(
         force=force,
         show=show,
         quiet=quiet,
+        plot=plot,
     )

@@ -29,7 +29,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sfdiag.results import FINDING_KINDS, METRIC_VERDICTS, Finding, MetricExample, MetricResult
+from sfdiag.results import (
+    FINDING_KINDS,
+    FINDING_STEPS,
+    METRIC_VERDICTS,
+    Finding,
+    MetricExample,
+    MetricResult,
+    MetricSeries,
+)
 
 _RANK = {v: i for i, v in enumerate(METRIC_VERDICTS)}
 
@@ -224,6 +232,11 @@ class NormReferences:
         """The gradient's norm: pre-clip where the script clipped, else pre-step."""
         return self.pre_clip if self.pre_clip is not None else self.pre_step
 
+    @property
+    def other(self) -> float:
+        """The reference drawn beside the true one: what a read after ``step()`` sees."""
+        return self.post_step
+
     def named(self) -> list[tuple[str, float]]:
         """Every reference present, by the name ``matches`` uses."""
         out = []
@@ -258,6 +271,11 @@ class RateReferences:
     @property
     def true(self) -> float:
         return self.applied
+
+    @property
+    def other(self) -> float:
+        """The reference drawn beside the true one: the base rate."""
+        return self.base
 
     def named(self) -> list[tuple[str, float]]:
         out = [("applied", self.applied), ("base-lr", self.base)]
@@ -393,10 +411,12 @@ class MetricTally:
     firsts: dict[str, JudgedValue] = field(default_factory=dict)  # verdict -> first value
     first: JudgedValue | None = None
     last: JudgedValue | None = None
+    series: MetricSeries = field(default_factory=MetricSeries)  # for the plot
 
     def add(self, value: JudgedValue) -> None:
         self.logged.append(value.logged)
         self.true.append(value.refs.true)
+        self.series.add(value.step, value.logged, value.refs.true, value.refs.other)
         self.optimizers[value.optimizer] += 1
         self.firsts.setdefault(value.verdict, value)
         if self.first is None:
@@ -477,6 +497,7 @@ def summarize_metric(
         nearest_ratio=near[1] if near else None,
         advice=advice,
         examples=tally.examples(),
+        series=tally.series,
     )
 
 
@@ -599,11 +620,14 @@ class ModeTally:
     first_step: int = -1
     gap: float | None = None
     detail: str | None = None  # what it did, in words (double-warmup: the product's effect)
+    steps: list[int] = field(default_factory=list)  # where, the first FINDING_STEPS of them
 
     def add(self, step: int, gap: float | None = None) -> None:
         if self.count == 0:
             self.first_step = step
         self.count += 1
+        if len(self.steps) < FINDING_STEPS and (not self.steps or self.steps[-1] != step):
+            self.steps.append(step)
         if gap is not None and (self.gap is None or gap > self.gap):
             self.gap = gap
 
@@ -682,6 +706,7 @@ def mode_findings(tallies: dict[tuple[str, str], ModeTally]) -> tuple[Finding, .
             count=tally.count,
             advice=mode_advice(kind, tally),
             gap=tally.gap if kind == "eval-in-train-mode" else None,
+            steps=tuple(tally.steps),
         )
         for (optimizer, kind), tally in tallies.items()
         if tally.count

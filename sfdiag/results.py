@@ -7,6 +7,7 @@ Plain dataclasses, no torch: reports, baselines and verdict logic work on these.
 from __future__ import annotations
 
 import math
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,6 +183,42 @@ class MetricExample:
         return out
 
 
+#: the most points a metric's series keeps for its plot
+SERIES_POINTS = 2048
+
+
+@dataclass
+class MetricSeries:
+    """A logged metric's judged steps, for ``sfdiag run --plot``: the step, the logged
+    value, the true one (the gradient's norm; a rate's applied rate) and the other
+    reference drawn beside it (the post-step norm; the base rate). At most ``cap``
+    points: past it, every other point goes and only every ``stride``-th value is kept,
+    so a long run keeps evenly spaced points in bounded memory. Not part of the JSON."""
+
+    cap: int = SERIES_POINTS
+    stride: int = 1
+    seen: int = 0
+    steps: array = field(default_factory=lambda: array("q"))
+    logged: array = field(default_factory=lambda: array("d"))
+    true: array = field(default_factory=lambda: array("d"))
+    other: array = field(default_factory=lambda: array("d"))
+
+    def add(self, step: int, logged: float, true: float, other: float | None) -> None:
+        if self.seen % self.stride == 0:
+            self.steps.append(step)
+            self.logged.append(logged)
+            self.true.append(true)
+            self.other.append(math.nan if other is None else other)
+            if len(self.steps) > self.cap:
+                for values in (self.steps, self.logged, self.true, self.other):
+                    values[:] = values[::2]
+                self.stride *= 2
+        self.seen += 1
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
 @dataclass(frozen=True)
 class MetricResult:
     """A metric the script logged (``sfdiag run``), judged at every step it was logged."""
@@ -201,6 +238,8 @@ class MetricResult:
     scope: str | None = None  # the parameter or module it measures; None: the whole model
     nearest: str | None = None  # unmatched: the closest reference
     nearest_ratio: float | None = None  # unmatched: logged / that reference
+    # every judged step, thinned (for the plot; not in the JSON)
+    series: MetricSeries | None = field(default=None, compare=False, repr=False)
 
     @property
     def wrong(self) -> bool:
@@ -226,6 +265,9 @@ class MetricResult:
         }
 
 
+#: the most steps a finding remembers for the plot
+FINDING_STEPS = 1024
+
 #: schedule-free mode findings of ``sfdiag run`` (CONTRACTS.md)
 FINDING_KINDS = (
     "eval-in-train-mode",
@@ -250,6 +292,8 @@ class Finding:
     count: int
     advice: str
     gap: float | None = None  # eval-in-train-mode: ||x - y|| / ||x|| (the largest seen)
+    # the steps it happened at, the first FINDING_STEPS of them (for the plot; not in JSON)
+    steps: tuple[int, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def failing(self) -> bool:

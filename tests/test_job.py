@@ -118,3 +118,21 @@ def test_findings_merge_by_kind_and_optimizer():
     (one,) = merged.findings
     assert (one.first_step, one.count, one.gap) == (4, 3, 0.03)
     assert gate(merged, strict=True) is True
+
+
+def test_the_rank_that_raised_is_named_over_one_a_signal_ended():
+    from types import SimpleNamespace
+
+    from sfdiag.run.launch import root_failure
+
+    def failure(code: int, when: float) -> SimpleNamespace:
+        return SimpleNamespace(exitcode=code, timestamp=when)
+
+    # rank 0 aborted by gloo when rank 1 went away, seen in the same poll or even earlier
+    assert root_failure({0: failure(-6, 10), 1: failure(1, 10)})[0] == 1
+    assert root_failure({0: failure(-6, 9), 1: failure(1, 10)})[0] == 1
+    # among errors, the earliest; a tie goes to the lower rank
+    assert root_failure({0: failure(1, 11), 1: failure(2, 10)})[0] == 1
+    assert root_failure({2: failure(1, 10), 1: failure(1, 10)})[0] == 1
+    # only signals: the earliest
+    assert root_failure({0: failure(-15, 12), 1: failure(-9, 11)})[0] == 1

@@ -11,10 +11,10 @@ runs:
   ``sfdiag.judge``).
 
 When it ends, the verdict tables go to **stderr** (the script's stdout stays exactly
-what it printed) and the JSON report to ``--report`` (atomically; the path is checked
-before the script starts). Exit code: the script's own, except that ``--strict``
-turns 0 into 1 when a logged gradient metric is wrong, or, where the script logs no
-gradient metric, when an optimizer is flagged. A script that ends the process itself
+what it printed), the JSON report to ``--report`` and the picture to ``--plot``
+(atomically; the paths are checked before the script starts). Exit code: the script's
+own, except that ``--strict`` turns 0 into 1 when a logged metric is wrong, or, where the
+script logs no gradient metric, when an optimizer is flagged. A script that ends the process itself
 (``os._exit``) leaves no report.
 """
 
@@ -58,6 +58,7 @@ class RunOptions:
     metrics: tuple[str, ...] = ()  # --metric globs: names the gradient-norm pattern misses
     metric_rtol: float = 1e-3
     nproc: int = 1  # > 1: start this many local ranks through torch's elastic launcher
+    plot: Path | None = None  # draw logged vs true, a panel per logged metric, to this PNG
 
     def validate(self) -> RunOptions:
         import math
@@ -80,10 +81,51 @@ class RunOptions:
         words = []
         if self.report is not None:
             words += ["--report", str(self.report)]
+        if self.plot is not None:
+            words += ["--plot", str(self.plot)]
         words += ["--strict"] * self.strict + ["--force"] * self.force + ["--quiet"] * self.quiet
         for glob in self.metrics:
             words += ["--metric", glob]
         return [*words, "--metric-rtol", repr(float(self.metric_rtol))]
+
+
+def checked_outputs(options: RunOptions) -> RunOptions:
+    """``options`` with the report and plot paths checked (writable, not over a file
+    without ``force``, not one path for both; matplotlib there for a plot) and made
+    absolute (the script may chdir): before the script runs, not after."""
+    from sfdiag.fileio import check_writable
+
+    report, plot = options.report, options.plot
+    if report is not None:
+        report = check_writable(report, options.force, what="report").absolute()
+    if plot is not None:
+        from sfdiag.report.plot import require_matplotlib
+
+        require_matplotlib()
+        plot = check_writable(plot, options.force, what="plot").absolute()
+        if report is not None and report.resolve() == plot.resolve():
+            raise SfdiagError(
+                f"--report and --plot name the same file ({options.plot}): give each its own"
+            )
+    return replace(options, report=report, plot=plot)
+
+
+def write_outputs(report: ProbeReport, options: RunOptions) -> None:
+    """The JSON report and the plot, each atomically, where asked for (the paths were
+    checked before the script ran: ``checked_outputs``; a file the script itself put
+    there meanwhile is still not clobbered without ``--force``)."""
+    from sfdiag import ui
+    from sfdiag.fileio import write_atomic
+    from sfdiag.report import render
+
+    if options.report is not None:
+        write_atomic(options.report, render(report, "json"), force=options.force, what="report")
+        ui.note(f"sfdiag: json report written to {options.report}", quiet=options.quiet)
+    if options.plot is not None:
+        from sfdiag.report.plot import write_plot
+
+        write_plot(report, options.plot, force=options.force)
+        ui.note(f"sfdiag: plot written to {options.plot}", quiet=options.quiet)
 
 
 def gate(report: ProbeReport, *, strict: bool) -> bool:
@@ -140,16 +182,12 @@ def run_script(argv: list[str], options: RunOptions | None = None, /, **fields: 
     """
     options = (options or RunOptions(**fields)).validate()
     from sfdiag.dist import Job
-    from sfdiag.fileio import check_writable
     from sfdiag.run import launch
 
     target = parse_command(argv)
     if target.path is not None:
         launch.check_script(target.path)
-    if options.report is not None:
-        # absolute: the script may chdir
-        report = check_writable(options.report, options.force, what="report").absolute()
-        options = replace(options, report=report)
+    options = checked_outputs(options)
     job = Job.from_env()
     if options.nproc > 1 or target.torchrun is not None:
         if job is not None:
@@ -200,11 +238,8 @@ def _audit_here(argv: list[str], target: Target, options: RunOptions, job: Any) 
         print(launch.nothing_stepped(target, namespace), file=sys.stderr)
     for note in session.notes():
         ui.note(note, quiet=options.quiet)
-    if options.report is not None and writes_report:
-        from sfdiag.fileio import write_atomic
-
-        write_atomic(options.report, render(result, "json"), force=True, what="report")
-        ui.note(f"sfdiag: json report written to {options.report}", quiet=options.quiet)
+    if writes_report:
+        write_outputs(result, options)
     _flush(sys.stderr)
     if code == 0 and gate(result, strict=options.strict):
         return 1

@@ -13,9 +13,10 @@ import statistics
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sfdiag.results import (
+    FINDING_STEPS,
     METRIC_VERDICTS,
     DistributedInfo,
     Finding,
@@ -93,6 +94,8 @@ def summarize_rank(
                 disagreement=entry.disagreement,
             )
         )
+    if rank != 0:  # the plot draws rank 0's series: the others stay home
+        metrics = [replace(m, series=None) for m in metrics]
     return RankSummary(
         rank, code, watch.script_backend, tuple(optimizers), tuple(metrics), tuple(findings)
     )
@@ -142,13 +145,19 @@ def _merge_metrics(summaries: Sequence[RankSummary]) -> tuple[MetricResult, ...]
     """One entry per (logger, name): the worst rank's (the first rank's on a tie)."""
     rank_of = {v: i for i, v in enumerate(METRIC_VERDICTS)}
     merged: dict[tuple[str, str], MetricResult] = {}
+    series: dict[tuple[str, str], Any] = {}
     for summary in summaries:
         for metric in summary.metrics:
             key = (metric.logger, metric.name)
+            if metric.series is not None:
+                series.setdefault(key, metric.series)
             held = merged.get(key)
             if held is None or rank_of[metric.verdict] > rank_of[held.verdict]:
                 merged[key] = metric
-    return tuple(merged.values())
+    return tuple(
+        m if m.series is not None or key not in series else replace(m, series=series[key])
+        for key, m in merged.items()
+    )
 
 
 def _merge_findings(summaries: Sequence[RankSummary]) -> tuple[Finding, ...]:
@@ -167,6 +176,7 @@ def _merge_findings(summaries: Sequence[RankSummary]) -> tuple[Finding, ...]:
                 held if held.count >= finding.count else finding,
                 first_step=min(held.first_step, finding.first_step),
                 gap=max(gaps) if gaps else None,
+                steps=tuple(sorted(set(held.steps) | set(finding.steps)))[:FINDING_STEPS],
             )
     return tuple(merged.values())
 

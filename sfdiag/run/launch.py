@@ -371,6 +371,16 @@ def job_arguments(target: Target, nproc: int, worker_options: list[str]) -> Any:
     return args
 
 
+def root_failure(failures: dict[int, Any]) -> tuple[int, Any]:
+    """The rank whose failure ended the job. A rank that exited with an error (a code > 0)
+    comes before one killed by a signal: a peer's death makes gloo abort the others, often
+    in the same poll of the launcher, so the earliest timestamp alone may name a bystander."""
+    return min(
+        failures.items(),
+        key=lambda item: (item[1].exitcode <= 0, item[1].timestamp, item[0]),
+    )
+
+
 def launch_job(args: Any) -> int:
     """Run the job with torch's elastic launcher (what ``torchrun`` runs); its exit code.
 
@@ -388,7 +398,7 @@ def launch_job(args: Any) -> int:
     try:
         run(args)
     except ChildFailedError as failed:
-        rank, failure = failed.get_first_failure()
+        rank, failure = root_failure(failed.failures)
         code = failure.exitcode
         if code < 0:  # killed by a signal
             code = 128 - code
