@@ -92,19 +92,10 @@ class Outputs:
         if self.output is not None:
             check_writable(self.output, force=self.force)
         if self.plot is not None:
-            if self.output is not None and _same_file(self.output, self.plot):
-                raise SfdiagError(
-                    f"--output and --plot name the same file ({self.plot}): give each its own"
-                )
-            from sfdiag.report.plot import require_matplotlib
+            from sfdiag.report.plot import check_plot_path
 
-            require_matplotlib()
-            check_writable(self.plot, force=self.force)
+            check_plot_path(self.plot, force=self.force, beside=self.output)
         return self
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def check_writable(path: Path, *, force: bool, what: str = "file") -> Path:

@@ -39,6 +39,11 @@ def check_writable(
     return target
 
 
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether two paths name one file (``~``, ``..`` and links resolved)."""
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
 def write_atomic(
     path: str | os.PathLike[str],
     data: str | bytes,

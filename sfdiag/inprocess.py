@@ -36,7 +36,15 @@ __all__ = ["Audit", "audit"]
 
 
 class Audit:
-    """A context manager; see the module doc. ``report`` is None until the block ends."""
+    """An in-process audit, a context manager: ``with sfdiag.audit() as audit: train()``
+    (see the module doc). ``audit.report`` is None until the block ends.
+
+    ``report``: also write the JSON report there (refused up front over an existing file
+    without ``force``); ``plot``: also draw the picture of ``sfdiag run --plot`` there (a
+    PNG; needs matplotlib); ``metrics``: names (globs) to judge besides the pattern's;
+    ``strict``: what ``audit.passed`` means, as ``sfdiag run --strict``; ``show``: print
+    the tables to stderr when the block ends.
+    """
 
     def __init__(
         self,
@@ -147,32 +155,5 @@ class Audit:
         return f"<pre>{html.escape(self._text())}</pre>"
 
 
-def audit(
-    report: str | os.PathLike[str] | None = None,
-    *,
-    metrics: tuple[str, ...] | list[str] = (),
-    metric_rtol: float = 1e-3,
-    strict: bool = False,
-    force: bool = False,
-    show: bool = True,
-    quiet: bool = False,
-    plot: str | os.PathLike[str] | None = None,
-) -> Audit:
-    """An in-process audit: ``with sfdiag.audit() as audit: train()`` (see the module doc).
-
-    ``report``: also write the JSON report there (refused up front over an existing file
-    without ``force``); ``plot``: also draw the picture of ``sfdiag run --plot`` there (a
-    PNG; needs matplotlib); ``metrics``: names (globs) to judge besides the pattern's;
-    ``strict``: what ``audit.passed`` means, as ``sfdiag run --strict``; ``show``: print
-    the tables to stderr when the block ends.
-    """
-    return Audit(
-        report,
-        metrics=metrics,
-        metric_rtol=metric_rtol,
-        strict=strict,
-        force=force,
-        show=show,
-        quiet=quiet,
-        plot=plot,
-    )
+#: ``with sfdiag.audit(...) as audit:``: the class itself, so its options are stated once
+audit = Audit

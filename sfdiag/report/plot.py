@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sfdiag.errors import SfdiagError
-from sfdiag.fileio import check_writable, write_atomic
+from sfdiag.fileio import check_writable, same_file, write_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -72,6 +72,24 @@ def require_matplotlib() -> None:
         import matplotlib  # noqa: F401  (None in sys.modules also lands here)
     except ImportError:
         raise SfdiagError(MISSING_MATPLOTLIB) from None
+
+
+def check_plot_path(
+    path: str | os.PathLike[str],
+    *,
+    force: bool,
+    beside: str | os.PathLike[str] | None = None,
+    beside_flag: str = "--output",
+) -> Path:
+    """A ``--plot`` path, checked before anything runs: not the file the other output
+    (``beside``, given as ``beside_flag``) goes to, matplotlib there, writable (and not over
+    a file without ``force``)."""
+    if beside is not None and same_file(beside, path):
+        raise SfdiagError(
+            f"{beside_flag} and --plot name the same file ({path}): give each its own"
+        )
+    require_matplotlib()
+    return check_writable(path, force, what="plot")
 
 
 # ---- layout -------------------------------------------------------------------------------
@@ -355,6 +373,5 @@ def write_plot(
 ) -> Path:
     """Draw the report and write the PNG to ``path`` atomically (refuses to overwrite
     an existing file unless ``force``)."""
-    require_matplotlib()
-    check_writable(path, force, what="plot")
+    check_plot_path(path, force=force)
     return write_atomic(path, plot_png(report, baseline), force=force, what="plot")

@@ -99,14 +99,11 @@ def checked_outputs(options: RunOptions) -> RunOptions:
     if report is not None:
         report = check_writable(report, options.force, what="report").absolute()
     if plot is not None:
-        from sfdiag.report.plot import require_matplotlib
+        from sfdiag.report.plot import check_plot_path
 
-        require_matplotlib()
-        plot = check_writable(plot, options.force, what="plot").absolute()
-        if report is not None and report.resolve() == plot.resolve():
-            raise SfdiagError(
-                f"--report and --plot name the same file ({options.plot}): give each its own"
-            )
+        plot = check_plot_path(
+            plot, force=options.force, beside=report, beside_flag="--report"
+        ).absolute()
     return replace(options, report=report, plot=plot)
 
 
