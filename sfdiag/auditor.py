@@ -217,8 +217,11 @@ class StepAuditor:
         a: snapshot.GradFingerprint,
         b: snapshot.GradFingerprint,
     ) -> ParamStep:
-        same_object = b.present and a.ref() is not None and a.ref() is b.ref()
-        kind = verdict.classify(b.present, same_object, same_object and a.same_content(b))
+        if b is a:  # take() kept the fingerprint from before: nothing moved
+            kind = "clean"
+        else:
+            same_object = b.present and a.ref() is not None and a.ref() is b.ref()
+            kind = verdict.classify(b.present, same_object, same_object and a.same_content(b))
         change = None
         fp = None
         if kind == "clean":  # bit-identical samples: no element moved, nothing to convert

@@ -8,13 +8,19 @@ gradient by default: the extra memory is a few hundred elements per tensor.
 ``full=True`` (forensics) clones everything for exact per-element comparisons.
 
 **Two reads per audited step.** Before ``step()`` every grad is read once for its norm
-and its checksum together: on large tensors by one fused kernel per tensor
+and its checksum together: on large tensors by one fused kernel per group of tensors
 (``torch.compile``-d, where a compiler is present and the grads are large enough to pay
 for compiling it), else by torch's own ops. After ``step()`` (``take(..., before=)``) a
-grad that is the same tensor at the same version is read once, for its checksum only:
-its norm is the pre-step one unless its bits changed (an edit through ``.data`` moves
-no version counter; then, and only then, it is read again). A grad whose version moved
-gets norm and checksum in one read, and its optimizer state sampled for fingerprinting.
+grad that is the same tensor at the same version is read once, for its checksum, and
+sampled: where both agree with before, its fingerprint *is* the one from before (nothing
+else is built for it); where the bits changed (an edit through ``.data`` moves no version
+counter) its norm is read again. A grad whose version moved gets norm and checksum in one
+read, and its optimizer state sampled for fingerprinting.
+
+**Per tensor, a few ops.** Samples are views copied in one stack per dtype and length;
+small grads of one size are stacked for their checksums; the fused kernel serves
+FUSED_GROUP tensors a call. What a large model's step pays on top of the two reads is
+mostly this Python, tens of µs per tensor.
 
 **One transfer per snapshot.** Everything a snapshot brings to the host (norms,
 checksums, samples) is computed on the device and, on an accelerator, packed into one
@@ -27,7 +33,9 @@ never mistaken for a mutating one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
 import os
 import struct
 import weakref
@@ -73,7 +81,7 @@ class GradFingerprint:
     # a 128-bit digest of the block bit-sums (and a sparse grad's index sum): equal for
     # equal grads, with 16 bytes held where the sums take hundreds
     checksum: bytes
-    sample: torch.Tensor | None  # SAMPLE_SIZE strided elements (or all, for small tensors)
+    sample: torch.Tensor | None  # SAMPLE_SIZE evenly strided elements (all of a small tensor)
     param_sample: torch.Tensor | None  # the parameter at the same elements
     full: torch.Tensor | None = None  # forensics: a full clone (on the grad's device)
     full_param: torch.Tensor | None = None
@@ -87,6 +95,8 @@ class GradFingerprint:
         return self.ref is not None
 
     def same_content(self, other: GradFingerprint) -> bool:
+        if other is self:  # an unchanged grad's fingerprint after step() is the one before
+            return True
         # norm compared by bits: NaN == NaN here, and -0.0 vs 0.0 would count as a change.
         if float_bits(self.norm) != float_bits(other.norm) or self.checksum != other.checksum:
             return False
@@ -132,13 +142,21 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1)
 
 
+def _sample_view(t: torch.Tensor) -> torch.Tensor:
+    """SAMPLE_SIZE elements spread evenly over ``t`` (all of them when ``t`` is small): a view."""
+    t = t.detach()
+    n = t.numel()
+    if n <= SAMPLE_SIZE:
+        return _flat(t)
+    step = n // SAMPLE_SIZE
+    if t.is_contiguous():  # one op instead of three: a large model samples hundreds a step
+        return t.as_strided((SAMPLE_SIZE,), (step,), t.storage_offset())
+    return _flat(t)[: step * SAMPLE_SIZE : step]
+
+
 def sample_of(t: torch.Tensor) -> torch.Tensor:
     """SAMPLE_SIZE elements spread evenly over ``t`` (all of them when ``t`` is small), copied."""
-    flat = _flat(t)
-    n = flat.numel()
-    if n <= SAMPLE_SIZE:
-        return flat.detach().clone()
-    return flat.detach()[:: n // SAMPLE_SIZE][:SAMPLE_SIZE].clone()
+    return _sample_view(t).clone()
 
 
 def _checksum(t: torch.Tensor) -> torch.Tensor:
@@ -167,7 +185,8 @@ def _sample_rows(rows: torch.Tensor) -> torch.Tensor:
     n = rows.shape[1]
     if n <= SAMPLE_SIZE:
         return rows.clone()
-    return rows[:, :: n // SAMPLE_SIZE][:, :SAMPLE_SIZE].clone()
+    step = n // SAMPLE_SIZE
+    return rows[:, : step * SAMPLE_SIZE : step].clone()
 
 
 #: small grads of one size are read together (a model's many biases and norms): one
@@ -176,20 +195,22 @@ SMALL_TENSOR = 65536
 
 
 # ---- the fused read: norm and checksum in one pass ---------------------------------------------
-#: tensors per call of the compiled kernel: a call costs tens of µs of Python, a tensor of a
-#: large model a few hundred µs of reading; a short group is padded with a dummy
-FUSED_GROUP = 8
+#: tensors per call of the compiled kernel: a call costs ~150 µs besides its reading (dynamo's
+#: guards and wrappers), a tensor of a large model a few hundred µs of reading; a short group
+#: is padded with a dummy (a few µs each). More per call compiles longer (12 s cold at 8, 15 s
+#: at 32; 3.4 s either way from inductor's disk cache).
+FUSED_GROUP = 32
 
 
 def _fused_rows(*rows: torch.Tensor) -> list[torch.Tensor]:
-    """For torch.compile: of each ``[n, FUSED_BLOCK]`` tensor, each row's sum of squares
-    (accumulated in float64: as fast here, and exact to 1e-13 where float32 drifts to 1e-5
-    over a million elements) and bit-sum, in one loop over its elements."""
+    """For torch.compile: of each ``[n, FUSED_BLOCK]`` tensor, the sum of its squares
+    (accumulated in float64 by rows: as fast here, and exact to 1e-13 where float32 drifts
+    to 1e-5 over a million elements) and each row's bit-sum, in one loop over its elements."""
     out = []
     for block in rows:
         bits = block.view(_INT_VIEW[block.element_size()])
         values = block.double()
-        out += [(values * values).sum(dim=1), bits.sum(dim=1, dtype=bits.dtype)]
+        out += [(values * values).sum(dim=1).sum(), bits.sum(dim=1, dtype=bits.dtype)]
     return out
 
 
@@ -197,6 +218,9 @@ def _fused_rows(*rows: torch.Tensor) -> list[torch.Tensor]:
 class _Fused:
     kernel: Any = None
     broken: str | None = None  # why the fused path is off for this process
+    # (dtype, device) pairs the kernel has been compiled for: their first call marks the row
+    # dimension dynamic, later calls need no marks (5 µs a tensor) to match that graph
+    compiled: set[tuple[torch.dtype, torch.device]] = field(default_factory=set)
 
 
 _FUSED = _Fused()
@@ -218,9 +242,14 @@ def _fused_eligible(view: torch.Tensor) -> bool:
     )
 
 
-def _rows_and_tail(view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    flat = view.detach().reshape(-1)
-    count = flat.numel() // FUSED_BLOCK
+def _rows_and_tail(view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``view``'s elements (contiguous) as ``[n, FUSED_BLOCK]`` rows, and those left over
+    (None: none)."""
+    detached = view.detach()
+    count, left = divmod(detached.numel(), FUSED_BLOCK)
+    if not left:
+        return detached.view(count, FUSED_BLOCK), None
+    flat = detached.view(-1)
     return flat[: count * FUSED_BLOCK].view(count, FUSED_BLOCK), flat[count * FUSED_BLOCK :]
 
 
@@ -237,31 +266,37 @@ def _grouped(blocks: list[torch.Tensor]) -> list[torch.Tensor] | None:
             return None
     # two rows, not one: a dimension marked dynamic must not be 1
     pad = torch.zeros(2, FUSED_BLOCK, dtype=blocks[0].dtype, device=blocks[0].device)
+    kind = (pad.dtype, pad.device)
     results: list[torch.Tensor] = []
     try:
         with torch.no_grad():
             for start in range(0, len(blocks), FUSED_GROUP):
                 group = blocks[start : start + FUSED_GROUP]
                 real = len(group)
-                group = group + [pad] * (FUSED_GROUP - real)
-                for rows in group:
-                    torch._dynamo.mark_dynamic(rows, 0)
+                # pads are distinct tensors: dynamo compiles a graph per pattern of repeats
+                group = group + [pad.view(pad.shape) for _ in range(FUSED_GROUP - real)]
+                if kind not in _FUSED.compiled:
+                    for rows in group:
+                        torch._dynamo.mark_dynamic(rows, 0)
                 results += _FUSED.kernel(*group)[: 2 * real]
+                _FUSED.compiled.add(kind)
     except Exception as exc:  # no C++ compiler, no triton, ...: torch's ops from now on
         _FUSED.broken = f"{type(exc).__name__}: {exc}"
         return None
     return results
 
 
-def _with_tail(sums: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+def _with_tail(sums: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:
+    """The rows' bit-sums, and the tail's after them where there is one."""
+    if tail is None:
+        return sums
     tail_bits = _bits(tail)
-    last = tail_bits.sum(dtype=tail_bits.dtype).reshape(1) if tail.numel() else sums.new_zeros(1)
-    return torch.cat([sums, last]).to(torch.int64)
+    return torch.cat([sums, tail_bits.sum(dtype=tail_bits.dtype).reshape(1)])
 
 
 def _fused_reads(views: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """(norm as a 0-d float64 tensor, block checksums as int64) of each of ``views`` (all
-    of one dtype and device), read once each by the compiled kernel; None where it cannot
+    """(sum of squares as a 0-d float64 tensor, row checksums) of each of ``views`` (all of
+    one dtype and device), read once each by the compiled kernel; None where it cannot
     run."""
     split = [_rows_and_tail(v) for v in views]
     results = _grouped([rows for rows, _ in split])
@@ -270,12 +305,19 @@ def _fused_reads(views: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Te
     out = []
     for k, (_, tail) in enumerate(split):
         squares, sums = results[2 * k], results[2 * k + 1]
-        total = squares.sum()
-        if tail.numel():
+        if tail is not None:
             tail_values = tail.double()
-            total = total + (tail_values * tail_values).sum()
-        out.append((total.sqrt(), _with_tail(sums, tail)))
+            squares = squares + (tail_values * tail_values).sum()
+        out.append((squares, _with_tail(sums, tail)))
     return out
+
+
+def _fused_sums_only(view: torch.Tensor) -> torch.Tensor:
+    """The fused kernel's row checksums of ``view``, by torch's ops (one read; for a grad
+    whose norm is known)."""
+    rows, tail = _rows_and_tail(view)
+    bits = _bits(rows)
+    return _with_tail(bits.sum(dim=1, dtype=bits.dtype), tail)
 
 
 # ---- one transfer to the host ---------------------------------------------------------------
@@ -302,15 +344,70 @@ def pack(pieces: list[torch.Tensor]) -> list[torch.Tensor]:
 
 @dataclass
 class _Pending:
-    """What one snapshot asks of the device, by position in one list (then one transfer)."""
+    """What one snapshot asks of the device, as pieces for one transfer; each result is known
+    by its position (a piece of k rows stands for k results, one per row)."""
 
     pieces: list[torch.Tensor] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)  # per piece: its rows as results, or 0
+    results: list[torch.Tensor] = field(default_factory=list)  # on the host, after fetch()
+    count: int = 0
 
-    def add(self, t: torch.Tensor | None) -> int | None:
-        if t is None:
-            return None
+    def add(self, t: torch.Tensor) -> int:
         self.pieces.append(t)
-        return len(self.pieces) - 1
+        self.rows.append(0)
+        self.count += 1
+        return self.count - 1
+
+    def add_rows(self, stacked: torch.Tensor) -> range:
+        self.pieces.append(stacked)
+        self.rows.append(len(stacked))
+        self.count += len(stacked)
+        return range(self.count - len(stacked), self.count)
+
+    def fetch(self) -> None:
+        for piece, rows in zip(_to_host(self.pieces), self.rows, strict=True):
+            if rows:
+                self.results.extend(piece.unbind(0))
+            else:
+                self.results.append(piece)
+
+    def __getitem__(self, slot: int) -> torch.Tensor:
+        return self.results[slot]
+
+
+def _stacked_samples(views: dict[int, torch.Tensor], pending: _Pending) -> dict[int, int]:
+    """A sample of each of ``views``: one copy per dtype, device and sample length."""
+    groups: dict[tuple[Any, ...], tuple[list[int], list[torch.Tensor]]] = {}
+    for i, view in views.items():
+        sample = _sample_view(view)
+        key = (sample.dtype, sample.device, sample.shape[0])
+        indices, samples = groups.setdefault(key, ([], []))
+        indices.append(i)
+        samples.append(sample)
+    slots: dict[int, int] = {}
+    for indices, samples in groups.values():
+        if len(samples) == 1:  # a copy of its own: no stacked buffer behind it
+            slots[indices[0]] = pending.add(samples[0].clone())
+        else:
+            slots.update(zip(indices, pending.add_rows(torch.stack(samples)), strict=True))
+    return slots
+
+
+def _layouts(
+    views: dict[int, torch.Tensor], before: list[GradFingerprint] | None
+) -> dict[int, str]:
+    """Each grad's checksum layout: kept from before ``step()`` to after, whatever happens;
+    "fused" for the large grads of a snapshot the compiled kernel serves."""
+    eligible = {i for i, v in views.items() if _fused_eligible(v)}
+    use_fused = bool(eligible) and _fused_wanted(sum(views[i].numel() for i in eligible))
+    layouts = {}
+    for i in views:
+        prior = before[i] if before is not None and before[i].present else None
+        if prior is not None:
+            layouts[i] = prior.layout
+        else:
+            layouts[i] = "fused" if use_fused and i in eligible else "blocks"
+    return layouts
 
 
 def take(
@@ -324,48 +421,44 @@ def take(
     """Fingerprint every parameter's ``.grad`` (see the module doc).
 
     ``before``: the pre-step snapshot of the same ``params``; a grad that is still that
-    tensor at that version is read for its checksum only. ``states(param)``: the
+    tensor at that version is read for its checksum and sampled, not for its norm, and
+    where both agree its fingerprint is the one from before. ``states(param)``: the
     optimizer's per-element state of a param, sampled where its grad's version moved.
-    ``param_samples=False`` leaves out the parameters' samples: the auditor reads them
-    from the snapshot before ``step()`` only.
+    ``param_samples=False`` leaves out the parameters' samples: the auditor reads them from
+    the snapshot before ``step()`` only.
     """
     grads = [p.grad for p in params]
     views: dict[int, torch.Tensor] = {
         i: _dense_view(g) for i, g in enumerate(grads) if g is not None
     }
-    unchanged = {
-        i
-        for i, g in enumerate(grads)
-        if g is not None
-        and before is not None
-        and before[i].present
-        and before[i].ref() is g
-        and before[i].version == g._version
-    }
+    unchanged = set()
+    if before is not None:
+        unchanged = {
+            i
+            for i, g in enumerate(grads)
+            if g is not None
+            and before[i].present
+            and before[i].ref() is g
+            and before[i].version == g._version
+        }
+    layouts = _layouts(views, before)
     pending = _Pending()
     norm_at: dict[int, int] = {}
+    squares_at: dict[int, int] = {}  # the fused kernel's sums of squares
     sums_at: dict[int, int] = {}
-    layouts: dict[int, str] = {}
-    eligible = [i for i, v in views.items() if _fused_eligible(v)]
-    use_fused = bool(eligible) and _fused_wanted(sum(views[i].numel() for i in eligible))
-    plain_norms = []
-    for i in views:
-        # a tensor keeps its checksum's layout from before step() to after, whatever happens
-        prior = before[i] if before is not None and before[i].present else None
-        if prior is not None:
-            layouts[i] = prior.layout
-        else:
-            layouts[i] = "fused" if use_fused and i in eligible else "blocks"
+    sample_at: dict[int, int] = {}
+
     by_dtype: dict[tuple[torch.dtype, torch.device], list[int]] = {}
     for i, layout in layouts.items():
         if layout == "fused" and i not in unchanged:
             by_dtype.setdefault((views[i].dtype, views[i].device), []).append(i)
     for indices in by_dtype.values():
         read = _fused_reads([views[i] for i in indices])
-        for i, (norm, sums) in zip(indices, read or (), strict=False):
-            norm_at[i] = pending.add(norm)  # norm and checksum in one read
+        for i, (squares, sums) in zip(indices, read or (), strict=False):
+            squares_at[i] = pending.add(squares)  # norm and checksum in one read
             sums_at[i] = pending.add(sums)
-    sample_at: dict[int, int] = {}
+
+    plain_norms = []
     same_size: dict[tuple[int, torch.dtype, torch.device], list[int]] = {}
     for i, view in views.items():
         if (
@@ -379,44 +472,56 @@ def take(
         if len(indices) < 2:
             continue
         stacked = torch.stack([views[i].detach().reshape(-1) for i in indices])
-        checksums, samples = _checksum_rows(stacked), _sample_rows(stacked)
+        checksums = pending.add_rows(_checksum_rows(stacked))
+        samples = pending.add_rows(_sample_rows(stacked))
         for i, sums, sample in zip(indices, checksums, samples, strict=True):
-            sums_at[i] = pending.add(sums)
-            sample_at[i] = pending.add(sample)
+            sums_at[i], sample_at[i] = sums, sample
             if i not in unchanged:
                 plain_norms.append(i)
     for i, view in views.items():
         if i in sums_at:
             continue
-        if layouts[i] == "fused":
-            sums = _fused_sums_only(view)
-        else:
-            sums = _checksum(view)
+        sums = _fused_sums_only(view) if layouts[i] == "fused" else _checksum(view)
+        sums_at[i] = pending.add(sums)
         if i not in unchanged:
             plain_norms.append(i)
-        sums_at[i] = pending.add(sums)
     if plain_norms:
-        # one kernel per (device, dtype) group; the stack widens mixed dtypes exactly
+        # one kernel per (device, dtype) group, one stack per device
         norms = torch._foreach_norm([views[i].detach() for i in plain_norms])
-        for i, norm in zip(plain_norms, norms, strict=True):
-            norm_at[i] = pending.add(norm.to(torch.float64))
+        by_device: dict[torch.device, list[int]] = {}
+        for k, norm in enumerate(norms):
+            by_device.setdefault(norm.device, []).append(k)
+        for ks in by_device.values():
+            stacked = torch.stack([norms[k] for k in ks]).to(torch.float64)
+            norm_at.update(
+                zip([plain_norms[k] for k in ks], pending.add_rows(stacked), strict=True)
+            )
     index_at = {
         i: pending.add(g._indices().sum().reshape(1).to(torch.int64))
         for i, g in enumerate(grads)
         if g is not None and g.layout == torch.sparse_coo
     }
-    sample_at.update({i: pending.add(sample_of(v)) for i, v in views.items() if i not in sample_at})
-    param_at = {
-        i: pending.add(sample_of(local(params[i])))
-        for i, g in enumerate(grads)
-        if g is not None and param_samples and g.layout == torch.strided
-    }
+    sample_at.update(
+        _stacked_samples({i: v for i, v in views.items() if i not in sample_at}, pending)
+    )
+    param_at = (
+        _stacked_samples(
+            {
+                i: local(params[i])
+                for i, g in enumerate(grads)
+                if g is not None and g.layout == torch.strided
+            },
+            pending,
+        )
+        if param_samples
+        else {}
+    )
     state_at: dict[int, dict[str, int]] = {}
     if states is not None:
         for i in views:
             if i not in unchanged:
                 state_at[i] = {k: pending.add(v) for k, v in states(params[i]).items()}
-    host = _to_host(pending.pieces)
+    pending.fetch()
 
     out: list[GradFingerprint] = []
     recheck: list[int] = []
@@ -424,43 +529,41 @@ def take(
         if g is None:
             out.append(GradFingerprint(None, 0, 0.0, b"", None, None))
             continue
-        checksum = _digest_of(host[sums_at[i]], host[index_at[i]] if i in index_at else None)
-        if i in norm_at:
-            norm = float(host[norm_at[i]])
-        else:  # the same tensor at the same version: the pre-step norm, if the bits agree
-            norm = before[i].norm
-            if checksum != before[i].checksum:
+        checksum = _digest_of(pending[sums_at[i]], pending[index_at[i]] if i in index_at else None)
+        sample = pending[sample_at[i]]
+        if i in unchanged:  # the same tensor at the same version
+            prior = before[i]
+            if checksum != prior.checksum:
                 recheck.append(i)  # changed behind the version counter (.data): read it
+            elif not full and _bits_equal(sample, prior.sample):
+                out.append(prior)  # nothing moved: the fingerprint from before holds
+                continue
+            norm = prior.norm  # read again below where the bits moved
+        elif i in squares_at:
+            norm = math.sqrt(float(pending[squares_at[i]]))
+        else:
+            norm = float(pending[norm_at[i]])
         out.append(
             GradFingerprint(
                 ref=weakref.ref(g),
                 version=g._version,
                 norm=norm,
                 checksum=checksum,
-                sample=host[sample_at[i]],
-                param_sample=host[param_at[i]] if i in param_at else None,
+                sample=sample,
+                param_sample=pending[param_at[i]] if i in param_at else None,
                 full=views[i].detach().clone() if full else None,
                 full_param=(
                     local(p).detach().clone()
                     if full and param_samples and g.layout == torch.strided
                     else None
                 ),
-                states={k: host[j] for k, j in state_at[i].items()} if i in state_at else None,
+                states={k: pending[j] for k, j in state_at[i].items()} if i in state_at else None,
                 layout=layouts[i],
             )
         )
     for i in recheck:
         out[i] = _reread(out[i], views[i], params[i], states)
     return out
-
-
-def _fused_sums_only(view: torch.Tensor) -> torch.Tensor:
-    """The fused kernel's block checksums of ``view``, by torch's ops (one read; for a grad
-    whose norm is known, or where the kernel cannot run)."""
-    rows, tail = _rows_and_tail(view)
-    bits, tail_bits = _bits(rows), _bits(tail)
-    head = bits.sum(dim=1, dtype=bits.dtype)
-    return torch.cat([head, tail_bits.sum(dtype=tail_bits.dtype).reshape(1)]).to(torch.int64)
 
 
 def _reread(
@@ -470,25 +573,18 @@ def _reread(
     norm = torch._foreach_norm([view.detach()])[0].to(torch.float64)
     sampled = states(param) if states is not None else {}
     host = _to_host([norm, *sampled.values()])
-    return GradFingerprint(
-        ref=fp.ref,
-        version=fp.version,
+    return dataclasses.replace(
+        fp,
         norm=float(host[0]),
-        checksum=fp.checksum,
-        sample=fp.sample,
-        param_sample=fp.param_sample,
-        full=fp.full,
-        full_param=fp.full_param,
         states=dict(zip(sampled, host[1:], strict=True)) if states is not None else None,
-        layout=fp.layout,
     )
 
 
 def _digest_of(sums: torch.Tensor, index_sum: torch.Tensor | None) -> bytes:
     """The checksum a fingerprint keeps: a blake2b digest of the block sums' bytes."""
-    hashed = hashlib.blake2b(sums.numpy().tobytes(), digest_size=16)
+    hashed = hashlib.blake2b(sums.numpy(), digest_size=16)
     if index_sum is not None:
-        hashed.update(index_sum.numpy().tobytes())
+        hashed.update(index_sum.numpy())
     return hashed.digest()
 
 

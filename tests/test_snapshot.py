@@ -56,6 +56,21 @@ def test_every_edit_reads_alike_on_both_paths(path, edit):
     if b.present:
         assert b.layout == a.layout
         assert b.norm == pytest.approx(float(p.grad.double().norm()), rel=1e-5)
+        assert b.sample is not None
+    # a grad nothing touched keeps its fingerprint: read for its checksum only, not sampled
+    assert (b is a) == (edit == "none")
+
+
+def test_samples_of_every_size_and_shape_are_each_tensors_own(path):
+    """take() copies the samples of many tensors in a few stacked copies: each fingerprint
+    must still hold its own grad's and param's elements, whatever mix of sizes, shapes and
+    dtypes a model has)."""
+    shapes = [(5,), (256,), (16, 16), (300,), (4096,), BIG, (3, 7), (5,), (256,)]
+    params = [param(shape, seed=k) for k, shape in enumerate(shapes)]
+    params.append(param((700,), seed=99, dtype=torch.bfloat16))
+    for fp, p in zip(snapshot.take(params), params, strict=True):
+        assert torch.equal(fp.sample, snapshot.sample_of(p.grad))
+        assert torch.equal(fp.param_sample, snapshot.sample_of(p.detach()))
 
 
 def test_the_fused_norm_is_exact_and_consistent(monkeypatch):
@@ -107,3 +122,34 @@ def test_pack_moves_every_piece_in_one_buffer():
     for got, want in zip(back, pieces, strict=True):
         assert got.dtype == want.dtype and got.shape == want.shape
         assert torch.equal(got.view(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8))
+
+
+def test_the_kernel_compiles_once_whatever_the_number_of_grads(monkeypatch):
+    """A short group is padded: with distinct pad tensors, not one repeated, since dynamo
+    compiles a graph per pattern of repeated inputs (a recompile of seconds for every
+    count of grads, and eager code past its recompile limit)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("SFDIAG_FUSED", "1")
+    rows = (snapshot.FUSED_MIN_ROWS, snapshot.FUSED_BLOCK)
+    params = [param(rows, seed=k) for k in range(snapshot.FUSED_GROUP + 3)]
+    graphs = counters["stats"]["unique_graphs"]
+    for count in (1, 2, 3, snapshot.FUSED_GROUP - 1, snapshot.FUSED_GROUP + 3):
+        prints = snapshot.take(params[:count])
+        assert {fp.layout for fp in prints} == {"fused"} and snapshot._FUSED.broken is None
+        for fp, p in zip(prints, params, strict=False):
+            assert fp.norm == pytest.approx(float(p.grad.double().norm()), rel=1e-12)
+    assert counters["stats"]["unique_graphs"] - graphs <= 1
+
+
+@pytest.mark.parametrize("shape", [(4, 64), (1024, 1024)])
+def test_a_grad_negated_through_data_is_mutated(path, shape):
+    """Negating every element flips every sign bit: each block of an even number of elements
+    keeps its bit-sum (2 * 2**31 wraps to 0) and the norm is the same, so the sample, taken
+    after step() even from a grad at its old version, is what sees it."""
+    p = param(shape)
+    before = snapshot.take([p])
+    p.grad.data.neg_()
+    after = snapshot.take([p], param_samples=False, before=before)
+    assert after[0].checksum == before[0].checksum  # the blind spot this test is about
+    assert not before[0].same_content(after[0])
