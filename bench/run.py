@@ -159,7 +159,7 @@ class Settings:
             cli_runs=5,
             compare_runs=2,
             scaling_sizes=(1_000_000, 10_000_000),
-            scaling_pairs=5,
+            scaling_pairs=8,
             long_steps=400,
             pinned_malloc_steps=False,
             quick=True,
@@ -371,6 +371,47 @@ def measure_audit_overhead(trainer: Trainer, pairs: int) -> dict[str, Any]:
         "plain_ms": _median_ms(times["plain"]),
         "audited_ms": _median_ms(times["audited"]),
         "runs_each": len(times["plain"]),
+    }
+
+
+def measure_hook_costs(trainer: Trainer, rounds: int) -> dict[str, Any]:
+    """Thread CPU time (less moved by other jobs than wall time) of the auditor's two hooks,
+    of one plain read of every grad (``_foreach_norm``: the floor is two such reads) and of
+    a whole step without the auditor; medians over ``rounds`` steps after a warm-up."""
+    auditor = trainer.auditor()
+    opt = trainer.optimizer
+    params = auditor.params_of(opt)
+    clock = time.thread_time
+    costs: dict[str, list[float]] = {"pre": [], "post": [], "read": [], "step": []}
+    for round_ in range(rounds + 1):
+        opt.zero_grad(set_to_none=True)
+        trainer._loss().backward()
+        start = clock()
+        torch._foreach_norm([p.grad for p in params if p.grad is not None])
+        read = clock() - start
+        start = clock()
+        auditor.pre_step(opt)
+        pre = clock() - start
+        opt.step()
+        start = clock()
+        auditor.post_step(opt)
+        post = clock() - start
+        auditor.observations.clear()
+        start = clock()
+        trainer.step()
+        step = clock() - start
+        if round_:
+            for key, value in zip(costs, (pre, post, read, step), strict=True):
+                costs[key].append(value)
+    ms = {key: _median_ms(values) for key, values in costs.items()}
+    return {
+        "pre_hook_ms": ms["pre"],
+        "post_hook_ms": ms["post"],
+        "grad_read_ms": ms["read"],
+        "step_ms": ms["step"],
+        "hooks_over_step": round(1 + (ms["pre"] + ms["post"]) / ms["step"], 4),
+        "two_reads_over_step": round(1 + 2 * ms["read"] / ms["step"], 4),
+        "rounds": rounds,
     }
 
 
@@ -1007,6 +1048,7 @@ def scaling_worker(params: int, audit: bool, settings: Settings) -> dict[str, An
     if audit:
         overhead = measure_audit_overhead(trainer, scaling_pairs(out["params"], settings))
         out["overhead"] = overhead
+        out["hooks"] = measure_hook_costs(trainer, max(3, settings.scaling_pairs))
         out["memory"] = measure_audit_memory(trainer)
     return out
 
@@ -1053,6 +1095,7 @@ def run_scaling(settings: Settings) -> dict[str, Any]:
                 "audited_step_ms": audited["overhead"]["audited_ms"],
                 "audit_overhead_ratio": audited["overhead"]["ratio"],
                 "audit_overhead_paired_ratio": audited["overhead"]["paired_ratio"],
+                "hooks": audited.get("hooks"),
                 "pairs": audited["overhead"]["runs_each"],
                 "audit_peak_bytes": audited["memory"]["peak_bytes"],
                 "audit_extra_memory_fraction": audited["memory"]["fraction"],
@@ -1212,7 +1255,11 @@ def collect(settings: Settings, progress: Callable[[str], None] | None = None) -
         got = run_worker(settings, "scaling", str(settings.m100_size), "1")
         big = {"params": got["params"], "audit_overhead_ratio": got["overhead"]["ratio"], **got}
     out["audit_overhead_ratio_100m"] = big["audit_overhead_ratio"]
-    out["audit_overhead_100m"] = {"params": big["params"], "ratio": big["audit_overhead_ratio"]}
+    out["audit_overhead_100m"] = {
+        "params": big["params"],
+        "ratio": big["audit_overhead_ratio"],
+        "hooks": big.get("hooks"),
+    }
 
     say("CUDA")
     out["cuda"] = measure_cuda(settings)
@@ -1317,6 +1364,15 @@ def render(figures: dict[str, Any]) -> str:
             f"{row['params']:>12,} {row['plain_step_ms']:>9.2f} {row['audited_step_ms']:>9.2f} "
             f"{row['audit_overhead_ratio']:>7.3f} {row['audit_peak_bytes']:>9} "
             f"{row['max_rss_plain_mb']:>8.1f} {row['max_rss_extra_mb']:>+8.1f}"
+        )
+    hooks = figures["audit_overhead_100m"].get("hooks")
+    if hooks:
+        lines.append(
+            f"at {figures['audit_overhead_100m']['params']:,} parameters, thread CPU time: "
+            f"pre-step hook {hooks['pre_hook_ms']:.1f} ms, post-step {hooks['post_hook_ms']:.1f}, "
+            f"one plain read of the grads {hooks['grad_read_ms']:.1f}, a step "
+            f"{hooks['step_ms']:.1f}: hooks x{hooks['hooks_over_step']:.3f} of the step, two "
+            f"plain reads alone x{hooks['two_reads_over_step']:.3f}"
         )
     long_run = figures["run_overhead_long"]
     lines.append(

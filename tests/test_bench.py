@@ -119,6 +119,9 @@ def test_the_new_figures_are_there(figures):
     assert figures["cuda"] == "not available" or isinstance(figures["cuda"], dict)
     for key in ("audit_overhead_ratio_100m", "audit_extra_memory_fraction_mutating"):
         assert _positive(figures[key])
+    hooks = figures["audit_overhead_100m"]["hooks"]  # the breakdown that explains the ratio
+    assert hooks["hooks_over_step"] > 1 and hooks["two_reads_over_step"] > 1
+    assert hooks["pre_hook_ms"] > 0 and hooks["post_hook_ms"] > 0 and hooks["step_ms"] > 0
     long_run = figures["run_overhead_long"]
     assert long_run["steps_each"] > 0 and long_run["audited_steps"] > 0
     assert long_run["metrics_judged"]["audited/grad_norm"][0] == "correct"
