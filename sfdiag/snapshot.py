@@ -328,18 +328,31 @@ def _to_host(pieces: list[torch.Tensor]) -> list[torch.Tensor]:
     return pack(pieces)
 
 
+#: each piece of a packed buffer starts at a multiple of this many bytes: a view as a dtype
+#: needs its offset divisible by the dtype's size (65 int32 block sums are 260 bytes)
+PACK_ALIGN = 16
+
+
 def pack(pieces: list[torch.Tensor]) -> list[torch.Tensor]:
     """``pieces`` packed into one byte buffer on their device, copied to the host in one
     transfer, and cut back into tensors of their dtypes and shapes."""
     device = pieces[0].device
     flat = [p.detach().to(device).contiguous().reshape(-1) for p in pieces]
-    packed = torch.cat([p.view(torch.uint8) for p in flat]).cpu()
-    out, start = [], 0
-    for p, original in zip(flat, pieces, strict=True):
+    padding = torch.zeros(PACK_ALIGN, dtype=torch.uint8, device=device)
+    parts, starts, start = [], [], 0
+    for p in flat:
+        starts.append(start)
         size = p.numel() * p.element_size()
-        out.append(packed[start : start + size].view(p.dtype).view(original.shape))
-        start += size
-    return out
+        parts.append(p.view(torch.uint8))
+        gap = -size % PACK_ALIGN
+        if gap:
+            parts.append(padding[:gap])
+        start += size + gap
+    packed = torch.cat(parts).cpu()
+    return [
+        packed[begin : begin + p.numel() * p.element_size()].view(p.dtype).view(original.shape)
+        for begin, p, original in zip(starts, flat, pieces, strict=True)
+    ]
 
 
 @dataclass

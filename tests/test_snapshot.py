@@ -111,7 +111,9 @@ def test_small_and_sparse_grads_take_torch_ops(monkeypatch):
 
 def test_pack_moves_every_piece_in_one_buffer():
     pieces = [
+        torch.arange(65, dtype=torch.int32),  # 260 bytes: what follows must still be aligned
         torch.tensor(3.5, dtype=torch.float64),
+        torch.tensor([1, 2, 3], dtype=torch.int16),
         torch.arange(65, dtype=torch.int64),
         torch.randn(256),
         torch.randn(7, dtype=torch.bfloat16),
@@ -153,3 +155,29 @@ def test_a_grad_negated_through_data_is_mutated(path, shape):
     after = snapshot.take([p], param_samples=False, before=before)
     assert after[0].checksum == before[0].checksum  # the blind spot this test is about
     assert not before[0].same_content(after[0])
+
+
+def test_a_snapshot_through_one_packed_transfer_reads_alike(path, monkeypatch):
+    """What an accelerator does (every piece packed into one buffer, copied once, cut back),
+    forced on the CPU: the same fingerprints as reading the pieces where they lie."""
+    shapes = [BIG, (300,), (300,), (5,), (16, 16), (4096,), (4096,)]
+    params = [param(shape, seed=k) for k, shape in enumerate(shapes)]
+    direct = snapshot.take(params)
+    packed_calls = []
+
+    def packed(pieces):
+        packed_calls.append(len(pieces))
+        return snapshot.pack(pieces)
+
+    monkeypatch.setattr(snapshot, "_to_host", packed)
+    moved = snapshot.take(params)
+    assert len(packed_calls) == 1  # one transfer for the whole snapshot
+    for a, b in zip(direct, moved, strict=True):
+        assert a.norm == b.norm and a.checksum == b.checksum and a.layout == b.layout
+        assert torch.equal(a.sample, b.sample) and torch.equal(a.param_sample, b.param_sample)
+    params[1].grad.data[7] += 1.0  # behind the version counter: its norm read again, in one more
+    after = snapshot.take(params, param_samples=False, before=moved)
+    assert [b is a for a, b in zip(moved, after, strict=True)] == [
+        k != 1 for k in range(len(params))
+    ]
+    assert not moved[1].same_content(after[1]) and len(packed_calls) == 3
