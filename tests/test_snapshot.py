@@ -175,9 +175,16 @@ def test_a_snapshot_through_one_packed_transfer_reads_alike(path, monkeypatch):
     for a, b in zip(direct, moved, strict=True):
         assert a.norm == b.norm and a.checksum == b.checksum and a.layout == b.layout
         assert torch.equal(a.sample, b.sample) and torch.equal(a.param_sample, b.param_sample)
+    params[0].grad.mul_(2.0)  # a new version: read whole, with the optimizer's state sampled
     params[1].grad.data[7] += 1.0  # behind the version counter: its norm read again, in one more
-    after = snapshot.take(params, param_samples=False, before=moved)
-    assert [b is a for a, b in zip(moved, after, strict=True)] == [
-        k != 1 for k in range(len(params))
-    ]
+
+    def states(p):  # as the auditor's sampler: the state at the sampled elements
+        return {"exp_avg_sq": snapshot.sample_of(p.detach().square().to(torch.float16))}
+
+    after = snapshot.take(params, param_samples=False, before=moved, states=states)
+    assert [b is a for a, b in zip(moved, after, strict=True)] == [k > 1 for k in range(7)]
     assert not moved[1].same_content(after[1]) and len(packed_calls) == 3
+    assert after[0].norm == pytest.approx(2 * moved[0].norm, rel=1e-12)
+    for k in (0, 1):
+        got = after[k].states["exp_avg_sq"]
+        assert torch.equal(got, states(params[k])["exp_avg_sq"])
