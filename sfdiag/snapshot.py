@@ -243,13 +243,14 @@ def _fused_eligible(view: torch.Tensor) -> bool:
 
 
 def _rows_and_tail(view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``view``'s elements (contiguous) as ``[n, FUSED_BLOCK]`` rows, and those left over
-    (None: none)."""
-    detached = view.detach()
-    count, left = divmod(detached.numel(), FUSED_BLOCK)
+    """``view``'s elements as ``[n, FUSED_BLOCK]`` rows, and those left over (None: none).
+
+    A view of the grad; a copy only where a grad that had this layout before ``step()`` was
+    replaced by a non-contiguous tensor."""
+    flat = view.detach().reshape(-1)
+    count, left = divmod(flat.numel(), FUSED_BLOCK)
     if not left:
-        return detached.view(count, FUSED_BLOCK), None
-    flat = detached.view(-1)
+        return flat.view(count, FUSED_BLOCK), None
     return flat[: count * FUSED_BLOCK].view(count, FUSED_BLOCK), flat[count * FUSED_BLOCK :]
 
 
