@@ -424,6 +424,20 @@ def _layouts(
     return layouts
 
 
+def _unchanged(grads: list[torch.Tensor | None], before: list[GradFingerprint] | None) -> set[int]:
+    """The grads that are still the tensors ``before`` saw, at the versions it saw."""
+    if before is None:
+        return set()
+    return {
+        i
+        for i, g in enumerate(grads)
+        if g is not None
+        and before[i].present
+        and before[i].ref() is g
+        and before[i].version == g._version
+    }
+
+
 def take(
     params: list[torch.Tensor],
     *,
@@ -445,16 +459,7 @@ def take(
     views: dict[int, torch.Tensor] = {
         i: _dense_view(g) for i, g in enumerate(grads) if g is not None
     }
-    unchanged = set()
-    if before is not None:
-        unchanged = {
-            i
-            for i, g in enumerate(grads)
-            if g is not None
-            and before[i].present
-            and before[i].ref() is g
-            and before[i].version == g._version
-        }
+    unchanged = _unchanged(grads, before)
     layouts = _layouts(views, before)
     pending = _Pending()
     norm_at: dict[int, int] = {}
