@@ -108,9 +108,13 @@ class AdamNormalize(torch.optim.Optimizer):
                 state["step"] += 1
                 v = state["exp_avg_sq"]
                 v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                denom = (v / (1 - beta2 ** state["step"])).sqrt_().add_(group["eps"])
+                denom = (v / (1 - beta2 ** state["step"])).sqrt_().add_(self.eps_of(group, p))
                 p.grad.div_(denom)
                 p.add_(p.grad, alpha=-group["lr"])
+
+    def eps_of(self, group, p) -> float:
+        """What the denominator adds."""
+        return group["eps"]
 
 
 class FailsToStep(_Mutating):
@@ -196,25 +200,9 @@ class TupleEps(AdamNormalize):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps=(None, 1e-3)):
         torch.optim.Optimizer.__init__(self, params, dict(lr=lr, betas=betas, eps=eps))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            beta2 = group["betas"][1]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                eps = group["eps"][0]
-                eps = torch.finfo(p.dtype).eps if eps is None else eps
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                v = state["exp_avg_sq"]
-                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                denom = (v / (1 - beta2 ** state["step"])).sqrt_().add_(eps)
-                p.grad.div_(denom)
-                p.add_(p.grad, alpha=-group["lr"])
+    def eps_of(self, group, p) -> float:
+        eps = group["eps"][0]
+        return torch.finfo(p.dtype).eps if eps is None else eps
 
 
 class StepOnly:
