@@ -412,16 +412,12 @@ def _layouts(
 ) -> dict[int, str]:
     """Each grad's checksum layout: kept from before ``step()`` to after, whatever happens;
     "fused" for the large grads of a snapshot the compiled kernel serves."""
+    kept = {} if before is None else {i: before[i].layout for i in views if before[i].present}
+    if len(kept) == len(views):  # after step(), as a rule: nothing to decide
+        return kept
     eligible = {i for i, v in views.items() if _fused_eligible(v)}
     use_fused = bool(eligible) and _fused_wanted(sum(views[i].numel() for i in eligible))
-    layouts = {}
-    for i in views:
-        prior = before[i] if before is not None and before[i].present else None
-        if prior is not None:
-            layouts[i] = prior.layout
-        else:
-            layouts[i] = "fused" if use_fused and i in eligible else "blocks"
-    return layouts
+    return {i: kept.get(i) or ("fused" if use_fused and i in eligible else "blocks") for i in views}
 
 
 def _unchanged(grads: list[torch.Tensor | None], before: list[GradFingerprint] | None) -> set[int]:
