@@ -375,27 +375,31 @@ def measure_audit_overhead(trainer: Trainer, pairs: int) -> dict[str, Any]:
 
 
 def measure_hook_costs(trainer: Trainer, rounds: int) -> dict[str, Any]:
-    """Thread CPU time (less moved by other jobs than wall time) of the auditor's two hooks,
-    of one plain read of every grad (``_foreach_norm``: the floor is two such reads) and of
-    a whole step without the auditor; medians over ``rounds`` steps after a warm-up."""
+    """The time of the auditor's two hooks, of one plain read of every grad
+    (``_foreach_norm``: the floor is two such reads) and of a whole step without the auditor;
+    medians over ``rounds`` steps after a warm-up. On the CPU thread CPU time (less moved by
+    other jobs than wall time); on CUDA wall time, the device idle before and after each."""
     auditor = trainer.auditor()
     opt = trainer.optimizer
     params = auditor.params_of(opt)
-    clock = time.thread_time
+    on_cpu = torch.device(trainer.device).type == "cpu"
+    clock = time.thread_time if on_cpu else time.perf_counter
+
+    def timed(fn: Callable[[], Any]) -> float:
+        _sync(trainer.device)
+        start = clock()
+        fn()
+        _sync(trainer.device)
+        return clock() - start
+
     costs: dict[str, list[float]] = {"pre": [], "post": [], "read": [], "step": []}
     for round_ in range(rounds + 1):
         opt.zero_grad(set_to_none=True)
         trainer._loss().backward()
-        start = clock()
-        torch._foreach_norm([p.grad for p in params if p.grad is not None])
-        read = clock() - start
-        start = clock()
-        auditor.pre_step(opt)
-        pre = clock() - start
+        read = timed(lambda: torch._foreach_norm([p.grad for p in params if p.grad is not None]))
+        pre = timed(lambda: auditor.pre_step(opt))
         opt.step()
-        start = clock()
-        auditor.post_step(opt)
-        post = clock() - start
+        post = timed(lambda: auditor.post_step(opt))
         auditor.observations.clear()
         start = clock()
         trainer.step()
@@ -412,6 +416,7 @@ def measure_hook_costs(trainer: Trainer, rounds: int) -> dict[str, Any]:
         "hooks_over_step": round(1 + (ms["pre"] + ms["post"]) / ms["step"], 4),
         "two_reads_over_step": round(1 + 2 * ms["read"] / ms["step"], 4),
         "rounds": rounds,
+        "clock": "thread CPU time" if on_cpu else "wall time",
     }
 
 
@@ -631,33 +636,51 @@ def measure_long_run(settings: Settings) -> dict[str, Any]:
     }
 
 
-def measure_cuda(settings: Settings) -> dict[str, Any] | str:
-    """The figures on a CUDA device, or "not available" where there is none."""
-    if not torch.cuda.is_available():
+#: the CUDA bench also audits the 100M model at this batch: a step the GPU spends computing,
+#: beside batch 8's, which on a GPU is mostly kernel launches
+CUDA_LARGE_BATCH = 4096
+
+
+def measure_cuda(settings: Settings, device: str = "cuda") -> dict[str, Any] | str:
+    """The figures on a CUDA device, or "not available" where there is none. (``device``:
+    tests run the same code on the CPU, with tiny settings.)"""
+    if device == "cuda" and not torch.cuda.is_available():
         return "not available"
-    out: dict[str, Any] = {"device": torch.cuda.get_device_name(0)}
-    torch.manual_seed(0)
-    trainer = Trainer.build(
-        stacked_linear(settings.m100_size, settings.scaling_width),
-        "adamw",
-        settings.scaling_batch,
-        device="cuda",
-    )
-    overhead = measure_audit_overhead(trainer, max(4, settings.scaling_pairs))
-    out["audit_overhead_ratio_100m"] = overhead["ratio"]
-    out["audit_overhead_100m"] = {
-        **overhead,
-        "params": sum(p.numel() for p in trainer.model.parameters()),
+    out: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else device,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
     }
-    del trainer
-    torch.cuda.empty_cache()
-    step = measure_sf_adamw_step(settings, device="cuda")
+    for batch in (settings.scaling_batch, CUDA_LARGE_BATCH):
+        torch.manual_seed(0)
+        trainer = Trainer.build(
+            stacked_linear(settings.m100_size, settings.scaling_width),
+            "adamw",
+            batch,
+            device=device,
+        )
+        overhead = {
+            **measure_audit_overhead(trainer, max(4, settings.scaling_pairs)),
+            "params": sum(p.numel() for p in trainer.model.parameters()),
+            "tensors": len(list(trainer.model.parameters())),
+            "batch": batch,
+            "hooks": measure_hook_costs(trainer, 5),
+        }
+        if batch == settings.scaling_batch:
+            out["audit_overhead_ratio_100m"] = overhead["ratio"]
+            out["audit_overhead_100m"] = overhead
+        else:
+            out["audit_overhead_ratio_100m_large_batch"] = overhead["ratio"]
+            out["audit_overhead_100m_large_batch"] = overhead
+        del trainer
+        torch.cuda.empty_cache()
+    step = measure_sf_adamw_step(settings, device=device)
     out["sf_adamw_step_vs_upstream"] = step.get("vs_release")
     out["sf_adamw_compiled_step_vs_upstream"] = step.get("compiled_vs_release")
     out["sf_adamw_step"] = step
     cli = _sfdiag_command()
     compare = time_commands(
-        {"compare": ([*cli, "compare", "--device", "cuda"], {})}, settings.compare_runs
+        {"compare": ([*cli, "compare", "--device", device], {})}, settings.compare_runs
     )["compare"]
     out["compare_cuda_seconds"] = compare["seconds"]
     out["compare_cuda"] = compare
@@ -1395,8 +1418,13 @@ def render_cuda(cuda: dict[str, Any] | str) -> str:
     return "\n".join(
         [
             f"cuda: {cuda['device']}",
-            f"  audit overhead at {cuda['audit_overhead_100m']['params']:,} parameters: "
-            f"x{cuda['audit_overhead_ratio_100m']:.3f}",
+            *(
+                f"  audit overhead at {o['params']:,} parameters, batch {o['batch']}: "
+                f"x{o['ratio']:.3f} (step {o['plain_ms']:.2f} ms; hooks {h['pre_hook_ms']:.2f} "
+                f"+ {h['post_hook_ms']:.2f} ms, one plain read {h['grad_read_ms']:.2f} ms)"
+                for o in (cuda["audit_overhead_100m"], cuda["audit_overhead_100m_large_batch"])
+                for h in [o["hooks"]]
+            ),
             f"  sf-adamw step (ms): {ms}; vs release {step.get('vs_release')}, compiled vs "
             f"release {step.get('compiled_vs_release')}",
             f"  sfdiag compare --device cuda: {cuda['compare_cuda_seconds']:.2f} s",

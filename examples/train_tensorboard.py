@@ -8,6 +8,7 @@ Both look plausible on a dashboard. ``sfdiag run`` says which one is the gradien
     sfdiag run --strict -- python examples/train_tensorboard.py --logdir runs/demo
 
 ``--optimizer adamw`` trains with torch's AdamW instead (both norms are then right),
+``--device cuda`` trains on a GPU,
 ``--clip X`` clips the grads to norm X before ``step()`` and also logs what
 ``clip_grad_norm_`` returned, ``--log-every N`` logs every Nth step only.
 """
@@ -39,12 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip", type=float, default=None, help="clip_grad_norm_ to this")
     parser.add_argument("--logdir", default=None, help="TensorBoard log dir (default: a temp dir)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
     inputs = torch.randn(512, 32)
     labels = (inputs @ torch.randn(32, 10)).argmax(dim=1)
-    model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 10))
+    inputs, labels = inputs.to(args.device), labels.to(args.device)
+    model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 10)).to(args.device)
     if args.optimizer == "sf-adamw":
         optimizer = AdamWScheduleFree(model.parameters(), lr=2e-3)
         optimizer.train()  # schedule-free optimizers start in eval mode
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     logdir = args.logdir or tempfile.mkdtemp(prefix="sfdiag-tb-")
     with SummaryWriter(logdir) as writer:
         for step in range(args.steps):
-            batch = torch.randint(0, len(inputs), (64,))
+            batch = torch.randint(0, len(inputs), (64,)).to(args.device)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(inputs[batch]), labels[batch])
             loss.backward()

@@ -229,6 +229,22 @@ def as_config(config: Any) -> Config:
     )
 
 
+@contextmanager
+def deterministic_kernels(device: torch.device) -> Iterator[None]:
+    """On CUDA, cuDNN's deterministic algorithms (and no benchmarking, which may pick
+    another one a run): a seeded probe repeats bit for bit. Restored afterwards."""
+    if device.type != "cuda":
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = cudnn.deterministic, cudnn.benchmark
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved
+
+
 def run_probe(
     config: Config | Mapping[str, Any] | str | os.PathLike[str],
     options: ProbeOptions = ProbeOptions(),
@@ -256,8 +272,9 @@ def run_probe(
 
         return run_distributed(config, options)
     try:
-        for opt in built.optimizers:
-            results.append(probe_optimizer(built, opt, options))
+        with deterministic_kernels(built.device):
+            for opt in built.optimizers:
+                results.append(probe_optimizer(built, opt, options))
     except KeyboardInterrupt:
         raise ProbeInterrupted(report(interrupted=True)) from None
     return report()

@@ -115,6 +115,22 @@ def test_cuda_figures_skip_cleanly_without_a_gpu():
     assert "no CUDA device" in done.stderr
 
 
+def test_the_cuda_figures_run_through_on_the_cpu(bench):
+    """measure_cuda's code on the CPU (tiny sizes): a GPU machine's time is not spent
+    finding a typo; every figure it reports is there and rendered."""
+    settings = bench.Settings.tiny()
+    cuda = bench.measure_cuda(settings, device="cpu")
+    for key in ("audit_overhead_100m", "audit_overhead_100m_large_batch"):
+        overhead = cuda[key]
+        assert _positive(overhead["ratio"]) and overhead["hooks"]["clock"] == "thread CPU time"
+        assert overhead["hooks"]["pre_hook_ms"] > 0 and overhead["hooks"]["post_hook_ms"] > 0
+    assert cuda["audit_overhead_100m_large_batch"]["batch"] == bench.CUDA_LARGE_BATCH
+    assert _positive(cuda["compare_cuda_seconds"]) and cuda["compare_cuda"]["exit_code"] in (0, 1)
+    assert _positive(cuda["sf_adamw_step"]["ms"]["sfdiag"])
+    text = bench.render_cuda(cuda)
+    assert f"batch {settings.scaling_batch}:" in text and f"batch {bench.CUDA_LARGE_BATCH}:" in text
+
+
 def test_the_new_figures_are_there(figures):
     assert figures["cuda"] == "not available" or isinstance(figures["cuda"], dict)
     for key in ("audit_overhead_ratio_100m", "audit_extra_memory_fraction_mutating"):

@@ -101,3 +101,25 @@ def test_cli_runs_and_formats_agree(tmp_path, in_process):
 def test_json_and_table_render_identically_twice(in_process):
     for fmt in ("table", "json", "csv", "markdown", "junit"):
         assert render(in_process, fmt, RenderOptions()) == render(in_process, fmt, RenderOptions())
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_cudnn_runs_deterministic_algorithms_during_a_cuda_probe_only(device):
+    """No CUDA is needed to check the switch: it only sets torch's cuDNN flags, and puts
+    them back however the probe ends."""
+    import torch
+
+    from sfdiag.probe import deterministic_kernels
+
+    cudnn = torch.backends.cudnn
+    saved = cudnn.deterministic, cudnn.benchmark
+    cudnn.deterministic, cudnn.benchmark = False, True
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with deterministic_kernels(torch.device(device)):
+                inside = cudnn.deterministic, cudnn.benchmark
+                raise KeyboardInterrupt
+        assert inside == ((True, False) if device == "cuda" else (False, True))
+        assert (cudnn.deterministic, cudnn.benchmark) == (False, True)
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved

@@ -1,0 +1,82 @@
+"""Where the auditor's two hooks spend their time on the bench's Linear stack.
+
+    python bench/profile_hooks.py [--device cuda] [--params 100000000] [--batch 8]
+
+Prints, for a few audited steps after a warm-up: the Python functions by own time
+(cProfile) and torch's ops by self CPU time (and CUDA time on a GPU), within the hooks
+only. What bench/run.py's ratios cannot say: which part of a hook to make cheaper.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import Trainer, _sync, stacked_linear  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--params", type=int, default=100_000_000)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    model = stacked_linear(args.params, args.width)
+    trainer = Trainer.build(model, "adamw", args.batch, device=args.device)
+    auditor = trainer.auditor()
+    opt = trainer.optimizer
+    profiler = cProfile.Profile()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if args.device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+
+    def audited_step(profiled: bool, prof: torch.profiler.profile | None = None) -> None:
+        opt.zero_grad(set_to_none=True)
+        trainer._loss().backward()
+        _sync(args.device)
+        for hook in (auditor.pre_step, None, auditor.post_step):
+            if hook is None:
+                opt.step()
+                _sync(args.device)
+                continue
+            if profiled:
+                profiler.enable()
+            with torch.profiler.record_function(f"sfdiag.{hook.__name__}"):
+                hook(opt)
+            _sync(args.device)
+            if profiled:
+                profiler.disable()
+
+    for _ in range(3):  # compiles the fused kernel, creates the optimizer's state
+        audited_step(False)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            audited_step(True, prof)
+    stream = io.StringIO()
+    pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(args.top)
+    tensors = len(list(model.parameters()))
+    print(f"# {args.steps} audited steps, {tensors} tensors, batch {args.batch}, {args.device}")
+    print("## Python, by own time (cProfile, hooks only)")
+    print(stream.getvalue())
+    sort = "self_cuda_time_total" if len(activities) > 1 else "self_cpu_time_total"
+    print(f"## torch ops, by {sort} (the whole steps; sfdiag.* rows are the hooks)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
+    if len(activities) > 1:
+        print(prof.key_averages().table(sort_by=sort, row_limit=args.top))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
