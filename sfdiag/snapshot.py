@@ -226,11 +226,37 @@ class _Fused:
 _FUSED = _Fused()
 
 
-def _fused_wanted(elements: int) -> bool:
+def _fused_setting() -> str:
+    """``SFDIAG_FUSED``: "off", "on" (the compiled kernel wherever the layout is fused) or
+    "auto"."""
     setting = os.environ.get("SFDIAG_FUSED", "auto").strip().lower()
-    if setting in ("0", "off", "false", "no") or _FUSED.broken is not None:
-        return False
-    return setting in ("1", "on", "true", "yes") or elements >= FUSED_MIN_ELEMENTS
+    if setting in ("0", "off", "false", "no"):
+        return "off"
+    return "on" if setting in ("1", "on", "true", "yes") else "auto"
+
+
+def _fused_grads(views: dict[int, torch.Tensor]) -> set[int]:
+    """The grads of a snapshot that take the fused layout (rows of FUSED_BLOCK elements).
+
+    On the CPU: the large ones, once they hold enough elements to pay for compiling the
+    kernel that reads them. On an accelerator: every large one, always, read by torch's ops
+    (in "auto"): one launch a grad for its row sums, norms by ``_foreach_norm`` in a few for
+    all, where the compiled kernel costs several launches a grad and the host's time per
+    launch, not the device's reading, is what a step there pays (bench/RESULTS.md)."""
+    setting = _fused_setting()
+    if setting == "off":
+        return set()
+    eligible = {i for i, v in views.items() if _fused_eligible(v)}
+    if setting == "on":
+        return eligible if _FUSED.broken is None else set()
+    on_cpu = {i for i in eligible if views[i].device.type == "cpu"}
+    compiled = _FUSED.broken is None and sum(views[i].numel() for i in on_cpu) >= FUSED_MIN_ELEMENTS
+    return (eligible - on_cpu) | (on_cpu if compiled else set())
+
+
+def _compiled_read(view: torch.Tensor, setting: str) -> bool:
+    """Whether a fused-layout grad is read by the compiled kernel (else by torch's ops)."""
+    return _FUSED.broken is None and (setting == "on" or view.device.type == "cpu")
 
 
 def _fused_eligible(view: torch.Tensor) -> bool:
@@ -389,22 +415,30 @@ class _Pending:
         return self.results[slot]
 
 
+def _stacked(
+    results: dict[int, torch.Tensor], pending: _Pending, *, views: bool = False
+) -> dict[int, int]:
+    """Each of ``results`` (a tensor per grad) added to ``pending``, those of one shape, dtype
+    and device as the rows of one stack: on an accelerator each piece of a transfer costs the
+    host several ops. ``views``: the results are views of live tensors (a stack copies them;
+    a lone one is cloned, so that no fingerprint holds a view of a grad)."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, t in results.items():
+        groups.setdefault((t.shape, t.dtype, t.device), []).append(i)
+    slots: dict[int, int] = {}
+    for indices in groups.values():
+        if len(indices) == 1:
+            lone = results[indices[0]]
+            slots[indices[0]] = pending.add(lone.clone() if views else lone)
+        else:
+            stacked = torch.stack([results[i] for i in indices])
+            slots.update(zip(indices, pending.add_rows(stacked), strict=True))
+    return slots
+
+
 def _stacked_samples(views: dict[int, torch.Tensor], pending: _Pending) -> dict[int, int]:
     """A sample of each of ``views``: one copy per dtype, device and sample length."""
-    groups: dict[tuple[Any, ...], tuple[list[int], list[torch.Tensor]]] = {}
-    for i, view in views.items():
-        sample = _sample_view(view)
-        key = (sample.dtype, sample.device, sample.shape[0])
-        indices, samples = groups.setdefault(key, ([], []))
-        indices.append(i)
-        samples.append(sample)
-    slots: dict[int, int] = {}
-    for indices, samples in groups.values():
-        if len(samples) == 1:  # a copy of its own: no stacked buffer behind it
-            slots[indices[0]] = pending.add(samples[0].clone())
-        else:
-            slots.update(zip(indices, pending.add_rows(torch.stack(samples)), strict=True))
-    return slots
+    return _stacked({i: _sample_view(v) for i, v in views.items()}, pending, views=True)
 
 
 def _layouts(
@@ -415,9 +449,8 @@ def _layouts(
     kept = {} if before is None else {i: before[i].layout for i in views if before[i].present}
     if len(kept) == len(views):  # after step(), as a rule: nothing to decide
         return kept
-    eligible = {i for i, v in views.items() if _fused_eligible(v)}
-    use_fused = bool(eligible) and _fused_wanted(sum(views[i].numel() for i in eligible))
-    return {i: kept.get(i) or ("fused" if use_fused and i in eligible else "blocks") for i in views}
+    fused = _fused_grads(views)
+    return {i: kept.get(i) or ("fused" if i in fused else "blocks") for i in views}
 
 
 def _unchanged(grads: list[torch.Tensor | None], before: list[GradFingerprint] | None) -> set[int]:
@@ -459,19 +492,21 @@ def take(
     layouts = _layouts(views, before)
     pending = _Pending()
     norm_at: dict[int, int] = {}
-    squares_at: dict[int, int] = {}  # the fused kernel's sums of squares
-    sums_at: dict[int, int] = {}
     sample_at: dict[int, int] = {}
 
+    setting = _fused_setting()
     by_dtype: dict[tuple[torch.dtype, torch.device], list[int]] = {}
     for i, layout in layouts.items():
-        if layout == "fused" and i not in unchanged:
+        if layout == "fused" and i not in unchanged and _compiled_read(views[i], setting):
             by_dtype.setdefault((views[i].dtype, views[i].device), []).append(i)
+    squares: dict[int, torch.Tensor] = {}  # the fused kernel's sums of squares
+    fused_sums: dict[int, torch.Tensor] = {}
     for indices in by_dtype.values():
         read = _fused_reads([views[i] for i in indices])
-        for i, (squares, sums) in zip(indices, read or (), strict=False):
-            squares_at[i] = pending.add(squares)  # norm and checksum in one read
-            sums_at[i] = pending.add(sums)
+        for i, (squares_i, sums_i) in zip(indices, read or (), strict=False):
+            squares[i], fused_sums[i] = squares_i, sums_i  # norm and checksum in one read
+    squares_at = _stacked(squares, pending)
+    sums_at = _stacked(fused_sums, pending)
 
     plain_norms = []
     same_size: dict[tuple[int, torch.dtype, torch.device], list[int]] = {}
@@ -493,13 +528,14 @@ def take(
             sums_at[i], sample_at[i] = sums, sample
             if i not in unchanged:
                 plain_norms.append(i)
+    loose: dict[int, torch.Tensor] = {}
     for i, view in views.items():
         if i in sums_at:
             continue
-        sums = _fused_sums_only(view) if layouts[i] == "fused" else _checksum(view)
-        sums_at[i] = pending.add(sums)
+        loose[i] = _fused_sums_only(view) if layouts[i] == "fused" else _checksum(view)
         if i not in unchanged:
             plain_norms.append(i)
+    sums_at.update(_stacked(loose, pending))
     if plain_norms:
         # one kernel per (device, dtype) group, one stack per device
         norms = torch._foreach_norm([views[i].detach() for i in plain_norms])

@@ -64,9 +64,30 @@ def test_a_snapshot_on_cuda_reads_as_on_the_cpu(path):
         assert a.layout == b.layout and a.checksum == b.checksum
         assert b.sample.device.type == "cpu"  # brought over with the rest, in one transfer
         assert torch.equal(a.sample, b.sample) and torch.equal(a.param_sample, b.param_sample)
-        assert b.norm == pytest.approx(a.norm, rel=1e-5)
+        # float32 reductions: torch's CPU norm of a million elements is 1.2e-5 off float64
+        assert b.norm == pytest.approx(a.norm, rel=5e-5)
     assert {fp.layout for fp in host[:1]} == {"fused" if path == "fused" else "blocks"}
     assert snapshot._FUSED.broken is None
+
+
+def test_large_cuda_grads_take_the_fused_layout_read_by_torch_ops(monkeypatch):
+    """In "auto" a GPU's large grads get the fused layout (one launch each for their row
+    sums) without the compiled kernel, which costs the host more launches than it saves."""
+    monkeypatch.delenv("SFDIAG_FUSED", raising=False)
+
+    def no_kernel(blocks):
+        raise AssertionError("the compiled kernel ran on a CUDA grad in auto mode")
+
+    monkeypatch.setattr(snapshot, "_grouped", no_kernel)
+    params = [on_cuda(param(seed=k)) for k in range(3)]
+    before = snapshot.take(params)
+    assert [fp.layout for fp in before] == ["fused"] * 3
+    for fp, p in zip(before, params, strict=True):
+        assert fp.norm == pytest.approx(float(p.grad.double().norm()), rel=1e-5)
+    params[1].grad.mul_(2.0)
+    after = snapshot.take(params, param_samples=False, before=before)
+    assert [b is a for a, b in zip(before, after, strict=True)] == [True, False, True]
+    assert after[1].norm == pytest.approx(2 * before[1].norm, rel=1e-6)
 
 
 @pytest.mark.parametrize("edit", list(EDITS))
@@ -100,8 +121,10 @@ def test_a_sparse_grad_on_cuda_reads_as_on_the_cpu():
 
 
 def test_the_sync_counter_sees_a_sync():
-    """The counter below must not pass by seeing nothing."""
-    assert host_syncs(lambda: torch.ones(1, device="cuda").item()) == 1
+    """The counter below must not pass by seeing nothing: a copy to the host (what a
+    snapshot's one transfer is) counts once; ``.item()`` counts too (twice, in torch 2.11)."""
+    assert host_syncs(lambda: torch.ones(3, device="cuda").cpu()) == 1
+    assert host_syncs(lambda: torch.ones(1, device="cuda").item()) >= 1
     assert host_syncs(lambda: torch.ones(1, device="cuda").add_(1)) == 0
 
 

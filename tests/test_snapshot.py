@@ -202,3 +202,26 @@ def test_a_large_grad_replaced_by_a_strided_one_reads_as_replaced(path):
     assert after[0].norm == pytest.approx(before[0].norm, rel=1e-5)  # float32 sums: by order
     assert after[0].checksum == before[0].checksum  # the same bits, read in the same order
     assert before[0].ref() is not after[0].ref()  # a replacement, which the auditor names so
+
+
+@pytest.mark.parametrize("setting", ["auto", "0", "1"])
+def test_which_grads_take_the_fused_layout_and_who_reads_them(setting, monkeypatch):
+    """The policy, on tensors of no storage (the meta device stands in for an accelerator:
+    only where a tensor lives matters): on the CPU the fused layout pays once a snapshot's
+    large grads hold FUSED_MIN_ELEMENTS; on an accelerator every large grad takes it, and in
+    "auto" torch's ops read it there, not the compiled kernel."""
+    monkeypatch.setenv("SFDIAG_FUSED", setting)
+    rows = snapshot.FUSED_MIN_ROWS * snapshot.FUSED_BLOCK
+    many = -(-snapshot.FUSED_MIN_ELEMENTS // rows)  # the fewest that hold enough
+    few = many - 1
+    small = {0: torch.empty(100, device="meta")}
+    for device, count in (("cpu", few), ("cpu", many), ("meta", 1)):
+        views = {**small, **{k + 1: torch.empty(rows, device=device) for k in range(count)}}
+        fused = snapshot._fused_grads(views)
+        large = set(views) - {0}
+        wanted = {"0": set(), "1": large}.get(setting, large if count != few else set())
+        assert fused == wanted, (device, count)
+    cpu, meta = torch.empty(rows), torch.empty(rows, device="meta")
+    mode = snapshot._fused_setting()
+    assert snapshot._compiled_read(cpu, mode)
+    assert snapshot._compiled_read(meta, mode) == (setting == "1")

@@ -216,12 +216,16 @@ def _compiled_rows(
         dtype=torch.float64,
     )
     kernel = _compiled_kernel()
+    on_device: dict[torch.device, Tensor] = {}  # one copy to each device, not one per tensor
     for index, row in enumerate(rows):
         if not all(t.is_contiguous() for t in row):
             _single_tensor_step(*row, **coefficients)
             continue
+        device = row[0].device
+        if device not in on_device:
+            on_device[device] = scalars.to(device)
         try:
-            kernel(*(t.view(-1) for t in row), scalars.to(row[0].device))
+            kernel(*(t.view(-1) for t in row), on_device[device])
         except Exception as exc:  # no C++ compiler, no triton, an unsupported dtype...
             if index > 0:
                 raise  # compiled once already: a real error, not a missing toolchain
