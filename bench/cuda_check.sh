@@ -29,13 +29,13 @@ echo "pytest exit $?"
 tail -n 25 "$OUT/tests.log"
 
 step "bench/run.py --device cuda"
-timeout "${BENCH_S:-260}" python3 bench/run.py --device cuda --quick --json \
+timeout "${BENCH_S:-200}" python3 bench/run.py --device cuda --json \
     >"$OUT/cuda.json" 2>"$OUT/bench.err"
 echo "bench exit $?"
 tail -n 5 "$OUT/bench.err"
 
 step "bench/profile_hooks.py --device cuda"
-timeout "${PROFILE_S:-60}" python3 bench/profile_hooks.py --device cuda --top 30 \
+timeout "${PROFILE_S:-45}" python3 bench/profile_hooks.py --device cuda --top 30 \
     >"$OUT/profile.txt" 2>&1
 echo "profile exit $?"
 head -n 45 "$OUT/profile.txt"
