@@ -23,19 +23,19 @@ nvidia-smi -L
 python3 -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))"
 
 step "tests/test_cuda.py"
-timeout "${TESTS_S:-200}" python3 -m pytest tests/test_cuda.py -rfE --durations=8 \
+timeout "${TESTS_S:-170}" python3 -m pytest tests/test_cuda.py -rfE --durations=8 \
     >"$OUT/tests.log" 2>&1
 echo "pytest exit $?"
 tail -n 25 "$OUT/tests.log"
 
 step "bench/run.py --device cuda"
-timeout "${BENCH_S:-200}" python3 bench/run.py --device cuda --json \
+timeout "${BENCH_S:-110}" python3 bench/run.py --device cuda --json \
     >"$OUT/cuda.json" 2>"$OUT/bench.err"
 echo "bench exit $?"
 tail -n 5 "$OUT/bench.err"
 
 step "bench/profile_hooks.py --device cuda"
-timeout "${PROFILE_S:-45}" python3 bench/profile_hooks.py --device cuda --top 30 \
+timeout "${PROFILE_S:-40}" python3 bench/profile_hooks.py --device cuda --top 30 \
     >"$OUT/profile.txt" 2>&1
 echo "profile exit $?"
 head -n 45 "$OUT/profile.txt"

@@ -31,9 +31,17 @@ DEFAULT_TIMEOUT = 60.0
 
 
 # ---- tensors --------------------------------------------------------------------------------
+#: per class: has it ``to_local`` (an optimizer step asks of every tensor it touches)
+_LOCAL_CLASSES: dict[type, bool] = {}
+
+
 def is_dtensor(t: Any) -> bool:
     """A DTensor, told without importing torch.distributed.tensor."""
-    return t is not None and hasattr(type(t), "to_local") and hasattr(t, "placements")
+    cls = type(t)
+    has_local = _LOCAL_CLASSES.get(cls)
+    if has_local is None:
+        has_local = _LOCAL_CLASSES[cls] = hasattr(cls, "to_local")
+    return has_local and hasattr(t, "placements")
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

@@ -385,34 +385,45 @@ def pack(pieces: list[torch.Tensor]) -> list[torch.Tensor]:
 @dataclass
 class _Pending:
     """What one snapshot asks of the device, as pieces for one transfer; each result is known
-    by its position (a piece of k rows stands for k results, one per row)."""
+    by its slot (a piece of k rows stands for k results, one per row). After ``fetch()``,
+    ``array(slot)`` is a result as numpy (checksums, norms: one conversion per piece, rows
+    as numpy views) and ``tensor(slot)`` as a tensor (samples, state)."""
 
     pieces: list[torch.Tensor] = field(default_factory=list)
-    rows: list[int] = field(default_factory=list)  # per piece: its rows as results, or 0
-    results: list[torch.Tensor] = field(default_factory=list)  # on the host, after fetch()
-    count: int = 0
+    where: list[tuple[int, int | None]] = field(default_factory=list)  # slot -> (piece, row)
+    host: list[torch.Tensor] = field(default_factory=list)  # on the host, after fetch()
+    _arrays: dict[int, Any] = field(default_factory=dict)
+    _rows: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
 
     def add(self, t: torch.Tensor) -> int:
+        self.where.append((len(self.pieces), None))
         self.pieces.append(t)
-        self.rows.append(0)
-        self.count += 1
-        return self.count - 1
+        return len(self.where) - 1
 
     def add_rows(self, stacked: torch.Tensor) -> range:
+        piece, first = len(self.pieces), len(self.where)
         self.pieces.append(stacked)
-        self.rows.append(len(stacked))
-        self.count += len(stacked)
-        return range(self.count - len(stacked), self.count)
+        self.where.extend((piece, row) for row in range(len(stacked)))
+        return range(first, len(self.where))
 
     def fetch(self) -> None:
-        for piece, rows in zip(_to_host(self.pieces), self.rows, strict=True):
-            if rows:
-                self.results.extend(piece.unbind(0))
-            else:
-                self.results.append(piece)
+        self.host = _to_host(self.pieces)
 
-    def __getitem__(self, slot: int) -> torch.Tensor:
-        return self.results[slot]
+    def array(self, slot: int) -> Any:
+        piece, row = self.where[slot]
+        array = self._arrays.get(piece)
+        if array is None:
+            array = self._arrays[piece] = self.host[piece].numpy()
+        return array if row is None else array[row]
+
+    def tensor(self, slot: int) -> torch.Tensor:
+        piece, row = self.where[slot]
+        if row is None:
+            return self.host[piece]
+        rows = self._rows.get(piece)
+        if rows is None:
+            rows = self._rows[piece] = self.host[piece].unbind(0)
+        return rows[row]
 
 
 def _stacked(
@@ -580,8 +591,9 @@ def take(
         if g is None:
             out.append(GradFingerprint(None, 0, 0.0, b"", None, None))
             continue
-        checksum = _digest_of(pending[sums_at[i]], pending[index_at[i]] if i in index_at else None)
-        sample = pending[sample_at[i]]
+        index_sum = pending.array(index_at[i]) if i in index_at else None
+        checksum = _digest_of(pending.array(sums_at[i]), index_sum)
+        sample = pending.tensor(sample_at[i])
         if i in unchanged:  # the same tensor at the same version
             prior = before[i]
             if checksum != prior.checksum:
@@ -591,9 +603,9 @@ def take(
                 continue
             norm = prior.norm  # read again below where the bits moved
         elif i in squares_at:
-            norm = math.sqrt(float(pending[squares_at[i]]))
+            norm = math.sqrt(float(pending.array(squares_at[i])))
         else:
-            norm = float(pending[norm_at[i]])
+            norm = float(pending.array(norm_at[i]))
         out.append(
             GradFingerprint(
                 ref=weakref.ref(g),
@@ -601,14 +613,16 @@ def take(
                 norm=norm,
                 checksum=checksum,
                 sample=sample,
-                param_sample=pending[param_at[i]] if i in param_at else None,
+                param_sample=pending.tensor(param_at[i]) if i in param_at else None,
                 full=views[i].detach().clone() if full else None,
                 full_param=(
                     local(p).detach().clone()
                     if full and param_samples and g.layout == torch.strided
                     else None
                 ),
-                states={k: pending[j] for k, j in state_at[i].items()} if i in state_at else None,
+                states={k: pending.tensor(j) for k, j in state_at[i].items()}
+                if i in state_at
+                else None,
                 layout=layouts[i],
             )
         )
@@ -631,11 +645,12 @@ def _reread(
     )
 
 
-def _digest_of(sums: torch.Tensor, index_sum: torch.Tensor | None) -> bytes:
-    """The checksum a fingerprint keeps: a blake2b digest of the block sums' bytes."""
-    hashed = hashlib.blake2b(sums.numpy(), digest_size=16)
+def _digest_of(sums: Any, index_sum: Any | None) -> bytes:
+    """The checksum a fingerprint keeps: a blake2b digest of the block sums' bytes (numpy
+    arrays: a row of a stacked piece is a contiguous view)."""
+    hashed = hashlib.blake2b(sums, digest_size=16)
     if index_sum is not None:
-        hashed.update(index_sum.numpy())
+        hashed.update(index_sum)
     return hashed.digest()
 
 

@@ -121,10 +121,12 @@ def test_a_sparse_grad_on_cuda_reads_as_on_the_cpu():
 
 
 def test_the_sync_counter_sees_a_sync():
-    """The counter below must not pass by seeing nothing: a copy to the host (what a
-    snapshot's one transfer is) counts once; ``.item()`` counts too (twice, in torch 2.11)."""
-    assert host_syncs(lambda: torch.ones(3, device="cuda").cpu()) == 1
-    assert host_syncs(lambda: torch.ones(1, device="cuda").item()) >= 1
+    """The counter below must not pass by seeing nothing. (How many warnings one wait
+    raises varies: a snapshot's transfer raised one with torch 2.11 on an H100, a lone
+    ``.item()`` two.)"""
+    on_gpu = torch.ones(3, device="cuda")
+    assert host_syncs(lambda: on_gpu.cpu()) >= 1
+    assert host_syncs(lambda: on_gpu[0].item()) >= 1
     assert host_syncs(lambda: torch.ones(1, device="cuda").add_(1)) == 0
 
 

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from sfdiag.dist import local
+from sfdiag.dist import is_dtensor, local
 
 __all__ = ["CPU_TILE_BYTES", "by_device_and_dtype", "shards", "tiles"]
 
@@ -36,7 +36,9 @@ def shards(*tensors: Tensor) -> tuple[Tensor, ...]:
     """The tensors as this process holds them: a DTensor (FSDP2) as its local shard, a view
     of its storage, so in-place ops write through. Every update here is elementwise, so
     updating the shards is updating the whole, without DTensor's dispatch per op."""
-    return tuple(local(t) for t in tensors)
+    if any(map(is_dtensor, tensors)):
+        return tuple(local(t) for t in tensors)
+    return tensors  # plain tensors, as a rule: asked for every row of every step
 
 
 def by_device_and_dtype(rows: Sequence[Row]) -> Iterator[list[list[Tensor]]]:
