@@ -8,14 +8,15 @@ gradient by default: the extra memory is a few hundred elements per tensor.
 ``full=True`` (forensics) clones everything for exact per-element comparisons.
 
 **Two reads per audited step.** Before ``step()`` every grad is read once for its norm
-and its checksum together: on large tensors by one fused kernel per group of tensors
-(``torch.compile``-d, where a compiler is present and the grads are large enough to pay
-for compiling it), else by torch's own ops. After ``step()`` (``take(..., before=)``) a
-grad that is the same tensor at the same version is read once, for its checksum, and
-sampled: where both agree with before, its fingerprint *is* the one from before (nothing
-else is built for it); where the bits changed (an edit through ``.data`` moves no version
-counter) its norm is read again. A grad whose version moved gets norm and checksum in one
-read, and its optimizer state sampled for fingerprinting.
+and its checksum together: on the CPU's large tensors by one fused kernel per group of
+tensors (``torch.compile``-d, where a compiler is present and the grads are large enough to
+pay for compiling it), else by torch's own ops (on a GPU always: there the host's time per
+launch is what counts, and the kernel launches more than it saves). After ``step()``
+(``take(..., before=)``) a grad that is the same tensor at the same version is read once,
+for its checksum, and sampled: where both agree with before, its fingerprint *is* the one
+from before (nothing else is built for it); where the bits changed (an edit through
+``.data`` moves no version counter) its norm is read again. A grad whose version moved gets
+norm and checksum in one read, and its optimizer state sampled for fingerprinting.
 
 **Per tensor, a few ops.** Samples are views copied in one stack per dtype and length;
 small grads of one size are stacked for their checksums; the fused kernel serves
@@ -518,6 +519,7 @@ def take(
             squares[i], fused_sums[i] = squares_i, sums_i  # norm and checksum in one read
     squares_at = _stacked(squares, pending)
     sums_at = _stacked(fused_sums, pending)
+    del squares, fused_sums  # what was stacked is not needed twice
 
     plain_norms = []
     same_size: dict[tuple[int, torch.dtype, torch.device], list[int]] = {}
@@ -547,6 +549,7 @@ def take(
         if i not in unchanged:
             plain_norms.append(i)
     sums_at.update(_stacked(loose, pending))
+    del loose
     if plain_norms:
         # one kernel per (device, dtype) group, one stack per device
         norms = torch._foreach_norm([views[i].detach() for i in plain_norms])
