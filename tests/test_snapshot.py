@@ -42,11 +42,11 @@ EDITS = {
 }
 
 
-@pytest.mark.parametrize("edit", list(EDITS))
-def test_every_edit_reads_alike_on_both_paths(path, edit):
-    p = param()
+def check_edit(p: torch.nn.Parameter, edit: str):
+    """Fingerprints of ``p`` before and after ``EDITS[edit]``: the edit classified as it
+    should be, the norm after it read right, and a grad nothing touched keeping its
+    fingerprint (the same object after ``step()``). Returns both."""
     before = snapshot.take([p])
-    assert before[0].layout == ("fused" if path == "fused" else "blocks")
     change, expected = EDITS[edit]
     change(p)
     after = snapshot.take([p], param_samples=False, before=before)
@@ -57,8 +57,14 @@ def test_every_edit_reads_alike_on_both_paths(path, edit):
         assert b.layout == a.layout
         assert b.norm == pytest.approx(float(p.grad.double().norm()), rel=1e-5)
         assert b.sample is not None
-    # a grad nothing touched keeps its fingerprint: the same object after step()
     assert (b is a) == (edit == "none")
+    return a, b
+
+
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_every_edit_reads_alike_on_both_paths(path, edit):
+    before, _ = check_edit(param(), edit)
+    assert before.layout == ("fused" if path == "fused" else "blocks")
 
 
 def test_samples_of_every_size_and_shape_are_each_tensors_own(path):
