@@ -68,8 +68,9 @@ class AdamWScheduleFree(InterpolatedScheduleFree):
     ``foreach=True`` (default) uses ``torch._foreach_*`` multi-tensor ops; ``False``
     a per-tensor loop. Both write the same values to the parameters and to ``p.grad``.
     ``compile=True`` (opt-in) runs the whole update as one ``torch.compile``-d kernel per
-    tensor, a single pass over memory: several times faster on large models, after a
-    compilation of some seconds on the first step (it needs a C++ compiler on CPU).
+    tensor, a single pass over memory: several times faster on large models on the CPU,
+    after a compilation of some seconds on the first step (it needs a C++ compiler there);
+    on a GPU the foreach path is faster (a compiled call per tensor costs the host more).
     Where compiling fails the optimizer warns once and goes on with the foreach path.
     """
 
