@@ -272,9 +272,9 @@ def _fused_eligible(view: torch.Tensor) -> bool:
 def _rows_and_tail(view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``view``'s elements as ``[n, FUSED_BLOCK]`` rows, and those left over (None: none).
 
-    A view of the grad; a copy only where a grad that had this layout before ``step()`` was
-    replaced by a non-contiguous tensor."""
-    flat = view.detach().reshape(-1)
+    A view of the grad (``view``: detached); a copy only where a grad that had this layout
+    before ``step()`` was replaced by a non-contiguous tensor."""
+    flat = view.reshape(-1)
     count, left = divmod(flat.numel(), FUSED_BLOCK)
     if not left:
         return flat.view(count, FUSED_BLOCK), None
@@ -497,8 +497,9 @@ def take(
     the snapshot before ``step()`` only.
     """
     grads = [p.grad for p in params]
+    # detached once: a grad of create_graph=True has a graph, and the hooks run with grad on
     views: dict[int, torch.Tensor] = {
-        i: _dense_view(g) for i, g in enumerate(grads) if g is not None
+        i: _dense_view(g).detach() for i, g in enumerate(grads) if g is not None
     }
     unchanged = _unchanged(grads, before)
     layouts = _layouts(views, before)
@@ -534,7 +535,7 @@ def take(
     for indices in same_size.values():
         if len(indices) < 2:
             continue
-        stacked = torch.stack([views[i].detach().reshape(-1) for i in indices])
+        stacked = torch.stack([views[i].reshape(-1) for i in indices])
         checksums = pending.add_rows(_checksum_rows(stacked))
         samples = pending.add_rows(_sample_rows(stacked))
         for i, sums, sample in zip(indices, checksums, samples, strict=True):
@@ -552,7 +553,7 @@ def take(
     del loose
     if plain_norms:
         # one kernel per (device, dtype) group, one stack per device
-        norms = torch._foreach_norm([views[i].detach() for i in plain_norms])
+        norms = torch._foreach_norm([views[i] for i in plain_norms])
         by_device: dict[torch.device, list[int]] = {}
         for k, norm in enumerate(norms):
             by_device.setdefault(norm.device, []).append(k)
@@ -617,7 +618,7 @@ def take(
                 checksum=checksum,
                 sample=sample,
                 param_sample=pending.tensor(param_at[i]) if i in param_at else None,
-                full=views[i].detach().clone() if full else None,
+                full=views[i].clone() if full else None,
                 full_param=(
                     local(p).detach().clone()
                     if full and param_samples and g.layout == torch.strided
@@ -638,7 +639,7 @@ def _reread(
     fp: GradFingerprint, view: torch.Tensor, param: torch.Tensor, states: StateSampler | None
 ) -> GradFingerprint:
     """A grad whose bits changed behind its version counter: its norm and state, read now."""
-    norm = torch._foreach_norm([view.detach()])[0].to(torch.float64)
+    norm = torch._foreach_norm([view])[0].to(torch.float64)
     sampled = states(param) if states is not None else {}
     host = _to_host([norm, *sampled.values()])
     return dataclasses.replace(
