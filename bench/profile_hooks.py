@@ -15,6 +15,7 @@ import io
 import pstats
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,38 +43,38 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda"):
         activities.append(torch.profiler.ProfilerActivity.CUDA)
 
-    def audited_step(profiled: bool, prof: torch.profiler.profile | None = None) -> None:
+    def hook_call(hook: Any, profiled: bool) -> None:
+        if profiled:
+            profiler.enable()
+        with torch.profiler.record_function(f"sfdiag.{hook.__name__}"):
+            hook(opt)
+            _sync(args.device)  # the hook's device work counts as the hook's
+        if profiled:
+            profiler.disable()
+
+    def audited_step(profiled: bool) -> None:
         opt.zero_grad(set_to_none=True)
         trainer._loss().backward()
         _sync(args.device)
-        for hook in (auditor.pre_step, None, auditor.post_step):
-            if hook is None:
-                opt.step()
-                _sync(args.device)
-                continue
-            if profiled:
-                profiler.enable()
-            with torch.profiler.record_function(f"sfdiag.{hook.__name__}"):
-                hook(opt)
-            _sync(args.device)
-            if profiled:
-                profiler.disable()
+        hook_call(auditor.pre_step, profiled)
+        opt.step()
+        _sync(args.device)
+        hook_call(auditor.post_step, profiled)
 
     for _ in range(3):  # compiles the fused kernel, creates the optimizer's state
         audited_step(False)
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(args.steps):
-            audited_step(True, prof)
+            audited_step(True)
     stream = io.StringIO()
     pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(args.top)
     tensors = len(list(model.parameters()))
     print(f"# {args.steps} audited steps, {tensors} tensors, batch {args.batch}, {args.device}")
     print("## Python, by own time (cProfile, hooks only)")
     print(stream.getvalue())
-    sort = "self_cuda_time_total" if len(activities) > 1 else "self_cpu_time_total"
-    print(f"## torch ops, by {sort} (the whole steps; sfdiag.* rows are the hooks)")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
-    if len(activities) > 1:
+    sorts = ["self_cpu_time_total"] + (["self_cuda_time_total"] if len(activities) > 1 else [])
+    for sort in sorts:
+        print(f"## torch ops, by {sort} (the whole steps; sfdiag.* rows are the hooks)")
         print(prof.key_averages().table(sort_by=sort, row_limit=args.top))
     return 0
 

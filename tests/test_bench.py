@@ -141,3 +141,16 @@ def test_the_new_figures_are_there(figures):
     long_run = figures["run_overhead_long"]
     assert long_run["steps_each"] > 0 and long_run["audited_steps"] > 0
     assert long_run["metrics_judged"]["audited/grad_norm"][0] == "correct"
+
+
+def test_the_hook_profile_names_both_hooks():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "profile_hooks.py"), "--params", "20000"]
+        + ["--width", "64", "--steps", "1", "--top", "40"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "take" in done.stdout  # cProfile's rows: the snapshot itself
+    assert "sfdiag.pre_step" in done.stdout and "sfdiag.post_step" in done.stdout
