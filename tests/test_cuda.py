@@ -143,11 +143,13 @@ OPTIMIZERS = {
 }
 
 
+@pytest.mark.parametrize("fused", ["0", "1", "auto"])  # off, the compiled kernel, torch's ops
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_one_host_sync_per_snapshot(path, name):
+def test_one_host_sync_per_snapshot(fused, name, monkeypatch):
     """Each hook brings everything it needs to the host in one transfer: the sync of that
-    copy is the only one, whether the grads are clean, mutated (their optimizer state
-    sampled in the same transfer) or replaced."""
+    copy is the only one, whether the grads are clean or mutated (by the optimizer, its
+    state sampled in the same transfer, or by another hook), whichever path reads them."""
+    monkeypatch.setenv("SFDIAG_FUSED", fused)
     model = _model()
     opt = OPTIMIZERS[name](model.parameters())
     if hasattr(opt, "train"):
