@@ -401,9 +401,7 @@ def measure_hook_costs(trainer: Trainer, rounds: int) -> dict[str, Any]:
         opt.step()
         post = timed(lambda: auditor.post_step(opt))
         auditor.observations.clear()
-        start = clock()
-        trainer.step()
-        step = clock() - start
+        step = timed(trainer.step)
         if round_:
             for key, value in zip(costs, (pre, post, read, step), strict=True):
                 costs[key].append(value)
@@ -655,7 +653,10 @@ def measure_cuda(settings: Settings, device: str = "cuda") -> dict[str, Any] | s
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
     }
-    for batch in (settings.scaling_batch, CUDA_LARGE_BATCH):
+    for batch, key in (
+        (settings.scaling_batch, "100m"),
+        (CUDA_LARGE_BATCH, "100m_large_batch"),
+    ):
         torch.manual_seed(0)
         trainer = Trainer.build(
             stacked_linear(settings.m100_size, settings.scaling_width),
@@ -670,12 +671,8 @@ def measure_cuda(settings: Settings, device: str = "cuda") -> dict[str, Any] | s
             "batch": batch,
             "hooks": measure_hook_costs(trainer, 5),
         }
-        if batch == settings.scaling_batch:
-            out["audit_overhead_ratio_100m"] = overhead["ratio"]
-            out["audit_overhead_100m"] = overhead
-        else:
-            out["audit_overhead_ratio_100m_large_batch"] = overhead["ratio"]
-            out["audit_overhead_100m_large_batch"] = overhead
+        out[f"audit_overhead_ratio_{key}"] = overhead["ratio"]
+        out[f"audit_overhead_{key}"] = overhead
         del trainer
         torch.cuda.empty_cache()
     step = measure_sf_adamw_step(settings, device=device)
@@ -1414,6 +1411,16 @@ def render(figures: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _cuda_overhead_line(overhead: dict[str, Any]) -> str:
+    hooks = overhead["hooks"]
+    return (
+        f"  audit overhead at {overhead['params']:,} parameters, batch {overhead['batch']}: "
+        f"x{overhead['ratio']:.3f} (step {overhead['plain_ms']:.2f} ms; hooks "
+        f"{hooks['pre_hook_ms']:.2f} + {hooks['post_hook_ms']:.2f} ms, one plain read "
+        f"{hooks['grad_read_ms']:.2f} ms)"
+    )
+
+
 def render_cuda(cuda: dict[str, Any] | str) -> str:
     if isinstance(cuda, str):
         return f"cuda: {cuda}"
@@ -1422,13 +1429,8 @@ def render_cuda(cuda: dict[str, Any] | str) -> str:
     return "\n".join(
         [
             f"cuda: {cuda['device']}",
-            *(
-                f"  audit overhead at {o['params']:,} parameters, batch {o['batch']}: "
-                f"x{o['ratio']:.3f} (step {o['plain_ms']:.2f} ms; hooks {h['pre_hook_ms']:.2f} "
-                f"+ {h['post_hook_ms']:.2f} ms, one plain read {h['grad_read_ms']:.2f} ms)"
-                for o in (cuda["audit_overhead_100m"], cuda["audit_overhead_100m_large_batch"])
-                for h in [o["hooks"]]
-            ),
+            _cuda_overhead_line(cuda["audit_overhead_100m"]),
+            _cuda_overhead_line(cuda["audit_overhead_100m_large_batch"]),
             f"  sf-adamw step (ms): {ms}; vs release {step.get('vs_release')}, compiled vs "
             f"release {step.get('compiled_vs_release')}",
             f"  sfdiag compare --device cuda: {cuda['compare_cuda_seconds']:.2f} s",

@@ -457,7 +457,8 @@ def _layouts(
     views: dict[int, torch.Tensor], before: list[GradFingerprint] | None
 ) -> dict[int, str]:
     """Each grad's checksum layout: kept from before ``step()`` to after, whatever happens;
-    "fused" for the large grads of a snapshot the compiled kernel serves."""
+    "fused" (rows of FUSED_BLOCK elements) for the grads ``_fused_grads`` picks, "blocks"
+    for the others."""
     kept = {} if before is None else {i: before[i].layout for i in views if before[i].present}
     if len(kept) == len(views):  # after step(), as a rule: nothing to decide
         return kept
