@@ -41,6 +41,12 @@ mode_watch_overhead_ratio
     The schedule-free mode watching alone (a global forward pre-hook and a mode check per
     step): ``sfdiag run``'s machinery with it over the same without it, on the steps of
     ``metric_audit_overhead_ratio``.
+run_overhead_ratio_long
+    ``sfdiag run``'s machinery from a run's first step over a long loop (sf-adamw on
+    ``mnist-cnn`` at batch 64, its grad norm logged every 10th step): chunks of 10 steps
+    alternate with and without it, in a worker with glibc malloc pinned; total over total.
+audit_overhead_ratio_100m
+    ``scaling``'s audit ratio at 100M parameters (its own worker in ``--quick``).
 ddp_audit_overhead_ratio
     The same in a 2-rank DistributedDataParallel job on this machine's CPUs (gloo, through
     torchrun), each rank with half of the batch and sfdiag's channel to the other rank
@@ -147,7 +153,7 @@ class Settings:
     scaling_pairs: int = 8
     m100_size: int = 100_000_000  # audit_overhead_ratio_100m
     long_steps: int = 2000  # run_overhead_ratio_long: steps a side
-    long_chunk: int = 50
+    long_chunk: int = 10
     quick: bool = False
 
     @classmethod
@@ -636,6 +642,13 @@ def measure_long_run(settings: Settings) -> dict[str, Any]:
         "batch": settings.batch,
         "optimizer": "sf-adamw",
     }
+
+
+def long_run_worker(settings: Settings) -> dict[str, Any]:
+    """``measure_long_run`` in a fresh process with glibc malloc pinned: in this process,
+    glibc's giving memory back and faulting it in again moves a step by ±5% from one chunk
+    to the next, several times what the machinery costs (bench/RESULTS.md)."""
+    return run_worker(settings, "long")
 
 
 #: the CUDA bench also audits the 100M model at this batch: a step the GPU spends computing,
@@ -1214,7 +1227,7 @@ def collect(settings: Settings, progress: Callable[[str], None] | None = None) -
     for what, key, details, measure in (
         ("metric audit overhead", "metric_audit_overhead_ratio", "metric_audit_overhead",
          measure_metric_audit_overhead),
-        ("a long run", "run_overhead_ratio_long", "run_overhead_long", measure_long_run),
+        ("a long run", "run_overhead_ratio_long", "run_overhead_long", long_run_worker),
         ("schedule-free mode watching", "mode_watch_overhead_ratio", "mode_watch_overhead",
          measure_mode_watch_overhead),
         ("a 2-rank DDP job", "ddp_audit_overhead_ratio", "ddp_audit_overhead",
@@ -1464,6 +1477,8 @@ def main(argv: list[str] | None = None) -> int:
             result = ddp_worker(settings)
             if result is None:  # not rank 0
                 return 0
+        elif kind == "long":
+            result = measure_long_run(settings)
         else:
             result = {
                 "adamw": measure_sf_adamw_step(settings),

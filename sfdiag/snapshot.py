@@ -2,9 +2,9 @@
 
 A fingerprint keeps a weak reference to the grad tensor (to tell "replaced" from
 "changed in place" without holding memory), its L2 norm, integer checksums of its
-bits (sums over blocks of elements, wrapping), its version counter and a small strided
-sample of its elements (and of the parameter's). Detection never clones a whole
-gradient by default: the extra memory is a few hundred elements per tensor.
+bits (sums over blocks of elements, wrapping), its version counter and a small sample
+of its elements, in short runs spread over it (and of the parameter's). Detection never
+clones a whole gradient by default: the extra memory is a few hundred elements per tensor.
 ``full=True`` (forensics) clones everything for exact per-element comparisons.
 
 **Two reads per audited step.** Before ``step()`` every grad is read once for its norm
@@ -50,6 +50,10 @@ from sfdiag.dist import local
 
 #: elements sampled per tensor for fingerprinting the kind of a mutation
 SAMPLE_SIZE = 256
+#: a tensor of more than SAMPLE_SIZE elements is sampled in this many runs of consecutive
+#: elements, spread evenly over it: a run is a cache line or two, where 256 lone elements
+#: of a large grad cost a cache miss (and a TLB miss) each, ~1.5 ms a snapshot at 100M
+SAMPLE_RUNS = 16
 
 #: the checksum sums the bits of this many consecutive blocks separately, in the same one
 #: read: an edit that cancels out in a whole-tensor sum (two sign flips, a swap) is caught
@@ -82,7 +86,7 @@ class GradFingerprint:
     # a 128-bit digest of the block bit-sums (and a sparse grad's index sum): equal for
     # equal grads, with 16 bytes held where the sums take hundreds
     checksum: bytes
-    sample: torch.Tensor | None  # SAMPLE_SIZE evenly strided elements (all of a small tensor)
+    sample: torch.Tensor | None  # the elements sample_positions() names (all of a small tensor)
     param_sample: torch.Tensor | None  # the parameter at the same elements
     full: torch.Tensor | None = None  # forensics: a full clone (on the grad's device)
     full_param: torch.Tensor | None = None
@@ -143,21 +147,30 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1)
 
 
+def sample_positions(n: int) -> list[int]:
+    """The elements a sample of an ``n``-element tensor holds, in order (flat indices)."""
+    if n <= SAMPLE_SIZE:
+        return list(range(n))
+    run, step = SAMPLE_SIZE // SAMPLE_RUNS, n // SAMPLE_RUNS
+    return [start + k for start in range(0, SAMPLE_RUNS * step, step) for k in range(run)]
+
+
 def _sample_view(t: torch.Tensor) -> torch.Tensor:
-    """SAMPLE_SIZE elements spread evenly over ``t`` (all of them when ``t`` is small): a view."""
+    """A view of the elements ``sample_positions`` names: ``t`` flat where it is small, else
+    ``[SAMPLE_RUNS, run]`` (flatten a copy of it)."""
     t = t.detach()
     n = t.numel()
     if n <= SAMPLE_SIZE:
         return _flat(t)
-    step = n // SAMPLE_SIZE
+    run, step = SAMPLE_SIZE // SAMPLE_RUNS, n // SAMPLE_RUNS
     if t.is_contiguous():  # one op instead of three: a large model samples hundreds a step
-        return t.as_strided((SAMPLE_SIZE,), (step,), t.storage_offset())
-    return _flat(t)[: step * SAMPLE_SIZE : step]
+        return t.as_strided((SAMPLE_RUNS, run), (step, 1), t.storage_offset())
+    return _flat(t)[: SAMPLE_RUNS * step].view(SAMPLE_RUNS, step)[:, :run]
 
 
 def sample_of(t: torch.Tensor) -> torch.Tensor:
-    """SAMPLE_SIZE elements spread evenly over ``t`` (all of them when ``t`` is small), copied."""
-    return _sample_view(t).clone()
+    """The elements ``sample_positions`` names of ``t``, copied, flat."""
+    return _sample_view(t).clone().reshape(-1)
 
 
 def _checksum(t: torch.Tensor) -> torch.Tensor:
@@ -183,11 +196,12 @@ def _checksum_rows(rows: torch.Tensor) -> torch.Tensor:
 
 def _sample_rows(rows: torch.Tensor) -> torch.Tensor:
     """``sample_of`` each row of ``rows`` ([k, n]), in one copy."""
-    n = rows.shape[1]
+    count, n = rows.shape
     if n <= SAMPLE_SIZE:
         return rows.clone()
-    step = n // SAMPLE_SIZE
-    return rows[:, : step * SAMPLE_SIZE : step].clone()
+    run, step = SAMPLE_SIZE // SAMPLE_RUNS, n // SAMPLE_RUNS
+    runs = rows[:, : SAMPLE_RUNS * step].view(count, SAMPLE_RUNS, step)[:, :, :run]
+    return runs.clone().reshape(count, SAMPLE_SIZE)
 
 
 #: small grads of one size are read together (a model's many biases and norms): one
@@ -432,8 +446,9 @@ def _stacked(
 ) -> dict[int, int]:
     """Each of ``results`` (a tensor per grad) added to ``pending``, those of one shape, dtype
     and device as the rows of one stack: on an accelerator each piece of a transfer costs the
-    host several ops. ``views``: the results are views of live tensors (a stack copies them;
-    a lone one is cloned, so that no fingerprint holds a view of a grad)."""
+    host several ops. ``views``: the results are views of live tensors (samples: a stack
+    copies them, a lone one is cloned, so that no fingerprint holds a view of a grad), each
+    result flattened."""
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, t in results.items():
         groups.setdefault((t.shape, t.dtype, t.device), []).append(i)
@@ -441,9 +456,11 @@ def _stacked(
     for indices in groups.values():
         if len(indices) == 1:
             lone = results[indices[0]]
-            slots[indices[0]] = pending.add(lone.clone() if views else lone)
+            slots[indices[0]] = pending.add(lone.clone().reshape(-1) if views else lone)
         else:
             stacked = torch.stack([results[i] for i in indices])
+            if views:
+                stacked = stacked.flatten(1)
             slots.update(zip(indices, pending.add_rows(stacked), strict=True))
     return slots
 

@@ -67,6 +67,21 @@ def test_every_edit_reads_alike_on_both_paths(path, edit):
     assert before.layout == ("fused" if path == "fused" else "blocks")
 
 
+@pytest.mark.parametrize("n", [1, 255, 256, 257, 271, 272, 300, 4096, 65_537, 655_743])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_a_sample_holds_the_elements_sample_positions_names(n, contiguous):
+    """Runs of consecutive elements, evenly spread, none twice; the same elements whether the
+    tensor is contiguous or not (a strided view is sampled in its logical order)."""
+    storage = torch.randn(n, 2, generator=torch.Generator().manual_seed(n))
+    t = storage[:, 0].clone() if contiguous else storage[:, 0]  # every other element
+    values = t.clone()
+    positions = snapshot.sample_positions(n)
+    assert positions == sorted(set(positions)) and len(positions) == min(n, snapshot.SAMPLE_SIZE)
+    if n > snapshot.SAMPLE_SIZE:
+        assert positions[-1] >= n - n // snapshot.SAMPLE_RUNS  # spread to the end
+    assert torch.equal(snapshot.sample_of(t), values[positions])
+
+
 def test_samples_of_every_size_and_shape_are_each_tensors_own(path):
     """take() copies the samples of many tensors in a few stacked copies: each fingerprint
     must still hold its own grad's and param's elements, whatever mix of sizes, shapes and
