@@ -21,7 +21,7 @@ from sfdiag.auditor import StepAuditor
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _INT = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16}
-# Around snapshot.SAMPLE_SIZE (256): small tensors are sampled whole, larger ones in runs.
+# Around snapshot.SAMPLE_SIZE (256): small tensors are sampled whole, larger ones strided.
 SHAPES = ((1,), (3,), (17,), (4, 64), (257,), (300,), (7, 150), (3, 5, 101))
 FILLS = ("normal", "zeros", "negzeros", "tiny", "huge", "specials", "nan", "mixed")
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
