@@ -22,7 +22,7 @@ from torch import Tensor
 
 from sfdiag.dist import is_dtensor, local
 
-__all__ = ["CPU_TILE_BYTES", "by_device_and_dtype", "shards", "tiles"]
+__all__ = ["CPU_TILE_BYTES", "by_device_and_dtype", "local_rows", "shards", "tiles"]
 
 # Per buffer. Five float32 buffers of 1 MiB each sit in the L2/L3 caches of current CPUs
 # while the sequence of ops runs over them (measured: 256K float32 elements per tile is
@@ -41,6 +41,15 @@ def shards(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tensors  # plain tensors, as a rule: asked for every row of every step
 
 
+def local_rows(rows: list[Row]) -> list[Row]:
+    """``shards`` of every row: ``rows`` themselves where their first tensors (the
+    parameters) are plain tensors, as a rule. A parameter's grad and state are DTensors
+    exactly where it is one, so one check a row does; a step asks it of every row."""
+    if any(is_dtensor(row[0]) for row in rows):
+        return [shards(*row) for row in rows]
+    return rows
+
+
 def by_device_and_dtype(rows: Sequence[Row]) -> Iterator[list[list[Tensor]]]:
     """Columns of ``rows``, one set per (device, dtype) of the row's first tensor."""
     groups: dict[tuple[torch.device, torch.dtype], list[Row]] = {}
@@ -57,8 +66,7 @@ def _flat(row: Row) -> tuple[Tensor, ...] | None:
     return None
 
 
-def _tile_elems(row: Row) -> int | None:
-    first = row[0]
+def _tile_elems(first: Tensor) -> int | None:
     if first.device.type != "cpu":
         return None
     return max(1, CPU_TILE_BYTES // first.element_size())
@@ -72,11 +80,11 @@ def tiles(rows: Sequence[Row]) -> Iterator[list[list[Tensor]]]:
     together until a tile is full.
     """
     for columns in by_device_and_dtype(rows):
-        group = list(zip(*columns, strict=True))
-        limit = _tile_elems(group[0])
+        limit = _tile_elems(columns[0][0])
         if limit is None:
             yield columns
             continue
+        group = list(zip(*columns, strict=True))
 
         tile: list[Row] = []
         filled = 0

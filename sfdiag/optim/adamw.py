@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sfdiag.optim._foreach import shards, tiles
+from sfdiag.optim._foreach import local_rows, shards, tiles
 from sfdiag.optim._schedule import (
     InterpolatedScheduleFree,
     ReferenceScheduleFree,
@@ -104,8 +104,9 @@ class AdamWScheduleFree(InterpolatedScheduleFree):
             if "z" not in state:
                 state["z"] = p.detach().clone(memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            # a DTensor (FSDP2) is updated through its local shard: the update is elementwise
-            rows.append(shards(p.detach(), p.grad, state["z"], state["exp_avg_sq"]))
+            rows.append((p, p.grad, state["z"], state["exp_avg_sq"]))
+        # a DTensor (FSDP2) is updated through its local shard: the update is elementwise
+        rows = local_rows(rows)
 
         beta1, beta2 = group["betas"]
         lr, ckp1 = scalars.lr, scalars.ckp1
@@ -226,7 +227,7 @@ def _compiled_rows(
         if device not in on_device:
             on_device[device] = scalars.to(device)
         try:
-            kernel(*(t.view(-1) for t in row), on_device[device])
+            kernel(*(t.detach().view(-1) for t in row), on_device[device])
         except Exception as exc:  # no C++ compiler, no triton, an unsupported dtype...
             if index > 0:
                 raise  # compiled once already: a real error, not a missing toolchain

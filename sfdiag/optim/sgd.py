@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sfdiag.optim._foreach import shards, tiles
+from sfdiag.optim._foreach import local_rows, shards, tiles
 from sfdiag.optim._schedule import (
     InterpolatedScheduleFree,
     ReferenceScheduleFree,
@@ -67,7 +67,8 @@ class SGDScheduleFree(InterpolatedScheduleFree):
             state = self.state[p]
             if "z" not in state:
                 state["z"] = p.detach().clone(memory_format=torch.preserve_format)
-            rows.append(shards(p.detach(), p.grad, state["z"]))  # a DTensor: its local shard
+            rows.append((p, p.grad, state["z"]))
+        rows = local_rows(rows)  # a DTensor: its local shard
 
         lr, ckp1 = scalars.lr, scalars.ckp1
         decay = group["weight_decay"]
