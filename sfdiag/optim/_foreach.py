@@ -44,8 +44,10 @@ def shards(*tensors: Tensor) -> tuple[Tensor, ...]:
 def local_rows(rows: list[Row]) -> list[Row]:
     """``shards`` of every row: ``rows`` themselves where their first tensors (the
     parameters) are plain tensors, as a rule. A parameter's grad and state are DTensors
-    exactly where it is one, so one check a row does; a step asks it of every row."""
-    if any(is_dtensor(row[0]) for row in rows):
+    exactly where it is one, and whether a tensor is one is a matter of its class, so one
+    parameter of each class is asked (a step asks this of every row)."""
+    one_of_each = {type(row[0]): row[0] for row in rows}
+    if any(map(is_dtensor, one_of_each.values())):
         return [shards(*row) for row in rows]
     return rows
 

@@ -177,10 +177,14 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
 
         work = []
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                if p.grad.is_sparse:
+            params = []
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                params.append(p)
             work.append((group, params))
 
         for group, params in work:
