@@ -79,8 +79,8 @@ class GradFingerprint:
     ref: weakref.ref | None
     version: int
     norm: float
-    # a 128-bit digest of the block bit-sums (and a sparse grad's index sum): equal for
-    # equal grads, with 16 bytes held where the sums take hundreds
+    # a 128-bit digest of the block bit-sums, the sample's bits (and a sparse grad's index
+    # sum): equal for equal grads, with 16 bytes held where the sums take hundreds
     checksum: bytes
     sample: torch.Tensor | None  # the elements sample_positions() names (all of a small tensor)
     param_sample: torch.Tensor | None  # the parameter at the same elements
@@ -99,12 +99,11 @@ class GradFingerprint:
         if other is self:  # an unchanged grad's fingerprint after step() is the one before
             return True
         # norm compared by bits: NaN == NaN here, and -0.0 vs 0.0 would count as a change.
+        # The checksum covers the sample's bits too.
         if float_bits(self.norm) != float_bits(other.norm) or self.checksum != other.checksum:
             return False
         if self.full is not None and other.full is not None:
             return _bits_equal(self.full, other.full)
-        if self.sample is not None and other.sample is not None:
-            return _bits_equal(self.sample, other.sample)
         return True
 
 
@@ -159,8 +158,8 @@ def sample_positions(n: int) -> list[int]:
 
 
 def _sample_view(t: torch.Tensor) -> torch.Tensor:
-    """The elements ``sample_positions`` names of ``t``: a view."""
-    t = t.detach()
+    """The elements ``sample_positions`` names of ``t``: a view (of a detached ``t``, or
+    under ``no_grad``)."""
     n = t.numel()
     if n <= SAMPLE_SIZE:
         return _flat(t)
@@ -172,7 +171,7 @@ def _sample_view(t: torch.Tensor) -> torch.Tensor:
 
 def sample_of(t: torch.Tensor) -> torch.Tensor:
     """The elements ``sample_positions`` names of ``t``, copied."""
-    return _sample_view(t).clone()
+    return _sample_view(t.detach()).clone()
 
 
 def _checksum(t: torch.Tensor) -> torch.Tensor:
@@ -289,8 +288,10 @@ def _rows_and_tail(view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | Non
 
     A view of the grad (``view``: detached); a copy only where a grad that had this layout
     before ``step()`` was replaced by a non-contiguous tensor."""
+    count, left = divmod(view.numel(), FUSED_BLOCK)
+    if not left and view.is_contiguous():  # the rule: one op, on a GPU one host call
+        return view.view(count, FUSED_BLOCK), None
     flat = view.reshape(-1)
-    count, left = divmod(flat.numel(), FUSED_BLOCK)
     if not left:
         return flat.view(count, FUSED_BLOCK), None
     return flat[: count * FUSED_BLOCK].view(count, FUSED_BLOCK), flat[count * FUSED_BLOCK :]
@@ -403,12 +404,14 @@ class _Pending:
     """What one snapshot asks of the device, as pieces for one transfer; each result is known
     by its slot (a piece of k rows stands for k results, one per row). After ``fetch()``,
     ``array(slot)`` is a result as numpy (checksums, norms: one conversion per piece, rows
-    as numpy views) and ``tensor(slot)`` as a tensor (samples, state)."""
+    as numpy views), ``bits(slot)`` its bits so, and ``tensor(slot)`` it as a tensor
+    (samples, state)."""
 
     pieces: list[torch.Tensor] = field(default_factory=list)
     where: list[tuple[int, int | None]] = field(default_factory=list)  # slot -> (piece, row)
     host: list[torch.Tensor] = field(default_factory=list)  # on the host, after fetch()
     _arrays: dict[int, Any] = field(default_factory=dict)
+    _bits: dict[int, Any] = field(default_factory=dict)
     _rows: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
 
     def add(self, t: torch.Tensor) -> int:
@@ -430,6 +433,15 @@ class _Pending:
         array = self._arrays.get(piece)
         if array is None:
             array = self._arrays[piece] = self.host[piece].numpy()
+        return array if row is None else array[row]
+
+    def bits(self, slot: int) -> Any:
+        """A result's bits as numpy (a float's as the integers of its width: numpy has no
+        bfloat16), for hashing."""
+        piece, row = self.where[slot]
+        array = self._bits.get(piece)
+        if array is None:
+            array = self._bits[piece] = _bits(self.host[piece]).numpy()
         return array if row is None else array[row]
 
     def tensor(self, slot: int) -> torch.Tensor:
@@ -495,6 +507,7 @@ def _unchanged(grads: list[torch.Tensor | None], before: list[GradFingerprint] |
     }
 
 
+@torch.no_grad()  # the hooks run with grad on, and a create_graph=True grad has a graph
 def take(
     params: list[torch.Tensor],
     *,
@@ -507,15 +520,16 @@ def take(
 
     ``before``: the pre-step snapshot of the same ``params``; a grad that is still that
     tensor at that version is read for its checksum and sampled, not for its norm, and
-    where both agree its fingerprint is the one from before. ``states(param)``: the
+    where its checksum (which covers the sample) agrees its fingerprint is the one from
+    before. ``states(param)``: the
     optimizer's per-element state of a param, sampled where its grad's version moved.
     ``param_samples=False`` leaves out the parameters' samples: the auditor reads them from
     the snapshot before ``step()`` only.
     """
     grads = [p.grad for p in params]
-    # detached once: a grad of create_graph=True has a graph, and the hooks run with grad on
+    # under no_grad: no view or copy taken here needs a detach (one host call a tensor saved)
     views: dict[int, torch.Tensor] = {
-        i: _dense_view(g).detach() for i, g in enumerate(grads) if g is not None
+        i: _dense_view(g) for i, g in enumerate(grads) if g is not None
     }
     unchanged = _unchanged(grads, before)
     layouts = _layouts(views, before)
@@ -612,13 +626,12 @@ def take(
             out.append(GradFingerprint(None, 0, 0.0, b"", None, None))
             continue
         index_sum = pending.array(index_at[i]) if i in index_at else None
-        checksum = _digest_of(pending.array(sums_at[i]), index_sum)
-        sample = pending.tensor(sample_at[i])
+        checksum = _digest_of(pending.array(sums_at[i]), pending.bits(sample_at[i]), index_sum)
         if i in unchanged:  # the same tensor at the same version
             prior = before[i]
             if checksum != prior.checksum:
                 recheck.append(i)  # changed behind the version counter (.data): read it
-            elif not full and _bits_equal(sample, prior.sample):
+            elif not full:
                 out.append(prior)  # nothing moved: the fingerprint from before holds
                 continue
             norm = prior.norm  # read again below where the bits moved
@@ -632,7 +645,7 @@ def take(
                 version=g._version,
                 norm=norm,
                 checksum=checksum,
-                sample=sample,
+                sample=pending.tensor(sample_at[i]),
                 param_sample=pending.tensor(param_at[i]) if i in param_at else None,
                 full=views[i].clone() if full else None,
                 full_param=(
@@ -654,29 +667,38 @@ def take(
 def _reread(
     fp: GradFingerprint, view: torch.Tensor, param: torch.Tensor, states: StateSampler | None
 ) -> GradFingerprint:
-    """A grad whose bits changed behind its version counter: its norm and state, read now."""
-    norm = torch._foreach_norm([view])[0].to(torch.float64)
+    """A grad whose bits changed behind its version counter: its norm and state, read now.
+    The norm is read as before ``step()``: by the fused kernel where that read it (float64
+    sums of squares; torch's float32 norm of a large grad differs in its last digits)."""
+    read = None
+    if fp.layout == "fused" and _compiled_read(view, _fused_setting()):
+        read = _fused_reads([view])
+    # the sum of squares, or the norm itself
+    value = read[0][0] if read is not None else torch._foreach_norm([view])[0].to(torch.float64)
     sampled = states(param) if states is not None else {}
-    host = _to_host([norm, *sampled.values()])
+    host = _to_host([value, *sampled.values()])
     return dataclasses.replace(
         fp,
-        norm=float(host[0]),
+        norm=math.sqrt(float(host[0])) if read is not None else float(host[0]),
         states=dict(zip(sampled, host[1:], strict=True)) if states is not None else None,
     )
 
 
-def _digest_of(sums: Any, index_sum: Any | None) -> bytes:
-    """The checksum a fingerprint keeps: a blake2b digest of the block sums' bytes (numpy
-    arrays: a row of a stacked piece is a contiguous view)."""
+def _digest_of(sums: Any, sample_bits: Any, index_sum: Any | None) -> bytes:
+    """The checksum a fingerprint keeps: a blake2b digest of the block sums' bytes and the
+    sample's (numpy arrays: a row of a stacked piece is a contiguous view). With the sample
+    in it, one comparison after ``step()`` covers both; the block sums alone miss an edit
+    that keeps every block's bit-sum (``grad.data.neg_()`` on blocks of an even size)."""
     hashed = hashlib.blake2b(sums, digest_size=16)
+    hashed.update(sample_bits)
     if index_sum is not None:
         hashed.update(index_sum)
     return hashed.digest()
 
 
 def digest(fp: GradFingerprint) -> int:
-    """A 63-bit digest of a grad's bits (its block checksums): equal for equal grads, and
-    for different grads all but surely different. What ranks compare to agree."""
+    """A 63-bit digest of a grad's bits (its block checksums and sample): equal for equal
+    grads, and for different grads all but surely different. What ranks compare to agree."""
     if not fp.present:
         return 0
     return int.from_bytes(fp.checksum[:8], "little") >> 1

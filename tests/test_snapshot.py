@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from sfdiag import snapshot, verdict
 
@@ -182,13 +183,67 @@ def test_the_kernel_compiles_once_whatever_the_number_of_grads(monkeypatch):
 def test_a_grad_negated_through_data_is_mutated(path, shape):
     """Negating every element flips every sign bit: each block of an even number of elements
     keeps its bit-sum (2 * 2**31 wraps to 0) and the norm is the same, so the sample, taken
-    after step() even from a grad at its old version, is what sees it."""
+    after step() even from a grad at its old version and hashed into the checksum, is what
+    sees it."""
     p = param(shape)
     before = snapshot.take([p])
+    block_sums = snapshot._fused_sums_only if before[0].layout == "fused" else snapshot._checksum
+    sums = block_sums(p.grad)
     p.grad.data.neg_()
+    assert torch.equal(block_sums(p.grad), sums)  # the blind spot this test is about
     after = snapshot.take([p], param_samples=False, before=before)
-    assert after[0].checksum == before[0].checksum  # the blind spot this test is about
+    assert after[0].checksum != before[0].checksum
     assert not before[0].same_content(after[0])
+    assert after[0].norm == before[0].norm
+
+
+class _TorchCalls(TorchFunctionMode):
+    """Counts torch calls that reach torch's dispatcher (not attribute reads or size queries:
+    on a GPU those cost the host next to nothing, a dispatched call several µs)."""
+
+    CHEAP = frozenset(
+        ["__get__", "numel", "is_contiguous", "storage_offset", "is_floating_point"]
+        + ["element_size", "dim", "size", "stride", "__len__"]
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") not in self.CHEAP
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "shape,pre,post",
+    [((512, 1024), 5, 4), ((1024,), 2, 1)],  # large: the fused layout; small: stacked
+    ids=["large", "small"],
+)
+def test_a_snapshot_costs_a_few_host_calls_a_grad(shape, pre, post, monkeypatch):
+    """Read as on an accelerator (torch's ops on the fused layout), where each dispatched
+    call costs the host several µs and the host is what a step waits for: a grad more costs
+    at most ``pre`` calls before step() (its checksum's view and sum, its sample and its
+    parameter's) and ``post`` after it, whatever the number of grads."""
+    monkeypatch.setattr(snapshot, "_compiled_read", lambda view, setting: False)
+    monkeypatch.setattr(
+        snapshot,
+        "_fused_grads",
+        lambda views: {i for i, v in views.items() if snapshot._fused_eligible(v)},
+    )
+    calls = {}
+    for count in (10, 20):
+        params = [param(shape, seed=k) for k in range(count)]
+        before = snapshot.take(params)
+        with _TorchCalls() as counter:
+            before = snapshot.take(params)
+        calls["pre", count] = counter.count
+        with _TorchCalls() as counter:
+            after = snapshot.take(params, param_samples=False, before=before)
+        calls["post", count] = counter.count
+        assert all(b is a for a, b in zip(before, after, strict=True))  # read, and kept
+    assert (calls["pre", 20] - calls["pre", 10]) / 10 <= pre
+    assert (calls["post", 20] - calls["post", 10]) / 10 <= post
 
 
 def test_a_snapshot_through_one_packed_transfer_reads_alike(path, monkeypatch):
