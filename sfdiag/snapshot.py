@@ -13,9 +13,10 @@ tensors (``torch.compile``-d, where a compiler is present and the grads are larg
 pay for compiling it), else by torch's own ops (on a GPU always: there the host's time per
 launch is what counts, and the kernel launches more than it saves). After ``step()``
 (``take(..., before=)``) a grad that is the same tensor at the same version is read once,
-for its checksum, and sampled: where both agree with before, its fingerprint *is* the one
-from before (nothing else is built for it); where the bits changed (an edit through
-``.data`` moves no version counter) its norm is read again. A grad whose version moved gets
+for its checksum, and sampled (the sample's bits are hashed into the checksum): where the
+checksum agrees with before, its fingerprint *is* the one from before (nothing else is built
+for it); where the bits changed (an edit through ``.data`` moves no version counter) its
+norm is read again. A grad whose version moved gets
 norm and checksum in one read, and its optimizer state sampled for fingerprinting.
 
 **Per tensor, a few ops.** Samples are views copied in one stack per dtype and length;
@@ -521,8 +522,8 @@ def take(
     ``before``: the pre-step snapshot of the same ``params``; a grad that is still that
     tensor at that version is read for its checksum and sampled, not for its norm, and
     where its checksum (which covers the sample) agrees its fingerprint is the one from
-    before. ``states(param)``: the
-    optimizer's per-element state of a param, sampled where its grad's version moved.
+    before. ``states(param)``: the optimizer's per-element state of a param, sampled where
+    its grad's version moved.
     ``param_samples=False`` leaves out the parameters' samples: the auditor reads them from
     the snapshot before ``step()`` only.
     """
