@@ -189,7 +189,7 @@ class StepAuditor:
         if on_device and self.fingerprint_kinds and not self.forensics:
 
             def sampler(param: torch.Tensor) -> dict[str, torch.Tensor]:
-                return snapshot.state_samples(optimizer, param)
+                return snapshot.state_views(optimizer, param)
 
         after = snapshot.take(
             params, full=self.forensics, param_samples=False, before=before, states=sampler

@@ -67,6 +67,8 @@ FUSED_MIN_ELEMENTS = 16_000_000
 
 _INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 
+#: a param -> its optimizer state's sampled elements, by name (views will do: ``take``
+#: copies them with the rest; ``state_views`` is one)
 StateSampler = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 
@@ -456,16 +458,17 @@ class _Pending:
 
 
 def _stacked(
-    results: dict[int, torch.Tensor], pending: _Pending, *, views: bool = False
-) -> dict[int, int]:
-    """Each of ``results`` (a tensor per grad) added to ``pending``, those of one shape, dtype
-    and device as the rows of one stack: on an accelerator each piece of a transfer costs the
-    host several ops. ``views``: the results are views of live tensors (a stack copies them;
-    a lone one is cloned, so that no fingerprint holds a view of a grad)."""
-    groups: dict[tuple[Any, ...], list[int]] = {}
+    results: dict[Any, torch.Tensor], pending: _Pending, *, views: bool = False
+) -> dict[Any, int]:
+    """Each of ``results`` (a tensor per grad, or per grad and name) added to ``pending``,
+    those of one shape, dtype and device as the rows of one stack: on an accelerator each
+    piece of a transfer costs the host several ops. ``views``: the results are views of live
+    tensors (a stack copies them; a lone one is cloned, so that no fingerprint holds a view
+    of a grad or of the optimizer's state)."""
+    groups: dict[tuple[Any, ...], list[Any]] = {}
     for i, t in results.items():
         groups.setdefault((t.shape, t.dtype, t.device), []).append(i)
-    slots: dict[int, int] = {}
+    slots: dict[Any, int] = {}
     for indices in groups.values():
         if len(indices) == 1:
             lone = results[indices[0]]
@@ -614,10 +617,14 @@ def take(
         else {}
     )
     state_at: dict[int, dict[str, int]] = {}
-    if states is not None:
+    if states is not None:  # copied like the samples: one stack per shape, not one piece each
+        sampled: dict[tuple[int, str], torch.Tensor] = {}
         for i in views:
             if i not in unchanged:
-                state_at[i] = {k: pending.add(v) for k, v in states(params[i]).items()}
+                state_at[i] = {}
+                sampled.update(((i, k), v) for k, v in states(params[i]).items())
+        for (i, k), slot in _stacked(sampled, pending, views=True).items():
+            state_at[i][k] = slot
     pending.fetch()
 
     out: list[GradFingerprint] = []
@@ -677,7 +684,7 @@ def _reread(
     # the sum of squares, or the norm itself
     value = read[0][0] if read is not None else torch._foreach_norm([view])[0].to(torch.float64)
     sampled = states(param) if states is not None else {}
-    host = _to_host([value, *sampled.values()])
+    host = _to_host([value, *(v.clone() for v in sampled.values())])  # no view of the state
     return dataclasses.replace(
         fp,
         norm=math.sqrt(float(host[0])) if read is not None else float(host[0]),
@@ -705,16 +712,30 @@ def digest(fp: GradFingerprint) -> int:
     return int.from_bytes(fp.checksum[:8], "little") >> 1
 
 
-def state_samples(optimizer: Any, param: torch.Tensor, *, full: bool = False) -> dict[str, Any]:
-    """The optimizer's per-element state of ``param`` (tensors of its shape), sampled alike
-    (on the state's device: ``take`` brings them to the host with the rest)."""
+def _per_element_state(optimizer: Any, param: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The optimizer's state tensors of ``param``'s shape, by name (a DTensor's as its local
+    shard: the elements the param's samples hold)."""
     state = optimizer.state.get(param, {}) if hasattr(optimizer, "state") else {}
-    out = {}
-    for key, value in state.items():
-        if isinstance(value, torch.Tensor) and value.shape == param.shape and value.numel() > 0:
-            value = local(value)  # a DTensor's shard: the elements the param's samples hold
-            out[str(key)] = value.detach().clone() if full else sample_of(value)
-    return out
+    return {
+        str(key): local(value)
+        for key, value in state.items()
+        if isinstance(value, torch.Tensor) and value.shape == param.shape and value.numel() > 0
+    }
+
+
+def state_samples(optimizer: Any, param: torch.Tensor, *, full: bool = False) -> dict[str, Any]:
+    """The optimizer's per-element state of ``param`` (tensors of its shape), sampled alike,
+    copied (``full``: whole)."""
+    return {
+        key: value.detach().clone() if full else sample_of(value)
+        for key, value in _per_element_state(optimizer, param).items()
+    }
+
+
+def state_views(optimizer: Any, param: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``state_samples``' elements as views, for ``take(states=)``: it copies them with the
+    rest of a snapshot (on the state's device, in one stack per shape), under ``no_grad``."""
+    return {key: _sample_view(value) for key, value in _per_element_state(optimizer, param).items()}
 
 
 def state_bytes(optimizer: Any) -> int:

@@ -3,11 +3,14 @@ transfer per snapshot, and the same verdicts whichever path read the grads."""
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
 from sfdiag import snapshot, verdict
+from sfdiag.optim import AdamWScheduleFree
 
 BIG = (641, 1023)  # 655,743 elements: ten fused blocks and a tail
 
@@ -216,34 +219,78 @@ class _TorchCalls(TorchFunctionMode):
 
 
 @pytest.mark.parametrize(
-    "shape,pre,post",
-    [((512, 1024), 5, 4), ((1024,), 2, 1)],  # large: the fused layout; small: stacked
+    "shape,pre,post,post_mutated",
+    [((512, 1024), 5, 4, 6), ((1024,), 2, 1, 3)],  # large: the fused layout; small: stacked
     ids=["large", "small"],
 )
-def test_a_snapshot_costs_a_few_host_calls_a_grad(shape, pre, post, monkeypatch):
-    """Read as on an accelerator (torch's ops on the fused layout), where each dispatched
-    call costs the host several µs and the host is what a step waits for: a grad more costs
-    at most ``pre`` calls before step() (its checksum's view and sum, its sample and its
-    parameter's) and ``post`` after it, whatever the number of grads."""
+def test_a_snapshot_costs_a_few_host_calls_a_grad(shape, pre, post, post_mutated, monkeypatch):
+    """Read as on an accelerator (torch's ops on the fused layout, one packed transfer, the
+    optimizer's state sampled with the grads), where each dispatched call costs the host
+    several µs and the host is what a step waits for: a grad more costs at most ``pre``
+    calls before step() (its checksum's view and sum, its sample and its parameter's),
+    ``post`` after a step that left it alone and ``post_mutated`` after sf-adamw's, which
+    divides it in place (its norm and state are read then too), whatever the number of
+    grads."""
     monkeypatch.setattr(snapshot, "_compiled_read", lambda view, setting: False)
     monkeypatch.setattr(
         snapshot,
         "_fused_grads",
         lambda views: {i for i, v in views.items() if snapshot._fused_eligible(v)},
     )
-    calls = {}
-    for count in (10, 20):
+    monkeypatch.setattr(snapshot, "_to_host", snapshot.pack)
+    calls = collections.Counter()
+    for count, sign in ((10, -1), (20, 1)):
         params = [param(shape, seed=k) for k in range(count)]
-        before = snapshot.take(params)
+        opt = AdamWScheduleFree(params)
+        opt.train()
+        opt.step()  # its state now exists
+        snapshot.take(params)  # any first-call work
         with _TorchCalls() as counter:
             before = snapshot.take(params)
-        calls["pre", count] = counter.count
+        calls["pre"] += sign * counter.count
         with _TorchCalls() as counter:
             after = snapshot.take(params, param_samples=False, before=before)
-        calls["post", count] = counter.count
+        calls["post"] += sign * counter.count
         assert all(b is a for a, b in zip(before, after, strict=True))  # read, and kept
-    assert (calls["pre", 20] - calls["pre", 10]) / 10 <= pre
-    assert (calls["post", 20] - calls["post", 10]) / 10 <= post
+        opt.step()
+        with _TorchCalls() as counter:
+            snapshot.take(
+                params,
+                param_samples=False,
+                before=before,
+                states=lambda p, opt=opt: snapshot.state_views(opt, p),
+            )
+        calls["post_mutated"] += sign * counter.count
+    assert calls["pre"] / 10 <= pre
+    assert calls["post"] / 10 <= post
+    assert calls["post_mutated"] / 10 <= post_mutated
+
+
+@pytest.mark.parametrize("transfer", ["direct", "packed"])
+def test_state_sampled_with_a_snapshot_is_copied(path, transfer, monkeypatch):
+    """The auditor's sampler on an accelerator (``state_views``): take() brings the
+    optimizer's state at the sampled elements with the rest, in one stack per shape; the
+    elements ``state_samples`` names, copied, so the next step does not move them."""
+    if transfer == "packed":  # what an accelerator does, forced on the CPU
+        monkeypatch.setattr(snapshot, "_to_host", snapshot.pack)
+    params = [param(shape, seed=k) for k, shape in enumerate([BIG, (300,), (300,), (5,)])]
+    opt = AdamWScheduleFree(params)
+    opt.train()
+    opt.step()  # its state now exists; p.grad holds the update
+    before = snapshot.take(params)
+    opt.step()  # divides p.grad in place: every version moves
+    expected = [snapshot.state_samples(opt, p) for p in params]
+    after = snapshot.take(
+        params,
+        param_samples=False,
+        before=before,
+        states=lambda p: snapshot.state_views(opt, p),
+    )
+    opt.step()  # moves the state on
+    for fp, wanted in zip(after, expected, strict=True):
+        assert set(fp.states) == set(wanted) == {"z", "exp_avg_sq"}
+        for key, value in fp.states.items():
+            assert torch.equal(value, wanted[key]) and value.device.type == "cpu"
 
 
 def test_a_snapshot_through_one_packed_transfer_reads_alike(path, monkeypatch):
