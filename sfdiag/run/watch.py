@@ -143,36 +143,39 @@ def _safe_names(params: list[torch.Tensor], frame: FrameType | None) -> ParamNam
 # ---- per-step norms -------------------------------------------------------------------------
 def _dense(grad: torch.Tensor) -> torch.Tensor:
     """The elements whose norm is the grad's here: a DTensor's local shard (combined across
-    the ranks by ``StepNorms.globalize``), a sparse grad's coalesced values."""
+    the ranks by ``StepNorms.globalize``), a sparse grad's coalesced values. (Read under
+    ``no_grad``: a grad of ``create_graph=True`` has a graph.)"""
     import torch
 
     from sfdiag.dist import local
 
     grad = local(grad)
     if grad.layout != torch.strided:
-        return grad.coalesce()._values().detach()
-    return grad.detach()
+        return grad.coalesce()._values()
+    return grad
 
 
 def _norms(grads: list[torch.Tensor | None]) -> torch.Tensor | None:
     """Per-tensor L2 norms (0 for a missing grad), float32 on the first grad's device; no
-    host sync (and no index built on the host). None when no grad is present."""
+    host sync (and no index built on the host). None when no grad is present. Every step
+    pays this, so it makes no torch call per grad (on a GPU each costs the host µs)."""
     import torch
 
-    present = [(i, _dense(g)) for i, g in enumerate(grads) if g is not None]
-    if not present:
-        return None
-    views = [v for _, v in present]
-    device = views[0].device
-    try:  # accumulate in float32 also for half-precision grads
-        norms = torch._foreach_norm(views, 2, dtype=torch.float32)
-    except (TypeError, RuntimeError):
-        norms = [n.float() for n in torch._foreach_norm(views)]
-    if len(present) < len(grads):
-        zero = torch.zeros((), dtype=torch.float32, device=device)
-        by_index = dict(zip((i for i, _ in present), norms, strict=True))
-        norms = [by_index.get(i, zero) for i in range(len(grads))]
-    return torch.stack([n.to(device) for n in norms])
+    with torch.no_grad():
+        present = [(i, _dense(g)) for i, g in enumerate(grads) if g is not None]
+        if not present:
+            return None
+        views = [v for _, v in present]
+        device = views[0].device
+        try:  # accumulate in float32 also for half-precision grads
+            norms = torch._foreach_norm(views, 2, dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            norms = [n.float() for n in torch._foreach_norm(views)]
+        if len(present) < len(grads):
+            zero = torch.zeros((), dtype=torch.float32, device=device)
+            by_index = dict(zip((i for i, _ in present), norms, strict=True))
+            norms = [by_index.get(i, zero) for i in range(len(grads))]
+        return torch.stack([n if n.device == device else n.to(device) for n in norms])
 
 
 @dataclass
