@@ -1,8 +1,9 @@
-"""sfdiag.run.watch's per-step norms: what every step of a watched run pays, so kept to one
-foreach norm and a stack, whatever the number of grads."""
+"""What every step pays: ``sfdiag run``'s per-step norms and ``GradMonitor``'s, each kept to
+one foreach norm and a stack whatever the number of grads."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from test_snapshot import _TorchCalls
 
@@ -34,3 +35,25 @@ def test_the_per_step_norms_of_missing_and_graph_carrying_grads():
     norms = _norms([None, grad, torch.ones(4)])
     assert not norms.requires_grad
     torch.testing.assert_close(norms, torch.tensor([0.0, 153.0**0.5, 2.0]))
+
+
+def test_grad_monitor_makes_no_torch_call_a_grad():
+    """``GradMonitor`` reads the global norm in both hooks of every step: the same torch
+    calls for 20 parameters as for 10."""
+    from sfdiag.monitor import GradMonitor
+
+    calls = {}
+    for count in (10, 20):
+        params = [torch.nn.Parameter(torch.randn(8)) for _ in range(count)]
+        opt = torch.optim.SGD(params, lr=0.1)
+        monitor = GradMonitor(opt)
+        for p in params:
+            p.grad = torch.ones(8)
+        opt.step()
+        with _TorchCalls() as counter:  # the monitor's two hooks, not SGD's own loop
+            monitor._pre(opt, (), {})
+            monitor._post(opt, (), {})
+        calls[count] = counter.count
+        assert monitor.last_grad_norm == pytest.approx((8.0 * count) ** 0.5, rel=1e-6)
+        monitor.remove()
+    assert calls[10] == calls[20]
