@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import run_cli
 from test_optim import CASE_IDS, CASES, Case
-from test_snapshot import BIG, EDITS, check_edit, param
+from test_snapshot import BIG, EDITS, HOST_CALLS, check_edit, host_calls_a_grad, param
 
 from sfdiag import snapshot
 from sfdiag.auditor import StepAuditor
@@ -68,6 +68,15 @@ def test_a_snapshot_on_cuda_reads_as_on_the_cpu(path):
         assert b.norm == pytest.approx(a.norm, rel=5e-5)
     assert {fp.layout for fp in host[:1]} == {"fused" if path == "fused" else "blocks"}
     assert snapshot._FUSED.broken is None
+
+
+@pytest.mark.parametrize("shape,pre,post,post_mutated", HOST_CALLS, ids=["large", "small"])
+def test_a_cuda_snapshot_costs_a_few_host_calls_a_grad(shape, pre, post, post_mutated, monkeypatch):
+    """The host calls a grad more costs a snapshot on the GPU's own read path ("auto"), as
+    tests/test_snapshot.py counts them on the CPU with that path forced."""
+    monkeypatch.delenv("SFDIAG_FUSED", raising=False)
+    calls = host_calls_a_grad(shape, move=on_cuda)
+    assert calls["pre"] <= pre and calls["post"] <= post and calls["post_mutated"] <= post_mutated
 
 
 def test_large_cuda_grads_take_the_fused_layout_read_by_torch_ops(monkeypatch):
