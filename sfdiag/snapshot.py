@@ -16,13 +16,15 @@ launch is what counts, and the kernel launches more than it saves). After ``step
 for its checksum, and sampled (the sample's bits are hashed into the checksum): where the
 checksum agrees with before, its fingerprint *is* the one from before (nothing else is built
 for it); where the bits changed (an edit through ``.data`` moves no version counter) its
-norm is read again. A grad whose version moved gets
-norm and checksum in one read, and its optimizer state sampled for fingerprinting.
+norm is read again. A grad whose version moved gets norm and checksum in one read, and its
+optimizer state sampled for fingerprinting.
 
-**Per tensor, a few ops.** Samples are views copied in one stack per dtype and length;
-small grads of one size are stacked for their checksums; the fused kernel serves
-FUSED_GROUP tensors a call. What a large model's step pays on top of the two reads is
-mostly this Python, tens of µs per tensor.
+**Per tensor, a few ops.** Everything runs under ``no_grad``, so no view needs a detach (on a
+GPU each torch call costs the host µs; ``tests/test_snapshot.py`` counts them). Samples,
+and the optimizer state's, are views copied in one stack per dtype and length; small grads
+of one size are stacked for their checksums; the fused kernel serves FUSED_GROUP tensors a
+call. What a large model's step pays on top of the two reads is mostly this Python, some
+µs per tensor.
 
 **One transfer per snapshot.** Everything a snapshot brings to the host (norms,
 checksums, samples) is computed on the device and, on an accelerator, packed into one
