@@ -14,7 +14,15 @@ import pytest
 import torch
 from conftest import run_cli
 from test_optim import CASE_IDS, CASES, Case
-from test_snapshot import BIG, EDITS, HOST_CALLS, check_edit, host_calls_a_grad, param
+from test_snapshot import (
+    BIG,
+    EDITS,
+    HOST_CALL_IDS,
+    HOST_CALLS,
+    check_edit,
+    host_calls_a_grad,
+    param,
+)
 
 from sfdiag import snapshot
 from sfdiag.auditor import StepAuditor
@@ -70,7 +78,7 @@ def test_a_snapshot_on_cuda_reads_as_on_the_cpu(path):
     assert snapshot._FUSED.broken is None
 
 
-@pytest.mark.parametrize("shape,pre,post,post_mutated", HOST_CALLS, ids=["large", "small"])
+@pytest.mark.parametrize("shape,pre,post,post_mutated", HOST_CALLS, ids=HOST_CALL_IDS)
 def test_a_cuda_snapshot_costs_a_few_host_calls_a_grad(shape, pre, post, post_mutated, monkeypatch):
     """The host calls a grad more costs a snapshot on the GPU's own read path ("auto"), as
     tests/test_snapshot.py counts them on the CPU with that path forced."""

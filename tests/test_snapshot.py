@@ -99,6 +99,19 @@ def test_a_row_sparse_grad_shows_the_sample_its_rows():
         assert snapshot.sample_of(grad).count_nonzero() > 0, seed
 
 
+@pytest.mark.parametrize("shape", [(5,), (64,), (300,), (100, 7), (64, 64), (65_536,)])
+def test_a_grad_reads_alike_alone_and_stacked_with_its_twin(shape):
+    """Small grads of one size are read stacked; a grad whose twin step() cleared is read
+    alone after it. The same checksum either way, so it stays clean (and its fingerprint
+    is kept), whether its size splits into whole blocks or leaves some elements over."""
+    p, twin = param(shape, seed=1), param(shape, seed=2)
+    before = snapshot.take([p, twin])
+    twin.grad = None
+    after = snapshot.take([p, twin], param_samples=False, before=before)
+    assert after[0] is before[0]
+    assert snapshot.take([p])[0].checksum == before[0].checksum
+
+
 def test_samples_of_every_size_and_shape_are_each_tensors_own(path):
     """take() copies the samples of many tensors in a few stacked copies: each fingerprint
     must still hold its own grad's and param's elements, whatever mix of sizes, shapes and
@@ -220,7 +233,8 @@ class _TorchCalls(TorchFunctionMode):
 
 #: host calls a grad more costs a snapshot, read as on an accelerator: (shape, before
 #: step(), after a step that left it alone, after sf-adamw's, which divides it in place)
-HOST_CALLS = [((512, 1024), 5, 4, 6), ((1024,), 2, 1, 3)]  # large: the fused layout
+HOST_CALLS = [((512, 1024), 5, 4, 6), ((256, 512), 5, 4, 6), ((1024,), 2, 1, 3)]
+HOST_CALL_IDS = ["large", "mid", "small"]  # the fused layout; blocks; stacked with its likes
 
 
 def host_calls_a_grad(shape, move=lambda p: p) -> dict[str, float]:
@@ -254,7 +268,7 @@ def host_calls_a_grad(shape, move=lambda p: p) -> dict[str, float]:
     return {key: value / 10 for key, value in calls.items()}
 
 
-@pytest.mark.parametrize("shape,pre,post,post_mutated", HOST_CALLS, ids=["large", "small"])
+@pytest.mark.parametrize("shape,pre,post,post_mutated", HOST_CALLS, ids=HOST_CALL_IDS)
 def test_a_snapshot_costs_a_few_host_calls_a_grad(shape, pre, post, post_mutated, monkeypatch):
     """Read as on an accelerator (torch's ops on the fused layout, one packed transfer, the
     optimizer's state sampled with the grads), where each dispatched call costs the host
