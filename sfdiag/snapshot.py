@@ -185,19 +185,15 @@ def _checksum(t: torch.Tensor) -> torch.Tensor:
     Integer sums are exact in any order. Not ``sum(dtype=torch.int64)``: on CPU that first
     copies the whole tensor to int64 (twice a float32 grad's bytes, at every snapshot).
     Returns CHECKSUM_BLOCKS sums, and the sum of the elements left over after them where
-    there are any (as ``_checksum_rows`` does for the same size). Where there are none, as
-    for most sizes, three torch calls: on a GPU each costs the host µs.
+    there are any: ``_checksum_rows`` of ``t`` as one row. A contiguous ``t`` of whole
+    blocks, as most are, takes three torch calls here instead (on a GPU each costs the host
+    µs).
     """
-    bits = _bits(t)
-    per_block, left = divmod(bits.numel(), CHECKSUM_BLOCKS)
-    if not left and bits.is_contiguous():
+    per_block, left = divmod(t.numel(), CHECKSUM_BLOCKS)
+    if not left and t.is_contiguous():
+        bits = _bits(t)
         return bits.view(CHECKSUM_BLOCKS, per_block).sum(dim=1, dtype=bits.dtype)
-    flat = bits.reshape(-1)
-    split = per_block * CHECKSUM_BLOCKS
-    blocks = flat[:split].view(CHECKSUM_BLOCKS, per_block).sum(dim=1, dtype=bits.dtype)
-    if not left:
-        return blocks
-    return torch.cat([blocks, flat[split:].sum(dim=0, keepdim=True, dtype=bits.dtype)])
+    return _checksum_rows(_flat(t).unsqueeze(0))[0]
 
 
 def _checksum_rows(rows: torch.Tensor) -> torch.Tensor:
@@ -447,19 +443,19 @@ class _Pending:
         self.host = _to_host(self.pieces)
 
     def array(self, slot: int) -> Any:
-        piece, row = self.where[slot]
-        array = self._arrays.get(piece)
-        if array is None:
-            array = self._arrays[piece] = self.host[piece].numpy()
-        return array if row is None else array[row]
+        return self._numpy(slot, self._arrays, torch.Tensor.numpy)
 
     def bits(self, slot: int) -> Any:
         """A result's bits as numpy (a float's as the integers of its width: numpy has no
         bfloat16), for hashing."""
+        return self._numpy(slot, self._bits, lambda piece: _bits(piece).numpy())
+
+    def _numpy(self, slot: int, cache: dict[int, Any], convert: Callable[..., Any]) -> Any:
+        """The slot's result from its piece converted once (``cache``), a row a view."""
         piece, row = self.where[slot]
-        array = self._bits.get(piece)
+        array = cache.get(piece)
         if array is None:
-            array = self._bits[piece] = _bits(self.host[piece]).numpy()
+            array = cache[piece] = convert(self.host[piece])
         return array if row is None else array[row]
 
     def tensor(self, slot: int) -> torch.Tensor:
