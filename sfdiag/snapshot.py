@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from sfdiag import fused
 from sfdiag.dist import local
 
 #: elements sampled per tensor for fingerprinting the kind of a mutation
@@ -224,37 +225,6 @@ SMALL_TENSOR = 65536
 
 
 # ---- the fused read: norm and checksum in one pass ---------------------------------------------
-#: tensors per call of the compiled kernel: a call costs ~150 µs besides its reading (dynamo's
-#: guards and wrappers), a tensor of a large model a few hundred µs of reading; a short group
-#: is padded with a dummy (a few µs each). More per call compiles longer (12 s cold at 8, 15 s
-#: at 32; 3.4 s either way from inductor's disk cache).
-FUSED_GROUP = 32
-
-
-def _fused_rows(*rows: torch.Tensor) -> list[torch.Tensor]:
-    """For torch.compile: of each ``[n, FUSED_BLOCK]`` tensor, the sum of its squares
-    (accumulated in float64 by rows: as fast here, and exact to 1e-13 where float32 drifts
-    to 1e-5 over a million elements) and each row's bit-sum, in one loop over its elements."""
-    out = []
-    for block in rows:
-        bits = block.view(_INT_VIEW[block.element_size()])
-        values = block.double()
-        out += [(values * values).sum(dim=1).sum(), bits.sum(dim=1, dtype=bits.dtype)]
-    return out
-
-
-@dataclass
-class _Fused:
-    kernel: Any = None
-    broken: str | None = None  # why the fused path is off for this process
-    # (dtype, device) pairs the kernel has been compiled for: their first call marks the row
-    # dimension dynamic, later calls need no marks (5 µs a tensor) to match that graph
-    compiled: set[tuple[torch.dtype, torch.device]] = field(default_factory=set)
-
-
-_FUSED = _Fused()
-
-
 def _fused_setting() -> str:
     """``SFDIAG_FUSED``: "off", "on" (the compiled kernel wherever the layout is fused) or
     "auto"."""
@@ -267,25 +237,19 @@ def _fused_setting() -> str:
 def _fused_grads(views: dict[int, torch.Tensor]) -> set[int]:
     """The grads of a snapshot that take the fused layout (rows of FUSED_BLOCK elements).
 
-    On the CPU: the large ones, once they hold enough elements to pay for compiling the
-    kernel that reads them. On an accelerator: every large one, always, read by torch's ops
-    (in "auto"): one launch a grad for its row sums, norms by ``_foreach_norm`` in a few for
-    all, where the compiled kernel costs several launches a grad and the host's time per
-    launch, not the device's reading, is what a step there pays (bench/RESULTS.md)."""
+    On the CPU, in "auto": the large ones, once they hold enough elements for the fused
+    kernel (``sfdiag.fused``) to pay for compiling it. On an accelerator: every large one,
+    always, read by torch's ops: one launch a grad for its row sums, norms by
+    ``_foreach_norm`` in a few for all (bench/RESULTS.md). "on": every large grad, anywhere."""
     setting = _fused_setting()
     if setting == "off":
         return set()
     eligible = {i for i, v in views.items() if _fused_eligible(v)}
     if setting == "on":
-        return eligible if _FUSED.broken is None else set()
+        return eligible
     on_cpu = {i for i in eligible if views[i].device.type == "cpu"}
-    compiled = _FUSED.broken is None and sum(views[i].numel() for i in on_cpu) >= FUSED_MIN_ELEMENTS
-    return (eligible - on_cpu) | (on_cpu if compiled else set())
-
-
-def _compiled_read(view: torch.Tensor, setting: str) -> bool:
-    """Whether a fused-layout grad is read by the compiled kernel (else by torch's ops)."""
-    return _FUSED.broken is None and (setting == "on" or view.device.type == "cpu")
+    pays = fused.broken() is None and sum(views[i].numel() for i in on_cpu) >= FUSED_MIN_ELEMENTS
+    return (eligible - on_cpu) | (on_cpu if pays else set())
 
 
 def _fused_eligible(view: torch.Tensor) -> bool:
@@ -295,6 +259,11 @@ def _fused_eligible(view: torch.Tensor) -> bool:
         and view.is_contiguous()
         and view.numel() >= FUSED_MIN_ROWS * FUSED_BLOCK
     )
+
+
+def _kernel_reads(view: torch.Tensor) -> bool:
+    """Whether the fused kernel reads a grad of the fused layout (else torch's ops do)."""
+    return fused.supports(view) and view.numel() >= SAMPLE_SIZE  # (a replaced grad may be small)
 
 
 def _rows_and_tail(view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -311,63 +280,12 @@ def _rows_and_tail(view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | Non
     return flat[: count * FUSED_BLOCK].view(count, FUSED_BLOCK), flat[count * FUSED_BLOCK :]
 
 
-def _grouped(blocks: list[torch.Tensor]) -> list[torch.Tensor] | None:
-    """The compiled kernel over ``blocks`` (``[n, FUSED_BLOCK]`` tensors of one dtype and
-    device), ``FUSED_GROUP`` per call (a short group is padded); its outputs in order, or
-    None where it cannot run (then torch's ops serve, for good: ``_FUSED.broken`` says
-    why)."""
-    if _FUSED.kernel is None:
-        try:
-            _FUSED.kernel = torch.compile(_fused_rows, dynamic=False, fullgraph=True)
-        except Exception as exc:  # no torch.compile here
-            _FUSED.broken = f"{type(exc).__name__}: {exc}"
-            return None
-    # two rows, not one: a dimension marked dynamic must not be 1
-    pad = torch.zeros(2, FUSED_BLOCK, dtype=blocks[0].dtype, device=blocks[0].device)
-    kind = (pad.dtype, pad.device)
-    results: list[torch.Tensor] = []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(blocks), FUSED_GROUP):
-                group = blocks[start : start + FUSED_GROUP]
-                real = len(group)
-                # pads are distinct tensors: dynamo compiles a graph per pattern of repeats
-                group = group + [pad.view(pad.shape) for _ in range(FUSED_GROUP - real)]
-                if kind not in _FUSED.compiled:
-                    for rows in group:
-                        torch._dynamo.mark_dynamic(rows, 0)
-                results += _FUSED.kernel(*group)[: 2 * real]
-                _FUSED.compiled.add(kind)
-    except Exception as exc:  # no C++ compiler, no triton, ...: torch's ops from now on
-        _FUSED.broken = f"{type(exc).__name__}: {exc}"
-        return None
-    return results
-
-
 def _with_tail(sums: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:
     """The rows' bit-sums, and the tail's after them where there is one."""
     if tail is None:
         return sums
     tail_bits = _bits(tail)
     return torch.cat([sums, tail_bits.sum(dtype=tail_bits.dtype).reshape(1)])
-
-
-def _fused_reads(views: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """(sum of squares as a 0-d float64 tensor, row checksums) of each of ``views`` (all of
-    one dtype and device), read once each by the compiled kernel; None where it cannot
-    run."""
-    split = [_rows_and_tail(v) for v in views]
-    results = _grouped([rows for rows, _ in split])
-    if results is None:
-        return None
-    out = []
-    for k, (_, tail) in enumerate(split):
-        squares, sums = results[2 * k], results[2 * k + 1]
-        if tail is not None:
-            tail_values = tail.double()
-            squares = squares + (tail_values * tail_values).sum()
-        out.append((squares, _with_tail(sums, tail)))
-    return out
 
 
 def _fused_sums_only(view: torch.Tensor) -> torch.Tensor:
@@ -422,7 +340,8 @@ class _Pending:
     (samples, state)."""
 
     pieces: list[torch.Tensor] = field(default_factory=list)
-    where: list[tuple[int, int | None]] = field(default_factory=list)  # slot -> (piece, row)
+    # slot -> (piece, row): a row index, a slice of rows, or None for the whole piece
+    where: list[tuple[int, int | slice | None]] = field(default_factory=list)
     host: list[torch.Tensor] = field(default_factory=list)  # on the host, after fetch()
     _arrays: dict[int, Any] = field(default_factory=dict)
     _bits: dict[int, Any] = field(default_factory=dict)
@@ -432,6 +351,13 @@ class _Pending:
         self.where.append((len(self.pieces), None))
         self.pieces.append(t)
         return len(self.where) - 1
+
+    def add_segments(self, t: torch.Tensor, bounds: list[tuple[int, int]]) -> range:
+        """``t[a:b]`` for each (a, b) of ``bounds``, as results of one piece."""
+        piece, first = len(self.pieces), len(self.where)
+        self.pieces.append(t)
+        self.where.extend((piece, slice(a, b)) for a, b in bounds)
+        return range(first, len(self.where))
 
     def add_rows(self, stacked: torch.Tensor) -> range:
         piece, first = len(self.pieces), len(self.where)
@@ -460,8 +386,8 @@ class _Pending:
 
     def tensor(self, slot: int) -> torch.Tensor:
         piece, row = self.where[slot]
-        if row is None:
-            return self.host[piece]
+        if row is None or isinstance(row, slice):
+            return self.host[piece] if row is None else self.host[piece][row]
         rows = self._rows.get(piece)
         if rows is None:
             rows = self._rows[piece] = self.host[piece].unbind(0)
@@ -552,20 +478,26 @@ def take(
     norm_at: dict[int, int] = {}
     sample_at: dict[int, int] = {}
 
-    setting = _fused_setting()
-    by_dtype: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    # the fused layout's grads on the CPU: one call of the kernel per dtype reads them all
+    # for their checksums and samples, and where the version moved for their norms too
+    by_dtype: dict[torch.dtype, list[int]] = {}
     for i, layout in layouts.items():
-        if layout == "fused" and i not in unchanged and _compiled_read(views[i], setting):
-            by_dtype.setdefault((views[i].dtype, views[i].device), []).append(i)
-    squares: dict[int, torch.Tensor] = {}  # the fused kernel's sums of squares
-    fused_sums: dict[int, torch.Tensor] = {}
+        if layout == "fused" and _kernel_reads(views[i]):
+            by_dtype.setdefault(views[i].dtype, []).append(i)
+    squares_at: dict[int, int] = {}  # the kernel's sums of squares
+    sums_at: dict[int, int] = {}
     for indices in by_dtype.values():
-        read = _fused_reads([views[i] for i in indices])
-        for i, (squares_i, sums_i) in zip(indices, read or (), strict=False):
-            squares[i], fused_sums[i] = squares_i, sums_i  # norm and checksum in one read
-    squares_at = _stacked(squares, pending)
-    sums_at = _stacked(fused_sums, pending)
-    del squares, fused_sums  # what was stacked is not needed twice
+        want = [i not in unchanged for i in indices]
+        read = fused.read([views[i] for i in indices], want, FUSED_BLOCK, SAMPLE_SIZE)
+        if read is None:  # no compiler here: torch's ops read them below
+            continue
+        squares = pending.add_rows(read.squares)
+        sums = pending.add_segments(read.row_sums, read.bounds)
+        samples = pending.add_rows(read.samples)
+        for k, i in enumerate(indices):
+            sums_at[i], sample_at[i] = sums[k], samples[k]
+            if want[k]:
+                squares_at[i] = squares[k]
 
     plain_norms = []
     same_size: dict[tuple[int, torch.dtype, torch.device], list[int]] = {}
@@ -690,10 +622,10 @@ def _reread(
     The norm is read as before ``step()``: by the fused kernel where that read it (float64
     sums of squares; torch's float32 norm of a large grad differs in its last digits)."""
     read = None
-    if fp.layout == "fused" and _compiled_read(view, _fused_setting()):
-        read = _fused_reads([view])
+    if fp.layout == "fused" and _kernel_reads(view):
+        read = fused.read([view], [True], FUSED_BLOCK, SAMPLE_SIZE)
     # the sum of squares, or the norm itself
-    value = read[0][0] if read is not None else torch._foreach_norm([view])[0].to(torch.float64)
+    value = read.squares[0] if read is not None else torch._foreach_norm([view])[0].double()
     sampled = states(param) if states is not None else {}
     host = _to_host([value, *(v.clone() for v in sampled.values())])  # no view of the state
     return dataclasses.replace(

@@ -24,7 +24,7 @@ from test_snapshot import (
     param,
 )
 
-from sfdiag import snapshot
+from sfdiag import fused, snapshot
 from sfdiag.auditor import StepAuditor
 from sfdiag.optim import AdamWScheduleFree
 
@@ -75,7 +75,6 @@ def test_a_snapshot_on_cuda_reads_as_on_the_cpu(path):
         # float32 reductions: torch's CPU norm of a million elements is 1.2e-5 off float64
         assert b.norm == pytest.approx(a.norm, rel=5e-5)
     assert {fp.layout for fp in host[:1]} == {"fused" if path == "fused" else "blocks"}
-    assert snapshot._FUSED.broken is None
 
 
 @pytest.mark.parametrize("shape,pre,post,post_mutated", HOST_CALLS, ids=HOST_CALL_IDS)
@@ -89,13 +88,13 @@ def test_a_cuda_snapshot_costs_a_few_host_calls_a_grad(shape, pre, post, post_mu
 
 def test_large_cuda_grads_take_the_fused_layout_read_by_torch_ops(monkeypatch):
     """In "auto" a GPU's large grads get the fused layout (one launch each for their row
-    sums) without the compiled kernel, which costs the host more launches than it saves."""
+    sums), read by torch's ops: the CPU's kernel never sees them."""
     monkeypatch.delenv("SFDIAG_FUSED", raising=False)
 
-    def no_kernel(blocks):
-        raise AssertionError("the compiled kernel ran on a CUDA grad in auto mode")
+    def no_kernel(*args):
+        raise AssertionError("the CPU's fused kernel ran on a CUDA grad")
 
-    monkeypatch.setattr(snapshot, "_grouped", no_kernel)
+    monkeypatch.setattr(fused, "read", no_kernel)
     params = [on_cuda(param(seed=k)) for k in range(3)]
     before = snapshot.take(params)
     assert [fp.layout for fp in before] == ["fused"] * 3
@@ -160,13 +159,13 @@ OPTIMIZERS = {
 }
 
 
-@pytest.mark.parametrize("fused", ["0", "1", "auto"])  # off, the compiled kernel, torch's ops
+@pytest.mark.parametrize("setting", ["0", "1", "auto"])  # off, the fused layout, the policy
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_one_host_sync_per_snapshot(fused, name, monkeypatch):
+def test_one_host_sync_per_snapshot(setting, name, monkeypatch):
     """Each hook brings everything it needs to the host in one transfer: the sync of that
     copy is the only one, whether the grads are clean or mutated (by the optimizer, its
     state sampled in the same transfer, or by another hook), whichever path reads them."""
-    monkeypatch.setenv("SFDIAG_FUSED", fused)
+    monkeypatch.setenv("SFDIAG_FUSED", setting)
     model = _model()
     opt = OPTIMIZERS[name](model.parameters())
     if hasattr(opt, "train"):
@@ -180,7 +179,7 @@ def test_one_host_sync_per_snapshot(fused, name, monkeypatch):
 
         opt.register_step_pre_hook(clip)
     counts = []
-    for _ in range(3):  # the first compiles the fused kernel and creates state
+    for _ in range(3):  # the first creates the optimizer's state
         opt.zero_grad(set_to_none=True)
         model(x).square().mean().backward()
         pre = host_syncs(lambda: auditor.pre_step(opt))

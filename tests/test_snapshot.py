@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from sfdiag import fused as sfdiag_fused
 from sfdiag import snapshot, verdict
 from sfdiag.optim import AdamWScheduleFree
 
@@ -128,7 +129,7 @@ def test_the_fused_norm_is_exact_and_consistent(monkeypatch):
     monkeypatch.setenv("SFDIAG_FUSED", "1")
     p = param(seed=3)
     fused = snapshot.take([p])[0]
-    assert fused.layout == "fused" and snapshot._FUSED.broken is None
+    assert fused.layout == "fused" and sfdiag_fused.broken() is None
     assert fused.norm == pytest.approx(float(p.grad.double().norm()), rel=1e-12)
     again = snapshot.take([p])[0]
     assert fused.same_content(again) and fused.checksum == again.checksum
@@ -177,22 +178,66 @@ def test_pack_moves_every_piece_in_one_buffer():
         assert torch.equal(got.view(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8))
 
 
-def test_the_kernel_compiles_once_whatever_the_number_of_grads(monkeypatch):
-    """A short group is padded: with distinct pad tensors, not one repeated, since dynamo
-    compiles a graph per pattern of repeated inputs (a recompile of seconds for every
-    count of grads, and eager code past its recompile limit)."""
-    from torch._dynamo.utils import counters
+#: sizes the kernel must read like torch's ops: whole rows, a tail, a tail not of whole
+#: vector steps, a row count that threads split unevenly, the fewest elements it takes
+KERNEL_SIZES = [4 * 65536, 641 * 1023, 5 * 65536 + 17, 37 * 65536 + 65535, 256]
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_kernel_reads_what_torch_ops_read(dtype, threads, monkeypatch):
+    """One call over tensors of every size: each one's row bit-sums as torch's ops sum
+    them, the elements sample_positions names, the sum of squares to float64's last digits
+    where asked (0 where not), and the same bits whatever the number of threads."""
+    tensors = [param((n,), seed=k, dtype=dtype).grad for k, n in enumerate(KERNEL_SIZES)]
+    want = [k % 2 == 0 for k in range(len(tensors))]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    read = sfdiag_fused.read(tensors, want, snapshot.FUSED_BLOCK, snapshot.SAMPLE_SIZE)
+    assert read is not None, sfdiag_fused.broken()
+    for k, t in enumerate(tensors):
+        start, stop = read.bounds[k]
+        assert torch.equal(read.row_sums[start:stop], snapshot._fused_sums_only(t))
+        assert torch.equal(
+            read.samples[k].view(torch.int16 if dtype != torch.float32 else torch.int32),
+            snapshot._bits(snapshot.sample_of(t)),
+        )
+        exact = float(t.double().square().sum()) if want[k] else 0.0
+        assert float(read.squares[k]) == pytest.approx(exact, rel=1e-13)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    alone = sfdiag_fused.read(tensors, want, snapshot.FUSED_BLOCK, snapshot.SAMPLE_SIZE)
+    assert torch.equal(alone.squares.view(torch.int64), read.squares.view(torch.int64))
+
+
+def test_grads_read_together_fingerprint_as_alone(monkeypatch):
+    """A snapshot of many large grads (one kernel call) gives each the fingerprint it gets
+    alone."""
     monkeypatch.setenv("SFDIAG_FUSED", "1")
-    rows = (snapshot.FUSED_MIN_ROWS, snapshot.FUSED_BLOCK)
-    params = [param(rows, seed=k) for k in range(snapshot.FUSED_GROUP + 3)]
-    graphs = counters["stats"]["unique_graphs"]
-    for count in (1, 2, 3, snapshot.FUSED_GROUP - 1, snapshot.FUSED_GROUP + 3):
-        prints = snapshot.take(params[:count])
-        assert {fp.layout for fp in prints} == {"fused"} and snapshot._FUSED.broken is None
-        for fp, p in zip(prints, params, strict=False):
-            assert fp.norm == pytest.approx(float(p.grad.double().norm()), rel=1e-12)
-    assert counters["stats"]["unique_graphs"] - graphs <= 1
+    params = [param((n,), seed=k) for k, n in enumerate(KERNEL_SIZES[:4])]
+    together = snapshot.take(params)
+    for fp, p in zip(together, params, strict=True):
+        alone = snapshot.take([p])[0]
+        assert fp.layout == alone.layout == "fused"
+        assert fp.checksum == alone.checksum and snapshot.float_bits(
+            fp.norm
+        ) == snapshot.float_bits(alone.norm)
+
+
+def test_without_a_compiler_torch_ops_read_the_fused_layout(monkeypatch):
+    """No C compiler (or one that fails): the kernel is off for the process, says why, and
+    torch's ops read the same grads to the same fingerprints' verdicts."""
+    monkeypatch.setenv("SFDIAG_FUSED", "1")
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setattr(sfdiag_fused, "_KERNEL", sfdiag_fused._Kernel())
+    p = param(seed=5)
+    before = snapshot.take([p])
+    assert "nonexistent" in (sfdiag_fused.broken() or "")
+    assert before[0].layout == "fused"
+    assert before[0].norm == pytest.approx(float(p.grad.double().norm()), rel=1e-5)
+    assert snapshot.take([p], param_samples=False, before=before)[0] is before[0]
+    p.grad.data.mul_(0.5)
+    after = snapshot.take([p], param_samples=False, before=before)
+    assert not before[0].same_content(after[0])
+    assert after[0].norm == pytest.approx(before[0].norm / 2, rel=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(4, 64), (1024, 1024)])
@@ -277,7 +322,7 @@ def test_a_snapshot_costs_a_few_host_calls_a_grad(shape, pre, post, post_mutated
     ``post`` after a step that left it alone and ``post_mutated`` after sf-adamw's (its
     norm and state are read then too), whatever the number of grads. (tests/test_cuda.py
     counts the same on a GPU, without these patches.)"""
-    monkeypatch.setattr(snapshot, "_compiled_read", lambda view, setting: False)
+    monkeypatch.setattr(snapshot, "_kernel_reads", lambda view: False)
     monkeypatch.setattr(
         snapshot,
         "_fused_grads",
@@ -367,7 +412,7 @@ def test_which_grads_take_the_fused_layout_and_who_reads_them(setting, monkeypat
     """The policy, on tensors of no storage (the meta device stands in for an accelerator:
     only where a tensor lives matters): on the CPU the fused layout pays once a snapshot's
     large grads hold FUSED_MIN_ELEMENTS; on an accelerator every large grad takes it, and in
-    "auto" torch's ops read it there, not the compiled kernel."""
+    torch's ops read it there (the kernel reads the CPU's only)."""
     monkeypatch.setenv("SFDIAG_FUSED", setting)
     rows = snapshot.FUSED_MIN_ROWS * snapshot.FUSED_BLOCK
     many = -(-snapshot.FUSED_MIN_ELEMENTS // rows)  # the fewest that hold enough
@@ -380,9 +425,8 @@ def test_which_grads_take_the_fused_layout_and_who_reads_them(setting, monkeypat
         wanted = {"0": set(), "1": large}.get(setting, large if count != few else set())
         assert fused == wanted, (device, count)
     cpu, meta = torch.empty(rows), torch.empty(rows, device="meta")
-    mode = snapshot._fused_setting()
-    assert snapshot._compiled_read(cpu, mode)
-    assert snapshot._compiled_read(meta, mode) == (setting == "1")
+    assert snapshot._kernel_reads(cpu) and not snapshot._kernel_reads(meta)
+    assert not snapshot._kernel_reads(torch.empty(rows, dtype=torch.float64))
 
 
 def test_a_grad_with_a_graph_is_read_without_building_one(path):

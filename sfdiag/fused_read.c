@@ -1,0 +1,132 @@
+/* sfdiag's fused read of large grads on the CPU (see sfdiag/fused.py): in one pass over each
+ * row of `block` elements, the sum of the squares of its values (in double), the wrapping sum
+ * of its elements' bits, and the sampled elements that fall in it.
+ *
+ * Plain C with GCC/Clang vector extensions, no -ffast-math: every sum runs in a fixed order,
+ * so the same input gives the same bits on the same machine, whatever the thread count (a
+ * row is one thread's, and the rows' totals are added by the caller). Eight accumulators
+ * of four doubles keep the float64 squares off a single dependency chain: the pass runs at
+ * the speed of reading the memory.
+ */
+#include <stdint.h>
+#include <string.h>
+
+typedef double v4d __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+typedef uint32_t v4u __attribute__((vector_size(16)));
+typedef uint16_t v4h __attribute__((vector_size(8)));
+typedef uint32_t v8u __attribute__((vector_size(32)));  /* 32 bytes of bits: 8 of 32 */
+typedef uint16_t v16h __attribute__((vector_size(32))); /* ... or 16 of 16 */
+
+#define STEP 32 /* elements a vector iteration reads */
+
+static inline v4d squares_f32(const void *p) {
+    v4f v;
+    memcpy(&v, p, sizeof v);
+    v4d w = __builtin_convertvector(v, v4d);
+    return w * w;
+}
+static inline double scalar_f32(const void *p) {
+    float v;
+    memcpy(&v, p, sizeof v);
+    return (double)v * (double)v;
+}
+
+static inline v4d squares_bf16(const void *p) { /* bfloat16 is a float32's top half */
+    v4h h;
+    memcpy(&h, p, sizeof h);
+    v4u u = __builtin_convertvector(h, v4u) << 16;
+    v4f f;
+    memcpy(&f, &u, sizeof f);
+    v4d w = __builtin_convertvector(f, v4d);
+    return w * w;
+}
+static inline double scalar_bf16(const void *p) {
+    uint16_t h;
+    memcpy(&h, p, sizeof h);
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return (double)f * (double)f;
+}
+
+#ifdef __FLT16_MAX__ /* a compiler with _Float16: float16 too */
+typedef _Float16 v4f16 __attribute__((vector_size(8)));
+static inline v4d squares_f16(const void *p) {
+    v4f16 h;
+    memcpy(&h, p, sizeof h);
+    v4d w = __builtin_convertvector(h, v4d);
+    return w * w;
+}
+static inline double scalar_f16(const void *p) {
+    _Float16 h;
+    memcpy(&h, p, sizeof h);
+    return (double)h * (double)h;
+}
+#endif
+
+/* Rows [first_row, last_row) of `count` contiguous tensors cut into rows of `block`
+ * elements (a tensor's last row may be short), numbered across the tensors in order.
+ * Writes each row's sum of squares (0 where want[t] is 0) and bit-sum, and the elements
+ * t * sample_size + k (k < sample_size) at flat index k * (numel / sample_size) that fall
+ * in these rows. Every tensor holds at least sample_size elements. */
+#define DEFINE_READ(NAME, ELEM, BITS, VBITS, SQUARES, SCALAR)                                 \
+    void NAME(int64_t count, const void *const *data, const int64_t *numel,                    \
+              const uint8_t *want, int64_t block, int64_t sample_size, int64_t first_row,      \
+              int64_t last_row, double *row_squares, BITS *row_sums, ELEM *samples) {          \
+        int64_t row = 0; /* the first row of tensor t */                                       \
+        for (int64_t t = 0; t < count && row < last_row; t++) {                                \
+            const int64_t n = numel[t], rows = (n + block - 1) / block;                        \
+            const ELEM *x = (const ELEM *)data[t];                                             \
+            const int64_t stride = n / sample_size;                                            \
+            for (int64_t r = first_row > row ? first_row - row : 0;                            \
+                 r < rows && row + r < last_row; r++) {                                        \
+                const int64_t start = r * block, end = start + block < n ? start + block : n;  \
+                v4d acc[8] = {{0}};                                                            \
+                VBITS bits[sizeof(ELEM)] = {{0}};                                              \
+                int64_t i = start;                                                             \
+                if (want[t]) {                                                                 \
+                    for (; i + STEP <= end; i += STEP) {                                       \
+                        for (int k = 0; k < 8; k++) acc[k] += SQUARES(x + i + 4 * k);          \
+                        for (size_t k = 0; k < sizeof(ELEM); k++) {                            \
+                            VBITS b;                                                           \
+                            memcpy(&b, (const char *)(x + i) + 32 * k, sizeof b);              \
+                            bits[k] += b;                                                      \
+                        }                                                                      \
+                    }                                                                          \
+                } else {                                                                       \
+                    for (; i + STEP <= end; i += STEP)                                         \
+                        for (size_t k = 0; k < sizeof(ELEM); k++) {                            \
+                            VBITS b;                                                           \
+                            memcpy(&b, (const char *)(x + i) + 32 * k, sizeof b);              \
+                            bits[k] += b;                                                      \
+                        }                                                                      \
+                }                                                                              \
+                v4d s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) +                              \
+                        ((acc[4] + acc[5]) + (acc[6] + acc[7]));                               \
+                double squares = (s[0] + s[1]) + (s[2] + s[3]);                                \
+                VBITS lanes = bits[0];                                                         \
+                for (size_t k = 1; k < sizeof(ELEM); k++) lanes += bits[k];                    \
+                BITS sum = 0;                                                                  \
+                for (size_t k = 0; k < sizeof(VBITS) / sizeof(BITS); k++) sum += lanes[k];     \
+                for (; i < end; i++) {                                                         \
+                    BITS b;                                                                    \
+                    memcpy(&b, x + i, sizeof b);                                               \
+                    sum += b;                                                                  \
+                    if (want[t]) squares += SCALAR(x + i);                                     \
+                }                                                                              \
+                row_squares[row + r] = want[t] ? squares : 0.0;                                \
+                row_sums[row + r] = sum;                                                       \
+                for (int64_t k = (start + stride - 1) / stride; k < sample_size && k * stride < end; \
+                     k++)                                                                      \
+                    samples[t * sample_size + k] = x[k * stride];                              \
+            }                                                                                  \
+            row += rows;                                                                       \
+        }                                                                                      \
+    }
+
+DEFINE_READ(sfdiag_read_f32, float, uint32_t, v8u, squares_f32, scalar_f32)
+DEFINE_READ(sfdiag_read_bf16, uint16_t, uint16_t, v16h, squares_bf16, scalar_bf16)
+#ifdef __FLT16_MAX__
+DEFINE_READ(sfdiag_read_f16, uint16_t, uint16_t, v16h, squares_f16, scalar_f16)
+#endif
