@@ -68,7 +68,8 @@ def _compile() -> Any:
     with tempfile.TemporaryDirectory(prefix="sfdiag-fused-", ignore_cleanup_errors=True) as tmp:
         library = Path(tmp) / "fused_read.so"
         errors = ""
-        for arch in (["-march=native"], []):  # a compiler without -march=native: portable code
+        # this CPU's widest vectors where the compiler takes the flags; else portable code
+        for arch in (["-march=native", "-mprefer-vector-width=512"], ["-march=native"], []):
             command = [*compiler, "-O3", *arch, "-shared", "-fPIC", "-o", str(library), str(SOURCE)]
             done = subprocess.run(command, capture_output=True, text=True, timeout=120)
             if done.returncode == 0:
@@ -95,16 +96,23 @@ class FusedRead:
     row_sums: torch.Tensor  # every row's bit-sum, the tensors' rows one after another
     bounds: list[tuple[int, int]]  # each tensor's rows in row_sums, as (start, stop)
     samples: torch.Tensor  # [k, sample_size], the tensors' dtype: each one's sampled elements
+    param_samples: torch.Tensor  # the same of each one's param, where one was given (else [0])
 
 
 def read(
-    tensors: list[torch.Tensor], want: list[bool], block: int, sample_size: int
+    tensors: list[torch.Tensor],
+    want: list[bool],
+    block: int,
+    sample_size: int,
+    params: list[torch.Tensor | None] | None = None,
 ) -> FusedRead | None:
     """Read ``tensors`` (CPU, one dtype that ``supports`` takes, each of at least
     ``sample_size`` elements) in rows of ``block`` elements: sums of squares where ``want``
     says so, each row's bit-sum (wrapping, in the integer type of the dtype's width: what
     ``bits.sum(dim=1, dtype=bits.dtype)`` gives) and the elements at ``k * (n // sample_size)``
-    for k < sample_size. None where the kernel cannot run."""
+    for k < sample_size; the same elements of ``params[k]`` where it is a tensor (contiguous,
+    of the same size and dtype, on the CPU). None where the
+    kernel cannot run."""
     lib = _library()
     if lib is None:
         return None
@@ -124,6 +132,19 @@ def read(
     row_squares = torch.empty(total_rows, dtype=torch.float64)
     row_sums = torch.empty(total_rows, dtype=sum_dtype)
     samples = torch.empty(count, sample_size, dtype=dtype)
+    params = params or [None] * count
+    for t, p in zip(tensors, params, strict=True):  # the C code trusts what it is given
+        if not (t.dtype == dtype and t.device.type == "cpu" and t.numel() >= sample_size):
+            raise ValueError(
+                f"the fused kernel reads CPU tensors of one dtype, {sample_size}+ elements"
+            )
+        if p is not None and not (
+            p.dtype == dtype and p.numel() == t.numel() and p.is_contiguous() and supports(p)
+        ):
+            raise ValueError("a param the fused kernel samples must match its grad, contiguous")
+    sampling = any(p is not None for p in params)
+    param_samples = torch.empty(count, sample_size, dtype=dtype) if sampling else samples[:0]
+    param_pointers = [0 if p is None else p.data_ptr() for p in params]
     arguments = (
         ctypes.c_int64(count),
         (ctypes.c_void_p * count)(*[t.data_ptr() for t in tensors]),
@@ -132,7 +153,10 @@ def read(
         ctypes.c_int64(block),
         ctypes.c_int64(sample_size),
     )
-    outputs = tuple(ctypes.c_void_p(t.data_ptr()) for t in (row_squares, row_sums, samples))
+    outputs = (
+        (ctypes.c_void_p * count)(*param_pointers),
+        *(ctypes.c_void_p(t.data_ptr()) for t in (row_squares, row_sums, samples, param_samples)),
+    )
 
     def rows(first: int, last: int) -> None:
         function(*arguments, ctypes.c_int64(first), ctypes.c_int64(last), *outputs)
@@ -148,5 +172,6 @@ def read(
     for helper in helpers:
         helper.join()
     # each tensor's rows added in one order, whatever the threads did
-    squares = np.add.reduceat(row_squares.numpy(), [a for a, _ in bounds])
-    return FusedRead(torch.from_numpy(squares), row_sums, bounds, samples)
+    with np.errstate(all="ignore"):  # a grad's Inf or NaN is a result, not an error
+        squares = np.add.reduceat(row_squares.numpy(), [a for a, _ in bounds])
+    return FusedRead(torch.from_numpy(squares), row_sums, bounds, samples, param_samples)

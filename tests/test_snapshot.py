@@ -187,25 +187,33 @@ KERNEL_SIZES = [4 * 65536, 641 * 1023, 5 * 65536 + 17, 37 * 65536 + 65535, 256]
 @pytest.mark.parametrize("threads", [1, 3])
 def test_the_kernel_reads_what_torch_ops_read(dtype, threads, monkeypatch):
     """One call over tensors of every size: each one's row bit-sums as torch's ops sum
-    them, the elements sample_positions names, the sum of squares to float64's last digits
-    where asked (0 where not), and the same bits whatever the number of threads."""
-    tensors = [param((n,), seed=k, dtype=dtype).grad for k, n in enumerate(KERNEL_SIZES)]
+    them, the elements sample_positions names (of its param too, where one is given), the
+    sum of squares to float64's last digits where asked (0 where not), and the same bits
+    whatever the number of threads."""
+    params = [param((n,), seed=k, dtype=dtype) for k, n in enumerate(KERNEL_SIZES)]
+    tensors = [p.grad for p in params]
     want = [k % 2 == 0 for k in range(len(tensors))]
+    sampled = [p.detach() if k % 3 else None for k, p in enumerate(params)]
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    read = sfdiag_fused.read(tensors, want, snapshot.FUSED_BLOCK, snapshot.SAMPLE_SIZE)
+    read = sfdiag_fused.read(tensors, want, snapshot.FUSED_BLOCK, snapshot.SAMPLE_SIZE, sampled)
     assert read is not None, sfdiag_fused.broken()
     for k, t in enumerate(tensors):
         start, stop = read.bounds[k]
         assert torch.equal(read.row_sums[start:stop], snapshot._fused_sums_only(t))
-        assert torch.equal(
-            read.samples[k].view(torch.int16 if dtype != torch.float32 else torch.int32),
-            snapshot._bits(snapshot.sample_of(t)),
-        )
+        assert _same_bits(read.samples[k], snapshot.sample_of(t))
+        if sampled[k] is not None:
+            assert _same_bits(read.param_samples[k], snapshot.sample_of(sampled[k]))
         exact = float(t.double().square().sum()) if want[k] else 0.0
         assert float(read.squares[k]) == pytest.approx(exact, rel=1e-13)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     alone = sfdiag_fused.read(tensors, want, snapshot.FUSED_BLOCK, snapshot.SAMPLE_SIZE)
-    assert torch.equal(alone.squares.view(torch.int64), read.squares.view(torch.int64))
+    assert _same_bits(alone.squares, read.squares) and not alone.param_samples.numel()
+    with pytest.raises(ValueError, match="must match its grad"):
+        sfdiag_fused.read(tensors[:1], [True], snapshot.FUSED_BLOCK, 256, [params[1].detach()])
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and torch.equal(snapshot._bits(a), snapshot._bits(b))
 
 
 def test_grads_read_together_fingerprint_as_alone(monkeypatch):
