@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         _sync(args.device)
         hook_call(auditor.post_step, profiled)
 
-    for _ in range(3):  # compiles the fused kernel, creates the optimizer's state
+    for _ in range(3):  # builds the fused kernel, creates the optimizer's state
         audited_step(False)
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(args.steps):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import FrameType
@@ -78,6 +79,14 @@ class StepObservation:
         return sum(p.verdict != "clean" for p in self.params)
 
 
+def _weak(obj: Any) -> Any:
+    """A weak reference to ``obj``, or None where it takes none."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return None
+
+
 def _global_norm(prints: list[snapshot.GradFingerprint]) -> float:
     return math.sqrt(math.fsum(fp.norm * fp.norm for fp in prints if fp.present))
 
@@ -143,6 +152,12 @@ class StepAuditor:
         default_factory=dict
     )
     _handles: list[Any] = field(default_factory=list)
+    # id(optimizer) -> the ids of the params whose grads its last audited step mutated: the
+    # params sampled before step(), to name the kind of a mutation (a clean step of a large
+    # model does not pay for reading cold parameters); its first audited step samples all
+    # (an optimizer gone and a new one at its address must not inherit this: its weak
+    # reference, where it takes one, says whose it is)
+    _mutated: dict[int, tuple[Any, set[int]]] = field(default_factory=dict)
 
     @staticmethod
     def params_of(optimizer: Any) -> list[torch.Tensor]:
@@ -166,8 +181,23 @@ class StepAuditor:
 
     def _snapshot_before(self, optimizer: Any) -> None:
         params = self.params_of(optimizer)
-        prints = snapshot.take(params, full=self.forensics)
+        prints = snapshot.take(
+            params, full=self.forensics, param_samples=self._params_to_sample(optimizer, params)
+        )
         self._pending[id(optimizer)] = (params, prints, _nan_only(params, prints))
+
+    def _params_to_sample(self, optimizer: Any, params: list[torch.Tensor]) -> bool | set[int]:
+        """Which params the snapshot before ``step()`` samples: those whose grads the last
+        audited step mutated (an optimizer that starts mutating mid-run has the kind of its
+        first mutated step named without them); all at the first, and with forensics."""
+        if self.forensics:
+            return True
+        if not self.fingerprint_kinds:
+            return False
+        owner, last = self._mutated.get(id(optimizer), (None, None))
+        if last is None or (owner is not None and owner() is not optimizer):
+            return True
+        return {i for i, p in enumerate(params) if id(p) in last}
 
     def retake(self, optimizer: Any) -> None:
         """Snapshot A again: a closure recomputed the grads inside ``step()``."""
@@ -194,11 +224,16 @@ class StepAuditor:
         after = snapshot.take(
             params, full=self.forensics, param_samples=False, before=before, states=sampler
         )
-        records = [
-            self._compare(optimizer, i, p, a, b)
+        compared = [
+            (p, self._compare(optimizer, i, p, a, b))
             for i, (p, a, b) in enumerate(zip(params, before, after, strict=True))
             if a.present
         ]
+        records = [record for _, record in compared]
+        self._mutated[id(optimizer)] = (
+            _weak(optimizer),
+            {id(p) for p, r in compared if r.verdict == "mutated"},
+        )
         self.observations.append(
             StepObservation(
                 _global_norm(before),

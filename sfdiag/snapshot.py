@@ -8,12 +8,13 @@ gradient by default: the extra memory is a few hundred elements per tensor.
 ``full=True`` (forensics) clones everything for exact per-element comparisons.
 
 **Two reads per audited step.** Before ``step()`` every grad is read once for its norm
-and its checksum together: on the CPU's large tensors by one fused kernel per group of
-tensors (``torch.compile``-d, where a compiler is present and the grads are large enough to
-pay for compiling it), else by torch's own ops (on a GPU always: there the host's time per
-launch is what counts, and the kernel launches more than it saves). After ``step()``
-(``take(..., before=)``) a grad that is the same tensor at the same version is read once,
-for its checksum, and sampled (the sample's bits are hashed into the checksum): where the
+and its checksum together: on the CPU's large tensors by one call of a small C kernel for
+all of them (``sfdiag.fused``: compiled per process where a C compiler is present and the
+grads are large enough to pay for it; the samples, its param's too, in the same pass), else
+by torch's own ops (on a GPU always: there the host's time per launch is what counts). After
+``step()`` (``take(..., before=)``) a grad that is the same tensor at the same version is
+read once, for its checksum, and sampled (the sample's bits are hashed into the checksum;
+the kernel again where it read the grad before): where the
 checksum agrees with before, its fingerprint *is* the one from before (nothing else is built
 for it); where the bits changed (an edit through ``.data`` moves no version counter) its
 norm is read again. A grad whose version moved gets norm and checksum in one read, and its
@@ -22,7 +23,7 @@ optimizer state sampled for fingerprinting.
 **Per tensor, a few ops.** Everything runs under ``no_grad``, so no view needs a detach (on a
 GPU each torch call costs the host µs; ``tests/test_snapshot.py`` counts them). Samples,
 and the optimizer state's, are views copied in one stack per dtype and length; small grads
-of one size are stacked for their checksums; the fused kernel serves FUSED_GROUP tensors a
+of one size are stacked for their checksums; the fused kernel reads all large grads in one
 call. What a large model's step pays on top of the two reads is mostly this Python, some
 µs per tensor.
 
@@ -43,7 +44,7 @@ import math
 import os
 import struct
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,9 +65,10 @@ CHECKSUM_BLOCKS = 64
 #: ``FUSED_MIN_ROWS`` blocks take torch's own ops
 FUSED_BLOCK = 65536
 FUSED_MIN_ROWS = 4
-#: the fused kernel is compiled once the grads of one snapshot hold this many elements
-#: (a compile takes seconds; ``SFDIAG_FUSED=1`` forces it, ``SFDIAG_FUSED=0`` turns it off)
-FUSED_MIN_ELEMENTS = 16_000_000
+#: the CPU's large grads take the fused layout (and kernel) once those of one snapshot hold
+#: this many elements: a read of them saved each step pays for compiling the kernel (~0.1 s)
+#: within a few hundred steps (``SFDIAG_FUSED=1``: whatever they hold, ``=0``: never)
+FUSED_MIN_ELEMENTS = 4_000_000
 
 _INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 
@@ -226,8 +228,7 @@ SMALL_TENSOR = 65536
 
 # ---- the fused read: norm and checksum in one pass ---------------------------------------------
 def _fused_setting() -> str:
-    """``SFDIAG_FUSED``: "off", "on" (the compiled kernel wherever the layout is fused) or
-    "auto"."""
+    """``SFDIAG_FUSED``: "off", "on" (the fused layout for every large grad) or "auto"."""
     setting = os.environ.get("SFDIAG_FUSED", "auto").strip().lower()
     if setting in ("0", "off", "false", "no"):
         return "off"
@@ -467,7 +468,7 @@ def take(
     params: list[torch.Tensor],
     *,
     full: bool = False,
-    param_samples: bool = True,
+    param_samples: bool | Collection[int] = True,
     before: list[GradFingerprint] | None = None,
     states: StateSampler | None = None,
 ) -> list[GradFingerprint]:
@@ -478,10 +479,12 @@ def take(
     where its checksum (which covers the sample) agrees its fingerprint is the one from
     before. ``states(param)``: the optimizer's per-element state of a param, sampled where
     its grad's version moved.
-    ``param_samples=False`` leaves out the parameters' samples: the auditor reads them from
-    the snapshot before ``step()`` only.
+    ``param_samples``: which parameters are sampled too (True: all, False: none, else their
+    indices in ``params``); the auditor reads them from the snapshot before ``step()`` only,
+    where a grad mutated.
     """
     grads = [p.grad for p in params]
+    sample_params = set(range(len(params))) if param_samples is True else set(param_samples or ())
     # under no_grad: no view or copy taken here needs a detach (one host call a tensor saved)
     views: dict[int, torch.Tensor] = {
         i: _dense_view(g) for i, g in enumerate(grads) if g is not None
@@ -504,7 +507,9 @@ def take(
     for indices in by_dtype.values():
         want = [i not in unchanged for i in indices]
         # the params' samples too, in the same pass, where they are laid out like the grads
-        sampled = [_kernel_param(params[i], views[i]) if param_samples else None for i in indices]
+        sampled = [
+            _kernel_param(params[i], views[i]) if i in sample_params else None for i in indices
+        ]
         read = fused.read([views[i] for i in indices], want, FUSED_BLOCK, SAMPLE_SIZE, sampled)
         if read is None:  # no compiler here: torch's ops read them below
             continue
@@ -567,17 +572,16 @@ def take(
     sample_at.update(
         _stacked_samples({i: v for i, v in views.items() if i not in sample_at}, pending)
     )
-    if param_samples:
-        param_at.update(
-            _stacked_samples(
-                {
-                    i: local(params[i])
-                    for i, g in enumerate(grads)
-                    if g is not None and g.layout == torch.strided and i not in param_at
-                },
-                pending,
-            )
+    param_at.update(
+        _stacked_samples(
+            {
+                i: local(params[i])
+                for i in sorted(sample_params - param_at.keys())
+                if grads[i] is not None and grads[i].layout == torch.strided
+            },
+            pending,
         )
+    )
     state_at: dict[int, dict[str, int]] = {}
     if states is not None:  # copied like the samples: one stack per shape, not one piece each
         sampled: dict[tuple[int, str], torch.Tensor] = {}
@@ -620,7 +624,7 @@ def take(
                 full=views[i].clone() if full else None,
                 full_param=(
                     local(p).detach().clone()
-                    if full and param_samples and g.layout == torch.strided
+                    if full and i in sample_params and g.layout == torch.strided
                     else None
                 ),
                 states={k: pending.tensor(j) for k, j in state_at[i].items()}

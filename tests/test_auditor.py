@@ -1,0 +1,111 @@
+"""sfdiag.auditor: which parameters the snapshot before ``step()`` samples.
+
+The kind of a mutation is named from the grad's sampled elements and the parameter's at the
+same places (weight decay folded in is ``grad + wd * param``), read before ``step()``
+moves the parameter. A clean optimizer never needs them, and on a large model sampling cold
+parameters costs each step ~1 ms: only the params whose grads the last audited step mutated
+are sampled (all of them at the first).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import mutators
+import pytest
+import torch
+
+from sfdiag.auditor import StepAuditor
+
+
+class FoldFromStep(mutators.FoldWeightDecay):
+    """Clean until its ``start``-th step, weight decay folded into the grads from then on."""
+
+    def __init__(self, params, start: int):
+        super().__init__(params, lr=0.01, wd=0.1)
+        self.start, self.count = start, 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.count += 1
+        if self.count >= self.start:
+            return super().step(closure)
+        return torch.optim.SGD.step(self, closure)
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+
+
+def audited_steps(optimizer, model, steps: int, **kw):
+    """``steps`` audited steps through the auditor's hooks, called by hand so that the
+    snapshot before each ``step()`` can be looked at: (whether it sampled each param, the
+    step's verdicts, its fingerprints) per step."""
+    auditor = StepAuditor(**kw)
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))
+    seen = []
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        auditor.pre_step(optimizer)
+        _, before, _ = auditor._pending[id(optimizer)]
+        sampled = [fp.param_sample is not None for fp in before]
+        optimizer.step()
+        auditor.post_step(optimizer)
+        records = auditor.observations[-1].params
+        seen.append((sampled, [r.verdict for r in records], [r.fingerprint for r in records]))
+    return seen
+
+
+@pytest.mark.parametrize("forensics", [False, True])
+def test_a_clean_optimizer_samples_its_params_at_the_first_step_only(forensics):
+    model = _model()
+    seen = audited_steps(torch.optim.AdamW(model.parameters()), model, 3, forensics=forensics)
+    wanted = [True, True, True] if forensics else [True, False, False]
+    assert [all(s) for s, _, _ in seen] == wanted
+    assert [any(s) for s, _, _ in seen] == wanted
+
+
+def test_a_mutating_optimizer_samples_them_every_step_and_names_its_kind():
+    model = _model()
+    seen = audited_steps(mutators.FoldWeightDecay(model.parameters(), wd=0.1), model, 3)
+    for sampled, verdicts, kinds in seen:
+        assert all(sampled) and verdicts == ["mutated"] * 4 and kinds == ["weight-decay"] * 4
+
+
+def test_an_optimizer_that_starts_mutating_is_named_from_its_second_mutated_step():
+    """Its first mutated step finds no param samples (the step before was clean): the kind
+    of that one step goes without them; from the next one on it is named as always."""
+    model = _model()
+    seen = audited_steps(FoldFromStep(model.parameters(), start=3), model, 5)
+    assert [all(s) for s, _, _ in seen] == [True, False, False, True, True]
+    assert [any(s) for s, _, _ in seen] == [True, False, False, True, True]
+    assert [v for _, v, _ in seen] == [["clean"] * 4] * 2 + [["mutated"] * 4] * 3
+    assert [k for _, _, k in seen][3:] == [["weight-decay"] * 4] * 2
+
+
+def test_without_fingerprint_kinds_no_param_is_sampled():
+    model = _model()
+    seen = audited_steps(mutators.ScaleGrads(model.parameters()), model, 2, fingerprint_kinds=False)
+    assert [any(s) for s, _, _ in seen] == [False, False]
+    assert [v for _, v, _ in seen] == [["mutated"] * 4] * 2
+
+
+def test_a_new_optimizer_at_a_dead_ones_address_starts_afresh():
+    """The history is kept by ``id(optimizer)``, with a weak reference that says whose it
+    is: a new optimizer Python put at a collected one's address samples every param."""
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    auditor = StepAuditor()
+    params = auditor.params_of(optimizer)
+
+    class Gone:
+        pass
+
+    gone = Gone()
+    auditor._mutated[id(optimizer)] = (weakref.ref(optimizer), set())
+    assert auditor._params_to_sample(optimizer, params) == set()
+    auditor._mutated[id(optimizer)] = (weakref.ref(gone), set())
+    del gone  # its reference is dead now, as a collected optimizer's would be
+    assert auditor._params_to_sample(optimizer, params) is True
