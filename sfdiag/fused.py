@@ -55,9 +55,12 @@ def broken() -> str | None:
 
 def supports(tensor: torch.Tensor) -> bool:
     """Whether ``read`` takes ``tensor`` (as far as is known before compiling)."""
+    return _KERNEL.broken is None and _readable(tensor)
+
+
+def _readable(tensor: torch.Tensor) -> bool:
     return (
-        _KERNEL.broken is None
-        and tensor.device.type == "cpu"
+        tensor.device.type == "cpu"
         and tensor.dtype in _FUNCTIONS
         and tensor.layout == torch.strided
     )
@@ -111,18 +114,23 @@ def read(
     says so, each row's bit-sum (wrapping, in the integer type of the dtype's width: what
     ``bits.sum(dim=1, dtype=bits.dtype)`` gives) and the elements at ``k * (n // sample_size)``
     for k < sample_size; the same elements of ``params[k]`` where it is a tensor (contiguous,
-    of the same size and dtype, on the CPU). None where the
-    kernel cannot run."""
+    of the same size and dtype, on the CPU). None where the kernel cannot run."""
+    dtype, count = tensors[0].dtype, len(tensors)
+    params = params or [None] * count
+    for t, p in zip(tensors, params, strict=True):  # the C code trusts what it is given
+        if not (t.dtype == dtype and _readable(t) and t.numel() >= sample_size):
+            raise ValueError(
+                f"the fused kernel reads CPU tensors of one dtype, {sample_size}+ elements"
+            )
+        if p is not None and not (
+            p.dtype == dtype and p.numel() == t.numel() and p.is_contiguous() and _readable(p)
+        ):
+            raise ValueError("a param the fused kernel samples must match its grad, contiguous")
     lib = _library()
-    if lib is None:
-        return None
-    dtype = tensors[0].dtype
-    name, sum_dtype = _FUNCTIONS[dtype]
-    function = getattr(lib, name, None)
-    if function is None:  # this compiler has no _Float16
+    function = getattr(lib, _FUNCTIONS[dtype][0], None) if lib is not None else None
+    if function is None:  # no compiler here, or one without _Float16
         return None
     tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]  # rare: a copy
-    count = len(tensors)
     numel = [t.numel() for t in tensors]
     bounds, start = [], 0
     for n in numel:
@@ -130,18 +138,8 @@ def read(
         start = bounds[-1][1]
     total_rows = start
     row_squares = torch.empty(total_rows, dtype=torch.float64)
-    row_sums = torch.empty(total_rows, dtype=sum_dtype)
+    row_sums = torch.empty(total_rows, dtype=_FUNCTIONS[dtype][1])
     samples = torch.empty(count, sample_size, dtype=dtype)
-    params = params or [None] * count
-    for t, p in zip(tensors, params, strict=True):  # the C code trusts what it is given
-        if not (t.dtype == dtype and t.device.type == "cpu" and t.numel() >= sample_size):
-            raise ValueError(
-                f"the fused kernel reads CPU tensors of one dtype, {sample_size}+ elements"
-            )
-        if p is not None and not (
-            p.dtype == dtype and p.numel() == t.numel() and p.is_contiguous() and supports(p)
-        ):
-            raise ValueError("a param the fused kernel samples must match its grad, contiguous")
     sampling = any(p is not None for p in params)
     param_samples = torch.empty(count, sample_size, dtype=dtype) if sampling else samples[:0]
     param_pointers = [0 if p is None else p.data_ptr() for p in params]

@@ -239,6 +239,7 @@ def test_without_a_compiler_torch_ops_read_the_fused_layout(monkeypatch):
     p = param(seed=5)
     before = snapshot.take([p])
     assert "nonexistent" in (sfdiag_fused.broken() or "")
+    assert sfdiag_fused.read([p.grad], [True], snapshot.FUSED_BLOCK, 256) is None
     assert before[0].layout == "fused"
     assert before[0].norm == pytest.approx(float(p.grad.double().norm()), rel=1e-5)
     assert snapshot.take([p], param_samples=False, before=before)[0] is before[0]
