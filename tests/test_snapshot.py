@@ -4,6 +4,7 @@ transfer per snapshot, and the same verdicts whichever path read the grads."""
 from __future__ import annotations
 
 import collections
+import json
 
 import pytest
 import torch
@@ -451,3 +452,26 @@ def test_a_grad_with_a_graph_is_read_without_building_one(path):
     # (float32 reduction of 3p², a heavy tail: torch's CPU norm is 2e-5 off float64's)
     assert before.norm == pytest.approx(float(p.grad.detach().double().norm()), rel=1e-4)
     assert snapshot.take([p], param_samples=False, before=[before])[0] is before
+
+
+def test_compare_gives_the_same_verdicts_whichever_path_reads_the_grads(tmp_path):
+    """End to end: ``sfdiag compare`` on mnist-cnn (its 1.2M-element layer takes the fused
+    layout when forced), read by the kernel and by torch's ops: the same verdicts and kinds,
+    norms alike to float32's rounding."""
+    from conftest import cli_env, run_cli
+
+    reports = {}
+    for setting in ("0", "1"):
+        done = run_cli(
+            *("compare", "--model", "mnist-cnn", "--optimizers", "adamw,sf-adamw,sf-ref"),
+            *("--steps", "3", "-f", "json", "-q"),
+            cwd=tmp_path,
+            env=cli_env(SFDIAG_FUSED=setting),
+        )
+        assert done.returncode == 0, done.stderr
+        reports[setting] = json.loads(done.stdout)["results"]
+    for ops, kernel in zip(reports["0"], reports["1"], strict=True):
+        assert (ops["verdict"], ops["fingerprint"]) == (kernel["verdict"], kernel["fingerprint"])
+        for key in ("pre_step_grad_norm", "post_step_grad_norm"):
+            assert kernel[key] == pytest.approx(ops[key], rel=1e-4)
+    assert [r["verdict"] for r in reports["1"]] == ["clean", "mutated", "clean"]
