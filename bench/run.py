@@ -46,7 +46,8 @@ run_overhead_ratio_long
     ``mnist-cnn`` at batch 64, its grad norm logged every 10th step): chunks of 10 steps
     alternate with and without it, in a worker with glibc malloc pinned; total over total.
 audit_overhead_ratio_100m
-    ``scaling``'s audit ratio at 100M parameters (its own worker in ``--quick``).
+    ``scaling``'s audit ratio at 100M parameters (its own worker in ``--quick``), over
+    ``m100_pairs`` interleaved pairs of steps.
 ddp_audit_overhead_ratio
     The same in a 2-rank DistributedDataParallel job on this machine's CPUs (gloo, through
     torchrun), each rank with half of the batch and sfdiag's channel to the other rank
@@ -152,6 +153,7 @@ class Settings:
     scaling_batch: int = 8
     scaling_pairs: int = 8
     m100_size: int = 100_000_000  # audit_overhead_ratio_100m
+    m100_pairs: int = 20
     long_steps: int = 2000  # run_overhead_ratio_long: steps a side
     long_chunk: int = 10
     quick: bool = False
@@ -191,6 +193,7 @@ class Settings:
             scaling_width=64,
             scaling_pairs=1,
             m100_size=20_000,
+            m100_pairs=1,
             long_steps=20,
             long_chunk=10,
             scaling_batch=2,
@@ -1091,7 +1094,11 @@ def scaling_worker(params: int, audit: bool, settings: Settings) -> dict[str, An
 
 
 def scaling_pairs(params: int, settings: Settings) -> int:
-    """More rounds where steps are short: about 0.4e9 parameter-steps, within 1x..5x the base."""
+    """More rounds where steps are short: about 0.4e9 parameter-steps, within 1x..5x the base;
+    ``m100_pairs`` at the size ``audit_overhead_ratio_100m`` reads (half-second steps, whose
+    median of 8 the neighbours' load moves by ±1 %)."""
+    if params >= 0.95 * settings.m100_size:
+        return settings.m100_pairs
     base = settings.scaling_pairs
     return max(base, min(5 * base, round(4e8 / max(params, 1))))
 
