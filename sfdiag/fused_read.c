@@ -14,18 +14,17 @@
 #include <string.h>
 
 typedef float v8f __attribute__((vector_size(32)));
-typedef float v16f __attribute__((vector_size(64)));
 typedef double v8d __attribute__((vector_size(64)));
 typedef uint32_t v8u __attribute__((vector_size(32)));  /* 32 bytes of bits: 8 of 32 */
 typedef uint16_t v16h __attribute__((vector_size(32))); /* ... or 16 of 16 */
-typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
 
 #define STEP 32   /* elements a vector iteration reads */
 #define FLUSH 16  /* iterations summed in float32 before their sums go into doubles */
 
-/* the squares of 16 elements, in float32 */
-static inline v16f squares_f32(const void *p) {
-    v16f v;
+/* the squares of 8 elements, in float32 */
+static inline v8f squares_f32(const void *p) {
+    v8f v;
     memcpy(&v, p, sizeof v);
     return v * v;
 }
@@ -35,11 +34,11 @@ static inline double scalar_f32(const void *p) {
     return (double)v * (double)v;
 }
 
-static inline v16f squares_bf16(const void *p) { /* bfloat16 is a float32's top half */
-    v16h h;
+static inline v8f squares_bf16(const void *p) { /* bfloat16 is a float32's top half */
+    v8h h;
     memcpy(&h, p, sizeof h);
-    v16u u = __builtin_convertvector(h, v16u) << 16;
-    v16f f;
+    v8u u = __builtin_convertvector(h, v8u) << 16;
+    v8f f;
     memcpy(&f, &u, sizeof f);
     return f * f;
 }
@@ -53,11 +52,11 @@ static inline double scalar_bf16(const void *p) {
 }
 
 #ifdef __FLT16_MAX__ /* a compiler with _Float16: float16 too */
-typedef _Float16 v16f16 __attribute__((vector_size(32)));
-static inline v16f squares_f16(const void *p) {
-    v16f16 h;
+typedef _Float16 v8f16 __attribute__((vector_size(16)));
+static inline v8f squares_f16(const void *p) {
+    v8f16 h;
     memcpy(&h, p, sizeof h);
-    v16f f = __builtin_convertvector(h, v16f);
+    v8f f = __builtin_convertvector(h, v8f);
     return f * f;
 }
 static inline double scalar_f16(const void *p) {
@@ -66,13 +65,6 @@ static inline double scalar_f16(const void *p) {
     return (double)h * (double)h;
 }
 #endif
-
-/* adds 16 float32 lanes into two vectors of 8 doubles */
-static inline void into_doubles(v16f f, v8d *lo, v8d *hi) {
-    *lo += __builtin_convertvector(__builtin_shufflevector(f, f, 0, 1, 2, 3, 4, 5, 6, 7), v8d);
-    *hi += __builtin_convertvector(__builtin_shufflevector(f, f, 8, 9, 10, 11, 12, 13, 14, 15),
-                                   v8d);
-}
 
 /* Rows [first_row, last_row) of `count` contiguous tensors cut into rows of `block`
  * elements (a tensor's last row may be short), numbered across the tensors in order.
@@ -103,20 +95,17 @@ static inline void into_doubles(v16f f, v8d *lo, v8d *hi) {
                 int64_t i = start;                                                              \
                 while (i + STEP <= end) {                                                       \
                     const int64_t stop = i + STEP * FLUSH < end ? i + STEP * FLUSH : end;       \
-                    v16f low = {0}, high = {0};                                                 \
+                    v8f f[4] = {{0}};                                                           \
                     for (; i + STEP <= stop; i += STEP) {                                       \
-                        if (want[t]) {                                                          \
-                            low += SQUARES(x + i);                                              \
-                            high += SQUARES(x + i + 16);                                        \
-                        }                                                                       \
+                        if (want[t])                                                            \
+                            for (int k = 0; k < 4; k++) f[k] += SQUARES(x + i + 8 * k);         \
                         for (size_t k = 0; k < sizeof(ELEM); k++) {                             \
                             VBITS b;                                                            \
                             memcpy(&b, (const char *)(x + i) + 32 * k, sizeof b);               \
                             bits[k] += b;                                                       \
                         }                                                                       \
                     }                                                                           \
-                    into_doubles(low, &acc[0], &acc[1]);                                        \
-                    into_doubles(high, &acc[2], &acc[3]);                                       \
+                    for (int k = 0; k < 4; k++) acc[k] += __builtin_convertvector(f[k], v8d);   \
                 }                                                                               \
                 v8d s = (acc[0] + acc[1]) + (acc[2] + acc[3]);                                  \
                 double squares = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])); \
