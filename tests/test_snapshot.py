@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import collections
 import json
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -475,3 +477,16 @@ def test_compare_gives_the_same_verdicts_whichever_path_reads_the_grads(tmp_path
         for key in ("pre_step_grad_norm", "post_step_grad_norm"):
             assert kernel[key] == pytest.approx(ops[key], rel=1e-4)
     assert [r["verdict"] for r in reports["1"]] == ["clean", "mutated", "clean"]
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+@pytest.mark.parametrize("arch", [["-march=native"], []], ids=["native", "portable"])
+def test_the_kernel_source_compiles_without_a_warning(arch, tmp_path):
+    """For this machine's CPU and for none in particular (the last flags fused.py tries)."""
+    done = subprocess.run(
+        ["cc", "-O3", *arch, "-Wall", "-Wextra", "-Werror", "-Wno-psabi", "-shared", "-fPIC"]
+        + ["-o", str(tmp_path / "k.so"), str(sfdiag_fused.SOURCE)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
