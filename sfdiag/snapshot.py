@@ -268,8 +268,8 @@ def _kernel_reads(view: torch.Tensor) -> bool:
 
 
 def _kernel_param(param: torch.Tensor, view: torch.Tensor) -> torch.Tensor | None:
-    """``param`` (its local shard) where the kernel can sample it with ``view``, its grad's
-    dense view: laid out alike (a sparse grad's view is its values, not the param's shape)."""
+    """``param`` (its local shard) where the kernel can sample it with ``view``, its (dense)
+    grad's view: laid out alike."""
     param = local(param)
     if (
         param.dtype == view.dtype
@@ -508,7 +508,10 @@ def take(
         want = [i not in unchanged for i in indices]
         # the params' samples too, in the same pass, where they are laid out like the grads
         sampled = [
-            _kernel_param(params[i], views[i]) if i in sample_params else None for i in indices
+            _kernel_param(params[i], views[i])
+            if i in sample_params and grads[i].layout == torch.strided  # (as below)
+            else None
+            for i in indices
         ]
         read = fused.read([views[i] for i in indices], want, FUSED_BLOCK, SAMPLE_SIZE, sampled)
         if read is None:  # no compiler here: torch's ops read them below

@@ -490,3 +490,16 @@ def test_the_kernel_source_compiles_without_a_warning(arch, tmp_path):
         text=True,
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_a_large_sparse_grad_read_by_the_kernel_samples_no_param(monkeypatch):
+    """A sparse grad's values, every row present, have its parameter's shape: still the
+    values are not laid out as the parameter, so no parameter sample is taken for it, as
+    on torch's path."""
+    monkeypatch.setenv("SFDIAG_FUSED", "1")
+    emb = torch.nn.Embedding(1024, 256, sparse=True)
+    emb(torch.arange(1024).flip(0)).sum().backward()
+    assert emb.weight.grad._values().shape == emb.weight.shape
+    fp = snapshot.take([emb.weight])[0]
+    assert fp.layout == "fused" and fp.param_sample is None
+    assert fp.norm == pytest.approx(float(emb.weight.grad.coalesce()._values().double().norm()))
