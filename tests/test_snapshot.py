@@ -227,10 +227,8 @@ def test_grads_read_together_fingerprint_as_alone(monkeypatch):
     together = snapshot.take(params)
     for fp, p in zip(together, params, strict=True):
         alone = snapshot.take([p])[0]
-        assert fp.layout == alone.layout == "fused"
-        assert fp.checksum == alone.checksum and snapshot.float_bits(
-            fp.norm
-        ) == snapshot.float_bits(alone.norm)
+        assert fp.layout == alone.layout == "fused" and fp.checksum == alone.checksum
+        assert snapshot.float_bits(fp.norm) == snapshot.float_bits(alone.norm)
 
 
 def test_without_a_compiler_torch_ops_read_the_fused_layout(monkeypatch):
