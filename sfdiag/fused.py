@@ -34,6 +34,10 @@ _FUNCTIONS = {
     torch.float16: ("sfdiag_read_f16", torch.int16),
 }
 
+#: no fused multiply-adds where the code has none: a row's sums then take the same roundings
+#: however the rows are grouped (four side by side, or one) and split among threads
+FLAGS = ("-O3", "-ffp-contract=off", "-shared", "-fPIC")
+
 #: rows a thread takes at the least: fewer cost more in starting it than they save
 ROWS_PER_THREAD = 16
 
@@ -73,7 +77,7 @@ def _compile() -> Any:
         errors = ""
         # this CPU's widest vectors where the compiler takes the flags; else portable code
         for arch in (["-march=native", "-mprefer-vector-width=512"], ["-march=native"], []):
-            command = [*compiler, "-O3", *arch, "-shared", "-fPIC", "-o", str(library), str(SOURCE)]
+            command = [*compiler, *FLAGS, *arch, "-o", str(library), str(SOURCE)]
             done = subprocess.run(command, capture_output=True, text=True, timeout=120)
             if done.returncode == 0:
                 return ctypes.CDLL(str(library))  # loaded: the file may go

@@ -211,6 +211,13 @@ def test_the_kernel_reads_what_torch_ops_read(dtype, threads, monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     alone = sfdiag_fused.read(tensors, want, snapshot.FUSED_BLOCK, snapshot.SAMPLE_SIZE)
     assert _same_bits(alone.squares, read.squares) and not alone.param_samples.numel()
+    # every row's sums the same bits however the rows are grouped and split among threads
+    everything = [True] * len(tensors)
+    one = sfdiag_fused.read(tensors, everything, snapshot.FUSED_BLOCK, snapshot.SAMPLE_SIZE)
+    for split in (2, 3, 5, 7):
+        monkeypatch.setattr(torch, "get_num_threads", lambda split=split: split)
+        got = sfdiag_fused.read(tensors, everything, snapshot.FUSED_BLOCK, snapshot.SAMPLE_SIZE)
+        assert _same_bits(got.squares, one.squares) and torch.equal(got.row_sums, one.row_sums)
     with pytest.raises(ValueError, match="must match its grad"):
         sfdiag_fused.read(tensors[:1], [True], snapshot.FUSED_BLOCK, 256, [params[1].detach()])
 
@@ -482,7 +489,7 @@ def test_compare_gives_the_same_verdicts_whichever_path_reads_the_grads(tmp_path
 def test_the_kernel_source_compiles_without_a_warning(arch, tmp_path):
     """For this machine's CPU and for none in particular (the last flags fused.py tries)."""
     done = subprocess.run(
-        ["cc", "-O3", *arch, "-Wall", "-Wextra", "-Werror", "-Wno-psabi", "-shared", "-fPIC"]
+        ["cc", *sfdiag_fused.FLAGS, *arch, "-Wall", "-Wextra", "-Werror", "-Wno-psabi"]
         + ["-o", str(tmp_path / "k.so"), str(sfdiag_fused.SOURCE)],
         capture_output=True,
         text=True,
