@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 import torch
+from conftest import cli_env, run_cli
 from torch.overrides import TorchFunctionMode
 
 from sfdiag import fused as sfdiag_fused
@@ -203,27 +204,25 @@ def test_the_kernel_reads_what_torch_ops_read(dtype, threads, monkeypatch):
     for k, t in enumerate(tensors):
         start, stop = read.bounds[k]
         assert torch.equal(read.row_sums[start:stop], snapshot._fused_sums_only(t))
-        assert _same_bits(read.samples[k], snapshot.sample_of(t))
+        assert snapshot._bits_equal(read.samples[k], snapshot.sample_of(t))
         if sampled[k] is not None:
-            assert _same_bits(read.param_samples[k], snapshot.sample_of(sampled[k]))
+            assert snapshot._bits_equal(read.param_samples[k], snapshot.sample_of(sampled[k]))
         exact = float(t.double().square().sum()) if want[k] else 0.0
         assert float(read.squares[k]) == pytest.approx(exact, rel=1e-7)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     alone = sfdiag_fused.read(tensors, want, snapshot.FUSED_BLOCK, snapshot.SAMPLE_SIZE)
-    assert _same_bits(alone.squares, read.squares) and not alone.param_samples.numel()
+    assert snapshot._bits_equal(alone.squares, read.squares) and not alone.param_samples.numel()
     # every row's sums the same bits however the rows are grouped and split among threads
     everything = [True] * len(tensors)
     one = sfdiag_fused.read(tensors, everything, snapshot.FUSED_BLOCK, snapshot.SAMPLE_SIZE)
     for split in (2, 3, 5, 7):
         monkeypatch.setattr(torch, "get_num_threads", lambda split=split: split)
         got = sfdiag_fused.read(tensors, everything, snapshot.FUSED_BLOCK, snapshot.SAMPLE_SIZE)
-        assert _same_bits(got.squares, one.squares) and torch.equal(got.row_sums, one.row_sums)
+        assert snapshot._bits_equal(got.squares, one.squares) and torch.equal(
+            got.row_sums, one.row_sums
+        )
     with pytest.raises(ValueError, match="must match its grad"):
         sfdiag_fused.read(tensors[:1], [True], snapshot.FUSED_BLOCK, 256, [params[1].detach()])
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and torch.equal(snapshot._bits(a), snapshot._bits(b))
 
 
 def test_grads_read_together_fingerprint_as_alone(monkeypatch):
@@ -465,8 +464,6 @@ def test_compare_gives_the_same_verdicts_whichever_path_reads_the_grads(tmp_path
     """End to end: ``sfdiag compare`` on mnist-cnn (its 1.2M-element layer takes the fused
     layout when forced), read by the kernel and by torch's ops: the same verdicts and kinds,
     norms alike to float32's rounding."""
-    from conftest import cli_env, run_cli
-
     reports = {}
     for setting in ("0", "1"):
         done = run_cli(
