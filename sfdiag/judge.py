@@ -267,6 +267,9 @@ class RateReferences:
     next_applied: float | None = None  # the following step's applied rate, where known
     scaled_by: str | None = None  # a factor the optimizer applies on top (Prodigy's "d")
     next_base: float | None = None  # the following step's group["lr"], where known
+    # what moved group["lr"] on between this step and the logging call: "scheduler" (an
+    # LRScheduler.step()), "write" (the script set param_groups[i]["lr"]), None: nothing
+    advanced_by: str | None = None
 
     @property
     def true(self) -> float:
@@ -581,8 +584,15 @@ def _rate_words(
     if verdict == "correct":
         return None
     if verdict == "next-step":
+        step = f" (step {refs.step})" if isinstance(refs, RateReferences) else ""
+        if getattr(refs, "advanced_by", None) == "write":
+            return (
+                f"{name} is the rate the script wrote into param_groups for the next step, "
+                f"logged under the step just run{step}: it is the value you set for the next "
+                "iteration: log it with that iteration's number"
+            )
         return (
-            f"{name} is the next step's rate, read after the scheduler advanced: log "
+            f"{name} is the next step's rate, read after scheduler.step(){step}: log "
             "scheduler.get_last_lr() before scheduler.step() (or under the next step's number)"
         )
     if verdict == "base-lr":

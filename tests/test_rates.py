@@ -9,9 +9,12 @@ import json
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from sfdiag.run import RunOptions, run_script
+from sfdiag.run.metrics import STEP_KEYS, logged_step
 
 pytest.importorskip("tensorboard")
 
@@ -209,3 +212,140 @@ def test_an_optimizer_that_scales_its_rate_further_is_judged_on_lr_and_says_so(t
     )
     assert metric["logged_median"] == pytest.approx(0.01)
     assert "scales the rate it is given further by its own d" in metric["advice"]
+
+
+# A rate the script sets itself, as nanoGPT does: at the top of each iteration for the
+# step about to run ("top"), or after step() for the next one ("after"). No scheduler.
+# argv: LOGDIR MODE
+MANUAL = """\
+    import math, sys, torch
+    from torch.utils.tensorboard import SummaryWriter
+
+    logdir, mode = sys.argv[1], sys.argv[2]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def get_lr(it):  # warmup, then cosine decay
+        if it < 3:
+            return 1e-3 * (it + 1) / 3
+        return 1e-4 + 0.5 * (1 + math.cos(math.pi * min(1.0, (it - 3) / 6))) * 9e-4
+
+    with SummaryWriter(logdir) as writer:
+        for it in range(10):
+            if mode == "top":
+                lr = get_lr(it)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                writer.add_scalar("top/lr", lr, it)
+                writer.add_scalar("top_unlabeled/lr", lr)
+            optimizer.zero_grad(set_to_none=True)
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            optimizer.step()
+            if mode == "after":
+                for group in optimizer.param_groups:
+                    group["lr"] = get_lr(it + 1)
+                writer.add_scalar("after/lr", optimizer.param_groups[0]["lr"], it)
+                writer.add_scalar("after_next/lr", optimizer.param_groups[0]["lr"], it + 1)
+                writer.add_scalar("after_unlabeled/lr", optimizer.param_groups[0]["lr"])
+"""
+
+
+@pytest.fixture(scope="module")
+def manual(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("manual") / "manual.py"
+    path.write_text(textwrap.dedent(MANUAL))
+    return str(path)
+
+
+def test_a_rate_set_for_the_coming_step_is_that_steps_with_or_without_its_number(tmp_path, manual):
+    argv = ["python", manual, str(tmp_path / "tb"), "top"]
+    code, report = run(tmp_path, argv, strict=True)
+    metrics = {m["name"]: m for m in report["metrics"]}
+    assert code == 0
+    assert verdicts(metrics) == {"top/lr": "correct", "top_unlabeled/lr": "correct"}
+    for metric in metrics.values():
+        assert metric["steps_judged"] == 10  # the first, logged before any step, too
+        for example in metric["examples"]:
+            assert example["logged"] == pytest.approx(example["applied"])
+
+
+def test_a_rate_written_after_step_and_logged_under_it_is_next_step_naming_the_write(
+    tmp_path, manual
+):
+    argv = ["python", manual, str(tmp_path / "tb"), "after"]
+    code, report = run(tmp_path, argv, strict=True)
+    metrics = {m["name"]: m for m in report["metrics"]}
+    assert code == 1
+    assert verdicts(metrics) == {
+        "after/lr": "next-step",  # labelled with the step just run
+        "after_next/lr": "correct",  # with the number of the step it is for
+        "after_unlabeled/lr": "correct",  # no number: the coming step's, as set
+    }
+    advice = metrics["after/lr"]["advice"]
+    assert "wrote into param_groups" in advice and "that iteration's number" in advice
+    assert "scheduler" not in advice  # the script has none
+    for example in metrics["after/lr"]["examples"]:
+        assert example["logged"] == pytest.approx(example["next_step"])
+
+
+def test_a_rate_logged_after_scheduler_step_names_the_scheduler(tmp_path, loop):
+    code, report, metrics = audit(tmp_path, loop, "adamw", "decay")
+    assert "read after scheduler.step()" in metrics["after_unlabeled/lr"]["advice"]
+    assert "param_groups" not in metrics["after/lr"]["advice"]
+
+
+@pytest.mark.parametrize("key", sorted(STEP_KEYS))
+@pytest.mark.parametrize("number", [7, 7.0, torch.tensor(7), np.int64(7)])
+def test_a_step_key_inside_the_logged_dict_is_the_loggers_step(key, number):
+    items = [("lr", 1e-3), (key, number)]
+    assert logged_step(None, items) == 7
+    assert logged_step(3, items) == 3  # step= wins
+    assert logged_step(None, [("lr", 1e-3), (key, 7.5)]) is None  # not a step number
+    assert logged_step(None, [("lr", 1e-3), (key, True)]) is None
+    assert logged_step(None, [("lr", 1e-3), ("epoch", 7)]) is None  # not a step key
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s),
+        lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0),
+        lambda opt: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=2),
+        lambda opt: torch.optim.lr_scheduler.SequentialLR(
+            opt,
+            [
+                torch.optim.lr_scheduler.ConstantLR(opt, factor=0.5, total_iters=1),
+                torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9),
+            ],
+            milestones=[1],
+        ),
+    ],
+)
+def test_every_torch_scheduler_stepping_is_heard_and_handed_on_unchanged(make):
+    from sfdiag.run import schedulers
+
+    def trained(tapped: bool) -> tuple[list[float], list[object]]:
+        heard: list[object] = []
+        undo = schedulers.install(heard.append) if tapped else (lambda: None)
+        try:
+            model = torch.nn.Linear(2, 1)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            scheduler = make(optimizer)
+            rates = []
+            for _ in range(4):
+                optimizer.step()
+                if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    scheduler.step(1.0)  # never improves: the rate drops
+                else:
+                    scheduler.step()
+                rates.append(optimizer.param_groups[0]["lr"])
+            return rates, [h for h in heard if h is scheduler]
+        finally:
+            undo()
+
+    plain, _ = trained(False)
+    rates, heard = trained(True)
+    assert rates == plain
+    assert len(heard) >= 4
+    assert not getattr(torch.optim.lr_scheduler.LRScheduler.step, "_sfdiag_tap", False)

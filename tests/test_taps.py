@@ -31,6 +31,7 @@ NEEDS = {
     "hf-warmup-constant": ("transformers", "accelerate", "schedulefree"),
     "hf-warmup-linear": ("transformers", "accelerate", "schedulefree"),
     "loggers": ("wandb", "mlflow", "tensorboardX"),
+    "nanogpt": ("wandb",),
     "none": (),
 }
 
@@ -74,6 +75,7 @@ def runs(tmp_path_factory) -> dict[str, Done]:
         "hf-warmup-constant": [*HF_WARMUP, "--scheduler", "constant"],
         "hf-warmup-linear": [*HF_WARMUP, "--scheduler", "linear"],
         "loggers": ["wandb_mlflow_tbx.py", "{out}"],
+        "nanogpt": ["nanogpt_loop.py", "{out}"],
         "none": ["no_loggers.py"],
     }
     env = cli_env(
@@ -241,6 +243,18 @@ def test_wandb_mlflow_and_tensorboardx(runs):
     assert {n: (m["logger"], m["verdict"]) for n, m in metrics.items()} == expected
     assert all(m["steps_judged"] == 8 for m in metrics.values())
     assert all(e["logged"] == pytest.approx(e["next_step"]) for e in metrics["lr"]["examples"])
+
+
+def test_nanogpts_loop_logs_the_rate_of_the_coming_step_and_that_is_correct(runs):
+    done = get(runs, "nanogpt")
+    assert done.code == 0, done.stderr  # --strict passes: nothing is wrong
+    metrics = done.metrics()
+    assert {n: (m["logger"], m["verdict"]) for n, m in metrics.items()} == {
+        "lr": ("wandb", "correct"),  # under its "iter" key
+        "train/lr": ("wandb", "correct"),  # with no step number: the coming step's
+    }
+    assert all(m["steps_judged"] == 7 for m in metrics.values())  # iterations 0, 4, ... 24
+    assert "next-step" not in done.stderr and "scheduler" not in done.stderr
 
 
 def test_loggers_the_script_does_not_use_are_never_imported(runs):

@@ -66,6 +66,53 @@ def _float(value: Any) -> float:
     return float(value.item()) if hasattr(value, "item") else float(value)
 
 
+#: keys of a logged dict that give the step its values belong to, as ``step=`` does
+#: (nanoGPT's ``{"iter": k, ...}``, Hugging Face's W&B callback's ``train/global_step``)
+STEP_KEYS = frozenset(
+    {"iter", "step", "global_step", "iteration", "trainer/global_step", "train/global_step"}
+)
+
+
+def step_number(value: Any) -> int | None:
+    """A step number as a logger is given one: a whole number (an int, an integral float,
+    a one-element tensor or numpy scalar holding one); None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    number = as_number(value) if not isinstance(value, float) else value
+    if isinstance(number, float) and number.is_integer():
+        return int(number)
+    return None
+
+
+def logged_step(step: Any, items: list[tuple[Any, Any]]) -> int | None:
+    """The step the logging call names: its ``step=`` argument, else a step key among the
+    logged items."""
+    if step is not None:
+        return step_number(step)
+    for name, value in items:
+        if name in STEP_KEYS:
+            return step_number(value)
+    return None
+
+
+def _rate_references(
+    step: int, rates: Any, following: Any, advanced: str | None, after: int
+) -> RateReferences:
+    """``RateReferences`` of ``step`` from its (base, applied, scaled_by) and the following
+    step's; what moved the rate on counts only for the step that had finished (``after``)."""
+    return RateReferences(
+        step=step,
+        applied=rates[1],
+        base=rates[0],
+        next_applied=following[1] if following else None,
+        scaled_by=rates[2],
+        next_base=following[0] if following else None,
+        advanced_by=advanced if step == after else None,
+    )
+
+
 @dataclass
 class _Logged:
     logger: str
@@ -81,6 +128,9 @@ class _Logged:
     # learning rates, per watched optimizer: its groups' rates for the next step as they
     # stood when logged (the run may end before that step, see ``Watched.coming_rates``)
     coming: tuple[tuple[tuple[float, float] | None, ...], ...] = ()
+    # learning rates, per watched optimizer: what moved its rate on after its last
+    # finished step, before this was logged ("scheduler", "write" or None)
+    advanced: tuple[str | None, ...] = ()
     # per watched optimizer: the norms of the steps it may belong to (the last finished,
     # then the next), held here so they outlive the watch's few recent steps
     steps: dict[int, list[StepNorms]] = field(default_factory=dict)
@@ -125,7 +175,8 @@ class MetricAudit:
         """Keep the logged (name, value) pairs that are gradient norms or learning rates;
         ``step``: the step number the logger was given (if any). Never raises."""
         try:
-            label = step if isinstance(step, int) and not isinstance(step, bool) else None
+            items = list(items)
+            label = logged_step(step, items)
             for name, value in items:
                 quantity = self.picks(name) if isinstance(name, str) else None
                 if quantity is None:
@@ -149,6 +200,8 @@ class MetricAudit:
                 )
                 if quantity == "learning_rate":
                     logged.coming = tuple(w.coming_rates() for w in watched)
+                    group = judge.rate_group(name)
+                    logged.advanced = tuple(w.advanced_by(group) for w in watched)
                 for position, entry in enumerate(watched):
                     last = entry.recent[-1] if entry.recent else None
                     if last is not None and last.step == entry.last_finished:
@@ -238,41 +291,60 @@ class MetricAudit:
         the next step's rate being a legitimate rate too): the step under way where it was
         logged during a step(); else the step the logger was told (its number read as the
         step's index, or as the count of steps done); else the step just run, or the next
-        one where a backward ran since. Judged at that step of the optimizer that fits best."""
+        one where a backward ran since. Judged at that step of the optimizer that fits best.
+
+        ``next-step`` needs evidence that the rate moved on after the step it is read at:
+        a scheduler stepped, or the script wrote group["lr"] and logged the value under the
+        step just run. A rate the script set for the coming step and logged with no step
+        number, or one that nothing moved on, equal to the coming step's rate, is judged as
+        the coming step's (nanoGPT sets the rate at the top of an iteration and logs it).
+        """
         group = judge.rate_group(logged.name)
         best: JudgedValue | None = None
         for position, entry in enumerate(self.watch.watched):
             pinned = {n.step: n for n in logged.steps.get(position, ())}
             after = logged.after[position] if position < len(logged.after) else -1
+            coming = logged.coming[position] if position < len(logged.coming) else ()
+            coming_now = coming[group] if group < len(coming) else None
+
+            def rates_at(step: int, pinned=pinned, after=after, coming_now=coming_now) -> Any:
+                here = pinned.get(step)
+                if here is not None:
+                    return here.rate(group)
+                if step == after + 1 and coming_now is not None:  # no step ran after it (yet)
+                    return (coming_now[0], coming_now[1], None)
+                return None
+
             if logged.stepping[position : position + 1] == (True,):
                 claimed, lenient = after + 1, None
             elif logged.label is not None and logged.label in (after, after + 1):
                 claimed = logged.label
                 lenient = after if logged.label == after + 1 else None  # counted steps done
             else:
-                fresh = position < len(logged.fresh) and logged.fresh[position]
+                # an optimizer that had not stepped yet when this was logged: its first step
+                fresh = logged.fresh[position] if position < len(logged.fresh) else True
                 claimed, lenient = (after + 1 if fresh else after), None
             if claimed not in pinned and lenient in pinned:  # the run ended: no next step
                 claimed, lenient = lenient, None
-            here = pinned.get(claimed)
-            rates = here.rate(group) if here is not None else None
+            rates = pinned[claimed].rate(group) if claimed in pinned else None
             if rates is None:
                 continue
-            after_that = pinned.get(claimed + 1)
-            following = after_that.rate(group) if after_that is not None else None
-            if following is None and claimed == after:  # no step ran after it (yet)
-                coming = logged.coming[position] if position < len(logged.coming) else ()
-                now = coming[group] if group < len(coming) else None
-                following = (now[0], now[1], None) if now is not None else None
-            refs = RateReferences(
-                step=claimed,
-                applied=rates[1],
-                base=rates[0],
-                next_applied=following[1] if following else None,
-                scaled_by=rates[2],
-                next_base=following[0] if following else None,
+            advanced = logged.advanced[position] if position < len(logged.advanced) else None
+            judged = judge.judge_claimed(
+                value,
+                entry.label,
+                _rate_references(claimed, rates, rates_at(claimed + 1), advanced, after),
+                self.rtol,
             )
-            judged = judge.judge_claimed(value, entry.label, refs, self.rtol)
+            if judged.verdict == "next-step" and not (
+                advanced == "scheduler" or (advanced == "write" and logged.label is not None)
+            ):
+                # nothing says the rate moved on after the step it is read at: the value is
+                # the coming step's, as the script set it
+                following = rates_at(after + 1)
+                if following is not None:
+                    coming_refs = _rate_references(after + 1, following, None, None, after)
+                    judged = judge.judge_claimed(value, entry.label, coming_refs, self.rtol)
             if judged.verdict != "correct" and lenient is not None and lenient in pinned:
                 # a step number that counts the steps done names the step before
                 earlier = pinned[lenient].rate(group)

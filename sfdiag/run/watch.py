@@ -302,6 +302,16 @@ def _number(value: Any) -> Any:
     return value
 
 
+def _host_float(value: Any) -> float | None:
+    """A rate as a float where it is one on the host; None for a device scalar (reading it
+    would wait for the device)."""
+    if hasattr(value, "detach"):
+        return float(value) if value.device.type == "cpu" and value.numel() == 1 else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
 def _own_warmup(group: dict[str, Any]) -> bool:
     """Whether a schedule-free group's own warmup scales this step's rate (k < warmup)."""
     warmup, k = group.get("warmup_steps"), group.get("k")
@@ -358,6 +368,11 @@ class Watched:
     # (step, base, the base of the step before, applied, own warmup on)
     peak_rate: float = 0.0
     _previous_rate: float | None = None
+    # what moved the rates on after a step (``advanced_by``): group["lr"] as the last step()
+    # left it (None: on a device, not read), and the last finished step when a scheduler of
+    # this optimizer last stepped
+    ended_rates: tuple[float | None, ...] = ()
+    scheduler_after: int = -2
 
     def refresh_params(self) -> list[torch.Tensor]:
         """The optimizer's parameters (param groups may have grown since the last step)."""
@@ -403,8 +418,23 @@ class Watched:
         for (base, _), group in zip(self._pre_rates, groups, strict=False):
             applied = _number(group["scheduled_lr"]) if "scheduled_lr" in group else base
             rates.append((base, applied, "d" if "d" in group else None))
+        self.ended_rates = tuple(_host_float(group.get("lr", 0.0)) for group in groups)
         self._note_warmup(rates)
         return tuple(rates)
+
+    def advanced_by(self, group: int) -> str | None:
+        """What moved ``group``'s rate on since the last step finished: "scheduler" (a
+        scheduler of this optimizer stepped), "write" (the script set group["lr"] itself),
+        or None (nothing did: a rate logged now is still the one that step was given)."""
+        if self.last_finished < 0:
+            return None
+        if self.scheduler_after == self.last_finished:
+            return "scheduler"
+        groups = list(getattr(self.ref(), "param_groups", ()))
+        if group >= len(groups) or group >= len(self.ended_rates):
+            return None
+        before, now = self.ended_rates[group], _host_float(groups[group].get("lr", 0.0))
+        return "write" if before is not None and now is not None and now != before else None
 
     def _note_warmup(self, rates: list[tuple[Any, Any, str | None]]) -> None:
         """Keep what ``judge.double_warmup`` reads: group 0's rates while its own warmup
@@ -617,20 +647,39 @@ class OptimizerWatch:
     _by_id: dict[int, Watched] = field(default_factory=dict)
     _counts: dict[str, int] = field(default_factory=dict)
     _handles: list[Any] = field(default_factory=list)
+    _untap_schedulers: Callable[[], None] | None = None
 
     def install(self) -> OptimizerWatch:
         import torch.optim.optimizer as torch_optimizer
+
+        from sfdiag.run import schedulers
 
         self._handles = [
             torch_optimizer.register_optimizer_step_pre_hook(self._pre),
             torch_optimizer.register_optimizer_step_post_hook(self._post),
         ]
+        self._untap_schedulers = schedulers.install(self._scheduler_stepped)
         return self
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._untap_schedulers is not None:
+            self._untap_schedulers()
+            self._untap_schedulers = None
+
+    def _scheduler_stepped(self, scheduler: Any) -> None:
+        """A scheduler stepped: the rates of the optimizer it drives moved on after that
+        optimizer's last finished step. (Matched by its param groups: a wrapper such as
+        accelerate's optimizer shares the wrapped one's.)"""
+        groups = getattr(getattr(scheduler, "optimizer", None), "param_groups", None)
+        if groups is None:
+            return
+        for entry in self.watched:
+            optimizer = entry.ref()
+            if optimizer is not None and getattr(optimizer, "param_groups", None) is groups:
+                entry.scheduler_after = entry.last_finished
 
     def results(self) -> list[OptimizerResult]:
         return [w.result() for w in self.watched]
