@@ -328,13 +328,14 @@ def run(
         ),
     ] = None,
     nproc: Annotated[
-        int,
+        Optional[int],  # noqa: UP045
         typer.Option(
             "--nproc",
-            help="run N local ranks through torch's elastic launcher, audited as one job",
+            help="run N local ranks through torch's elastic launcher, audited as one job "
+            "(1: one rank, as torchrun --nproc-per-node 1)",
             metavar="N",
         ),
-    ] = 1,
+    ] = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,

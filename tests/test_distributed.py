@@ -1,6 +1,6 @@
-"""Multi-rank jobs on CPU (gloo, 2 ranks): ``sfdiag run --nproc``, the torchrun forms,
-DDP and FSDP2, rank agreement, a failing rank, Ctrl-C, the in-repo optimizers on FSDP2
-and probes under sharding.
+"""Multi-rank jobs on CPU (gloo, 2 ranks; one rank for ``--nproc 1``): ``sfdiag run
+--nproc``, the torchrun forms, DDP and FSDP2, rank agreement, a failing rank, Ctrl-C, the
+in-repo optimizers on FSDP2 and probes under sharding.
 
 Every job of this file starts at once in a module fixture (each rank imports torch);
 the tests read what they left.
@@ -68,6 +68,13 @@ def jobs(tmp_path_factory) -> dict[str, Job]:
         + ["run", "--report", "{out}/r.json", "--", "python", DDP, "--logdir", "{out}/tb"],
         "torchrun-inside": [*SFDIAG, "run", "--report", "{out}/r.json", "--", "torchrun"]
         + ["--nproc-per-node", "2", DDP, "--logdir", "{out}/tb"],
+        # one rank, as torchrun --nproc-per-node 1 runs it: the script still needs its rendezvous
+        "ddp-one-rank": [*SFDIAG, "run", "--nproc", "1", "--report", "{out}/r.json", "--"]
+        + ["python", DDP, "--logdir", "{out}/tb"],
+        "torchrun-inside-one-rank": [*SFDIAG, "run", "--report", "{out}/r.json", "--"]
+        + ["torchrun", "--nproc-per-node", "1", DDP, "--logdir", "{out}/tb"],
+        "fail-before-step": [*SFDIAG, "run", "--nproc", "1", "--report", "{out}/r.json", "--"]
+        + ["python", DDP, "--logdir", "{out}/tb", "--fail-rank", "0", "--fail-step", "0"],
         "fsdp": [*SFDIAG, "run", "--nproc", "2", "--report", "{out}/r.json", "--"]
         + ["python", FSDP, "{out}/tb"],
         "rescale": [*SFDIAG, "run", "--nproc", "2", "--strict", "--report", "{out}/r.json"]
@@ -97,25 +104,35 @@ def jobs(tmp_path_factory) -> dict[str, Job]:
     return done
 
 
-def _one_job_report(job: Job) -> dict:
+def _one_job_report(job: Job, ranks: int = 2) -> dict:
     data = job.report()
-    assert data["distributed"]["world_size"] == 2
+    assert data["distributed"]["world_size"] == ranks
     assert data["distributed"]["backend"] == "gloo"
     assert job.stderr.count("logged metric") == 1, job.stderr  # one table, from rank 0
     assert job.stderr.count("audited as one job") == 1
-    assert "rank 0: trained" in job.stdout and "rank 1: trained" in job.stdout
+    assert (f"{ranks} ranks (" if ranks > 1 else "1 rank (gloo, ddp)") in job.stderr
+    assert all(f"rank {rank}: trained" in job.stdout for rank in range(ranks))
     return data
 
 
-@pytest.mark.parametrize("name", ["ddp", "torchrun-outside", "torchrun-inside"])
-def test_a_ddp_job_is_audited_as_one(jobs, name):
+DDP_JOBS = {  # name -> ranks
+    "ddp": 2,
+    "torchrun-outside": 2,
+    "torchrun-inside": 2,
+    "ddp-one-rank": 1,
+    "torchrun-inside-one-rank": 1,
+}
+
+
+@pytest.mark.parametrize(("name", "ranks"), DDP_JOBS.items())
+def test_a_ddp_job_is_audited_as_one(jobs, name, ranks):
     job = jobs[name]
-    data = _one_job_report(job)
+    data = _one_job_report(job, ranks)
     assert data["distributed"]["strategy"] == "ddp"
     assert data["distributed"]["ranks_agree"] is True
     (row,) = data["results"]
     assert (row["verdict"], row["fingerprint"]) == ("mutated", "adam-normalized")
-    assert [r["rank"] for r in row["per_rank"]] == [0, 1]
+    assert [r["rank"] for r in row["per_rank"]] == list(range(ranks))
     assert all(r["verdict"] == "mutated" and r["agrees"] for r in row["per_rank"])
     metrics = {m["name"]: m["verdict"] for m in data["metrics"]}
     assert metrics == {"train/grad_norm": "correct", "train/grad_norm_after_step": "post-step"}
@@ -132,7 +149,7 @@ def test_fsdp2_grads_are_read_by_shard_and_judged_globally(jobs):
     assert (row["verdict"], row["error"]) == ("clean", None)  # no DTensor error row
     metrics = {m["name"]: m for m in data["metrics"]}
     assert metrics["train/grad_norm"]["verdict"] == "correct"
-    local = metrics["local/grad_norm"]
+    local = metrics["grad_norm_local"]  # picked without --metric
     assert (local["verdict"], local["matches"]) == ("local-shard", "local-shard")
     assert local["logged_median"] < local["true_median"]
     assert "all-reduce" in local["advice"]
@@ -158,6 +175,16 @@ def test_a_failing_rank_ends_the_job_quickly_with_its_error(jobs):
     assert job.seconds < 90
     assert "RuntimeError: rank 1 fails at step 3" in job.stderr
     assert "sfdiag: rank 1 failed with exit code 1" in job.stderr
+    assert not (job.out / "r.json").exists()
+
+
+def test_a_rank_that_fails_before_stepping_says_so(jobs):
+    job = jobs["fail-before-step"]
+    assert job.code == 1
+    assert "RuntimeError: rank 0 fails at step 0" in job.stderr
+    said = "sfdiag: rank 0: the script exited with code 1 before any optimizer stepped"
+    assert said in job.stderr
+    assert "stepped no" not in job.stderr
     assert not (job.out / "r.json").exists()
 
 

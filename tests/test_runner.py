@@ -232,6 +232,61 @@ def test_exit_codes_as_python_gives_them(tmp_path, capsys, body, code, stderr_ha
         assert str(script) in err and "launch.py" not in err and "runpy" not in err
 
 
+BEFORE_STEPPING = "sfdiag: the script exited with code 1 before any optimizer stepped"
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "said"),
+    [
+        ("import torch\nraise ValueError('no data')", 1, BEFORE_STEPPING),
+        ("import sys; sys.exit(3)", 3, "exited with code 3 before any optimizer stepped"),
+        ("raise KeyboardInterrupt", 130, "was interrupted before any optimizer stepped"),
+        ("import sys; sys.exit(0)", 0, "stepped no torch.optim.Optimizer; nothing to audit"),
+    ],
+)
+def test_a_script_that_ends_before_stepping_says_how(tmp_path, capsys, body, code, said):
+    script = write_script(tmp_path, body + "\n")
+    assert run_script(["python", str(script)], report=None, strict=False) == code
+    err = capsys.readouterr().err
+    assert said in err
+    if code != 0:  # it never reached an optimizer: nothing is said about one
+        assert "sfdiag: the script " in err and "stepped no" not in err
+
+
+# the environment torch's elastic launcher gives the one rank of a job
+ONE_RANK = {"TORCHELASTIC_RUN_ID": "sfdiag-test", "WORLD_SIZE": "1", "RANK": "0"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "nproc", "environment", "message"),
+    [
+        (["python", "train.py"], 0, {}, "--nproc: expected a whole number from 1 to 1024"),
+        (["python", "train.py"], 1025, {}, "--nproc: expected a whole number from 1 to 1024"),
+        (["torchrun", "--nproc-per-node", "1", "train.py"], 1, {}, "not both"),
+        (["python", "train.py"], 1, ONE_RANK, "already rank 0 of a job of 1"),
+    ],
+)
+def test_job_requests_that_cannot_work_are_refused(
+    tmp_path, monkeypatch, argv, nproc, environment, message
+):
+    monkeypatch.chdir(tmp_path)
+    write_script(tmp_path, CLEAN_SCRIPT)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SfdiagError, match=message):
+        run_script(argv, nproc=nproc)
+
+
+def test_a_process_with_world_size_1_but_no_launcher_runs_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")  # some clusters set it for every process
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    script = write_script(tmp_path, CLEAN_SCRIPT)
+    report = tmp_path / "r.json"
+    assert run_script(["python", str(script)], report=report) == 0
+    assert "distributed" not in json.loads(report.read_text())
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

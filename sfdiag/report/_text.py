@@ -242,11 +242,13 @@ def metric_sentences(report: ProbeReport) -> list[str]:
 
 
 def distributed_line(report: ProbeReport) -> str | None:
-    """``2 ranks (gloo, ddp): their grads agree`` for a job of several ranks."""
+    """``2 ranks (gloo, ddp): their grads agree`` for a job (``1 rank (gloo, ddp)``)."""
     info = report.distributed
     if info is None:
         return None
     how = ", ".join(x for x in (info.backend, info.strategy) if x)
+    if info.world_size == 1:  # no other rank to agree with
+        return f"1 rank ({how}), audited as one job"
     line = f"{info.world_size} ranks ({how}), audited as one job"
     if info.ranks_agree is True:
         return line + ": every rank stepped the same gradients"

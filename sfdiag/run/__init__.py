@@ -31,6 +31,7 @@ from sfdiag.run.launch import EXIT_INTERRUPTED, Target, parse_command
 from sfdiag.run.watch import AUDIT_EVERY, AUDIT_FIRST, AUDIT_MAX, audited
 
 if TYPE_CHECKING:  # pragma: no cover
+    from sfdiag.dist import Job
     from sfdiag.results import Finding, MetricResult, OptimizerResult, ProbeReport
 
 __all__ = [
@@ -57,14 +58,18 @@ class RunOptions:
     quiet: bool = False
     metrics: tuple[str, ...] = ()  # --metric globs: names the gradient-norm pattern misses
     metric_rtol: float = 1e-3
-    nproc: int = 1  # > 1: start this many local ranks through torch's elastic launcher
+    # given (1 included, as torchrun --nproc-per-node 1): a job of this many local ranks
+    # through torch's elastic launcher; None runs the script as a plain process
+    nproc: int | None = None
     plot: Path | None = None  # draw logged vs true, a panel per logged metric, to this PNG
 
     def validate(self) -> RunOptions:
         import math
 
         nproc = self.nproc
-        if isinstance(nproc, bool) or not isinstance(nproc, int) or not 1 <= nproc <= 1024:
+        if nproc is not None and (
+            isinstance(nproc, bool) or not isinstance(nproc, int) or not 1 <= nproc <= 1024
+        ):
             raise SfdiagError(f"--nproc: expected a whole number from 1 to 1024, got {nproc!r}")
         rtol = self.metric_rtol
         if isinstance(rtol, bool) or not isinstance(rtol, (int, float)):
@@ -171,32 +176,46 @@ def run_script(argv: list[str], options: RunOptions | None = None, /, **fields: 
     doc). Raises SfdiagError before running anything when the command, the options or
     the report path is unusable.
 
-    ``options.nproc > 1`` or a ``torchrun`` command starts a job of several ranks through
-    torch's elastic launcher, each rank running this under the auditor; a process that is
-    already a rank of a job (``RANK``/``WORLD_SIZE`` set, as torchrun sets them) joins it.
-    Either way the job is audited as one: rank 0 prints the one table and writes the one
-    report.
+    ``options.nproc`` (1 included) or a ``torchrun`` command starts a job through torch's
+    elastic launcher, each rank running this under the auditor; a process that is already
+    a rank of a job (``RANK``/``WORLD_SIZE`` set, as torchrun sets them) joins it. Either
+    way the job is audited as one: rank 0 prints the one table and writes the one report.
     """
     options = (options or RunOptions(**fields)).validate()
-    from sfdiag.dist import Job
     from sfdiag.run import launch
 
     target = parse_command(argv)
     if target.path is not None:
         launch.check_script(target.path)
     options = checked_outputs(options)
-    job = Job.from_env()
-    if options.nproc > 1 or target.torchrun is not None:
+    job = _this_job()
+    if options.nproc is not None or target.torchrun is not None:
         if job is not None:
             raise SfdiagError(
                 f"this is already rank {job.rank} of a job of {job.world_size}: "
                 "leave out --nproc and torchrun here"
             )
-        if options.nproc > 1 and target.torchrun is not None:
+        if options.nproc is not None and target.torchrun is not None:
             raise SfdiagError("give --nproc or a torchrun command, not both")
-        worker = replace(options, nproc=1).worker_arguments()
-        return launch.launch_job(launch.job_arguments(target, options.nproc, worker))
+        worker = options.worker_arguments()
+        return launch.launch_job(launch.job_arguments(target, options.nproc or 1, worker))
     return _audit_here(argv, target, options, job)
+
+
+def _this_job() -> Job | None:
+    """The job this process is a rank of: one of several ranks (``RANK``/``WORLD_SIZE``),
+    or the one rank torch's elastic launcher started (``torchrun --nproc-per-node 1``,
+    ``--nproc 1``), a job too: its script expects the rendezvous, its report says so. A
+    plain process that merely has ``WORLD_SIZE=1`` in its environment runs alone."""
+    import os
+
+    from sfdiag.dist import Job
+
+    env = os.environ
+    launched = bool(env.get("TORCHELASTIC_RUN_ID"))  # set by the launcher for its workers
+    if launched and env.get("WORLD_SIZE") == "1" and env.get("RANK", "0") == "0":
+        return Job(rank=0, world_size=1, local_rank=0)
+    return Job.from_env()
 
 
 def _audit_here(argv: list[str], target: Target, options: RunOptions, job: Any) -> int:
@@ -222,6 +241,8 @@ def _audit_here(argv: list[str], target: Target, options: RunOptions, job: Any) 
     if job is not None:
         if code != 0 and not interrupted:
             # this rank failed: it must not wait for the others (the launcher stops them)
+            if not session.watch.watched:
+                print(launch.nothing_stepped(target, None, code, rank=job.rank), file=sys.stderr)
             return code
         results, metrics, findings = session.collect()
         watch = session.watch
@@ -232,7 +253,8 @@ def _audit_here(argv: list[str], target: Target, options: RunOptions, job: Any) 
         text = render(result, "table", RenderOptions(color=ui.wants_color(sys.stderr)))
         sys.stderr.write(text if text.endswith("\n") else text + "\n")
     else:
-        print(launch.nothing_stepped(target, namespace), file=sys.stderr)
+        said = launch.nothing_stepped(target, namespace, code, interrupted=interrupted)
+        print(said, file=sys.stderr)
     for note in session.notes():
         ui.note(note, quiet=options.quiet)
     if writes_report:

@@ -309,8 +309,22 @@ def _stepping_objects(namespace: dict[str, Any] | None) -> list[str]:
     return sorted(found.values())
 
 
-def nothing_stepped(target: Target, namespace: dict[str, Any] | None) -> str:
-    """Why a run has nothing to show, and what to do."""
+def nothing_stepped(
+    target: Target,
+    namespace: dict[str, Any] | None,
+    code: int = 0,
+    *,
+    interrupted: bool = False,
+    rank: int | None = None,
+) -> str:
+    """Why a run has nothing to show, and what to do. A script that ended early (its
+    ``code`` not 0) is told as that: it never reached an optimizer, which says nothing
+    about the optimizer it would have stepped. ``rank``: this rank's, in a job."""
+    on_rank = f"rank {rank}: " if rank is not None else ""
+    if interrupted:
+        return f"sfdiag: {on_rank}the script was interrupted before any optimizer stepped"
+    if code != 0:
+        return f"sfdiag: {on_rank}the script exited with code {code} before any optimizer stepped"
     missed = _stepping_objects(namespace)
     text = f"sfdiag: {target.shown} stepped no torch.optim.Optimizer; nothing to audit"
     if missed:

@@ -31,7 +31,7 @@ for step in range(5):
     shards = [p.grad.to_local().norm() for p in model.parameters()]
     if writer is not None:
         writer.add_scalar("train/grad_norm", total.full_tensor(), step)
-        writer.add_scalar("local/grad_norm", torch.linalg.vector_norm(torch.stack(shards)), step)
+        writer.add_scalar("grad_norm_local", torch.linalg.vector_norm(torch.stack(shards)), step)
     optimizer.step()
 if writer is not None:
     writer.close()
