@@ -50,6 +50,10 @@ _GRAD = frozenset({"grad", "grads", "gradient", "gradients"})
 _NORM = frozenset({"norm", "norms"})
 _TWO = frozenset({"2", "2.0", "l2"})
 _ONE_WORD = frozenset({"gnorm", "gradnorm", "gradnorms", "gradientnorm"})
+#: words that say a gradient-norm metric is an average over steps (a note when it is one)
+AVERAGING = frozenset(
+    {"ema", "avg", "average", "mean", "smooth", "smoothed", "running", "moving", "epoch"}
+)
 # words that may stand around the core without changing what is measured
 _FILLER = frozenset(
     {
@@ -75,6 +79,23 @@ _FILLER = frozenset(
         "l2",
         "2",
         "2.0",
+        # what the norm is of, or where it was read: judged like any other (these are the
+        # norms most often wrong: a rank's shard, a still-scaled or partial gradient)
+        "local",
+        "shard",
+        "sharded",
+        "rank",
+        "scaled",
+        "unscaled",
+        "micro",
+        "microbatch",
+        "batch",
+        "accum",
+        "accumulated",
+        "accumulation",
+        "current",
+        "last",
+        *AVERAGING,
     }
 )
 # never judged when only a glob picks them: what they measure is not a gradient norm
@@ -122,7 +143,10 @@ def is_grad_norm_word(part: str) -> bool:
     if len(cores) != 1:
         return False
     start, end = cores[0]
-    return all(w in _FILLER for w in words[:start] + words[end + 1 :])
+    return all(w in _FILLER or _RANK_WORD.match(w) for w in words[:start] + words[end + 1 :])
+
+
+_RANK_WORD = re.compile(r"^(?:rank|gpu|device|worker)?\d+$")  # rank0, gpu1, a rank's number
 
 
 _LR_FILLER = frozenset(
@@ -386,6 +410,125 @@ def judge_candidates(
     return best[1] if best is not None else None
 
 
+# ---- averages over steps ------------------------------------------------------------------------
+def ema_of(previous: float, window: list[float], beta: float) -> float:
+    """An exponential moving average ``previous`` moved on over the steps of ``window``
+    (oldest first): ``e <- beta * e + (1 - beta) * g`` at each."""
+    value = previous
+    for g in window:
+        value = beta * value + (1.0 - beta) * g
+    return value
+
+
+def fit_ema(
+    transitions: list[tuple[float, list[float], float]], rtol: float = DEFAULT_RTOL
+) -> float | None:
+    """The coefficient in (0, 1) with which one EMA moves each ``(previous, window,
+    logged)`` from ``previous`` to ``logged`` over ``window``, to a relative ``rtol``; None
+    where none does. Searched on a grid, then refined around its best point: over a window
+    of several steps the error need not be monotone in the coefficient, nor cross zero."""
+    import numpy as np
+
+    if not transitions or not all(
+        math.isfinite(v) for prev, window, logged in transitions for v in (prev, logged, *window)
+    ):
+        return None
+
+    def error(beta: Any) -> Any:
+        worst = 0.0
+        for previous, window, logged in transitions:
+            value = previous + 0.0 * beta
+            for g in window:
+                value = beta * value + (1.0 - beta) * g
+            worst = np.maximum(worst, np.abs(value - logged) / max(abs(logged), 1e-300))
+        return worst
+
+    grid = np.linspace(0.001, 0.999, 999)
+    best = int(np.argmin(error(grid)))
+    low, high = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+    ratio = (math.sqrt(5) - 1) / 2
+    for _ in range(48):  # golden-section search within the grid cell
+        a, b = high - ratio * (high - low), low + ratio * (high - low)
+        if error(a) <= error(b):
+            high = b
+        else:
+            low = a
+    beta = float((low + high) / 2)
+    return beta if 0 < beta < 1 and float(error(beta)) <= rtol else None
+
+
+@dataclass
+class AverageFit:
+    """Whether one gradient-norm metric is an average of the true per-step norms: their mean
+    over the steps since it was last logged (Lightning's ``on_epoch``, a mean over a log
+    interval), or an exponential moving average (``grad_norm_ema``) whose coefficient one
+    fit finds for two consecutive logged values and keeps finding for the next. Such a
+    metric is ``averaged``: a note, not a wrong number.
+
+    Judged values go through ``observe`` in the order they were logged and come out, in
+    that order, ready for the tally: an unmatched value that may be an EMA waits until the
+    next one confirms it (or not), two values at most.
+    """
+
+    rtol: float = DEFAULT_RTOL
+    previous: float = 0.0  # the last logged value (an EMA starts from 0, or from a norm)
+    beta: float | None = None  # the coefficient of the EMA found so far
+    # the last value's move from the one before: (previous, window, logged)
+    _last: tuple[float, list[float], float] | None = None
+    _queue: list[tuple[int, JudgedValue, bool]] = field(default_factory=list)  # (n, v, waits)
+    _count: int = 0
+
+    def observe(self, value: JudgedValue, window: list[float] | None) -> list[JudgedValue]:
+        """``window``: the true norms of the steps since the last logged value, this value's
+        step last (None where they are not all known, or the value fits its own step)."""
+        n = self._count
+        self._count += 1
+        move = (self.previous, window, value.logged) if window else None
+        self.previous = value.logged
+        reading, confirms = None, 0
+        if value.verdict == "unmatched" and move is not None:
+            reading, confirms = self._reading(move)
+        self._last = move
+        # the values the moves started from are of the same EMA: the one before this (a
+        # move by the coefficient known), and the one before that (one found for two moves)
+        self._queue = [
+            (i, _averaged(v, "ema"), False) if w and i >= n - confirms else (i, v, w)
+            for i, v, w in self._queue
+        ]
+        waits = value.verdict == "unmatched" and reading is None and move is not None
+        self._queue.append((n, _averaged(value, reading) if reading else value, waits))
+        # only the next value can confirm this one or the one before: older ones are final
+        self._queue = [(i, v, w and i >= n - 1) for i, v, w in self._queue]
+        ready = []
+        while self._queue and not self._queue[0][2]:
+            ready.append(self._queue.pop(0)[1])
+        return ready
+
+    def _reading(self, move: tuple[float, list[float], float]) -> tuple[str | None, int]:
+        """(how ``move``'s value averages, how many values before it that confirms)."""
+        previous, window, logged = move
+        if close(logged, math.fsum(window) / len(window), self.rtol):
+            return "mean", 0
+        if self.beta is not None and close(logged, ema_of(previous, window, self.beta), self.rtol):
+            return "ema", 1
+        if self._last is not None:
+            beta = fit_ema([self._last, move], self.rtol)
+            if beta is not None:
+                self.beta = beta
+                return "ema", 2
+        return None, 0
+
+    def flush(self) -> list[JudgedValue]:
+        """What still waits, as judged (the run ended before a confirmation)."""
+        out = [v for _, v, _ in self._queue]
+        self._queue = []
+        return out
+
+
+def _averaged(value: JudgedValue, reading: str) -> JudgedValue:
+    return JudgedValue(value.step, value.optimizer, value.logged, value.refs, "averaged", reading)
+
+
 # ---- a metric over its steps -----------------------------------------------------------------
 def worst(verdicts: Iterable[str]) -> str:
     return max(verdicts, key=_RANK.__getitem__, default="correct")
@@ -483,7 +626,15 @@ def summarize_metric(
     if quantity == "learning_rate":
         advice = rate_advice(verdict, name, optimizer, at_worst, near)
     else:
-        advice = metric_advice(verdict, name, logger, optimizer, near=near, squared=squared)
+        advice = metric_advice(
+            verdict,
+            name,
+            logger,
+            optimizer,
+            near=near,
+            squared=squared,
+            matches=at_worst.matches if at_worst is not None else None,
+        )
     return MetricResult(
         name=name,
         quantity=quantity,
@@ -530,6 +681,7 @@ def metric_advice(
     *,
     near: tuple[str, float] | None = None,
     squared: str | None = None,
+    matches: str | None = None,
 ) -> str | None:
     """One sentence: what the metric is and where to read it instead; None when correct."""
     where = _READ_IT_HERE.get(logger, _READ_IT_BEFORE_STEP)
@@ -543,6 +695,13 @@ def metric_advice(
         )
     if verdict == "post-step":
         return f"{name} is read after {owner}step() changed p.grad: {where}"
+    if verdict == "averaged":
+        how = {"mean": "the mean since it was last logged", "ema": "an exponential moving average"}
+        return (
+            f"{name} is an average of the gradient's norm over steps "
+            f"({how.get(matches or '', 'an average')}), not one step's norm: right as a smoothed "
+            "curve; to see each step's norm, log it unaveraged"
+        )
     if verdict == "local-shard":
         return (
             f"{name} is this rank's local shard only, not the global norm: use clip_grad_norm_ "

@@ -20,6 +20,7 @@ VERDICTS = ("clean", "mutated", "replaced", "cleared", "error")
 METRIC_VERDICTS = (
     "correct",
     "clipped",
+    "averaged",
     "local-shard",
     "next-step",
     "base-lr",
@@ -28,6 +29,8 @@ METRIC_VERDICTS = (
 )
 #: the metric verdicts that fail ``sfdiag run --strict``
 WRONG_METRIC_VERDICTS = frozenset({"local-shard", "next-step", "base-lr", "post-step", "unmatched"})
+#: the metric verdicts that say what a right number is, beside the step's own norm
+NOTE_METRIC_VERDICTS = frozenset({"clipped", "averaged"})
 
 
 def _num(value: float | None) -> float | str | None:

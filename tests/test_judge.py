@@ -41,6 +41,22 @@ PICKED = [
     "model/gradient_norm",
     "grad_2.0_norm/net.0.weight",  # a parameter (or module) after a grad-norm part
     "grad_norm/encoder",
+    # qualifiers around the core: picked and judged like any other
+    "grad_norm_local",
+    "local_grad_norm",
+    "grad_norm_rank0",
+    "grad_norm_rank_3",
+    "grad_norm_scaled",
+    "grad_norm_unscaled",
+    "grad_norm_micro",
+    "grad_norm_accum",
+    "train/grad_norm_gpu1",
+    # ... and averages over steps (judged as such where a step's norm does not fit)
+    "grad_norm_ema",
+    "smoothed_grad_norm",
+    "gradient_norm_mean",
+    "grad_norm_avg",
+    "grad_norm_epoch",  # Lightning's epoch mean
 ]
 NOT_PICKED = [
     "loss",
@@ -54,11 +70,12 @@ NOT_PICKED = [
     "weight_norm",
     "update_norm",
     "grad_norm_ratio",
-    "grad_norm_epoch",  # Lightning's epoch mean
     "grad_norm_sq",
+    "grad_1.0_norm",
+    "global_step",
+    "iter",
     "grad",
     "norm",
-    "gradient_norm_mean",
     "grad_norm/encoder/extra",
     "",
 ]
@@ -236,7 +253,7 @@ def test_post_step_advice_names_where_to_read_it(logger):
 
 def test_the_verdict_vocabulary_matches_the_contract():
     assert METRIC_VERDICTS[0] == "correct" and METRIC_VERDICTS[-1] == "unmatched"
-    assert WRONG_METRIC_VERDICTS == set(METRIC_VERDICTS) - {"correct", "clipped"}
+    assert WRONG_METRIC_VERDICTS == set(METRIC_VERDICTS) - {"correct", "clipped", "averaged"}
 
 
 # ---- the --strict gate of sfdiag run -------------------------------------------------------

@@ -154,7 +154,9 @@ _QUANTITY_WORDS = {"grad_norm": "‖g‖", "learning_rate": "lr"}
 def _metric_style(verdict: str) -> str:
     if verdict == "correct":
         return _CLEAN
-    return _NOTE if verdict == "clipped" else _FLAGGED
+    from sfdiag.results import NOTE_METRIC_VERDICTS
+
+    return _NOTE if verdict in NOTE_METRIC_VERDICTS else _FLAGGED
 
 
 def _metric_table(metrics: Sequence[MetricResult], width: int) -> Any:

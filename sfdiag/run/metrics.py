@@ -12,6 +12,7 @@ in the middle of the training step.
 from __future__ import annotations
 
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,9 @@ if TYPE_CHECKING:  # pragma: no cover
 _NAME_CACHE = 4096
 #: values waiting for their step; past this, the oldest are judged with what there is
 _PENDING_MAX = 4096
+#: finished steps kept per optimizer for judging averages over steps (each holds its
+#: per-parameter norms: 4 bytes a parameter tensor, on the device)
+AVERAGE_STEPS = 1024
 
 
 def as_number(value: Any) -> Any:
@@ -151,6 +155,11 @@ class MetricAudit:
     _scopes: dict[tuple[str, str], str | None] = field(default_factory=dict)
     _quantities: dict[tuple[str, str], str] = field(default_factory=dict)
     _module_aliases: dict[tuple[int, int], dict[str, tuple[int, ...]]] = field(default_factory=dict)
+    # averages over steps: each whole-model gradient-norm metric's fit and the step it was
+    # last logged at; each optimizer's finished steps, the last AVERAGE_STEPS of them
+    _averages: dict[tuple[str, str], judge.AverageFit] = field(default_factory=dict)
+    _last_steps: dict[tuple[str, str], int] = field(default_factory=dict)
+    _history: dict[int, deque[StepNorms]] = field(default_factory=dict)
 
     # ---- what the taps call -----------------------------------------------------------------
     def is_active(self) -> bool:
@@ -228,10 +237,16 @@ class MetricAudit:
         """A step finished: what was logged before it now has both steps it may belong to
         (this one is pinned to it) and waits to be judged (see ``_judge_ready``). No
         device read here."""
-        if not self._pending or not entry.recent or entry.recent[-1].step != entry.last_finished:
+        if not entry.recent or entry.recent[-1].step != entry.last_finished:
             return
         position = self.watch.watched.index(entry)
         norms = entry.recent[-1]
+        history = self._history.get(position)
+        if history is None:
+            history = self._history[position] = deque(maxlen=AVERAGE_STEPS)
+        history.append(norms)  # kept by reference: nothing is read until a value needs it
+        if not self._pending:
+            return
         for logged in self._pending:
             logged.steps.setdefault(position, []).append(norms)
         self._ready += self._pending
@@ -243,6 +258,9 @@ class MetricAudit:
         for logged in self._ready + self._pending:
             self._resolve(logged)
         self._ready, self._pending = [], []
+        for key, fit in self._averages.items():
+            for value in fit.flush():
+                self._tallies.setdefault(key, MetricTally()).add(value)
         return tuple(
             judge.summarize_metric(
                 name,
@@ -283,8 +301,38 @@ class MetricAudit:
         if judged is None:  # no optimizer has stepped: nothing to judge against
             return
         key = (logged.logger, logged.name)
-        self._tallies.setdefault(key, MetricTally()).add(judged)
         self._scopes.setdefault(key, scope_name)
+        tally = self._tallies.setdefault(key, MetricTally())
+        if hint is not None:  # a parameter's norm: judged at its step alone
+            tally.add(judged)
+            return
+        fit = self._averages.get(key)
+        if fit is None:
+            fit = self._averages[key] = judge.AverageFit(rtol=self.rtol)
+        position = next(
+            (i for i, w in enumerate(self.watch.watched) if w.label == judged.optimizer), None
+        )
+        # the step it was logged at: the one just run, or the coming one after a backward
+        end = judged.step
+        if position is not None and position < len(logged.after):
+            fresh = position < len(logged.fresh) and logged.fresh[position]
+            end = logged.after[position] + (1 if fresh else 0)
+        window = None
+        if judged.verdict == "unmatched" and position is not None:  # else no average
+            window = self._window(position, self._last_steps.get(key), end)
+        self._last_steps[key] = end
+        for ready in fit.observe(judged, window):
+            tally.add(ready)
+
+    def _window(self, position: int, since: int | None, end: int) -> list[float] | None:
+        """The true whole-model norms of the watched optimizer's steps after ``since`` (from
+        its first step where None) up to ``end``; None where they are not all kept."""
+        entry = self.watch.watched[position]
+        first = 0 if since is None else since + 1
+        steps = [n for n in self._history.get(position, ()) if first <= n.step <= end]
+        if entry.saw_sharded or not steps or len(steps) != end - first + 1:
+            return None  # a rank's shards, or steps no longer kept
+        return [entry.references(n, None).true for n in steps]
 
     def _resolve_rate(self, logged: _Logged, value: float) -> None:
         """A learning rate belongs to one step (unlike a norm, the value alone cannot tell,
