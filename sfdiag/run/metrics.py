@@ -244,7 +244,7 @@ class MetricAudit:
         history = self._history.get(position)
         if history is None:
             history = self._history[position] = deque(maxlen=AVERAGE_STEPS)
-        history.append(norms)  # kept by reference: nothing is read until a value needs it
+        history.append(norms.pre_only())  # nothing is read until a value needs it
         if not self._pending:
             return
         for logged in self._pending:

@@ -237,6 +237,14 @@ class StepNorms:
         else:
             self.post = _patched(self.pre, grads, moved)
 
+    def pre_only(self) -> StepNorms:
+        """This step as averages over steps need it: the norms before ``step()`` and the
+        clipping call, without what reading the post-step norms would hold on to (a
+        reference per grad)."""
+        kept = StepNorms(self.step, self.pre, self.pre, self.clip, self.clipped_indices)
+        kept.with_grad, kept.local, kept._floats = self.with_grad, self.local, self._floats
+        return kept
+
     def floats(self) -> tuple[list[float], list[float]]:
         """The norms as Python floats (one transfer for both, the first time)."""
         if self._floats is None:
