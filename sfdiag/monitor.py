@@ -22,6 +22,10 @@ norm of the parameter update (that would need a copy of the old parameters). It
 equals the pre-step norm when the optimizer leaves the grads alone, so ``mutated``
 compares the two norms bit for bit: cheap, and blind to a change that keeps the norm
 (a permutation, say). ``sfdiag run`` and ``sfdiag.testing`` audit every element.
+
+A compiled ``step()`` runs the hooks eagerly between its graphs, on the real grads
+(``sfdiag.compiling``); a step compiled into one graph (``fullgraph=True``) runs none,
+so from the first such step the norms read NaN, never a stale step's.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any
 import torch
 
 from sfdiag.auditor import active_steps
+from sfdiag.compiling import step_hook
 from sfdiag.snapshot import float_bits
 
 __all__ = ["GradMonitor"]
@@ -98,9 +103,10 @@ class GradMonitor:
         self._history: list[tuple[float, float]] = []
         self._last: tuple[float, float] | None = None
         self._steps = 0
-        self._handles = [
-            optimizer.register_step_pre_hook(self._pre),
-            optimizer.register_step_post_hook(self._post),
+        self._unseen = False  # a compiled step() ran where no hook could (fullgraph=True)
+        self._handles = [  # a compiled step() runs them eagerly (sfdiag.compiling)
+            optimizer.register_step_pre_hook(step_hook(self._pre, self._steps_unseen)),
+            optimizer.register_step_post_hook(step_hook(self._post)),
         ]
 
     # ---- hooks ----------------------------------------------------------------------------
@@ -132,6 +138,11 @@ class GradMonitor:
         self._steps += 1
         if len(self._unsynced) >= _SYNC_EVERY:  # bound the device memory held
             self._sync()
+
+    def _steps_unseen(self, optimizer: Any) -> None:
+        """dynamo traced ``step()`` into a graph that must not break: the hooks do not run
+        in it, so the norms of its steps are unknown (NaN from now on), not the last seen."""
+        self._unseen = True
 
     def _wrap_closure(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """step(closure) recomputes the grads: take the pre-step norm after each call."""
@@ -174,13 +185,13 @@ class GradMonitor:
     def last_grad_norm(self) -> float:
         """The global L2 norm of the grads ``step()`` was given, last step (NaN before any)."""
         self._sync()
-        return self._last[0] if self._last is not None else math.nan
+        return self._last[0] if self._last is not None and not self._unseen else math.nan
 
     @property
     def last_post_step_grad_norm(self) -> float:
         """The global L2 norm of ``p.grad`` just after the last ``step()`` (NaN before any)."""
         self._sync()
-        return self._last[1] if self._last is not None else math.nan
+        return self._last[1] if self._last is not None and not self._unseen else math.nan
 
     @property
     def history(self) -> list[tuple[float, float]]:
@@ -195,7 +206,7 @@ class GradMonitor:
         NaN counts as equal to NaN. False before any step.
         """
         self._sync()
-        if self._last is None:
+        if self._last is None or self._unseen:
             return False
         pre, post = self._last
         return float_bits(pre) != float_bits(post) and not (math.isnan(pre) and math.isnan(post))

@@ -114,6 +114,20 @@ class RankResult:
 
 
 @dataclass(frozen=True)
+class NotAudited:
+    """Steps of an optimizer that ``sfdiag run`` could not see: ``why`` (``torch.compile``:
+    traced into a graph its hooks cannot break, ``fullgraph=True``), how many (``steps``)
+    of its ``of`` in all; None where the optimizer keeps no count of its own steps."""
+
+    why: str
+    steps: int | None
+    of: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"why": self.why, "steps": self.steps, "of": self.of}
+
+
+@dataclass(frozen=True)
 class OptimizerResult:
     optimizer: str  # the config's unique label
     cls: str  # "module:Class"
@@ -136,6 +150,8 @@ class OptimizerResult:
     per_rank: tuple[RankResult, ...] | None = None
     # ... and past 64 ranks, min / median / max of the ranks' local pre-step norms
     per_rank_summary: dict[str, float] | None = None
+    # sfdiag run: steps no hook saw (the verdict is over the others); None: every step seen
+    not_audited: NotAudited | None = None
 
     @property
     def flagged(self) -> bool:
@@ -164,6 +180,8 @@ class OptimizerResult:
             out["per_rank"] = [r.to_dict() for r in self.per_rank]
         if self.per_rank_summary is not None:
             out["per_rank_summary"] = {k: _num(v) for k, v in self.per_rank_summary.items()}
+        if self.not_audited is not None:
+            out["not_audited"] = self.not_audited.to_dict()
         return out
 
 

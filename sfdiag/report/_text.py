@@ -116,14 +116,15 @@ def fmt_value(value: Any, limit: int = 60) -> str:
 
 
 def fmt_mutated(result: OptimizerResult) -> str:
-    if result.verdict == "error" and not result.params_with_grad:
+    if (result.verdict == "error" or none_audited(result)) and not result.params_with_grad:
         return "-"
     return f"{result.params_mutated}/{result.params_with_grad}"
 
 
 def fmt_norm(result: OptimizerResult, value: float, ratio: bool = False) -> str:
-    """A summary norm (or ratio); an error row that never stepped shows '-', not 'nan'."""
-    if result.verdict == "error" and not result.steps and math.isnan(value):
+    """A summary norm (or ratio); an error or unaudited row with no step shows '-', not 'nan'."""
+    never = result.verdict == "error" and not result.steps
+    if (never or none_audited(result)) and math.isnan(value):
         return "-"
     return fmt_ratio(value) if ratio else fmt_num(value)
 
@@ -137,7 +138,24 @@ def short_class(cls: str) -> str:
 UNDETERMINED = "NaN grads: could not tell"
 
 
+def none_audited(result: OptimizerResult) -> bool:
+    """Whether no step of the optimizer could be audited (each ran under torch.compile,
+    where sfdiag's hooks cannot run): its verdict says nothing."""
+    return result.not_audited is not None and not result.steps
+
+
+def not_audited_text(result: OptimizerResult) -> str | None:
+    """``steps under torch.compile: not audited, 5 of 8``; None where every step was seen."""
+    unseen = result.not_audited
+    if unseen is None:
+        return None
+    count = f"{unseen.steps} of {unseen.of}" if unseen.steps is not None else "how many unknown"
+    return f"steps under {unseen.why}: not audited, {count}"
+
+
 def verdict_text(result: OptimizerResult) -> str:
+    if none_audited(result):
+        return f"not audited ({result.not_audited.why})"
     if result.undetermined:
         return f"{result.verdict} ({UNDETERMINED})"
     return f"{result.verdict} ({result.fingerprint})" if result.fingerprint else result.verdict
@@ -184,8 +202,23 @@ def advice_sentence(result: OptimizerResult) -> str | None:
     return f"{label}: {happened}: {detail}. {_sentence(result.advice or _DEFAULT_ADVICE)}"
 
 
+def not_audited_sentence(result: OptimizerResult) -> str | None:
+    """Which steps were not seen, and how to have them audited; None where all were."""
+    text = not_audited_text(result)
+    if text is None:
+        return None
+    return (
+        f"{result.optimizer}: {text}: its step() was compiled into one graph (fullgraph=True), "
+        "where sfdiag's step hooks cannot run; the verdict stands on the steps sfdiag saw, and "
+        "no logged metric is judged against the others. Compile the step with fullgraph=False "
+        "(torch.compile then runs the hooks between its graphs) to audit every step."
+    )
+
+
 def advice_sentences(report: ProbeReport) -> list[str]:
-    return [s for s in (advice_sentence(r) for r in report.results) if s]
+    sentences = [advice_sentence(r) for r in report.results]
+    sentences += [not_audited_sentence(r) for r in report.results]
+    return [s for s in sentences if s]
 
 
 def summary_line(report: ProbeReport) -> str:
@@ -199,8 +232,12 @@ def summary_line(report: ProbeReport) -> str:
     undetermined = sum(r.undetermined for r in report.results)
     if undetermined:
         line += f"; {undetermined} undetermined (NaN grads)"
+    unaudited = sum(none_audited(r) for r in report.results)
+    if unaudited:
+        line += f"; {unaudited} not audited (torch.compile)"
     if report.metrics is not None:
-        line += "; " + metrics_summary(report.metrics)
+        unseen = not report.metrics and any(r.not_audited for r in report.results)
+        line += "; " + ("no gradient metric judged" if unseen else metrics_summary(report.metrics))
     if report.findings:
         kinds = sorted({f.kind for f in report.findings})
         line += f"; mode findings: {', '.join(kinds)}"

@@ -44,7 +44,9 @@ def _results_table(report: ProbeReport) -> list[str]:
             escape(_text.sparkline(r, scale) or "-"),
             _text.fmt_mutated(r),
             _text.fmt_bytes_per_element(r.state_bytes_per_element),
-            _verdict_cell(r.verdict, _text.UNDETERMINED if r.undetermined else r.fingerprint),
+            _verdict_cell("not audited", r.not_audited.why)
+            if _text.none_audited(r)
+            else _verdict_cell(r.verdict, _text.UNDETERMINED if r.undetermined else r.fingerprint),
         ]
         for r in report.results
     ]

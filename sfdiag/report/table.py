@@ -82,7 +82,10 @@ def _cells(report: ProbeReport) -> list[list[tuple[str, str]]]:
                 (_text.sparkline(r, scale) or "-", ""),
                 (_text.fmt_mutated(r), ""),
                 (_text.fmt_bytes_per_element(r.state_bytes_per_element), ""),
-                (_text.verdict_text(r), _NOTE if r.undetermined else _verdict_style(r.verdict)),
+                (
+                    _text.verdict_text(r),
+                    _NOTE if r.undetermined or _text.none_audited(r) else _verdict_style(r.verdict),
+                ),
             ]
         )
     return rows
@@ -228,7 +231,7 @@ def render_report(report: ProbeReport, options: RenderOptions) -> str:
             console.print(_param_table(result))
     if report.metrics:
         console.print(_metric_table(report.metrics, console.width))
-    elif report.metrics is not None:
+    elif report.metrics is not None and not any(r.not_audited for r in report.results):
         console.print(Text(_text.NO_METRICS_NOTE, style="dim"), soft_wrap=True)
     sentences = _text.advice_sentences(report) + _text.metric_sentences(report)
     for sentence in sentences:

@@ -252,6 +252,16 @@ class MetricAudit:
         self._ready += self._pending
         self._pending = []
 
+    def unseen(self, entry: Watched, optimizer: Any = None) -> None:
+        """``entry``'s steps run unseen from now on (a ``step()`` compiled into a graph that
+        must not break): a value waiting for its next step may belong to one never seen.
+        Nothing is judged against this optimizer's steps any more (the watch keeps none)."""
+        position = self.watch.watched.index(entry)
+        for logged in self._pending:
+            logged.steps.pop(position, None)
+        self._ready += self._pending
+        self._pending = []
+
     def finish(self) -> tuple[MetricResult, ...]:
         """Judge what is left; every metric's result, in the order first logged."""
         self.active = False

@@ -157,6 +157,7 @@ class ModeWatch:
         self._is_active = is_active
         self._modules: dict[int, tuple[Callable[[], Any], list[_Watching]]] = {}
         self._hook: Any = None
+        self._unquiet: Callable[[], None] = lambda: None  # torch's warning about our hook
 
     # ---- lifetime ------------------------------------------------------------------------
     def install(self) -> ModeWatch:
@@ -174,6 +175,7 @@ class ModeWatch:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+            self._unquiet()
 
     def findings(self) -> tuple[Finding, ...]:
         return mode_findings(self.tallies)
@@ -198,7 +200,12 @@ class ModeWatch:
         if self._hook is None:
             import torch.nn.modules.module as torch_module
 
-            self._hook = torch_module.register_module_forward_pre_hook(self._forward)
+            from sfdiag.compiling import outside_graphs, quiet_about_our_hook
+
+            self._unquiet = quiet_about_our_hook()
+            self._hook = torch_module.register_module_forward_pre_hook(
+                outside_graphs(self._forward)
+            )
 
     def before(self, entry: Watched, optimizer: Any) -> None:
         watching = self._of(entry)
