@@ -250,6 +250,19 @@ class NormReferences:
     pre_clip: float | None = None  # the norm a clip call measured before clipping
     clipped: bool = False  # clipping shrank the grads: the pre-step norm is post-clip
     local_shard: float | None = None  # this rank's shard only (distributed runs)
+    # the grads as they were when the value was logged (logged between a backward and this
+    # step: whole-model metrics only), how many backward passes had run in the step by
+    # then, and whether the loss scale was still in them (before scaler.unscale_)
+    at_log: float | None = None
+    micro_at_log: int | None = None
+    scaled_at_log: bool = False
+    micro_batches: int | None = None  # backward passes that made this step's gradient
+    loss_scale: float | None = None  # a GradScaler's scale in force at this step
+    next_scale: float | None = None  # ... and after its update(), where it changed
+    skipped: bool = False  # the scaler skipped this step (found inf/NaN): step() never ran
+    # earlier steps' true norms a value may lag behind by: (step, norm), the step before
+    # first (read only for a value that fits nothing else)
+    earlier: tuple[tuple[int, float], ...] = ()
 
     @property
     def true(self) -> float:
@@ -261,6 +274,27 @@ class NormReferences:
         """The reference drawn beside the true one: what a read after ``step()`` sees."""
         return self.post_step
 
+    @property
+    def partial(self) -> bool:
+        """Logged before the step's last backward: the grads held a partial sum then."""
+        return (
+            self.micro_at_log is not None
+            and self.micro_batches is not None
+            and 0 < self.micro_at_log < self.micro_batches
+        )
+
+    def scales(self) -> list[tuple[str, float]]:
+        """The factors a still-scaled norm is off by: the scale in force; where update()
+        changed it, the scale after it, and the two's ratio (a norm unscaled by the new
+        scale: off by 2x on the steps where the scale changes)."""
+        if self.loss_scale is None or not self.loss_scale > 0 or self.loss_scale == 1:
+            return []
+        out = [("loss-scale", self.loss_scale)]
+        after = self.next_scale
+        if after is not None and after > 0 and after != self.loss_scale:
+            out += [("next-scale", after), ("scale-change", self.loss_scale / after)]
+        return out
+
     def named(self) -> list[tuple[str, float]]:
         """Every reference present, by the name ``matches`` uses."""
         out = []
@@ -269,16 +303,28 @@ class NormReferences:
         out.append(("pre-step", self.pre_step))
         if self.local_shard is not None:
             out.append(("local-shard", self.local_shard))
+        if self.at_log is not None:
+            out.append(("at-log", self.at_log))
+        out += [(name, self.true * factor) for name, factor in self.scales()]
         out.append(("post-step", self.post_step))
         return out
 
     def example(self) -> tuple[tuple[str, float | None], ...]:
         """What the report's examples show of these references."""
-        return (
+        out: list[tuple[str, Any]] = [
             ("pre_clip", self.pre_clip),
             ("pre_step", self.pre_step),
             ("post_step", self.post_step),
-        )
+        ]
+        if self.at_log is not None:
+            out.append(("at_log", self.at_log))
+        if self.loss_scale is not None:
+            out.append(("loss_scale", self.loss_scale))
+        if self.micro_batches is not None:
+            out.append(("micro_batches", self.micro_batches))
+        if self.skipped:
+            out.append(("skipped", True))
+        return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -294,6 +340,8 @@ class RateReferences:
     # what moved group["lr"] on between this step and the logging call: "scheduler" (an
     # LRScheduler.step()), "write" (the script set param_groups[i]["lr"]), None: nothing
     advanced_by: str | None = None
+    group: int = 0  # the param group the metric's name says
+    others: tuple[tuple[int, float], ...] = ()  # the other groups' applied rates: (group, rate)
 
     @property
     def true(self) -> float:
@@ -329,6 +377,9 @@ def judge_rate(logged: float, refs: RateReferences, rtol: float) -> tuple[str, s
         # next step's group["lr"] is not the rate that step applies: either is next-step)
         if following is not None and close(logged, following, rtol):
             return "next-step", "next-step"
+    for group, rate in refs.others:
+        if close(logged, rate, rtol):
+            return "other-group", f"group {group}"
     return "unmatched", None
 
 
@@ -342,7 +393,16 @@ def close(logged: float, reference: float, rtol: float) -> bool:
 
 
 def judge_value(logged: float, refs: NormReferences, rtol: float) -> tuple[str, str | None]:
-    """(verdict, the reference it equals) for one logged value; the first that fits wins."""
+    """(verdict, the reference it equals) for one logged value; the first that fits wins
+    (``METRIC_VERDICTS``' order: a value that fits a right reference is never wrong)."""
+    verdict, matches = _judge_value(logged, refs, rtol)
+    if refs.skipped and verdict in ("correct", "clipped"):
+        # the scaler skipped this step: inf or NaN logged for it is its gradient's norm
+        return "skipped-step", matches
+    return verdict, matches
+
+
+def _judge_value(logged: float, refs: NormReferences, rtol: float) -> tuple[str, str | None]:
     if refs.pre_clip is not None and close(logged, refs.pre_clip, rtol):
         return "correct", "pre-clip"
     if close(logged, refs.pre_step, rtol):
@@ -350,6 +410,19 @@ def judge_value(logged: float, refs: NormReferences, rtol: float) -> tuple[str, 
         return ("clipped", "post-clip") if refs.clipped else ("correct", "pre-step")
     if refs.local_shard is not None and close(logged, refs.local_shard, rtol):
         return "local-shard", "local-shard"
+    if refs.partial and refs.at_log is not None and close(logged, refs.at_log, rtol):
+        # the grads summed so far, before the step's last backward (and scaled, if so)
+        return "partial-accumulation", "at-log, loss-scaled" if refs.scaled_at_log else "at-log"
+    for name, factor in refs.scales():
+        if close(logged, refs.true * factor, rtol):
+            return "loss-scaled", name
+    if refs.scaled_at_log and refs.at_log is not None and close(logged, refs.at_log, rtol):
+        return "loss-scaled", "at-log"  # the scaled gradient, clipping still to come
+    for step, norm in refs.earlier:
+        if close(logged, norm, rtol) and not close(norm, refs.true, rtol):
+            return "previous-step", f"step {step}"
+    if logged == 0 and refs.true != 0:
+        return "zeroed", "zero"
     if close(logged, refs.post_step, rtol):
         return "post-step", "post-step"
     return "unmatched", None
@@ -476,11 +549,21 @@ class AverageFit:
     # the last value's move from the one before: (previous, window, logged)
     _last: tuple[float, list[float], float] | None = None
     _queue: list[tuple[int, JudgedValue, bool]] = field(default_factory=list)  # (n, v, waits)
+    _otherwise: dict[int, JudgedValue] = field(default_factory=dict)
     _count: int = 0
 
-    def observe(self, value: JudgedValue, window: list[float] | None) -> list[JudgedValue]:
+    def observe(
+        self,
+        value: JudgedValue,
+        window: list[float] | None,
+        otherwise: JudgedValue | None = None,
+    ) -> list[JudgedValue]:
         """``window``: the true norms of the steps since the last logged value, this value's
-        step last (None where they are not all known, or the value fits its own step)."""
+        step last (None where they are not all known, or the value fits its own step).
+        ``otherwise``: what an unmatched value is where it is no average (an earlier step's
+        norm: a right reading comes first)."""
+        if otherwise is not None:
+            self._otherwise[self._count] = otherwise
         n = self._count
         self._count += 1
         move = (self.previous, window, value.logged) if window else None
@@ -501,8 +584,13 @@ class AverageFit:
         self._queue = [(i, v, w and i >= n - 1) for i, v, w in self._queue]
         ready = []
         while self._queue and not self._queue[0][2]:
-            ready.append(self._queue.pop(0)[1])
+            i, v, _ = self._queue.pop(0)
+            ready.append(self._final(i, v))
         return ready
+
+    def _final(self, i: int, value: JudgedValue) -> JudgedValue:
+        otherwise = self._otherwise.pop(i, None)
+        return otherwise if otherwise is not None and value.verdict == "unmatched" else value
 
     def _reading(self, move: tuple[float, list[float], float]) -> tuple[str | None, int]:
         """(how ``move``'s value averages, how many values before it that confirms)."""
@@ -520,7 +608,7 @@ class AverageFit:
 
     def flush(self) -> list[JudgedValue]:
         """What still waits, as judged (the run ended before a confirmation)."""
-        out = [v for _, v, _ in self._queue]
+        out = [self._final(i, v) for i, v, _ in self._queue]
         self._queue = []
         return out
 
@@ -634,6 +722,7 @@ def summarize_metric(
             near=near,
             squared=squared,
             matches=at_worst.matches if at_worst is not None else None,
+            refs=at_worst.refs if at_worst is not None else None,
         )
     return MetricResult(
         name=name,
@@ -682,12 +771,17 @@ def metric_advice(
     near: tuple[str, float] | None = None,
     squared: str | None = None,
     matches: str | None = None,
+    refs: NormReferences | None = None,
 ) -> str | None:
-    """One sentence: what the metric is and where to read it instead; None when correct."""
+    """One sentence: what the metric is and where to read it instead; None when correct.
+    ``refs``: the references of the step at the worst verdict, for the numbers it names."""
     where = _READ_IT_HERE.get(logger, _READ_IT_BEFORE_STEP)
     owner = f"{optimizer}'s " if optimizer else ""
     if verdict == "correct":
         return None
+    cause = _cause_words(verdict, name, matches, refs, where)
+    if cause is not None:
+        return cause
     if verdict == "clipped":
         return (
             f"{name} is the norm after clipping (at most max_norm), not the gradient's: "
@@ -719,6 +813,57 @@ def metric_advice(
     return f"{name}: {verdict}"
 
 
+def _cause_words(
+    verdict: str, name: str, matches: str | None, refs: NormReferences | None, where: str
+) -> str | None:
+    """The advice for the causes named beyond where a value was read (issue: loss scaling,
+    accumulation, stale reads, skipped steps); None for the other verdicts."""
+    step = f" (step {refs.step})" if refs is not None else ""
+    if verdict == "loss-scaled":
+        if matches == "scale-change" and refs is not None and refs.next_scale:
+            return (
+                f"{name} was divided by the loss scale after scaler.update() changed it "
+                f"({refs.loss_scale:g} -> {refs.next_scale:g}){step}: unscale by the scale the "
+                "loss was scaled with (scaler.get_scale() before update()), or log "
+                "clip_grad_norm_'s return value after scaler.unscale_(optimizer)"
+            )
+        scale = f" ({refs.loss_scale:g}x)" if refs is not None and refs.loss_scale else ""
+        return (
+            f"{name} is read before scaler.unscale_(optimizer): the gradient's norm times the "
+            f"loss scale{scale}: divide by scaler.get_scale(), or call unscale_ first "
+            "(clip_grad_norm_ after unscale_ returns the true norm)"
+        )
+    if verdict == "partial-accumulation":
+        done = ""
+        if refs is not None and refs.micro_at_log is not None and refs.micro_batches is not None:
+            done = f" {refs.micro_at_log} of {refs.micro_batches}"
+        scaled = (
+            " and still loss-scaled (before scaler.unscale_)" if refs and refs.scaled_at_log else ""
+        )
+        return (
+            f"{name} is logged after micro-batch{done}{step}: the grads summed so far{scaled}, "
+            "not the step's: log once per optimizer step, after the last backward (Lightning: "
+            "on_before_optimizer_step; accelerate: under `if accelerator.sync_gradients`)"
+        )
+    if verdict == "previous-step":
+        return (
+            f"{name} is an earlier step's gradient norm ({matches or 'a lag'}), logged for a later "
+            f"step{step}: it lags behind; read the norm of the step that runs: {where}"
+        )
+    if verdict == "zeroed":
+        return (
+            f"{name} is 0 where the gradient was not{step}: read after zero_grad() cleared the "
+            f"grads; {where}"
+        )
+    if verdict == "skipped-step":
+        return (
+            f"{name} was logged for a step the loss scaler skipped{step} (inf/NaN gradients: "
+            "step() did not run): the value is that attempt's, right; a note, unless it "
+            "happens often (then lower init_scale or check the loss)"
+        )
+    return None
+
+
 def rate_advice(
     verdict: str,
     name: str,
@@ -730,7 +875,8 @@ def rate_advice(
     refs = at_worst.refs if at_worst is not None else None
     further = getattr(refs, "scaled_by", None)
     owner = optimizer or "the optimizer"
-    said = _rate_words(verdict, name, owner, refs, near)
+    matches = at_worst.matches if at_worst is not None else None
+    said = _rate_words(verdict, name, owner, refs, near, matches)
     if further:  # Prodigy's d, D-Adaptation's: a factor no param group shows as a rate
         scaled = f"{owner} scales the rate it is given further by its own {further} (not judged)"
         return f"{said}; {scaled}" if said else f"{name} is the rate {owner} was given; {scaled}"
@@ -738,7 +884,12 @@ def rate_advice(
 
 
 def _rate_words(
-    verdict: str, name: str, owner: str, refs: Any, near: tuple[str, float] | None
+    verdict: str,
+    name: str,
+    owner: str,
+    refs: Any,
+    near: tuple[str, float] | None,
+    matches: str | None = None,
 ) -> str | None:
     if verdict == "correct":
         return None
@@ -753,6 +904,15 @@ def _rate_words(
         return (
             f"{name} is the next step's rate, read after scheduler.step(){step}: log "
             "scheduler.get_last_lr() before scheduler.step() (or under the next step's number)"
+        )
+    if verdict == "other-group":
+        named = refs.group if isinstance(refs, RateReferences) else 0
+        other = "another group"
+        if (matches or "").startswith("group "):
+            other = f"param group {matches.split()[1]}"
+        return (
+            f"{name} is {other}'s rate, not group {named}'s (the group its name says): log "
+            f"param_groups[{named}]['lr'] under this name, or name it for the group it is"
         )
     if verdict == "base-lr":
         share = ""
@@ -829,6 +989,13 @@ def mode_advice(kind: str, tally: ModeTally) -> str:
             "step() ran with the optimizer in eval mode (the parameters at x): it trained from "
             "the wrong point; call optimizer.train() before training steps"
         )
+    if kind == "scheduler-on-skipped-step":
+        return (
+            "the learning rate moved on (a scheduler stepped, or the script set it) after steps "
+            "the loss scaler skipped (inf/NaN gradients: step() did not run): the schedule runs "
+            "ahead of the steps taken; step the scheduler only when the optimizer stepped "
+            "(compare scaler.get_scale() before and after scaler.update(): it drops on a skip)"
+        )
     if kind == "double-warmup":
         return (
             "the optimizer's own warmup and a scheduler's rising rate act in the same steps"
@@ -861,6 +1028,7 @@ FINDING_UNITS = {
     "batchnorm-stats": ("evaluation", "evaluations"),
     "step-in-eval-mode": ("step", "steps"),
     "double-warmup": ("step", "steps"),
+    "scheduler-on-skipped-step": ("skipped step", "skipped steps"),
 }
 
 

@@ -21,16 +21,35 @@ METRIC_VERDICTS = (
     "correct",
     "clipped",
     "averaged",
+    "skipped-step",
     "local-shard",
+    "loss-scaled",
+    "partial-accumulation",
+    "previous-step",
+    "zeroed",
     "next-step",
     "base-lr",
+    "other-group",
     "post-step",
     "unmatched",
 )
 #: the metric verdicts that fail ``sfdiag run --strict``
-WRONG_METRIC_VERDICTS = frozenset({"local-shard", "next-step", "base-lr", "post-step", "unmatched"})
+WRONG_METRIC_VERDICTS = frozenset(
+    {
+        "local-shard",
+        "loss-scaled",
+        "partial-accumulation",
+        "previous-step",
+        "zeroed",
+        "next-step",
+        "base-lr",
+        "other-group",
+        "post-step",
+        "unmatched",
+    }
+)
 #: the metric verdicts that say what a right number is, beside the step's own norm
-NOTE_METRIC_VERDICTS = frozenset({"clipped", "averaged"})
+NOTE_METRIC_VERDICTS = frozenset({"clipped", "averaged", "skipped-step"})
 
 
 def _num(value: float | None) -> float | str | None:
@@ -296,6 +315,7 @@ FINDING_KINDS = (
     "batchnorm-stats",
     "step-in-eval-mode",
     "double-warmup",
+    "scheduler-on-skipped-step",
 )
 #: the findings that fail ``sfdiag run --strict`` (the others are warnings)
 FAILING_FINDINGS = frozenset(

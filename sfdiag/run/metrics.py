@@ -14,7 +14,7 @@ from __future__ import annotations
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from sfdiag import judge
@@ -102,10 +102,21 @@ def logged_step(step: Any, items: list[tuple[Any, Any]]) -> int | None:
 
 
 def _rate_references(
-    step: int, rates: Any, following: Any, advanced: str | None, after: int
+    step: int,
+    rates: Any,
+    following: Any,
+    advanced: str | None,
+    after: int,
+    group: int = 0,
+    norms: StepNorms | None = None,
 ) -> RateReferences:
     """``RateReferences`` of ``step`` from its (base, applied, scaled_by) and the following
-    step's; what moved the rate on counts only for the step that had finished (``after``)."""
+    step's; what moved the rate on counts only for the step that had finished (``after``);
+    ``norms``: the step's record, for the other groups' rates."""
+    others = ()
+    if norms is not None:
+        found = ((j, norms.rate(j)) for j in range(len(norms.rates)) if j != group)
+        others = tuple((j, r[1]) for j, r in found if r is not None)
     return RateReferences(
         step=step,
         applied=rates[1],
@@ -114,6 +125,8 @@ def _rate_references(
         scaled_by=rates[2],
         next_base=following[0] if following else None,
         advanced_by=advanced if step == after else None,
+        group=group,
+        others=others,
     )
 
 
@@ -135,6 +148,10 @@ class _Logged:
     # learning rates, per watched optimizer: what moved its rate on after its last
     # finished step, before this was logged ("scheduler", "write" or None)
     advanced: tuple[str | None, ...] = ()
+    skips: tuple[int, ...] = ()  # per watched optimizer: attempts its loss scaler skipped
+    # gradient norms, per optimizer (by id) whose grads were written since its last step:
+    # (their norm then, backward passes of the step so far, still loss-scaled)
+    at_log: dict[int, tuple[Any, int | None, bool]] = field(default_factory=dict)
     # per watched optimizer: the norms of the steps it may belong to (the last finished,
     # then the next), held here so they outlive the watch's few recent steps
     steps: dict[int, list[StepNorms]] = field(default_factory=dict)
@@ -186,6 +203,7 @@ class MetricAudit:
         try:
             items = list(items)
             label = logged_step(step, items)
+            at_log: dict[int, tuple[Any, int | None, bool]] | None = None
             for name, value in items:
                 quantity = self.picks(name) if isinstance(name, str) else None
                 if quantity is None:
@@ -211,6 +229,11 @@ class MetricAudit:
                     logged.coming = tuple(w.coming_rates() for w in watched)
                     group = judge.rate_group(name)
                     logged.advanced = tuple(w.advanced_by(group) for w in watched)
+                    logged.skips = tuple(w.skips for w in watched)
+                elif at_log is None:  # once per logging call, for its gradient metrics
+                    at_log = self._at_log(fresh)
+                if quantity == "grad_norm":
+                    logged.at_log = at_log or {}
                 for position, entry in enumerate(watched):
                     last = entry.recent[-1] if entry.recent else None
                     if last is not None and last.step == entry.last_finished:
@@ -218,12 +241,47 @@ class MetricAudit:
                             # the grads may still be as that step() left them
                             last.read_post(logging=True)
                         logged.steps[position] = [last]
+                    if entry.skipped_attempt is not None:  # the scaler skipped a step since
+                        logged.steps.setdefault(position, []).append(entry.skipped_attempt)
                 self._pending.append(logged)
             self._judge_ready()
             while len(self._pending) > _PENDING_MAX:  # never stepping: judge what there is
                 self._resolve(self._pending.pop(0))
         except Exception:  # a value we cannot read is not judged; the script goes on
             pass
+
+    def _at_log(self, fresh: tuple[bool, ...]) -> dict[int, tuple[Any, int | None, bool]]:
+        """Per optimizer (by id) whose grads were written since its last step, or that has
+        not stepped yet: the norm of its grads now (a device scalar, read when judged), the
+        backward passes of the step so far, and whether they still hold the loss scale."""
+        from sfdiag.auditor import StepAuditor
+        from sfdiag.run.watch import _norms
+
+        backwards = self.watch.backwards
+        scalers = self.watch.scalers
+        count = 0 if backwards is None else backwards.count
+        coming = [
+            (entry.ref(), entry.params, entry.backwards_at_end, entry.scaled_now(scalers))
+            for position, entry in enumerate(self.watch.watched)
+            if fresh[position]  # else logged after the step: no coming step's grads
+        ]
+        scaled = scalers is not None and scalers.scaled > 0
+        coming += [(o, StepAuditor.params_of(o), 0, scaled) for o in self.watch.born()]
+        out = {}
+        for optimizer, params, mark, still_scaled in coming:
+            norms = _norms([p.grad for p in params]) if optimizer is not None else None
+            if norms is not None:
+                micro = None if backwards is None else count - mark
+                out[id(optimizer)] = (norms.square().sum().sqrt(), micro, still_scaled)
+        return out
+
+    def skipped(self, entry: Watched, optimizer: Any, norms: StepNorms) -> None:
+        """The loss scaler skipped ``entry``'s step: what was logged for it may be judged
+        against that attempt (pinned to it; it still waits for the next step too)."""
+        position = self.watch.watched.index(entry)
+        self._history.setdefault(position, deque(maxlen=AVERAGE_STEPS)).append(norms)
+        for logged in self._pending:
+            logged.steps.setdefault(position, []).append(norms)
 
     def _judge_ready(self) -> None:
         """Judge the values whose steps are known: here, in the script's own logging call,
@@ -294,6 +352,7 @@ class MetricAudit:
             self._resolve_rate(logged, value)
             return
         candidates: list[tuple[str, NormReferences]] = []
+        positions: list[int] = []
         scope_name = None
         hint = judge.scope_hint(logged.name)
         for position, entry in enumerate(self.watch.watched):
@@ -305,12 +364,32 @@ class MetricAudit:
                 scope_name = hint
             if position < len(logged.fresh) and logged.fresh[position]:
                 chosen.reverse()  # logged between backward and step(): the coming step first
+            after = logged.after[position] if position < len(logged.after) else -1
+            at_log = logged.at_log.get(id(entry.ref()))
             for norms in chosen:
-                candidates.append((entry.label, entry.references(norms, scope)))
+                refs = entry.references(norms, scope)
+                if scope is None and norms.step == after + 1 and at_log is not None:
+                    total, micro, scaled = at_log
+                    refs = replace(
+                        refs, at_log=_float(total), micro_at_log=micro, scaled_at_log=scaled
+                    )
+                candidates.append((entry.label, refs))
+                positions.append(position)
         judged = judge.judge_candidates(value, candidates, self.rtol)
         if judged is None:  # no optimizer has stepped: nothing to judge against
             return
         key = (logged.logger, logged.name)
+        lagging = None
+        if judged.verdict == "unmatched" and hint is None:
+            # an earlier step's norm? (read only now: most values fit their own step)
+            since = self._last_steps.get(key)
+            lagged = [
+                (label, replace(refs, earlier=self._earlier(position, refs.step, since)))
+                for (label, refs), position in zip(candidates, positions, strict=True)
+            ]
+            again = judge.judge_candidates(value, lagged, self.rtol)
+            if again is not None and again.verdict != "unmatched":
+                lagging = again
         self._scopes.setdefault(key, scope_name)
         tally = self._tallies.setdefault(key, MetricTally())
         if hint is not None:  # a parameter's norm: judged at its step alone
@@ -331,15 +410,31 @@ class MetricAudit:
         if judged.verdict == "unmatched" and position is not None:  # else no average
             window = self._window(position, self._last_steps.get(key), end)
         self._last_steps[key] = end
-        for ready in fit.observe(judged, window):
+        for ready in fit.observe(judged, window, lagging):
             tally.add(ready)
+
+    def _earlier(
+        self, position: int, step: int, since: int | None
+    ) -> tuple[tuple[int, float], ...]:
+        """The true whole-model norms of the step before ``step`` and of ``since`` (the step
+        the metric was last logged at), where kept."""
+        wanted = {step - 1} | ({since} if since is not None and since < step else set())
+        entry = self.watch.watched[position]
+        found = [  # a skipped attempt shares the index of the step that followed it
+            (n.step, entry.references(n, None).true)
+            for n in self._history.get(position, ())
+            if n.step in wanted and not n.skipped or n.skipped and n.step == step
+        ]
+        return tuple(sorted(found, reverse=True))
 
     def _window(self, position: int, since: int | None, end: int) -> list[float] | None:
         """The true whole-model norms of the watched optimizer's steps after ``since`` (from
         its first step where None) up to ``end``; None where they are not all kept."""
         entry = self.watch.watched[position]
         first = 0 if since is None else since + 1
-        steps = [n for n in self._history.get(position, ()) if first <= n.step <= end]
+        steps = [
+            n for n in self._history.get(position, ()) if first <= n.step <= end and not n.skipped
+        ]
         if entry.saw_sharded or not steps or len(steps) != end - first + 1:
             return None  # a rank's shards, or steps no longer kept
         return [entry.references(n, None).true for n in steps]
@@ -360,9 +455,14 @@ class MetricAudit:
         group = judge.rate_group(logged.name)
         best: JudgedValue | None = None
         for position, entry in enumerate(self.watch.watched):
-            pinned = {n.step: n for n in logged.steps.get(position, ())}
+            pinned = {n.step: n for n in logged.steps.get(position, ()) if not n.skipped}
             after = logged.after[position] if position < len(logged.after) else -1
             coming = logged.coming[position] if position < len(logged.coming) else ()
+            # a step counter that also counted the attempts the loss scaler skipped
+            skips = logged.skips[position] if position < len(logged.skips) else 0
+            label = logged.label
+            if label is not None and skips and label not in (after, after + 1):
+                label -= skips
             coming_now = coming[group] if group < len(coming) else None
 
             def rates_at(step: int, pinned=pinned, after=after, coming_now=coming_now) -> Any:
@@ -375,9 +475,9 @@ class MetricAudit:
 
             if logged.stepping[position : position + 1] == (True,):
                 claimed, lenient = after + 1, None
-            elif logged.label is not None and logged.label in (after, after + 1):
-                claimed = logged.label
-                lenient = after if logged.label == after + 1 else None  # counted steps done
+            elif label is not None and label in (after, after + 1):
+                claimed = label
+                lenient = after if label == after + 1 else None  # counted steps done
             else:
                 # an optimizer that had not stepped yet when this was logged: its first step
                 fresh = logged.fresh[position] if position < len(logged.fresh) else True
@@ -391,35 +491,58 @@ class MetricAudit:
             judged = judge.judge_claimed(
                 value,
                 entry.label,
-                _rate_references(claimed, rates, rates_at(claimed + 1), advanced, after),
+                _rate_references(
+                    claimed, rates, rates_at(claimed + 1), advanced, after, group, pinned[claimed]
+                ),
                 self.rtol,
             )
             if judged.verdict == "next-step" and not (
-                advanced == "scheduler" or (advanced == "write" and logged.label is not None)
+                advanced == "scheduler" or (advanced == "write" and label is not None)
             ):
                 # nothing says the rate moved on after the step it is read at: the value is
                 # the coming step's, as the script set it
                 following = rates_at(after + 1)
                 if following is not None:
-                    coming_refs = _rate_references(after + 1, following, None, None, after)
+                    coming_refs = _rate_references(
+                        after + 1, following, None, None, after, group, pinned.get(after + 1)
+                    )
                     judged = judge.judge_claimed(value, entry.label, coming_refs, self.rtol)
             if judged.verdict != "correct" and lenient is not None and lenient in pinned:
                 # a step number that counts the steps done names the step before
                 earlier = pinned[lenient].rate(group)
                 if earlier is not None:
-                    previous = RateReferences(
-                        lenient, earlier[1], earlier[0], rates[1], earlier[2], rates[0]
+                    previous = _rate_references(
+                        lenient, earlier, rates, None, after, group, pinned[lenient]
                     )
                     other = judge.judge_claimed(value, entry.label, previous, self.rtol)
                     if other.rank < judged.rank:
                         judged = other
             if best is None or judged.rank < best.rank:
                 best = judged
+        if best is None or best.verdict != "correct":
+            best = self._skipped_rate(logged, value, group) or best
         if best is None:
             return
         key = (logged.logger, logged.name)
         self._tallies.setdefault(key, MetricTally()).add(best)
         self._quantities[key] = "learning_rate"
+
+    def _skipped_rate(self, logged: _Logged, value: float, group: int) -> JudgedValue | None:
+        """A rate logged for an attempt the loss scaler skipped, judged against the rates
+        that attempt was given: ``skipped-step`` where it is its own (that step never ran),
+        ``other-group`` where it is another group's; None where neither."""
+        for position, entry in enumerate(self.watch.watched):
+            for norms in logged.steps.get(position, ()):
+                rates = norms.rate(group) if norms.skipped else None
+                if rates is None:
+                    continue
+                refs = _rate_references(norms.step, rates, None, None, -1, group, norms)
+                judged = judge.judge_claimed(value, entry.label, refs, self.rtol)
+                if judged.verdict == "correct":
+                    return replace(judged, verdict="skipped-step")
+                if judged.verdict == "other-group":
+                    return judged
+        return None
 
     def _scope(
         self, entry: Watched, hint: str | None, module: Callable[[], Any] | None

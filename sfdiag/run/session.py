@@ -121,7 +121,8 @@ class AuditSession:
         return self._found
 
     def findings(self) -> tuple[Finding, ...]:
-        """The mode findings, and each optimizer's warmup applied twice (``double-warmup``)."""
+        """The mode findings, each optimizer's warmup applied twice (``double-warmup``) and
+        its rate moved on after steps the loss scaler skipped (``scheduler-on-skipped-step``)."""
         from sfdiag import judge
 
         tallies = dict(self.modes.tallies)
@@ -129,6 +130,8 @@ class AuditSession:
             warmup = judge.double_warmup(entry.warmup_rows, entry.peak_rate)
             if warmup.count:
                 tallies[(entry.label, "double-warmup")] = warmup
+            if entry.skip_advances is not None and entry.skip_advances.count:
+                tallies[(entry.label, "scheduler-on-skipped-step")] = entry.skip_advances
         return judge.mode_findings(tallies)
 
     def report(self, config: dict[str, Any], interrupted: bool = False) -> ProbeReport:

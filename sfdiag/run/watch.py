@@ -40,8 +40,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from sfdiag.auditor import StepAuditor
     from sfdiag.dist import Channel, Job
+    from sfdiag.judge import ModeTally
     from sfdiag.results import OptimizerResult
     from sfdiag.run.clipping import ClipCall, ClipLog
+    from sfdiag.run.scaler import Backwards, ScalerWatch
 
 # Which steps are audited, per optimizer: a training run may take a million steps, and an
 # audited step costs a few host syncs and a fingerprint fit per changed parameter.
@@ -208,6 +210,12 @@ class StepNorms:
     # per param group: (group["lr"] as step() began, the rate the update used, a factor
     # the optimizer applies on top, by name: Prodigy's "d"); numbers or device scalars
     rates: tuple[tuple[Any, Any, str | None], ...] = ()
+    # a GradScaler's part: the scale in force at this step and after its update() (floats
+    # or device scalars), and whether it skipped the step (found inf/NaN: step() never ran)
+    loss_scale: Any = None
+    next_scale: Any = None
+    skipped: bool = False
+    micro_batches: int | None = None  # backward passes since the step before
 
     def rate(self, group: int) -> tuple[float, float, str | None] | None:
         """(base, applied, scaled_by) of ``group`` as floats; None where there is none."""
@@ -255,6 +263,7 @@ class StepNorms:
         reference per grad)."""
         kept = StepNorms(self.step, self.pre, self.pre, self.clip, self.clipped_indices)
         kept.with_grad, kept.local, kept._floats = self.with_grad, self.local, self._floats
+        kept.skipped = self.skipped
         return kept
 
     def floats(self) -> tuple[list[float], list[float]]:
@@ -411,6 +420,17 @@ class Watched:
     # this optimizer last stepped
     ended_rates: tuple[float | None, ...] = ()
     scheduler_after: int = -2
+    # a loss scaler's part (``sfdiag.run.scaler``): the scale of the step under way, whether
+    # unscale_ ran since the last step, the attempt it skipped since then (and group 0's
+    # rate then), the counts of backward passes and of scaled losses at the last step's end
+    step_scale: Any = None
+    unscaled: bool = False
+    skipped_attempt: StepNorms | None = None
+    rate_at_skip: float | None = None
+    backwards_at_end: int = 0
+    scaled_at_end: int = 0
+    skip_advances: ModeTally | None = None  # the rate moved on after a skipped step
+    skips: int = 0  # attempts the scaler skipped
 
     def refresh_params(self) -> list[torch.Tensor]:
         """The optimizer's parameters (param groups may have grown since the last step)."""
@@ -459,6 +479,63 @@ class Watched:
         self.ended_rates = tuple(_host_float(group.get("lr", 0.0)) for group in groups)
         self._note_warmup(rates)
         return tuple(rates)
+
+    def step_ended(
+        self, norms: StepNorms, backwards: Backwards | None, scalers: ScalerWatch | None
+    ) -> None:
+        """A step finished: its scale and backward passes onto ``norms``; the marks reset."""
+        norms.loss_scale = self.step_scale
+        if backwards is not None:
+            norms.micro_batches = backwards.count - self.backwards_at_end
+            self.backwards_at_end = backwards.count
+        if scalers is not None:
+            self.scaled_at_end = scalers.scaled
+        self.unscaled = False
+        self.skipped_attempt = None
+
+    def skipped(self, scale: Any, backwards: int) -> StepNorms:
+        """The loss scaler skipped this optimizer's step (found inf/NaN): the attempt, as
+        its step would have been recorded, with the norms of the grads it was given."""
+        grads = [p.grad for p in self.refresh_params()]
+        pre = _norms(grads)
+        norms = StepNorms(
+            self.started,
+            pre,
+            pre,
+            with_grad=frozenset(i for i, g in enumerate(grads) if g is not None),
+        )
+        norms.skipped, norms.loss_scale = True, scale
+        self.skips += 1
+        norms.micro_batches = backwards - self.backwards_at_end
+        self.backwards_at_end = backwards
+        self.unscaled = False
+        self.skipped_attempt = norms
+        groups = list(getattr(self.ref(), "param_groups", ()))
+        self.rate_at_skip = _host_float(groups[0].get("lr", 0.0)) if groups else None
+        # the rates it was given: a rate logged for it is judged against them
+        norms.rates = tuple((_number(g.get("lr", 0.0)),) * 2 + (None,) for g in groups)
+        return norms
+
+    def note_skip_advance(self) -> None:
+        """As a step begins after a skipped attempt: whether the rate moved on since that
+        attempt (a scheduler stepped, or the script set it, for a step that never ran)."""
+        skipped = self.skipped_attempt
+        if skipped is None or self.rate_at_skip is None:
+            return
+        groups = list(getattr(self.ref(), "param_groups", ()))
+        now = _host_float(groups[0].get("lr", 0.0)) if groups else None
+        if now is not None and now != self.rate_at_skip:
+            from sfdiag.judge import ModeTally
+
+            if self.skip_advances is None:
+                self.skip_advances = ModeTally()
+            self.skip_advances.add(skipped.step)
+        self.rate_at_skip = None  # once per skipped attempt
+
+    def scaled_now(self, scalers: ScalerWatch | None) -> bool:
+        """Whether the grads hold a loss scale now: a loss was scaled since the last step
+        and unscale_ has not run."""
+        return scalers is not None and scalers.scaled > self.scaled_at_end and not self.unscaled
 
     def advanced_by(self, group: int) -> str | None:
         """What moved ``group``'s rate on since the last step finished: "scheduler" (a
@@ -612,6 +689,10 @@ class Watched:
             pre_clip=pre_clip,
             clipped=clipped,
             local_shard=local_shard,
+            micro_batches=norms.micro_batches,
+            loss_scale=None if norms.loss_scale is None else _float(norms.loss_scale),
+            next_scale=None if norms.next_scale is None else _float(norms.next_scale),
+            skipped=norms.skipped,
         )
 
     def count_steps(self, param_groups: list[dict[str, Any]], state: Any) -> None:
@@ -697,28 +778,48 @@ class OptimizerWatch:
     _by_id: dict[int, Watched] = field(default_factory=dict)
     _counts: dict[str, int] = field(default_factory=dict)
     _handles: list[Any] = field(default_factory=list)
-    _untap_schedulers: Callable[[], None] | None = None
+    _untaps: list[Callable[[], None]] = field(default_factory=list)
+    # optimizers made while the watch is on (weakly held): before one first steps, a
+    # gradient norm logged for its first step is read against its grads (``born``)
+    _born: Any = None
+    # backward passes counted, and the loss scaler's calls (``sfdiag.run.scaler``)
+    backwards: Backwards | None = None
+    scalers: ScalerWatch | None = None
 
     def install(self) -> OptimizerWatch:
         import torch.optim.optimizer as torch_optimizer
 
         from sfdiag.compiling import step_hook
         from sfdiag.run import schedulers
+        from sfdiag.run.scaler import Backwards, ScalerWatch
 
         self._handles = [  # a compiled step() runs them eagerly, or not at all (module doc)
             torch_optimizer.register_optimizer_step_pre_hook(step_hook(self._pre, self._unseen)),
             torch_optimizer.register_optimizer_step_post_hook(step_hook(self._post)),
         ]
-        self._untap_schedulers = schedulers.install(self._scheduler_stepped)
+        self.backwards = Backwards()
+        self.scalers = ScalerWatch(self, self.backwards)
+        self._born = weakref.WeakSet()
+        self._untaps = [
+            schedulers.install(self._scheduler_stepped),
+            self.backwards.install(),
+            self.scalers.install(),
+            _note_new_optimizers(self._born),
+        ]
         return self
+
+    def born(self) -> list[Any]:
+        """Optimizers made while the watch is on that have not stepped yet."""
+        if not self._born:
+            return []
+        return [o for o in list(self._born) if self._by_id.get(id(o)) is None]
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        if self._untap_schedulers is not None:
-            self._untap_schedulers()
-            self._untap_schedulers = None
+        while self._untaps:
+            self._untaps.pop()()
 
     def _scheduler_stepped(self, scheduler: Any) -> None:
         """A scheduler stepped: the rates of the optimizer it drives moved on after that
@@ -773,6 +874,7 @@ class OptimizerWatch:
             if entry.started == 0:
                 self._tell("adopt", entry, optimizer, frame)
             self._tell("before", entry, optimizer)
+            entry.note_skip_advance()
             entry.auditing = audited(entry.started, len(entry.auditor.observations))
             entry.started += 1
             entry.refresh_params()
@@ -834,6 +936,7 @@ class OptimizerWatch:
             # a job's sharded norms are summed over the ranks now, all of them together
             norms = entry.take_post(self.clips, later=self.channel is None or not entry.sharded)
             if norms is not None:
+                entry.step_ended(norms, self.backwards, self.scalers)
                 if self.channel is not None:
                     try:
                         self._across_ranks(entry, norms)
@@ -930,6 +1033,33 @@ class OptimizerWatch:
             from sfdiag.verdict import SFDIAG_FAILED
 
             entry.error = f"{SFDIAG_FAILED}: {type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _note_new_optimizers(born: Any) -> Callable[[], None]:
+    """``torch.optim.Optimizer.__init__`` wrapped to add each new optimizer to ``born``;
+    returns the undo."""
+    import functools
+
+    import torch.optim
+
+    from sfdiag.run.taps._hooks import Patches
+
+    patches = Patches()
+    original = torch.optim.Optimizer.__init__
+    if getattr(original, "_sfdiag_tap", False):
+        return patches.undo
+
+    @functools.wraps(original)
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        try:
+            born.add(self)
+        except TypeError:  # not weakly referenceable: left to its first step
+            pass
+
+    init._sfdiag_tap = True  # type: ignore[attr-defined]
+    patches.set(torch.optim.Optimizer, "__init__", init)
+    return patches.undo
 
 
 def _closure_of(args: tuple, kwargs: dict) -> Callable[..., Any] | None:
