@@ -1,9 +1,12 @@
 """Hugging Face Trainer on a tiny model: its logged grad_norm is clip_grad_norm_'s return
 value, taken before step(); its logged learning_rate is the scheduler's rate, read before
-the scheduler steps (right, unless the optimizer warms up on its own).
+the scheduler steps (right, unless the optimizer warms up on its own). With
+``--grad-accum N`` (gradient_accumulation_steps) each step sums N micro-batches of 8 and
+the logged grad_norm is still the summed gradient's (clipped after the last backward).
 
     sfdiag run -- python examples/train_hf_trainer.py OUTDIR [--optim NAME]
         [--max-grad-norm X] [--warmup-steps N] [--scheduler linear|constant] [--lr X]
+        [--grad-accum N]
 
 Needs transformers, accelerate and schedulefree (pip install -e '.[test]').
 """
@@ -20,6 +23,7 @@ parser.add_argument("--max-grad-norm", type=float, default=1.0)
 parser.add_argument("--warmup-steps", type=int, default=0)
 parser.add_argument("--scheduler", default="linear")
 parser.add_argument("--lr", type=float, default=1e-2)
+parser.add_argument("--grad-accum", type=int, default=1)
 options = parser.parse_args()
 
 
@@ -56,6 +60,7 @@ args = TrainingArguments(
     lr_scheduler_type=options.scheduler,
     max_steps=10,
     per_device_train_batch_size=8,
+    gradient_accumulation_steps=options.grad_accum,
     learning_rate=options.lr,
     logging_steps=1,
     report_to=["tensorboard"],

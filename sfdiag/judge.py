@@ -650,7 +650,8 @@ class MetricTally:
     def add(self, value: JudgedValue) -> None:
         self.logged.append(value.logged)
         self.true.append(value.refs.true)
-        self.series.add(value.step, value.logged, value.refs.true, value.refs.other)
+        skipped = getattr(value.refs, "skipped", False)
+        self.series.add(value.step, value.logged, value.refs.true, value.refs.other, skipped)
         self.optimizers[value.optimizer] += 1
         self.firsts.setdefault(value.verdict, value)
         if self.first is None:
@@ -904,6 +905,12 @@ def _rate_words(
         return (
             f"{name} is the next step's rate, read after scheduler.step(){step}: log "
             "scheduler.get_last_lr() before scheduler.step() (or under the next step's number)"
+        )
+    if verdict == "skipped-step":
+        step = f" (step {refs.step})" if isinstance(refs, RateReferences) else ""
+        return (
+            f"{name} was logged for a step the loss scaler skipped{step}: it is the rate that "
+            "attempt was given (step() did not run): a note"
         )
     if verdict == "other-group":
         named = refs.group if isinstance(refs, RateReferences) else 0

@@ -242,8 +242,13 @@ class MetricSeries:
     logged: array = field(default_factory=lambda: array("d"))
     true: array = field(default_factory=lambda: array("d"))
     other: array = field(default_factory=lambda: array("d"))
+    skipped: array = field(default_factory=lambda: array("q"))  # steps the scaler skipped
 
-    def add(self, step: int, logged: float, true: float, other: float | None) -> None:
+    def add(
+        self, step: int, logged: float, true: float, other: float | None, skipped: bool = False
+    ) -> None:
+        if skipped and len(self.skipped) < self.cap and step not in self.skipped[-1:]:
+            self.skipped.append(step)  # every one of them: they are few, and each matters
         if self.seen % self.stride == 0:
             self.steps.append(step)
             self.logged.append(logged)

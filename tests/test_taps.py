@@ -26,8 +26,10 @@ HF_EXAMPLE = str(REPO / "examples" / "train_hf_trainer.py")  # absolute: CLIENTS
 NEEDS = {
     "lightning": ("lightning",),
     "lightning-clip": ("lightning",),
+    "lightning-accumulate": ("lightning",),
     "hf": ("transformers", "accelerate", "schedulefree"),
     "hf-clip": ("transformers", "accelerate"),
+    "hf-accumulate": ("transformers", "accelerate", "schedulefree"),
     "hf-warmup-constant": ("transformers", "accelerate", "schedulefree"),
     "hf-warmup-linear": ("transformers", "accelerate", "schedulefree"),
     "loggers": ("wandb", "mlflow", "tensorboardX"),
@@ -69,7 +71,17 @@ def runs(tmp_path_factory) -> dict[str, Done]:
             "--optimizer",
             "adamw",
         ],
+        # two micro-batches a step: norms logged after the first backward are partial sums
+        "lightning-accumulate": [
+            "lightning_grad_norms.py",
+            "{out}",
+            "--accumulate",
+            "2",
+            "--optimizer",
+            "adamw",
+        ],
         "hf": [HF_EXAMPLE, "{out}"],
+        "hf-accumulate": [HF_EXAMPLE, "{out}", "--grad-accum", "4"],
         "hf-clip": [HF_EXAMPLE, "{out}", "--optim", "adamw_torch", "--max-grad-norm", "0.01"],
         # the optimizer warms up on its own (Trainer hands it warmup_steps)
         "hf-warmup-constant": [*HF_WARMUP, "--scheduler", "constant"],
@@ -121,6 +133,10 @@ def get(runs: dict[str, Done], name: str) -> Done:
     return runs[name]
 
 
+def verdicts(metrics: dict[str, dict]) -> dict[str, str]:
+    return {name: m["verdict"] for name, m in metrics.items()}
+
+
 def test_lightning_grad_norm_hook_is_right_and_batch_end_is_post_step(runs):
     done = get(runs, "lightning")
     assert done.code == 1, done.stderr  # --strict: a post-step metric
@@ -159,6 +175,49 @@ def test_lightning_clipping_is_seen_through(runs):
     assert (after["verdict"], after["matches"]) == ("clipped", "post-clip")
     assert after["logged_median"] == pytest.approx(0.05, rel=1e-3)
     assert done.code == 0, done.stderr  # clipped is a note
+
+
+def test_lightning_accumulation_a_norm_logged_after_each_backward_is_a_partial_sum(runs):
+    done = get(runs, "lightning-accumulate")
+    assert done.code == 1, done.stderr  # --strict: partial-accumulation is wrong
+    metrics = done.metrics()
+    # grad_norm(self) in on_before_optimizer_step: the summed gradient, once a step
+    total = metrics["grad_2.0_norm_total"]
+    assert (total["verdict"], total["steps_judged"]) == ("correct", 8)  # 16 batches / 2
+    assert all(e["micro_batches"] == 2 for e in total["examples"])
+    for name in ("net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"):
+        assert metrics[f"grad_2.0_norm/{name}"]["verdict"] == "correct"
+    # on_after_backward: after the first micro-batch the grads hold its share alone (its
+    # loss / 2), after the second the step's gradient
+    backward = metrics["after_backward/grad_norm"]
+    assert (backward["verdict"], backward["steps_judged"]) == ("partial-accumulation", 16)
+    first = backward["examples"][0]
+    assert first["step"] == 0 and first["micro_batches"] == 2
+    assert first["logged"] == pytest.approx(first["at_log"], rel=1e-4)
+    assert first["logged"] != pytest.approx(first["pre_step"], rel=1e-2)
+    assert "on_before_optimizer_step" in backward["advice"]
+    # on_train_batch_end: the first micro-batch's ends before step(); AdamW leaves p.grad
+    # alone, so the second's (after step()) reads the gradient's norm
+    after = metrics["after_step/grad_norm"]
+    assert (after["verdict"], after["steps_judged"]) == ("partial-accumulation", 16)
+    assert set(verdicts(metrics).values()) == {"correct", "partial-accumulation"}
+
+
+def test_hf_trainer_grad_norm_is_right_with_gradient_accumulation(runs):
+    done = get(runs, "hf-accumulate")
+    assert done.code == 0, done.stderr  # --strict passes: the Trainer logs after the sum
+    metrics = done.metrics()
+    assert set(metrics) == {"grad_norm", "learning_rate"}
+    grad_norm = metrics["grad_norm"]  # clip_grad_norm_'s return after the 4th backward
+    assert (grad_norm["verdict"], grad_norm["matches"], grad_norm["steps_judged"]) == (
+        "correct",
+        "pre-clip",
+        10,
+    )
+    assert all(e["micro_batches"] == 4 for e in grad_norm["examples"])
+    rate = metrics["learning_rate"]
+    assert (rate["verdict"], rate["steps_judged"]) == ("correct", 10)
+    assert done.report["findings"] == []
 
 
 def test_hf_trainer_grad_norm_is_right_with_schedule_free(runs):

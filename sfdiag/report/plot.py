@@ -51,6 +51,7 @@ CLEAN = "tab:blue"
 DASHED = {FLAGGED: "darkred", CLEAN: "navy"}
 TRUE = "black"
 OTHER = "0.55"  # grey
+SKIPPED = "tab:red"
 BASELINE = "0.6"
 POST_LABEL = "post-step ‖g‖ (read after step())"
 PRE_LABEL = "pre-step ‖g‖ (the gradient)"
@@ -64,6 +65,7 @@ FINDING_STYLE = {
     "batchnorm-stats": ("tab:olive", "an evaluation"),
     "step-in-eval-mode": ("tab:brown", "a step"),
     "double-warmup": ("tab:cyan", "a step"),
+    "scheduler-on-skipped-step": ("tab:pink", "the rate moved on after a skipped step"),
 }
 
 
@@ -332,6 +334,9 @@ def _metric_panel(ax: Axes, metric: MetricResult) -> None:
         markevery=every,
         label="logged",
     )
+    for i, step in enumerate(series.skipped):  # the loss scaler skipped these: no step ran
+        label = "a step the loss scaler skipped" if i == 0 else None
+        ax.axvline(step, color=SKIPPED, linewidth=1.2, alpha=0.6, linestyle="--", label=label)
     values = list(series.logged) + list(series.true) + list(series.other)
     if not rate and _positive(values):
         _log_y(ax)

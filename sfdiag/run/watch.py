@@ -809,8 +809,9 @@ class OptimizerWatch:
         return self
 
     def born(self) -> list[Any]:
-        """Optimizers made while the watch is on that have not stepped yet."""
-        if not self._born:
+        """Optimizers made while the watch is on, none of which has stepped yet (once one
+        has, an optimizer that never steps costs nothing more)."""
+        if not self._born or any(w.last_finished >= 0 for w in self.watched):
             return []
         return [o for o in list(self._born) if self._by_id.get(id(o)) is None]
 

@@ -1,9 +1,14 @@
 """Lightning: grad_norm(self) logged in on_before_optimizer_step (right) and a norm logged
 in on_train_batch_end, after step() (wrong with schedule-free AdamW). With --lr-monitor,
-a per-step decaying schedule and LearningRateMonitor logging its rate (right).
+a per-step decaying schedule and LearningRateMonitor logging its rate (right). With
+--accumulate N (Trainer(accumulate_grad_batches=N)), a norm logged in on_after_backward too:
+after the first N - 1 micro-batches of a step it is the norm of the grads summed so far
+(wrong: partial-accumulation), after the last the gradient's; on_train_batch_end alike, as
+its first N - 1 micro-batches end before step() (with adamw, which leaves p.grad alone,
+the last one reads the gradient's).
 
     python lightning_grad_norms.py LOGDIR [--clip X] [--optimizer sf-adamw|adamw]
-                                          [--lr-monitor]
+                                          [--lr-monitor] [--accumulate N]
 """
 
 import argparse
@@ -19,7 +24,13 @@ parser.add_argument("logdir")
 parser.add_argument("--clip", type=float, default=None)
 parser.add_argument("--optimizer", default="sf-adamw")
 parser.add_argument("--lr-monitor", action="store_true")
+parser.add_argument("--accumulate", type=int, default=1)
 args = parser.parse_args()
+
+
+def global_norm(module):
+    norms = [p.grad.norm() for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 class Net(pl.LightningModule):
@@ -35,12 +46,15 @@ class Net(pl.LightningModule):
         self.log("train_loss", loss)
         return loss
 
+    def on_after_backward(self):
+        if args.accumulate > 1:
+            self.log("after_backward/grad_norm", global_norm(self))
+
     def on_before_optimizer_step(self, optimizer):
         self.log_dict(grad_norm(self, norm_type=2))
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        norms = [p.grad.norm() for p in self.parameters() if p.grad is not None]
-        self.log("after_step/grad_norm", torch.linalg.vector_norm(torch.stack(norms)))
+        self.log("after_step/grad_norm", global_norm(self))
 
     def on_train_epoch_start(self):
         optimizer = self.trainer.optimizers[0]
@@ -67,6 +81,7 @@ trainer = pl.Trainer(
     logger=pl.loggers.TensorBoardLogger(args.logdir),
     log_every_n_steps=1,
     gradient_clip_val=args.clip,
+    accumulate_grad_batches=args.accumulate,
     callbacks=[pl.callbacks.LearningRateMonitor("step")] if args.lr_monitor else [],
     enable_checkpointing=False,
     enable_progress_bar=False,

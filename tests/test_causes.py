@@ -1,0 +1,200 @@
+"""``sfdiag run`` names why a logged gradient norm or rate is wrong where a mixed-precision
+loop with gradient accumulation gets it wrong (issue 24): read before
+``scaler.unscale_`` (``loss-scaled``), after a backward that is not the step's last
+(``partial-accumulation``), a step late (``previous-step``), after ``zero_grad``
+(``zeroed``), another param group's rate (``other-group``); a step the scaler skipped is
+a note (``skipped-step``), and a scheduler stepped on it a warning
+(``scheduler-on-skipped-step``). The loop is tests/clients/amp_loop.py, run in-process
+(its docstring says what each logged value is); Lightning's and the HF Trainer's gradient
+accumulation are driven for real in test_taps.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from sfdiag.run import RunOptions, run_script
+
+pytest.importorskip("tensorboard")
+
+LOOP = str(Path(__file__).resolve().parent / "clients" / "amp_loop.py")
+STEPS = 5  # amp_loop.py's default
+MICRO = 4  # micro-batches a step
+SCALE = 1024.0  # GradScaler(init_scale=1024)
+LR = (1e-3, 5e-4)  # the param groups' rates
+
+# what each name amp_loop.py logs is, by construction (see its docstring)
+EXPECTED = {
+    "micro/grad_norm": "partial-accumulation",
+    "scaled/grad_norm": "loss-scaled",
+    "grad_norm": "correct",
+    "prev/grad_norm": "previous-step",
+    "zeroed/grad_norm": "zeroed",
+    "lr": "other-group",
+    "lr/group1": "correct",
+    "swapped/lr/group1": "other-group",
+}
+
+
+def audit(tmp_path: Path, *args: str, **options) -> tuple[int, dict, dict, dict]:
+    """Run amp_loop.py under the audit: (exit code, report, metrics by name, the loop's
+    own record of each step: clip_grad_norm_'s return, the scale, skipped or not)."""
+    logdir = tmp_path / "tb"
+    report_file = tmp_path / "report.json"
+    argv = ["python", LOOP, str(logdir), *args]
+    code = run_script(argv, RunOptions(report=report_file, force=True, quiet=True, **options))
+    report = json.loads(report_file.read_text())
+    record = json.loads((logdir / "norms.json").read_text())
+    return code, report, {m["name"]: m for m in report["metrics"]}, record
+
+
+def verdicts(metrics: dict[str, dict]) -> dict[str, str]:
+    return {name: m["verdict"] for name, m in metrics.items()}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_each_way_an_amp_loop_with_accumulation_logs_it_wrong_is_named(tmp_path, dtype):
+    code, report, metrics, record = audit(tmp_path, "--dtype", dtype, strict=True)
+    assert not any(record["skipped"])  # no overflow: every step ran at scale 1024
+    assert verdicts(metrics) == EXPECTED
+    assert code == 1
+    assert report["findings"] == []
+    clip = record["clip"]
+    assert {n: m["quantity"] for n, m in metrics.items()} == {
+        n: "learning_rate" if "lr" in n.split("/") else "grad_norm" for n in EXPECTED
+    }
+    assert {n: m["steps_judged"] for n, m in metrics.items()} == {
+        "micro/grad_norm": STEPS * MICRO,  # one value per micro-batch
+        "scaled/grad_norm": STEPS,
+        "grad_norm": STEPS,
+        "prev/grad_norm": STEPS - 1,  # from the second step on
+        "zeroed/grad_norm": STEPS,
+        "lr": STEPS,
+        "lr/group1": STEPS,
+        "swapped/lr/group1": STEPS,
+    }
+
+    right = metrics["grad_norm"]  # clip_grad_norm_ after unscale_: nothing clipped
+    assert right["matches"] == "pre-clip"
+    for example in right["examples"]:
+        assert example["logged"] == pytest.approx(clip[example["step"]])
+        assert example["pre_step"] == pytest.approx(example["logged"], rel=1e-4)
+        assert example["loss_scale"] == SCALE
+        assert example["micro_batches"] == MICRO
+
+    scaled = metrics["scaled/grad_norm"]  # the scale times the gradient's norm, every step
+    assert scaled["ratio"] == pytest.approx(SCALE, rel=1e-4)
+    first = scaled["examples"][0]
+    assert first["step"] == 0 and first["loss_scale"] == SCALE
+    for example in scaled["examples"]:
+        assert example["logged"] / example["pre_step"] == pytest.approx(SCALE, rel=1e-4)
+        assert example["logged"] == pytest.approx(SCALE * clip[example["step"]], rel=1e-4)
+        assert example["at_log"] == pytest.approx(example["logged"], rel=1e-4)
+        assert example["micro_batches"] == MICRO
+    assert "unscale_" in scaled["advice"]
+
+    micro = metrics["micro/grad_norm"]
+    first = micro["examples"][0]  # step 0, after its first backward: 1 micro-batch of 4
+    assert first["step"] == 0
+    assert first["at_log"] == pytest.approx(first["logged"], rel=1e-4)
+    # neither the gradient's norm nor the scale times it: a partial sum (still scaled)
+    assert not math.isclose(first["logged"], first["pre_step"], rel_tol=0.01)
+    assert not math.isclose(first["logged"], SCALE * first["pre_step"], rel_tol=0.01)
+    for example in micro["examples"]:
+        assert (example["micro_batches"], example["loss_scale"]) == (MICRO, SCALE)
+
+    late = metrics["prev/grad_norm"]  # step k logs step k - 1's norm
+    for example in late["examples"]:
+        assert example["logged"] == pytest.approx(clip[example["step"] - 1])
+        assert not math.isclose(example["logged"], example["pre_step"], rel_tol=0.01)
+
+    zeroed = metrics["zeroed/grad_norm"]
+    assert zeroed["logged_median"] == 0
+    for example in zeroed["examples"]:
+        assert example["logged"] == 0 and example["pre_step"] > 0
+
+    for name, logged, applied in [
+        ("lr", LR[1], LR[0]),  # group 0 by its name, group 1's rate
+        ("lr/group1", LR[1], LR[1]),
+        ("swapped/lr/group1", LR[0], LR[1]),  # group 1 by its name, group 0's rate
+    ]:
+        for example in metrics[name]["examples"]:
+            assert example["logged"] == pytest.approx(logged)
+            assert example["applied"] == pytest.approx(applied)
+    assert "group" in metrics["lr"]["advice"]
+
+
+# each wrong number alone, beside the right ones: it alone fails --strict
+@pytest.mark.parametrize("name", [n for n, v in EXPECTED.items() if v != "correct"])
+def test_each_wrong_number_alone_fails_strict(tmp_path, name):
+    code, report, metrics, _ = audit(tmp_path, "--log", f"grad_norm,lr/group1,{name}", strict=True)
+    assert verdicts(metrics) == {
+        "grad_norm": "correct",
+        "lr/group1": "correct",
+        name: EXPECTED[name],
+    }
+    assert code == 1
+
+
+def test_the_right_numbers_of_an_amp_loop_pass_strict(tmp_path):
+    code, report, metrics, _ = audit(tmp_path, "--log", "grad_norm,lr/group1", strict=True)
+    assert verdicts(metrics) == {"grad_norm": "correct", "lr/group1": "correct"}
+    assert code == 0
+
+
+def test_a_step_the_scaler_skipped_is_a_note_and_its_nan_is_right(tmp_path):
+    code, report, metrics, record = audit(
+        tmp_path, "--log", "grad_norm", "--overflow-at", "2", strict=True
+    )
+    assert record["skipped"] == [False, False, True, False, False]
+    assert math.isnan(record["clip"][2])  # clip_grad_norm_ of inf/NaN grads: NaN
+    assert record["scale"] == [SCALE, SCALE, SCALE, SCALE / 2, SCALE / 2]  # backed off
+    metric = metrics["grad_norm"]
+    assert (metric["verdict"], metric["steps_judged"]) == ("skipped-step", STEPS)
+    assert code == 0  # a note: --strict passes
+    (skipped,) = [e for e in metric["examples"] if e.get("skipped")]
+    assert skipped["step"] == 2 and skipped["logged"] == "nan"  # JSON: NaN as "nan"
+    assert skipped["loss_scale"] == SCALE
+    assert metric["examples"][0]["loss_scale"] == SCALE
+    assert metric["examples"][-1]["loss_scale"] == SCALE / 2  # after update() backed off
+    assert metric["examples"][-1]["logged"] == pytest.approx(record["clip"][-1])
+    assert report["findings"] == []  # no scheduler
+
+
+def test_a_scheduler_stepped_on_a_skipped_step_is_a_warning(tmp_path):
+    code, report, metrics, record = audit(
+        tmp_path, "--log", "grad_norm,lr/group1", "--overflow-at", "2", "--scheduler", strict=True
+    )
+    assert record["skipped"][2]
+    (finding,) = report["findings"]
+    assert (finding["kind"], finding["optimizer"], finding["first_step"], finding["count"]) == (
+        "scheduler-on-skipped-step",
+        "AdamW",
+        2,
+        1,
+    )
+    assert finding["advice"]
+    assert metrics["grad_norm"]["verdict"] == "skipped-step"
+    # the rate is read before scaler.step() each iteration: the rate each step that ran
+    # applied (the scheduler moved on past step 2, which applied none: its value is noted)
+    rate = metrics["lr/group1"]
+    assert (rate["verdict"], rate["steps_judged"]) == ("skipped-step", STEPS)
+    # (a step is the optimizer's: 4 ran in 5 iterations, the skipped attempt is numbered as
+    # the step that ran next; the last iteration's rate is the one its step applied)
+    first, last = rate["examples"][0], rate["examples"][-1]
+    assert (first["step"], first["logged"]) == (0, pytest.approx(LR[1]))
+    assert last["logged"] == pytest.approx(LR[1] * 0.9 ** (STEPS - 1))
+    assert last["applied"] == pytest.approx(last["logged"])
+    assert code == 0  # a warning: --strict passes
+
+    # the same schedule without a skipped step: nothing to say
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    code, report, metrics, record = audit(plain, "--log", "grad_norm", "--scheduler")
+    assert not any(record["skipped"])
+    assert report["findings"] == []
+    assert verdicts(metrics) == {"grad_norm": "correct"}
