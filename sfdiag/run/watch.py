@@ -797,9 +797,10 @@ class OptimizerWatch:
             torch_optimizer.register_optimizer_step_pre_hook(step_hook(self._pre, self._unseen)),
             torch_optimizer.register_optimizer_step_post_hook(step_hook(self._post)),
         ]
-        self.backwards = Backwards()
-        self.scalers = ScalerWatch(self, self.backwards)
-        self._born = weakref.WeakSet()
+        if self.backwards is None:  # kept across installs: the entries' marks count on it
+            self.backwards = Backwards()
+            self.scalers = ScalerWatch(self, self.backwards)
+            self._born = weakref.WeakSet()
         self._untaps = [
             schedulers.install(self._scheduler_stepped),
             self.backwards.install(),
