@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -172,6 +173,75 @@ def refs(pre=1.0, post=1.0, pre_clip=None, clipped=False, local=None, step=0) ->
 )
 def test_judge_value(logged, references, verdict, matches):
     assert judge_value(logged, references, 1e-3) == (verdict, matches)
+
+
+# the causes (issue 24): a step of 2 micro-batches at loss scale 1024, its gradient 1.0
+CAUSES = dict(pre=1.0, post=1.0)
+
+
+def causes(**fields) -> NormReferences:
+    return replace(refs(**CAUSES), micro_batches=2, loss_scale=1024.0, **fields)
+
+
+@pytest.mark.parametrize(
+    ("logged", "references", "verdict", "matches"),
+    [
+        (1024.0, causes(), "loss-scaled", "loss-scale"),
+        # unscaled by the scale after an update() that halved it: off by 2x
+        (2.0, causes(next_scale=512.0), "loss-scaled", "scale-change"),
+        (512.0, causes(next_scale=512.0), "loss-scaled", "next-scale"),
+        (0.4, causes(at_log=0.4, micro_at_log=1), "partial-accumulation", "at-log"),
+        (
+            410.0,
+            causes(at_log=410.0, micro_at_log=1, scaled_at_log=True),
+            "partial-accumulation",
+            "at-log, loss-scaled",
+        ),
+        # after the last backward the grads are the step's: the at-log norm is no partial sum
+        (0.4, causes(at_log=0.4, micro_at_log=2), "unmatched", None),
+        # nor is it before any backward (read after zero_grad: 0)
+        (0.0, causes(at_log=0.0, micro_at_log=0), "zeroed", "zero"),
+        (3.0, causes(earlier=((4, 3.0),)), "previous-step", "step 4"),
+        # an earlier step's norm that is also this step's: this step's
+        (1.0, causes(earlier=((4, 1.0),)), "correct", "pre-step"),
+        # the right reading first: a skipped attempt's NaN, a note
+        (
+            math.nan,
+            replace(refs(pre=math.nan, post=math.nan), skipped=True),
+            "skipped-step",
+            "pre-step",
+        ),
+        # a value that is both the gradient's norm and a partial sum: correct
+        (1.0, causes(at_log=1.0, micro_at_log=1), "correct", "pre-step"),
+        # both a still-scaled partial sum and the scale times the norm: the partial sum
+        (
+            1024.0,
+            causes(at_log=1024.0, micro_at_log=1, scaled_at_log=True),
+            "partial-accumulation",
+            "at-log, loss-scaled",
+        ),
+        (0.0, causes(), "zeroed", "zero"),
+    ],
+)
+def test_judge_value_names_the_causes_in_their_order(logged, references, verdict, matches):
+    assert judge_value(logged, references, 1e-3) == (verdict, matches)
+
+
+RATE_ONLY = ("next-step", "base-lr", "other-group")
+RATE_VERDICTS = (*RATE_ONLY, "skipped-step", "unmatched")
+ADVISED = [(v, "grad_norm") for v in METRIC_VERDICTS[1:] if v not in RATE_ONLY] + [
+    (v, "learning_rate") for v in RATE_VERDICTS
+]
+
+
+@pytest.mark.parametrize(("verdict", "quantity"), ADVISED)
+def test_every_verdict_has_advice_of_its_own(verdict, quantity):
+    rate = judge.RateReferences(step=3, applied=1e-3, base=2e-3, next_applied=5e-4, group=0)
+    references = rate if quantity == "learning_rate" else causes(micro_at_log=1)
+    tally = MetricTally()
+    tally.add(judge.JudgedValue(3, "AdamW", 2.0, references, verdict, "group 1"))
+    advice = judge.summarize_metric("g", "tensorboard", tally, quantity=quantity).advice
+    assert advice and advice != f"g: {verdict}" and len(advice) > 40, advice
 
 
 def test_rtol_is_honoured():
