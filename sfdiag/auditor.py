@@ -91,6 +91,12 @@ def _global_norm(prints: list[snapshot.GradFingerprint]) -> float:
     return math.sqrt(math.fsum(fp.norm * fp.norm for fp in prints if fp.present))
 
 
+def _rows(tensors: list[torch.Tensor]) -> Any:
+    """``tensors`` (of one length) as the rows of one float64 numpy array: one stack, one
+    conversion."""
+    return torch.stack([t.reshape(-1) for t in tensors]).to("cpu", torch.float64).numpy()
+
+
 def _numpy(t: torch.Tensor | None):
     if t is None:
         return None
@@ -120,10 +126,18 @@ def _as_eps(value: Any) -> float:
 def _group_eps(optimizer: Any, param: torch.Tensor) -> float:
     """The eps of ``param``'s group; the fit needs only its order of magnitude, so odd
     hyperparameters (and odd groups) fall back to DEFAULT_EPS instead of failing the audit."""
+    return _eps_by_param(optimizer).get(id(param), DEFAULT_EPS)
+
+
+def _eps_by_param(optimizer: Any) -> dict[int, float]:
+    """``_group_eps`` of every parameter, by id, in one pass over the groups."""
+    out: dict[int, float] = {}
     for group in getattr(optimizer, "param_groups", ()):
-        if isinstance(group, Mapping) and any(p is param for p in group.get("params", ())):
-            return _as_eps(group.get("eps", DEFAULT_EPS))
-    return DEFAULT_EPS
+        if isinstance(group, Mapping):
+            eps = _as_eps(group.get("eps", DEFAULT_EPS))
+            for p in group.get("params", ()):
+                out.setdefault(id(p), eps)
+    return out
 
 
 def _nan_only(params: list[torch.Tensor], prints: list[snapshot.GradFingerprint]) -> bool:
@@ -224,11 +238,14 @@ class StepAuditor:
         after = snapshot.take(
             params, full=self.forensics, param_samples=False, before=before, states=sampler
         )
-        compared = [
-            (p, self._compare(optimizer, i, p, a, b))
-            for i, (p, a, b) in enumerate(zip(params, before, after, strict=True))
-            if a.present
-        ]
+        if self.forensics:  # whole clones: one grad at a time
+            compared = [
+                (p, self._compare(optimizer, i, p, a, b))
+                for i, (p, a, b) in enumerate(zip(params, before, after, strict=True))
+                if a.present
+            ]
+        else:
+            compared = self._compare_all(optimizer, params, before, after)
         records = [record for _, record in compared]
         self._mutated[id(optimizer)] = (
             _weak(optimizer),
@@ -243,6 +260,131 @@ class StepAuditor:
                 nan_only,
             )
         )
+
+    def _compare_all(
+        self,
+        optimizer: Any,
+        params: list[torch.Tensor],
+        before: list[snapshot.GradFingerprint],
+        after: list[snapshot.GradFingerprint],
+    ) -> list[tuple[torch.Tensor, ParamStep]]:
+        """``_compare`` of every parameter whose grad was present before ``step()``, the
+        grads that changed read together: their samples as the rows of one array per
+        sample length, their change and the kind of their mutation computed over all rows
+        at once (``verdict.max_rel_change_rows``, ``verdict.fingerprint_rows``). A clean
+        step pays a few µs a parameter; a mutating one a few more, not a fit each."""
+        steps: dict[int, ParamStep] = {}
+        changed: dict[int, str] = {}  # index -> kind, for the grads that did not stay
+        for i, (p, a, b) in enumerate(zip(params, before, after, strict=True)):
+            if not a.present:
+                continue
+            if b is a:  # take() kept the fingerprint from before: nothing moved
+                kind = "clean"
+            else:
+                same_object = b.present and a.ref() is not None and a.ref() is b.ref()
+                kind = verdict.classify(b.present, same_object, same_object and a.same_content(b))
+            if kind == "clean":
+                steps[i] = self._step(i, p, a, b, "clean", 0.0, None)
+            else:
+                changed[i] = kind
+        changes, kinds = self._changes(optimizer, params, before, after, changed)
+        for i, kind in changed.items():
+            steps[i] = self._step(i, params[i], before[i], after[i], kind, changes[i], kinds.get(i))
+        return [(params[i], steps[i]) for i in sorted(steps)]
+
+    def _step(
+        self,
+        index: int,
+        param: torch.Tensor,
+        a: snapshot.GradFingerprint,
+        b: snapshot.GradFingerprint,
+        kind: str,
+        change: float | None,
+        fp: str | None,
+    ) -> ParamStep:
+        return ParamStep(
+            name=self.names.get(id(param), f"param{index}"),
+            shape=tuple(param.shape),
+            verdict=kind,
+            pre_norm=a.norm,
+            post_norm=b.norm if b.present else 0.0,
+            max_rel_change=change,
+            fingerprint=fp,
+        )
+
+    def _changes(
+        self,
+        optimizer: Any,
+        params: list[torch.Tensor],
+        before: list[snapshot.GradFingerprint],
+        after: list[snapshot.GradFingerprint],
+        changed: dict[int, str],
+    ) -> tuple[dict[int, float | None], dict[int, str]]:
+        """The max relative change of each changed grad's sample (None where there is none
+        after, or of another length), and the kind of each mutated grad's change."""
+        changes: dict[int, float | None] = dict.fromkeys(changed)
+        by_length: dict[int, list[int]] = {}
+        for i in changed:
+            a, b = before[i], after[i]
+            if b.present and a.sample is not None and b.sample is not None:
+                if a.sample.shape == b.sample.shape:
+                    by_length.setdefault(a.sample.numel(), []).append(i)
+        kinds: dict[int, str] = {}
+        eps = _eps_by_param(optimizer) if self.fingerprint_kinds else {}
+        for indices in by_length.values():
+            pre = _rows([before[i].sample for i in indices])
+            post = _rows([after[i].sample for i in indices])
+            changes.update(zip(indices, verdict.max_rel_change_rows(pre, post), strict=True))
+            if not self.fingerprint_kinds:
+                continue
+            mutated = [k for k, i in enumerate(indices) if changed[i] == "mutated"]
+            if mutated:
+                kinds.update(
+                    self._kinds(optimizer, params, before, after, indices, mutated, pre, post, eps)
+                )
+        return changes, kinds
+
+    def _kinds(
+        self,
+        optimizer: Any,
+        params: list[torch.Tensor],
+        before: list[snapshot.GradFingerprint],
+        after: list[snapshot.GradFingerprint],
+        indices: list[int],
+        mutated: list[int],
+        pre: Any,
+        post: Any,
+        eps: dict[int, float],
+    ) -> dict[int, str]:
+        """The kind of each mutated grad's change (rows ``mutated`` of ``pre``/``post``),
+        fitted over the rows that share a param sample or none, and the optimizer's state
+        names: one ``verdict.fingerprint_rows`` call each."""
+        import numpy as np
+
+        groups: dict[tuple[bool, tuple[str, ...]], list[tuple[int, dict[str, Any]]]] = {}
+        for k in mutated:
+            i = indices[k]
+            a, b = before[i], after[i]
+            sampled = b.states
+            if sampled is None:  # on the CPU: views of its state, stacked below
+                sampled = snapshot.state_views(optimizer, params[i])
+            groups.setdefault((a.param_sample is not None, tuple(sampled)), []).append((k, sampled))
+        out: dict[int, str] = {}
+        for (has_y, names), rows in groups.items():
+            ks = [k for k, _ in rows]
+            chosen = [indices[k] for k in ks]
+            y = _rows([before[i].param_sample for i in chosen]) if has_y else None
+            states = {name: _rows([s[name] for _, s in rows]) for name in names}
+            found = verdict.fingerprint_rows(
+                pre[ks],
+                post[ks],
+                y,
+                states,
+                np.array([eps.get(id(params[i]), DEFAULT_EPS) for i in chosen]),
+                np.array([_dtype_eps(before[i].sample) for i in chosen]),
+            )
+            out.update(zip(chosen, found, strict=True))
+        return out
 
     def _compare(
         self,

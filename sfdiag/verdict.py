@@ -73,6 +73,18 @@ def max_rel_change(pre: np.ndarray, post: np.ndarray) -> float:
     return float(rel.max())
 
 
+def max_rel_change_rows(pre: np.ndarray, post: np.ndarray) -> list[float]:
+    """``max_rel_change`` of each row of ``pre``/``post`` ([k, n])."""
+    if pre.shape[1] == 0:
+        return [0.0] * len(pre)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        same = (pre == post) | (np.isnan(pre) & np.isnan(post))
+        rel = np.abs(post - pre) / np.maximum(np.abs(pre), np.finfo(np.float64).tiny)
+    rel[np.isnan(rel)] = np.inf
+    rel[same] = 0.0
+    return rel.max(axis=1).tolist()
+
+
 def _fit(feature: np.ndarray, target: np.ndarray, scratch: np.ndarray) -> tuple[float, float]:
     """Least squares of ``target`` on one ``feature``: the coefficient, and the residual's
     norm relative to ||target|| (``scratch``, of their size, is overwritten)."""
@@ -218,6 +230,118 @@ def fingerprint(
     if np.any(g) and np.array_equal(u, np.sign(g)):
         return "sign"
     return "unknown"
+
+
+def _row_norms(a: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.einsum("ij,ij->i", a, a))
+
+
+def _row_fit(
+    feature: np.ndarray, target: np.ndarray, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``_fit`` of each row (``rows``: those to fit; the others come back coef 0, rel inf)."""
+    energy = np.einsum("ij,ij->i", feature, feature)
+    coef = np.zeros(len(feature))
+    np.divide(np.einsum("ij,ij->i", feature, target), energy, out=coef, where=rows & (energy > 0))
+    resid = _row_norms(target - coef[:, None] * feature)
+    scale = _row_norms(target)
+    rel = np.full(len(feature), np.inf)
+    np.divide(resid, scale, out=rel, where=scale > 0)
+    rel[(scale == 0) & (resid == 0)] = 0.0
+    return coef, rel
+
+
+def fingerprint_rows(
+    pre: np.ndarray,
+    post: np.ndarray,
+    param: np.ndarray | None,
+    states: Mapping[str, np.ndarray],
+    eps: np.ndarray,
+    dtype_eps: np.ndarray,
+) -> list[str]:
+    """``fingerprint`` of each row of ``pre``/``post`` ([k, n] float64: k grads' samples of
+    one length), with ``param``'s rows (or None for all) and ``states``' ([k, n] each, the
+    same names for every row), ``eps`` and ``dtype_eps`` per row: the same fits over all
+    rows at once, so a step that mutated a thousand grads pays a few dozen numpy calls, not
+    a thousand times that. A row with a non-finite element takes ``fingerprint`` itself.
+    The states' arrays are overwritten."""
+    g, u, y = pre, post, param
+    count = len(g)
+    kinds = np.full(count, "", dtype=object)
+    finite = np.isfinite(g).all(1) & np.isfinite(u).all(1)
+    if y is not None:
+        finite &= np.isfinite(y).all(1)
+    for i in np.flatnonzero(~finite):  # left out elementwise: the one-grad path does it
+        kinds[i] = fingerprint(
+            g[i],
+            u[i],
+            None if y is None else y[i],
+            {k: v[i] for k, v in states.items()},
+            float(eps[i]),
+            float(dtype_eps[i]),
+            states_are_scratch=True,
+        )
+    fit_tol = np.maximum(_FIT_TOL, 8 * dtype_eps)
+    scale_tol = np.maximum(_SCALE_TOL, 4 * dtype_eps)
+    open_ = finite.copy()  # rows not named yet
+
+    def name(rows: np.ndarray, kind: str) -> None:
+        kinds[rows & open_] = kind
+        open_[rows] = False
+
+    any_g = g.any(1)
+    with np.errstate(all="ignore"):
+        name(~u.any(1) & any_g, "zeroed")
+        coef, rel = _row_fit(g, u, open_ & any_g)
+        name(
+            # (math.isclose(coef, 1.0, rel_tol=1e-6), as the one-grad fit asks)
+            open_
+            & any_g
+            & (rel < scale_tol)
+            & (np.abs(coef - 1) > 1e-6 * np.maximum(abs(coef), 1)),
+            "scaled",
+        )
+        if y is not None:
+            any_y = y.any(1)
+            lam, rel = _row_fit(y, u - g, open_ & any_y)
+            name(open_ & any_y & (lam != 0) & (rel < fit_tol), "weight-decay")
+        for s in states.values():
+            if not open_.any():
+                break
+            usable_state = open_ & ~(s < 0).any(1) & s.any(1)
+            root = np.sqrt(s, out=s)
+            usable = (root > 100 * eps[:, None]) & (g != 0)
+            active = usable_state & usable.any(1)
+            lam = np.zeros(count)
+            for _ in range(3):
+                if not active.any():
+                    break
+                denominator = u - lam[:, None] * y if y is not None else u
+                work = g / denominator / root
+                ok = usable & np.isfinite(work)
+                active &= ok.any(1)
+                k = np.full(count, np.nan)
+                if active.any():
+                    k[active] = np.nanmedian(np.where(ok[active], work[active], np.nan), axis=1)
+                active &= k > 0
+                if not active.any():
+                    break
+                k1 = np.where(active, k, 1.0)
+                rest = u - g / (root * k1[:, None] + eps[:, None])
+                if y is not None:
+                    fitted, _ = _row_fit(y, rest, active & y.any(1))
+                    lam = np.where(active & y.any(1), fitted, lam)
+                    rest = rest - lam[:, None] * y
+                done = active & (_row_norms(rest) < fit_tol * _row_norms(u))
+                name(done, "adam-normalized")
+                active &= ~done
+        sign = np.array([np.array_equal(u[i], np.sign(g[i])) for i in np.flatnonzero(open_)])
+        if len(sign):
+            rows = np.zeros(count, dtype=bool)
+            rows[np.flatnonzero(open_)[sign]] = True
+            name(rows & any_g, "sign")
+    kinds[open_] = "unknown"
+    return list(kinds)
 
 
 _ADVICE = {

@@ -402,7 +402,8 @@ def test_sfdiag_own_failure_is_worded_as_sfdiags(monkeypatch, optimizer):
     def broken_fit(*args, **kwargs):  # stands for a bug in sfdiag's own fits
         raise ZeroDivisionError("a bug in the fits")
 
-    monkeypatch.setattr("sfdiag.verdict.fingerprint", broken_fit)
+    monkeypatch.setattr("sfdiag.verdict.fingerprint", broken_fit)  # one grad's fits
+    monkeypatch.setattr("sfdiag.verdict.fingerprint_rows", broken_fit)  # many grads'
     report = probe("small", [optimizer, "adamw"])  # adamw never reaches the fits
     row, clean = report.results
     assert row.verdict == "error"

@@ -336,3 +336,62 @@ def test_classify_truth_table(present, same_object, same_content):
     else:
         assert got == ("clean" if same_content else "mutated")
     assert got in verdict.SEVERITY
+
+
+# --------------------------------------------------------------------------- many grads at once
+
+KINDS = ("adam", "adam+wd", "scaled", "weight-decay", "sign", "zeroed", "noise", "sparse", "nan")
+
+
+def _sample_of_kind(kind: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    g = rng.standard_normal(n) * 0.01
+    y = rng.standard_normal(n)
+    v = rng.random(n) * 1e-4
+    u = {
+        "adam": lambda: g / (np.sqrt(v) * rng.uniform(0.5, 2) + 1e-8),
+        "adam+wd": lambda: g / (np.sqrt(v) + 1e-8) + 0.01 * y,
+        "scaled": lambda: g * rng.uniform(0.1, 0.9),
+        "weight-decay": lambda: g + 0.1 * y,
+        "sign": lambda: np.sign(g),
+        "zeroed": lambda: np.zeros(n),
+        "noise": lambda: rng.standard_normal(n),
+        "sparse": lambda: np.where(rng.random(n) < 0.8, 0.0, g) / (np.sqrt(v) + 1e-8),
+        "nan": lambda: np.where(np.arange(n) == n // 2, np.nan, g / (np.sqrt(v) + 1e-8)),
+    }[kind]()
+    if kind == "sparse":
+        g = np.where(u == 0, 0.0, g)
+    return g, u.astype(np.float32).astype(np.float64), y, v, rng.standard_normal(n)
+
+
+@SETTINGS
+@given(
+    st.lists(st.sampled_from(KINDS), min_size=1, max_size=12),
+    st.sampled_from((1, 7, 256)),
+    st.booleans(),
+    st.integers(0, 2**31),
+)
+def test_many_grads_fitted_at_once_are_named_as_one_at_a_time(kinds, n, with_param, seed):
+    """``fingerprint_rows`` (the auditor's path: every mutated grad of a step at once) names
+    each row as ``fingerprint`` (one grad) does, and ``max_rel_change_rows`` measures each
+    as ``max_rel_change``."""
+    rng = np.random.default_rng(seed)
+    rows = [_sample_of_kind(kind, n, rng) for kind in kinds]
+    g, u, y, v, m = (np.stack(column) for column in zip(*rows, strict=True))
+    y = y if with_param else None
+    eps = rng.choice([1e-8, 1e-6], size=len(kinds))
+    dtype_eps = np.full(len(kinds), float(np.finfo(np.float32).eps))
+    one_at_a_time = [
+        verdict.fingerprint(
+            g[i],
+            u[i],
+            None if y is None else y[i],
+            {"exp_avg": m[i], "exp_avg_sq": v[i]},
+            float(eps[i]),
+            float(dtype_eps[i]),
+        )
+        for i in range(len(kinds))
+    ]
+    states = {"exp_avg": m.copy(), "exp_avg_sq": v.copy()}
+    assert verdict.fingerprint_rows(g, u, y, states, eps, dtype_eps) == one_at_a_time
+    changes = verdict.max_rel_change_rows(g, u)
+    assert changes == [verdict.max_rel_change(g[i], u[i]) for i in range(len(kinds))]
