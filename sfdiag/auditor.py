@@ -94,7 +94,19 @@ def _global_norm(prints: list[snapshot.GradFingerprint]) -> float:
 def _rows(tensors: list[torch.Tensor]) -> Any:
     """``tensors`` (of one length) as the rows of one float64 numpy array: one stack, one
     conversion."""
-    return torch.stack([t.reshape(-1) for t in tensors]).to("cpu", torch.float64).numpy()
+    rows = torch.stack(tensors)  # samples are flat already: no view a tensor
+    return rows.reshape(len(tensors), -1).to("cpu", torch.float64).numpy()
+
+
+def _sampled_rows(tensors: list[torch.Tensor]) -> Any:
+    """``_rows`` of the samples of ``tensors`` (of one shape): the elements
+    ``snapshot.sample_positions`` names, taken as columns of their one stack."""
+    rows = torch.stack(tensors).reshape(len(tensors), -1)
+    columns = snapshot.sample_positions(rows.shape[1])
+    if len(columns) < rows.shape[1]:
+        step = columns[1] - columns[0] if len(columns) > 1 else 1
+        rows = rows[:, : step * len(columns) : step]
+    return rows.to("cpu", torch.float64).numpy()
 
 
 def _numpy(t: torch.Tensor | None):
@@ -361,20 +373,23 @@ class StepAuditor:
         names: one ``verdict.fingerprint_rows`` call each."""
         import numpy as np
 
-        groups: dict[tuple[bool, tuple[str, ...]], list[tuple[int, dict[str, Any]]]] = {}
+        groups: dict[tuple[Any, ...], list[tuple[int, dict[str, Any]]]] = {}
         for k in mutated:
             i = indices[k]
             a, b = before[i], after[i]
-            sampled = b.states
-            if sampled is None:  # on the CPU: views of its state, stacked below
-                sampled = snapshot.state_views(optimizer, params[i])
-            groups.setdefault((a.param_sample is not None, tuple(sampled)), []).append((k, sampled))
+            # on an accelerator the snapshot sampled the state; on the CPU the whole state
+            # tensors are stacked below, sampled as one array (no view a parameter)
+            sampled = (
+                b.states if b.states is not None else snapshot.state_tensors(optimizer, params[i])
+            )
+            shapes = tuple((name, t.shape) for name, t in sampled.items())
+            groups.setdefault((a.param_sample is not None, shapes), []).append((k, sampled))
         out: dict[int, str] = {}
-        for (has_y, names), rows in groups.items():
+        for (has_y, shapes), rows in groups.items():
             ks = [k for k, _ in rows]
             chosen = [indices[k] for k in ks]
             y = _rows([before[i].param_sample for i in chosen]) if has_y else None
-            states = {name: _rows([s[name] for _, s in rows]) for name in names}
+            states = {name: _sampled_rows([s[name] for _, s in rows]) for name, _ in shapes}
             found = verdict.fingerprint_rows(
                 pre[ks],
                 post[ks],

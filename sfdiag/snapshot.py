@@ -255,10 +255,10 @@ def _fused_grads(views: dict[int, torch.Tensor]) -> set[int]:
 
 def _fused_eligible(view: torch.Tensor) -> bool:
     return (
-        view.layout == torch.strided
+        view.numel() >= FUSED_MIN_ROWS * FUSED_BLOCK  # first: most grads are smaller
+        and view.layout == torch.strided
         and view.dtype in (torch.float32, torch.bfloat16, torch.float16)
         and view.is_contiguous()
-        and view.numel() >= FUSED_MIN_ROWS * FUSED_BLOCK
     )
 
 
@@ -394,10 +394,22 @@ class _Pending:
     def _numpy(self, slot: int, cache: dict[int, Any], convert: Callable[..., Any]) -> Any:
         """The slot's result from its piece converted once (``cache``), a row a view."""
         piece, row = self.where[slot]
+        array = self._piece(piece, cache, convert)
+        return array if row is None else array[row]
+
+    def _piece(self, piece: int, cache: dict[int, Any], convert: Callable[..., Any]) -> Any:
         array = cache.get(piece)
         if array is None:
             array = cache[piece] = convert(self.host[piece])
-        return array if row is None else array[row]
+        return array
+
+    def whole(self, slot: int) -> Any:
+        """The whole piece ``slot`` lies in, as numpy (all the rows of its stack)."""
+        return self._piece(self.where[slot][0], self._arrays, torch.Tensor.numpy)
+
+    def whole_bits(self, slot: int) -> Any:
+        """``whole`` as the bits of its elements (``bits``)."""
+        return self._piece(self.where[slot][0], self._bits, lambda piece: _bits(piece).numpy())
 
     def tensor(self, slot: int) -> torch.Tensor:
         piece, row = self.where[slot]
@@ -461,6 +473,28 @@ def _unchanged(grads: list[torch.Tensor | None], before: list[GradFingerprint] |
         and before[i].ref() is g
         and before[i].version == g._version
     }
+
+
+class Snapshot(list):
+    """The fingerprints ``take`` returns, one per parameter, and what the snapshot after
+    ``step()`` compares against in arrays: per group of small grads read together (their
+    indices, in order), the rows of their block sums and of their samples' bits."""
+
+    def __init__(self, prints: list[GradFingerprint], groups: dict[tuple[int, ...], Any]):
+        super().__init__(prints)
+        self.groups = groups
+
+
+def _stayed(
+    indices: tuple[int, ...], rows: tuple[Any, Any], before: list[GradFingerprint] | None
+) -> Any:
+    """Which of a group's grads (``rows``: their block sums and samples' bits now) are bit
+    for bit what ``before`` read of the same group: one comparison of two arrays, no
+    digest a grad. None where ``before`` has no such group."""
+    kept = getattr(before, "groups", {}).get(indices)
+    if kept is None or kept[0].shape != rows[0].shape or kept[1].shape != rows[1].shape:
+        return None
+    return (kept[0] == rows[0]).all(axis=1) & (kept[1] == rows[1]).all(axis=1)
 
 
 @torch.no_grad()  # the hooks run with grad on, and a create_graph=True grad has a graph
@@ -528,7 +562,7 @@ def take(
                 param_at[i] = param_rows[k]
 
     plain_norms = []
-    same_size: dict[tuple[int, torch.dtype, torch.device], list[int]] = {}
+    same_shape: dict[tuple[Any, ...], list[int]] = {}
     for i, view in views.items():
         if (
             i not in sums_at
@@ -536,13 +570,16 @@ def take(
             and view.layout == torch.strided
             and view.numel() <= SMALL_TENSOR
         ):
-            same_size.setdefault((view.numel(), view.dtype, view.device), []).append(i)
-    for indices in same_size.values():
+            same_shape.setdefault((view.shape, view.dtype, view.device), []).append(i)
+    groups: dict[tuple[int, ...], tuple[int, int]] = {}  # indices -> (sums, samples) pieces
+    for indices in same_shape.values():
         if len(indices) < 2:
             continue
-        stacked = torch.stack([views[i].reshape(-1) for i in indices])
+        # one stack of the grads as they are (one shape: no view a grad), then rows
+        stacked = torch.stack([views[i] for i in indices]).reshape(len(indices), -1)
         checksums = pending.add_rows(_checksum_rows(stacked))
         samples = pending.add_rows(_sample_rows(stacked))
+        groups[tuple(indices)] = (checksums[0], samples[0])
         for i, sums, sample in zip(indices, checksums, samples, strict=True):
             sums_at[i], sample_at[i] = sums, sample
             if i not in unchanged:
@@ -596,9 +633,22 @@ def take(
             state_at[i][k] = slot
     pending.fetch()
 
+    kept: dict[tuple[int, ...], Any] = {}
+    stayed: set[int] = set()  # unchanged grads whose group's arrays equal before's, row by row
+    for indices, (sums_slot, sample_slot) in groups.items():
+        rows = (pending.whole(sums_slot), pending.whole_bits(sample_slot))
+        kept[indices] = rows
+        if not full and all(i in unchanged for i in indices):
+            same = _stayed(indices, rows, before)
+            if same is not None:
+                stayed.update(i for i, equal in zip(indices, same.tolist(), strict=True) if equal)
+
     out: list[GradFingerprint] = []
     recheck: list[int] = []
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        if i in stayed:  # the same tensor, version and bits: the fingerprint from before
+            out.append(before[i])
+            continue
         if g is None:
             out.append(GradFingerprint(None, 0, 0.0, b"", None, None))
             continue
@@ -638,7 +688,7 @@ def take(
         )
     for i in recheck:
         out[i] = _reread(out[i], views[i], params[i], states)
-    return out
+    return Snapshot(out, kept)
 
 
 def _reread(
@@ -699,6 +749,12 @@ def state_samples(optimizer: Any, param: torch.Tensor, *, full: bool = False) ->
         key: value.detach().clone() if full else sample_of(value)
         for key, value in _per_element_state(optimizer, param).items()
     }
+
+
+def state_tensors(optimizer: Any, param: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The optimizer's per-element state of ``param`` (tensors of its shape), by name, as
+    they are: for a caller that samples many params' alike in one stack."""
+    return _per_element_state(optimizer, param)
 
 
 def state_views(optimizer: Any, param: torch.Tensor) -> dict[str, torch.Tensor]:
