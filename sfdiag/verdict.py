@@ -251,6 +251,22 @@ def _row_fit(
     return coef, rel
 
 
+def _row_medians(values: np.ndarray, ok: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The median of each row's ``ok`` elements (NaN for the rows not in ``rows``): the
+    others sorted past them as +inf, the middle one (or two, averaged) picked by count, as
+    ``_median_of`` picks them."""
+    out = np.full(len(values), np.nan)
+    picked = np.flatnonzero(rows)
+    if not len(picked):
+        return out
+    ordered = np.sort(np.where(ok[picked], values[picked], np.inf), axis=1)
+    count = ok[picked].sum(axis=1)
+    low = ordered[np.arange(len(picked)), (count - 1) // 2]
+    high = ordered[np.arange(len(picked)), count // 2]
+    out[picked] = np.where(count % 2, high, (low + high) / 2)
+    return out
+
+
 def fingerprint_rows(
     pre: np.ndarray,
     post: np.ndarray,
@@ -320,9 +336,7 @@ def fingerprint_rows(
                 work = g / denominator / root
                 ok = usable & np.isfinite(work)
                 active &= ok.any(1)
-                k = np.full(count, np.nan)
-                if active.any():
-                    k[active] = np.nanmedian(np.where(ok[active], work[active], np.nan), axis=1)
+                k = _row_medians(work, ok, active)
                 active &= k > 0
                 if not active.any():
                     break
