@@ -442,15 +442,7 @@ class StepAuditor:
                     dtype_eps=_dtype_eps(a.sample if a.sample is not None else param),
                     states_are_scratch=True,
                 )
-        return ParamStep(
-            name=self.names.get(id(param), f"param{index}"),
-            shape=tuple(param.shape),
-            verdict=kind,
-            pre_norm=a.norm,
-            post_norm=b.norm if b.present else 0.0,
-            max_rel_change=change,
-            fingerprint=fp,
-        )
+        return self._step(index, param, a, b, kind, change, fp)
 
 
 def exception_text(exc: BaseException) -> str:

@@ -33,23 +33,10 @@ METRIC_VERDICTS = (
     "post-step",
     "unmatched",
 )
-#: the metric verdicts that fail ``sfdiag run --strict``
-WRONG_METRIC_VERDICTS = frozenset(
-    {
-        "local-shard",
-        "loss-scaled",
-        "partial-accumulation",
-        "previous-step",
-        "zeroed",
-        "next-step",
-        "base-lr",
-        "other-group",
-        "post-step",
-        "unmatched",
-    }
-)
 #: the metric verdicts that say what a right number is, beside the step's own norm
 NOTE_METRIC_VERDICTS = frozenset({"clipped", "averaged", "skipped-step"})
+#: the metric verdicts that fail ``sfdiag run --strict``: all but ``correct`` and the notes
+WRONG_METRIC_VERDICTS = frozenset(METRIC_VERDICTS) - {"correct"} - NOTE_METRIC_VERDICTS
 
 
 def _num(value: float | None) -> float | str | None:

@@ -230,7 +230,9 @@ class MetricAudit:
                     group = judge.rate_group(name)
                     logged.advanced = tuple(w.advanced_by(group) for w in watched)
                     logged.skips = tuple(w.skips for w in watched)
-                elif at_log is None:  # once per logging call, for its gradient metrics
+                elif at_log is None and judge.scope_hint(name) is None:
+                    # once per logging call, for its whole-model gradient metrics (a
+                    # parameter's norm, as Lightning logs a hundred of them, needs none)
                     at_log = self._at_log(fresh)
                 if quantity == "grad_norm":
                     logged.at_log = at_log or {}
