@@ -43,8 +43,12 @@ mode_watch_overhead_ratio
     ``metric_audit_overhead_ratio``.
 run_overhead_ratio_long
     ``sfdiag run``'s machinery from a run's first step over a long loop (sf-adamw on
-    ``mnist-cnn`` at batch 64, its grad norm logged every 10th step): chunks of 10 steps
-    alternate with and without it, in a worker with glibc malloc pinned; total over total.
+    ``mnist-cnn`` at batch 64, its grad norm logged every 10th step): chunks of
+    ``long_chunk`` (5) steps alternate with and without it, ``long_steps`` a side (2,000;
+    800 in ``--quick``), in a worker with glibc malloc pinned; total over total, in the
+    thread's CPU time (others' jobs on a shared machine move wall time several times more;
+    the wall-time ratio is in the details, with the min/median/max of the ratios of the
+    pairs of neighbouring chunks in either clock).
 audit_overhead_ratio_100m
     ``scaling``'s audit ratio at 100M parameters (its own worker in ``--quick``), over
     ``m100_pairs`` interleaved pairs of steps.
@@ -53,6 +57,36 @@ ddp_audit_overhead_ratio
     torchrun), each rank with half of the batch and sfdiag's channel to the other rank
     (the rank agreement check on audited steps); rank 0 logs to TensorBoard. Rank 0's
     figures.
+audit_host_us_per_tensor, audit_host_us_per_tensor_mutating
+    The auditor's host time per parameter tensor and snapshot: ``step()`` on 1,000
+    ``Linear(16, 16)`` (2,000 tensors of 256 or 16 elements, whose grads are filled once
+    with seeded ``randn * 1e-3`` and copied back, untimed, before every step) with a
+    ``StepAuditor``'s pre- and post-step hooks (as an audited step of ``sfdiag run`` or the
+    probe runs them: two snapshots) and without, in interleaved pairs; (audited - plain) /
+    (tensors x 2), medians, in µs. torch's AdamW (clean grads), and sfdiag's sf-adamw in
+    train mode (``_mutating``: it rewrites every grad, so each is fingerprinted and the
+    optimizer's state sampled).
+run_step_host_us_per_tensor
+    ``sfdiag run``'s machinery on an unaudited step of the same 2,000 tensors (sf-adamw;
+    the norms before and after ``step()``, the taps, one gradient norm logged to
+    TensorBoard a step and judged): rounds of ``host_round_steps`` steps with and without
+    it; the steps ``sfdiag run`` audits (the first ``AUDIT_FIRST``, then every
+    ``AUDIT_EVERY``-th) run untimed; (with - without) / tensors, medians of the rounds'
+    means, in µs. The writer is a ``SummaryWriter`` whose ``add_scalar`` only keeps the
+    value, swapped in on the class, so that the tap wraps it as it wraps the real one and
+    the real one's own cost is on neither side.
+run_host_us_per_logged_value
+    What one logged gradient norm or learning rate costs ``sfdiag run`` (tap, record,
+    judge): ``Linear(4, 1)`` sf-adamw training steps (batch 8) that log 8 values (4 grad
+    norms before ``step()``, 4 learning rates after, through that writer) or none, with
+    the machinery and without: rounds of the four shuffled, audited steps untimed;
+    ((with - without) logging - (with - without) not logging) / 8, in µs: the machinery's
+    own cost per step is taken off (``with_minus_without_us_per_value`` in the details
+    keeps it).
+sf_adamw_step_host_vs_upstream
+    ``sfdiag.optim.AdamWScheduleFree.step()`` on the same 2,000 tiny tensors over the
+    release's foreach path (``schedulefree.AdamWScheduleFree(foreach=True)``): the host's
+    cost per tensor of the step itself; None where schedulefree is not installed.
 cli_help_seconds, compare_default_seconds
     ``sfdiag --help`` and ``sfdiag compare`` as subprocesses, medians.
 scaling
@@ -76,7 +110,8 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -101,6 +136,11 @@ TARGETS = {
     "ddp_audit_overhead_ratio": ("<=", 1.10),
     "mode_watch_overhead_ratio": ("<=", 1.01),
     "metric_at_log_fraction": ("<=", 0.01),
+    "audit_host_us_per_tensor": ("<=", 5.0),
+    "audit_host_us_per_tensor_mutating": ("<=", 5.0),
+    "run_step_host_us_per_tensor": ("<=", 1.0),
+    "run_host_us_per_logged_value": ("<=", 10.0),
+    "sf_adamw_step_host_vs_upstream": ("<=", 1.0),
     "cli_help_seconds": ("<", 0.5),
     "compare_default_seconds": ("<", 5.0),
 }
@@ -121,6 +161,11 @@ FIGURES = (
     "run_overhead_ratio_long",
     "ddp_audit_overhead_ratio",
     "mode_watch_overhead_ratio",
+    "audit_host_us_per_tensor",
+    "audit_host_us_per_tensor_mutating",
+    "run_step_host_us_per_tensor",
+    "run_host_us_per_logged_value",
+    "sf_adamw_step_host_vs_upstream",
     "cli_help_seconds",
     "compare_default_seconds",
 )
@@ -156,8 +201,18 @@ class Settings:
     scaling_pairs: int = 8
     m100_size: int = 100_000_000  # audit_overhead_ratio_100m
     m100_pairs: int = 20
-    long_steps: int = 2000  # run_overhead_ratio_long: steps a side
-    long_chunk: int = 10
+    long_steps: int = 2000  # run_overhead_ratio_long: steps a side ...
+    long_chunk: int = 5  # ... in alternating chunks of this many
+    # the host's cost per tensor: Linear(host_width, host_width) x host_layers (2 tensors each)
+    host_layers: int = 1000
+    host_width: int = 16
+    host_pairs: int = 30  # audit_host_us_per_tensor*: interleaved pairs of steps
+    host_rounds: int = 30  # run_step_host_us_per_tensor: rounds a side ...
+    host_round_steps: int = 5  # ... of this many unaudited steps
+    host_step_rounds: int = 40  # sf_adamw_step_host_vs_upstream
+    value_rounds: int = 80  # run_host_us_per_logged_value: rounds of each of four sides ...
+    value_round_steps: int = 20  # ... of this many steps
+    logged_values: int = 8  # a step: half grad norms, half learning rates
     quick: bool = False
 
     @classmethod
@@ -170,7 +225,11 @@ class Settings:
             compare_runs=2,
             scaling_sizes=(1_000_000, 10_000_000),
             scaling_pairs=8,
-            long_steps=400,
+            long_steps=800,
+            host_pairs=15,
+            host_rounds=15,
+            host_step_rounds=20,
+            value_rounds=40,
             pinned_malloc_steps=False,
             quick=True,
             **kw,
@@ -198,6 +257,13 @@ class Settings:
             m100_pairs=1,
             long_steps=20,
             long_chunk=10,
+            host_layers=10,
+            host_pairs=1,
+            host_rounds=2,
+            host_round_steps=2,
+            host_step_rounds=1,
+            value_rounds=3,
+            value_round_steps=5,
             scaling_batch=2,
             quick=True,
             **kw,
@@ -610,21 +676,37 @@ def measure_mode_watch_overhead(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _spread(ratios: list[float]) -> dict[str, float]:
+    ordered = sorted(ratios)
+    return {
+        "min": round(ordered[0], 4),
+        "median": round(statistics.median(ordered), 4),
+        "max": round(ordered[-1], 4),
+    }
+
+
 def measure_long_run(settings: Settings) -> dict[str, Any]:
     """``sfdiag run`` over a long loop: sf-adamw training steps of mnist-cnn at batch 64
     that log their grad norm to TensorBoard every 10th step, ``long_steps`` with the whole
     machinery (sampled audits, reference norms, taps, modes: one run's worth, from its
-    first step) and as many without, in alternating chunks; the per-step ratio."""
+    first step) and as many without, in alternating chunks of ``long_chunk`` steps.
+
+    The headline is the ratio of the two sides' total thread CPU time: at a load of 4-12 on
+    this shared 2-core machine a pair of 5-step chunks moved by ±4 % in wall time (10th to
+    90th percentile), ±2.5 % in CPU time, so that two runs of 1,200 steps a side would
+    differ by 0.45 % (one standard deviation) in wall time, 0.16 % in CPU time. Four runs
+    of 800 steps a side (2026-12-06, load 1): 1.0166, 1.0159, 1.0143, 1.0143."""
     import tempfile
 
     torch.manual_seed(0)
     trainer = Trainer.build(build_model(settings.model), "sf-adamw", settings.batch)
     params = list(trainer.model.parameters())
+    # per chunk, in order: wall seconds and the thread's CPU seconds
+    wall: dict[str, list[float]] = {"plain": [], "audited": []}
+    cpu: dict[str, list[float]] = {"plain": [], "audited": []}
     with tempfile.TemporaryDirectory(prefix="sfdiag-bench-long-") as logdir:
         writer, logger = _writer(logdir)
         counters = {"plain": 0, "audited": 0}
-
-        cpu = {"plain": 0.0, "audited": 0.0}  # thread CPU time: less moved by others' jobs
 
         def steps(side: str, count: int) -> float:
             start, start_cpu = time.perf_counter(), time.thread_time()
@@ -637,27 +719,39 @@ def measure_long_run(settings: Settings) -> dict[str, Any]:
                     writer.add_scalar(f"{side}/grad_norm", float(norm), step)
                 trainer.optimizer.step()
                 counters[side] += 1
-            cpu[side] += time.thread_time() - start_cpu
+            cpu[side].append(time.thread_time() - start_cpu)
             return time.perf_counter() - start
 
         machinery = RunMachinery()
-        totals = {"plain": 0.0, "audited": 0.0}
         chunk = settings.long_chunk
         for index in range(settings.long_steps // chunk):
             order = ("plain", "audited") if index % 2 == 0 else ("audited", "plain")
             for side in order:
                 if side == "plain":
-                    totals[side] += steps(side, chunk)
+                    wall[side].append(steps(side, chunk))
                 else:
-                    totals[side] += machinery.run(lambda: steps("audited", chunk))
+                    wall[side].append(machinery.run(lambda: steps("audited", chunk)))
         writer.close()
     metrics = machinery.audit.finish()
     done = counters["plain"]
+
+    def pairs(times: dict[str, list[float]]) -> list[float]:
+        """Each pair of neighbouring chunks' ratio (the audited steps fall in a few of them:
+        the median is about an unaudited step's overhead)."""
+        return [a / p for a, p in zip(times["audited"], times["plain"], strict=True)]
+
     return {
-        "ratio": round(totals["audited"] / totals["plain"], 4),
-        "plain_ms": round(totals["plain"] / done * 1e3, 3),
-        "audited_ms": round(totals["audited"] / done * 1e3, 3),
-        "cpu_ratio": round(cpu["audited"] / cpu["plain"], 4),
+        "ratio": round(sum(cpu["audited"]) / sum(cpu["plain"]), 4),
+        "clock": "thread CPU time",
+        "chunk_pair_ratio": _spread(pairs(cpu)),
+        "wall_ratio": round(sum(wall["audited"]) / sum(wall["plain"]), 4),
+        "wall_chunk_pair_ratio": _spread(pairs(wall)),
+        "plain_ms": round(sum(wall["plain"]) / done * 1e3, 3),
+        "audited_ms": round(sum(wall["audited"]) / done * 1e3, 3),
+        "plain_cpu_ms": round(sum(cpu["plain"]) / done * 1e3, 3),
+        "audited_cpu_ms": round(sum(cpu["audited"]) / done * 1e3, 3),
+        "chunk_pairs": len(wall["plain"]),
+        "chunk_steps": chunk,
         "steps_each": done,
         "audited_steps": len(machinery.watch.watched[0].indices) if machinery.watch.watched else 0,
         "logged_every": 10,
@@ -1030,6 +1124,336 @@ def measure_sf_sgd_step(settings: Settings) -> dict[str, Any]:
     return out
 
 
+# ----------------------------------------------------------------------------- host cost per tensor
+
+
+def tiny_tensors(layers: int, width: int, seed: int = 0) -> torch.nn.Module:
+    """``layers`` Linear(width, width): 2 x ``layers`` tensors of a few hundred elements, on
+    which a step's time is the host's fixed cost per tensor (Python, small torch ops)."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(*(torch.nn.Linear(width, width) for _ in range(layers)))
+
+
+def _tiny_grads(params: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    """Fixed grads as real ones look (randn x 1e-3, seeded), so that a mutated grad's
+    fingerprint is fitted as in a real run."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=gen).mul_(1e-3) for p in params]
+
+
+class HostStep:
+    """One optimizer over ``tiny_tensors``; the grads are filled once and copied back,
+    untimed, before every step (sf-adamw overwrites them): every step sees the same grads."""
+
+    def __init__(self, optimizer: str, layers: int, width: int, seed: int = 0) -> None:
+        self.model = tiny_tensors(layers, width, seed)
+        self.params = list(self.model.parameters())
+        self.source = _tiny_grads(self.params, seed + 1)
+        for p, g in zip(self.params, self.source, strict=True):
+            p.grad = g.clone()
+        self.optimizer = make_optimizer(optimizer, self.params)
+
+    @property
+    def tensors(self) -> int:
+        return len(self.params)
+
+    def reset(self) -> None:
+        torch._foreach_copy_([p.grad for p in self.params], self.source)
+
+    def step(self) -> float:
+        self.reset()
+        start = time.perf_counter()
+        self.optimizer.step()
+        return time.perf_counter() - start
+
+
+def measure_audit_host(settings: Settings, optimizer: str) -> dict[str, Any]:
+    """``step()`` on ``tiny_tensors`` with a ``StepAuditor``'s two hooks and without, in
+    interleaved pairs: the audited step's extra time per tensor and snapshot (module doc)."""
+    bench = HostStep(optimizer, settings.host_layers, settings.host_width)
+    auditor = StepAuditor(names={id(p): n for n, p in bench.model.named_parameters()})
+    opt = bench.optimizer
+    hooks: dict[str, list[float]] = {"pre": [], "post": []}
+    mutated: list[int] = []
+
+    def timed(hook: Callable[..., None], key: str) -> Callable[..., None]:
+        def call(optimizer: Any, *args: Any) -> None:
+            start = time.perf_counter()
+            hook(optimizer, *args)
+            hooks[key].append(time.perf_counter() - start)
+
+        return call
+
+    def audited() -> float:
+        bench.reset()
+        handles = [
+            opt.register_step_pre_hook(timed(auditor.pre_step, "pre")),
+            opt.register_step_post_hook(timed(auditor.post_step, "post")),
+        ]
+        try:
+            start = time.perf_counter()
+            opt.step()
+            elapsed = time.perf_counter() - start
+        finally:
+            for handle in handles:
+                handle.remove()
+        mutated.append(auditor.observations[-1].params_mutated)
+        auditor.observations.clear()
+        return elapsed
+
+    warmup = 2  # the first audited step samples every parameter; the later ones as in a run
+    times = interleaved(
+        {"plain": bench.step, "audited": audited}, settings.host_pairs, warmup=warmup
+    )
+    per = bench.tensors * 2  # two snapshots a step: before step() and after
+    extra = statistics.median(times["audited"]) - statistics.median(times["plain"])
+    paired = statistics.median(a - p for a, p in zip(times["audited"], times["plain"], strict=True))
+    return {
+        "us_per_tensor": round(extra / per * 1e6, 2),
+        "paired_us_per_tensor": round(paired / per * 1e6, 2),
+        "plain_ms": _median_ms(times["plain"]),
+        "audited_ms": _median_ms(times["audited"]),
+        "pre_hook_ms": _median_ms(hooks["pre"][warmup:]),
+        "post_hook_ms": _median_ms(hooks["post"][warmup:]),
+        "tensors": bench.tensors,
+        "snapshots": 2,
+        "params_mutated": mutated[-1],
+        "pairs": len(times["plain"]),
+        "optimizer": optimizer,
+    }
+
+
+class _KeptScalars:
+    """What the stub ``SummaryWriter.add_scalar`` kept (``_summary_writer_stub``)."""
+
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+
+
+@contextmanager
+def _summary_writer_stub() -> Iterator[Any]:
+    """A ``SummaryWriter`` whose ``add_scalar`` only keeps the value: the class's own method
+    is swapped for the while, so ``sfdiag run``'s TensorBoard tap wraps it as it wraps the
+    real one, and what the real one costs (an event protobuf, a queue) is on neither side.
+    None where tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import writer as tensorboard
+    except ImportError:
+        yield None
+        return
+    cls = tensorboard.SummaryWriter
+    kept = _KeptScalars()
+    original = vars(cls)["add_scalar"]
+
+    def add_scalar(
+        self: Any,
+        tag: str,
+        scalar_value: Any,
+        global_step: Any = None,
+        walltime: Any = None,
+        new_style: bool = False,
+        double_precision: bool = False,
+    ) -> None:
+        kept.values.append(scalar_value)
+
+    cls.add_scalar = add_scalar
+    try:
+        yield cls.__new__(cls)  # no __init__: no log directory, no event file
+    finally:
+        cls.add_scalar = original
+
+
+def _audited_next(machinery: RunMachinery) -> bool:
+    """Whether the next ``step()`` of the (one) watched optimizer is an audited one."""
+    from sfdiag.run.watch import audited
+
+    if not machinery.watch.watched:
+        return True  # its first step
+    entry = machinery.watch.watched[0]
+    return audited(entry.started, len(entry.auditor.observations))
+
+
+def _unaudited_steps(
+    one: Callable[[str], float], machinery: RunMachinery
+) -> Callable[[str, int], float]:
+    """``steps(side, count)``: the mean seconds of ``count`` steps of ``one(side)``; on the
+    ``"run"`` side (inside the machinery) an audited step runs untimed, beside them."""
+
+    def steps(side: str, count: int) -> float:
+        total, done = 0.0, 0
+        while done < count:
+            if side.startswith("run") and _audited_next(machinery):
+                one(side)
+                continue
+            total += one(side)
+            done += 1
+        return total / count
+
+    return steps
+
+
+def measure_run_step_host(settings: Settings, optimizer: str = "sf-adamw") -> dict[str, Any]:
+    """An unaudited step of ``sfdiag run`` on ``tiny_tensors``, a gradient norm logged to
+    TensorBoard each step (the stub writer), over the same step without the machinery;
+    rounds of ``host_round_steps`` alternate; the extra time per tensor (module doc)."""
+    bench = HostStep(optimizer, settings.host_layers, settings.host_width)
+    machinery = RunMachinery()
+    counters = {"plain": 0, "run": 0}
+    with _summary_writer_stub() as stub:
+        writer = stub if stub is not None else _ListWriter()
+
+        def one(side: str) -> float:
+            bench.reset()
+            start = time.perf_counter()
+            norm = torch.nn.utils.get_total_norm([p.grad for p in bench.params])
+            writer.add_scalar("train/grad_norm", float(norm), counters[side])
+            bench.optimizer.step()
+            elapsed = time.perf_counter() - start
+            counters[side] += 1
+            return elapsed
+
+        steps = _unaudited_steps(one, machinery)
+        count = settings.host_round_steps
+        machinery.run(lambda: steps("run", 1))  # the first AUDIT_FIRST steps, all audited
+        times = interleaved(
+            {
+                "plain": lambda: steps("plain", count),
+                "run": lambda: machinery.run(lambda: steps("run", count)),
+            },
+            settings.host_rounds,
+            warmup=1,
+        )
+    metrics = machinery.audit.finish()
+    entry = machinery.watch.watched[0]
+    extra = statistics.median(times["run"]) - statistics.median(times["plain"])
+    paired = statistics.median(a - p for a, p in zip(times["run"], times["plain"], strict=True))
+    return {
+        "us_per_tensor": round(extra / bench.tensors * 1e6, 3),
+        "paired_us_per_tensor": round(paired / bench.tensors * 1e6, 3),
+        "plain_ms": _median_ms(times["plain"]),
+        "run_ms": _median_ms(times["run"]),
+        "tensors": bench.tensors,
+        "steps_each": len(times["plain"]) * count,
+        "audited_steps_untimed": len(entry.indices),
+        "logger": "tensorboard (stub writer)" if stub is not None else "none (untapped)",
+        "metrics_judged": {m.name: (m.verdict, m.steps_judged) for m in metrics},
+        "optimizer": optimizer,
+    }
+
+
+def measure_logged_value_host(settings: Settings) -> dict[str, Any] | None:
+    """What one logged gradient norm or learning rate costs ``sfdiag run`` (module doc):
+    Linear(4, 1) training steps with and without the machinery, logging ``logged_values``
+    values a step and none; rounds of the four shuffled. None without tensorboard."""
+    with _summary_writer_stub() as writer:
+        if writer is None:
+            return None
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        model.sfdiag_input_shape = (4,)
+        model.sfdiag_loss = "mse"
+        trainer = Trainer.build(model, "sf-adamw", 8)
+        opt = trainer.optimizer
+        params = list(model.parameters())
+        norms = [f"run{i}/grad_norm" for i in range(settings.logged_values // 2)]
+        rates = [f"run{i}/lr" for i in range(settings.logged_values - len(norms))]
+        machinery = RunMachinery()
+        counters = {"plain": 0, "run": 0}
+
+        def one(side: str) -> float:
+            counter = "run" if side.startswith("run") else "plain"
+            log = side.endswith("logging")
+            step = counters[counter]
+            start = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            trainer._loss().backward()
+            if log:  # before step(): the grad norm (as clip_grad_norm_ returns it)
+                norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+                for tag in norms:
+                    writer.add_scalar(tag, norm, step)
+            opt.step()
+            if log:  # after it: the learning rate
+                rate = opt.param_groups[0]["lr"]
+                for tag in rates:
+                    writer.add_scalar(tag, rate, step)
+            elapsed = time.perf_counter() - start
+            counters[counter] += 1
+            return elapsed
+
+        steps = _unaudited_steps(one, machinery)
+        count = settings.value_round_steps
+        machinery.run(lambda: steps("run logging", 1))  # the first AUDIT_FIRST steps
+        times = interleaved(
+            {
+                "plain": lambda: steps("plain", count),
+                "plain logging": lambda: steps("plain logging", count),
+                "run": lambda: machinery.run(lambda: steps("run", count)),
+                "run logging": lambda: machinery.run(lambda: steps("run logging", count)),
+            },
+            settings.value_rounds,
+            warmup=1,
+            seed=5,
+        )
+    metrics = machinery.audit.finish()
+    us = {side: statistics.median(t) * 1e6 for side, t in times.items()}
+    values = settings.logged_values
+    per_step = us["run"] - us["plain"]
+    with_logging = us["run logging"] - us["plain logging"]
+    return {
+        "us_per_value": round((with_logging - per_step) / values, 2),
+        "with_minus_without_us_per_value": round(with_logging / values, 2),
+        "machinery_us_per_step": round(per_step, 1),
+        "step_us": {side: round(v, 1) for side, v in us.items()},
+        "values_per_step": values,
+        "grad_norms": len(norms),
+        "learning_rates": len(rates),
+        "steps_each": len(times["plain"]) * count,
+        "metrics_judged": {m.name: (m.verdict, m.steps_judged) for m in metrics},
+        "model": "Linear(4, 1)",
+        "batch": 8,
+        "optimizer": "sf-adamw",
+        "logger": "tensorboard (stub writer)",
+    }
+
+
+def measure_sf_adamw_host_step(settings: Settings) -> dict[str, Any]:
+    """The sf-adamw step on ``tiny_tensors`` (the host's cost per tensor): sfdiag's (and its
+    per-tensor path) vs the release's foreach path, interleaved."""
+    from sfdiag.optim import AdamWScheduleFree
+
+    release = _release()
+    base = [
+        p.detach().clone()
+        for p in tiny_tensors(settings.host_layers, settings.host_width).parameters()
+    ]
+    grads = _tiny_grads(base, seed=3)
+    benches = {
+        "sfdiag": StepBench(AdamWScheduleFree, base, grads),
+        "sfdiag_per_tensor": StepBench(lambda p: AdamWScheduleFree(p, foreach=False), base, grads),
+    }
+    if release is not None:
+        benches["release_foreach"] = StepBench(
+            lambda p: release.AdamWScheduleFree(p, foreach=True), base, grads
+        )
+    times = interleaved(
+        {k: b.run for k, b in benches.items()}, settings.host_step_rounds, warmup=2, seed=4
+    )
+    tensors = len(base)
+    out: dict[str, Any] = {
+        "tensors": tensors,
+        "ms": {name: _median_ms(t) for name, t in times.items()},
+        "us_per_tensor": {
+            name: round(statistics.median(t) / tensors * 1e6, 2) for name, t in times.items()
+        },
+        "rounds": len(times["sfdiag"]),
+        "vs_release_foreach": None,
+    }
+    if release is not None:
+        out["vs_release_foreach"] = _ratio(times["sfdiag"], times["release_foreach"])
+        out["paired_vs_release_foreach"] = _paired_ratio(times["sfdiag"], times["release_foreach"])
+    return out
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -1284,6 +1708,26 @@ def collect(settings: Settings, progress: Callable[[str], None] | None = None) -
         pinned = run_worker(settings, "steps")
         out["sf_adamw_step_pinned_malloc"] = pinned["adamw"]
         out["sf_sgd_step_pinned_malloc"] = pinned["sgd"]
+
+    say("the host's cost per tensor")
+    host = {name: measure_audit_host(settings, name) for name in ("adamw", "sf-adamw")}
+    out["audit_host_us_per_tensor"] = host["adamw"]["us_per_tensor"]
+    out["audit_host_us_per_tensor_mutating"] = host["sf-adamw"]["us_per_tensor"]
+    out["audit_host"] = {
+        "model": f"Linear({settings.host_width}, {settings.host_width}) x {settings.host_layers}",
+        **host,
+    }
+    run_step = measure_run_step_host(settings)
+    out["run_step_host_us_per_tensor"] = run_step["us_per_tensor"]
+    out["run_step_host"] = run_step
+    logged = measure_logged_value_host(settings)
+    out["run_host_us_per_logged_value"] = None if logged is None else logged["us_per_value"]
+    out["run_host_logged_value"] = logged
+    if logged is None:
+        notes.append("tensorboard is not installed: run_host_us_per_logged_value is skipped")
+    host_step = measure_sf_adamw_host_step(settings)
+    out["sf_adamw_step_host_vs_upstream"] = host_step["vs_release_foreach"]
+    out["sf_adamw_step_host"] = host_step
     if _release() is None:
         notes.append(
             "schedulefree is not installed: the comparisons with the release are skipped "
@@ -1415,6 +1859,32 @@ def render(figures: dict[str, Any]) -> str:
                 f"{name} (ms): {ms}; vs release {pinned.get('vs_release')}, "
                 f"vs floor {pinned['vs_floor']}"
             )
+    ah = figures["audit_host"]
+    for name in ("adamw", "sf-adamw"):
+        o = ah[name]
+        lines.append(
+            f"the auditor on {o['tensors']} tiny tensors ({ah['model']}), {name}: "
+            f"{o['plain_ms']:.2f} -> {o['audited_ms']:.2f} ms/step (hooks {o['pre_hook_ms']:.2f}"
+            f" + {o['post_hook_ms']:.2f} ms, {o['params_mutated']} grads mutated): "
+            f"{o['us_per_tensor']:.2f} us per tensor and snapshot"
+        )
+    rs = figures["run_step_host"]
+    lines.append(
+        f"sfdiag run, an unaudited step on the same {rs['tensors']} tensors, {rs['optimizer']}, "
+        f"a grad norm logged ({rs['logger']}): {rs['plain_ms']:.2f} -> {rs['run_ms']:.2f} "
+        f"ms/step: {rs['us_per_tensor']:.2f} us per tensor"
+    )
+    lv = figures["run_host_logged_value"]
+    if lv:
+        lines.append(
+            f"sfdiag run, one logged value ({lv['grad_norms']} grad norms and "
+            f"{lv['learning_rates']} rates a step, {lv['model']}, {lv['optimizer']}): "
+            f"{lv['us_per_value']:.1f} us (beside the machinery's {lv['machinery_us_per_step']:.0f}"
+            f" us a step; both over the values: {lv['with_minus_without_us_per_value']:.1f} us)"
+        )
+    hs = figures["sf_adamw_step_host"]
+    ms = ", ".join(f"{k} {v:.2f}" for k, v in hs["ms"].items())
+    lines.append(f"sf-adamw step on the same {hs['tensors']} tensors (ms): {ms}")
     cli = figures["cli"]
     one = cli["compare_one_thread"]
     lines.append(
@@ -1444,11 +1914,16 @@ def render(figures: dict[str, Any]) -> str:
             f"plain reads alone x{hooks['two_reads_over_step']:.3f}"
         )
     long_run = figures["run_overhead_long"]
+    pairs, wall_pairs = long_run["chunk_pair_ratio"], long_run["wall_chunk_pair_ratio"]
     lines.append(
         f"a long sfdiag run: {long_run['steps_each']} steps a side ({long_run['audited_steps']} "
-        f"audited), grad norm logged every {long_run['logged_every']}: "
-        f"{long_run['plain_ms']:.2f} -> {long_run['audited_ms']:.2f} ms/step "
-        f"(x{long_run['ratio']:.3f}; x{long_run['cpu_ratio']:.3f} in thread CPU time)"
+        f"audited) in {long_run['chunk_pairs']} pairs of {long_run['chunk_steps']}-step chunks, "
+        f"grad norm logged every {long_run['logged_every']}: {long_run['plain_cpu_ms']:.2f} -> "
+        f"{long_run['audited_cpu_ms']:.2f} ms/step in thread CPU time (x{long_run['ratio']:.4f}; "
+        f"pairs {pairs['min']:.3f} / {pairs['median']:.3f} / {pairs['max']:.3f}), "
+        f"{long_run['plain_ms']:.2f} -> {long_run['audited_ms']:.2f} in wall time "
+        f"(x{long_run['wall_ratio']:.4f}; pairs {wall_pairs['min']:.3f} / "
+        f"{wall_pairs['median']:.3f} / {wall_pairs['max']:.3f})"
     )
     lines.append(render_cuda(figures["cuda"]))
     lines.append("")

@@ -98,14 +98,35 @@ def _rows(tensors: list[torch.Tensor]) -> Any:
     return rows.reshape(len(tensors), -1).to("cpu", torch.float64).numpy()
 
 
-def _sampled_rows(tensors: list[torch.Tensor]) -> Any:
-    """``_rows`` of the samples of ``tensors`` (of one shape): the elements
-    ``snapshot.sample_positions`` names, taken as columns of their one stack."""
-    rows = torch.stack(tensors).reshape(len(tensors), -1)
-    columns = snapshot.sample_positions(rows.shape[1])
-    if len(columns) < rows.shape[1]:
-        step = columns[1] - columns[0] if len(columns) > 1 else 1
-        rows = rows[:, : step * len(columns) : step]
+#: the grads a step changed are compared in arrays of this many rows at most (a float64
+#: array and the fits' scratch per row: bounded memory in a step hook, whatever the model)...
+BATCH_ROWS = 128
+#: ... where there are this many of one sample length; fewer, one at a time (a model of a
+#: few large tensors keeps the memory of one grad's fits, under 1 % of its parameters)
+BATCH_MIN = 16
+
+
+def _chunks(groups: Any) -> list[list[int]]:
+    """``groups`` (lists of grad indices) cut into the rows of one array each (see
+    ``BATCH_ROWS``, ``BATCH_MIN``)."""
+    out = []
+    for indices in groups:
+        size = BATCH_ROWS if len(indices) >= BATCH_MIN else 1
+        out += [indices[start : start + size] for start in range(0, len(indices), size)]
+    return out
+
+
+def _state_rows(tensors: list[torch.Tensor]) -> Any:
+    """``_rows`` of the samples of ``tensors`` (one state, of one shape): the elements
+    ``snapshot.sample_positions`` names. Tensors no larger than a sample are stacked whole
+    (no view a tensor); larger ones by their samples' views, so that nothing more than the
+    samples is ever copied. None where every sample has a negative element: no second
+    moment, the fits' one use of state (not worth a float64 copy)."""
+    small = tensors[0].numel() <= snapshot.SAMPLE_SIZE
+    rows = torch.stack(tensors if small else [snapshot.sample_view(t) for t in tensors])
+    rows = rows.reshape(len(tensors), -1)
+    if bool((rows < 0).any(dim=1).all()):
+        return None
     return rows.to("cpu", torch.float64).numpy()
 
 
@@ -342,19 +363,39 @@ class StepAuditor:
                 if a.sample.shape == b.sample.shape:
                     by_length.setdefault(a.sample.numel(), []).append(i)
         kinds: dict[int, str] = {}
-        eps = _eps_by_param(optimizer) if self.fingerprint_kinds else {}
-        for indices in by_length.values():
+        mutating = self.fingerprint_kinds and "mutated" in changed.values()
+        eps = _eps_by_param(optimizer) if mutating else {}
+        for chunk in _chunks(by_length.values()):
+            self._compare_rows(
+                optimizer, params, before, after, changed, chunk, eps, changes, kinds
+            )
+        return changes, kinds
+
+    def _compare_rows(
+        self,
+        optimizer: Any,
+        params: list[torch.Tensor],
+        before: list[snapshot.GradFingerprint],
+        after: list[snapshot.GradFingerprint],
+        changed: dict[int, str],
+        indices: list[int],
+        eps: dict[int, float],
+        changes: dict[int, float | None],
+        kinds: dict[int, str],
+    ) -> None:
+        """``_changes`` of the grads ``indices`` (samples of one length), as rows of one array."""
+        if indices:
             pre = _rows([before[i].sample for i in indices])
             post = _rows([after[i].sample for i in indices])
-            changes.update(zip(indices, verdict.max_rel_change_rows(pre, post), strict=True))
-            if not self.fingerprint_kinds:
-                continue
+            if len(indices) == 1:  # in place, in two scratch arrays
+                changes[indices[0]] = verdict.max_rel_change(pre[0], post[0])
+            else:
+                changes.update(zip(indices, verdict.max_rel_change_rows(pre, post), strict=True))
             mutated = [k for k, i in enumerate(indices) if changed[i] == "mutated"]
-            if mutated:
+            if mutated and self.fingerprint_kinds:
                 kinds.update(
                     self._kinds(optimizer, params, before, after, indices, mutated, pre, post, eps)
                 )
-        return changes, kinds
 
     def _kinds(
         self,
@@ -389,15 +430,25 @@ class StepAuditor:
             ks = [k for k, _ in rows]
             chosen = [indices[k] for k in ks]
             y = _rows([before[i].param_sample for i in chosen]) if has_y else None
-            states = {name: _sampled_rows([s[name] for _, s in rows]) for name, _ in shapes}
-            found = verdict.fingerprint_rows(
-                pre[ks],
-                post[ks],
-                y,
-                states,
-                np.array([eps.get(id(params[i]), DEFAULT_EPS) for i in chosen]),
-                np.array([_dtype_eps(before[i].sample) for i in chosen]),
-            )
+            states = {name: _state_rows([s[name] for _, s in rows]) for name, _ in shapes}
+            states = {name: state for name, state in states.items() if state is not None}
+            eps_of = np.array([eps.get(id(params[i]), DEFAULT_EPS) for i in chosen])
+            dtype_eps = np.array([_dtype_eps(before[i].sample) for i in chosen])
+            if len(ks) == 1:  # one grad: its own fits, in their scratch arrays
+                k = ks[0]
+                found = [
+                    verdict.fingerprint(
+                        pre[k],
+                        post[k],
+                        None if y is None else y[0],
+                        {name: state[0] for name, state in states.items()},
+                        float(eps_of[0]),
+                        dtype_eps=float(dtype_eps[0]),
+                        states_are_scratch=True,
+                    )
+                ]
+            else:
+                found = verdict.fingerprint_rows(pre[ks], post[ks], y, states, eps_of, dtype_eps)
             out.update(zip(chosen, found, strict=True))
         return out
 

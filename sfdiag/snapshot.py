@@ -177,6 +177,11 @@ def _sample_view(t: torch.Tensor) -> torch.Tensor:
     return _flat(t)[: step * SAMPLE_SIZE : step]
 
 
+def sample_view(t: torch.Tensor) -> torch.Tensor:
+    """The elements ``sample_positions`` names of ``t``, as a view (not copied)."""
+    return _sample_view(t.detach())
+
+
 def sample_of(t: torch.Tensor) -> torch.Tensor:
     """The elements ``sample_positions`` names of ``t``, copied."""
     return _sample_view(t.detach()).clone()

@@ -54,6 +54,8 @@ def test_every_key_is_present_and_sane(figures, bench):
     for key in bench.FIGURES:
         if key.endswith("_vs_upstream") and not release:
             assert figures[key] is None
+        elif "_us_per_" in key:  # a difference of times: at tiny sizes noise may turn it
+            assert isinstance(figures[key], float) and math.isfinite(figures[key]), key
         else:
             assert _positive(figures[key]), (key, figures[key])
     assert figures["machine"]["torch_threads"] == 1
@@ -131,7 +133,7 @@ def test_the_cuda_figures_run_through_on_the_cpu(bench):
     assert f"batch {settings.scaling_batch}:" in text and f"batch {bench.CUDA_LARGE_BATCH}:" in text
 
 
-def test_the_new_figures_are_there(figures):
+def test_the_new_figures_are_there(figures, bench):
     assert figures["cuda"] == "not available" or isinstance(figures["cuda"], dict)
     for key in ("audit_overhead_ratio_100m", "audit_extra_memory_fraction_mutating"):
         assert _positive(figures[key])
@@ -140,8 +142,39 @@ def test_the_new_figures_are_there(figures):
     assert hooks["pre_hook_ms"] > 0 and hooks["post_hook_ms"] > 0 and hooks["step_ms"] > 0
     long_run = figures["run_overhead_long"]
     assert long_run["steps_each"] > 0 and long_run["audited_steps"] > 0
-    assert _positive(long_run["cpu_ratio"])  # beside the wall-time ratio, steadier
+    assert long_run["clock"] == "thread CPU time" and _positive(long_run["wall_ratio"])
+    for spread in (long_run["chunk_pair_ratio"], long_run["wall_chunk_pair_ratio"]):
+        assert 0 < spread["min"] <= spread["median"] <= spread["max"]
+    assert long_run["chunk_pairs"] == bench.Settings.tiny().long_steps // long_run["chunk_steps"]
     assert long_run["metrics_judged"]["audited/grad_norm"][0] == "correct"
+
+
+def test_the_host_cost_figures(figures, bench):
+    """Round 3: the host's cost per tensor and per logged value measure what they name."""
+    settings = bench.Settings.tiny()
+    tensors = 2 * settings.host_layers
+    audit = figures["audit_host"]
+    for name, mutated in (("adamw", 0), ("sf-adamw", tensors)):
+        o = audit[name]
+        assert o["tensors"] == tensors and o["snapshots"] == 2
+        assert o["params_mutated"] == mutated  # sf-adamw's grads are fingerprinted
+        assert _positive(o["plain_ms"]) and _positive(o["audited_ms"])
+        assert _positive(o["pre_hook_ms"]) and _positive(o["post_hook_ms"])
+    run_step = figures["run_step_host"]
+    assert run_step["tensors"] == tensors and run_step["logger"] == "tensorboard (stub writer)"
+    assert _positive(run_step["plain_ms"]) and _positive(run_step["run_ms"])
+    assert run_step["audited_steps_untimed"] >= 20  # the first AUDIT_FIRST, never timed
+    assert run_step["metrics_judged"]["train/grad_norm"][0] == "correct"
+    logged = figures["run_host_logged_value"]
+    assert logged["values_per_step"] == settings.logged_values
+    assert all(_positive(us) for us in logged["step_us"].values())
+    judged = logged["metrics_judged"]
+    assert len(judged) == settings.logged_values  # every value tapped, recorded and judged
+    assert all(verdict == "correct" and steps > 0 for verdict, steps in judged.values())
+    step = figures["sf_adamw_step_host"]
+    assert step["tensors"] == tensors and _positive(step["ms"]["sfdiag"])
+    if figures["machine"]["schedulefree"] is not None:
+        assert _positive(step["ms"]["release_foreach"])
 
 
 def test_the_hook_profile_names_both_hooks():
