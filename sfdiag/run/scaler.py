@@ -152,7 +152,9 @@ class ScalerWatch:
             scale, entry.step_scale = entry.step_scale, None
             if scale is None:  # a disabled scaler: a plain step
                 return
-            self._since_update.setdefault(id(scaler), []).append(entry)
+            stepped = self._since_update.setdefault(id(scaler), [])
+            if not any(e is entry for e in stepped):  # bounded, whether or not update() runs
+                stepped.append(entry)
             if entry.started != began or entry.error is not None:
                 return
             norms = entry.skipped(scale, self.backwards.count)
