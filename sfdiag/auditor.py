@@ -320,7 +320,9 @@ class StepAuditor:
                 steps[i] = self._step(i, p, a, b, "clean", 0.0, None)
             else:
                 changed[i] = kind
-        changes, kinds = self._changes(optimizer, params, before, after, changed)
+        changes, kinds = _ChangedGrads(
+            optimizer, params, before, after, changed, self.fingerprint_kinds
+        ).compare()
         for i, kind in changed.items():
             steps[i] = self._step(i, params[i], before[i], after[i], kind, changes[i], kinds.get(i))
         return [(params[i], steps[i]) for i in sorted(steps)]
@@ -344,113 +346,6 @@ class StepAuditor:
             max_rel_change=change,
             fingerprint=fp,
         )
-
-    def _changes(
-        self,
-        optimizer: Any,
-        params: list[torch.Tensor],
-        before: list[snapshot.GradFingerprint],
-        after: list[snapshot.GradFingerprint],
-        changed: dict[int, str],
-    ) -> tuple[dict[int, float | None], dict[int, str]]:
-        """The max relative change of each changed grad's sample (None where there is none
-        after, or of another length), and the kind of each mutated grad's change."""
-        changes: dict[int, float | None] = dict.fromkeys(changed)
-        by_length: dict[int, list[int]] = {}
-        for i in changed:
-            a, b = before[i], after[i]
-            if b.present and a.sample is not None and b.sample is not None:
-                if a.sample.shape == b.sample.shape:
-                    by_length.setdefault(a.sample.numel(), []).append(i)
-        kinds: dict[int, str] = {}
-        mutating = self.fingerprint_kinds and "mutated" in changed.values()
-        eps = _eps_by_param(optimizer) if mutating else {}
-        for chunk in _chunks(by_length.values()):
-            self._compare_rows(
-                optimizer, params, before, after, changed, chunk, eps, changes, kinds
-            )
-        return changes, kinds
-
-    def _compare_rows(
-        self,
-        optimizer: Any,
-        params: list[torch.Tensor],
-        before: list[snapshot.GradFingerprint],
-        after: list[snapshot.GradFingerprint],
-        changed: dict[int, str],
-        indices: list[int],
-        eps: dict[int, float],
-        changes: dict[int, float | None],
-        kinds: dict[int, str],
-    ) -> None:
-        """``_changes`` of the grads ``indices`` (samples of one length), as rows of one array."""
-        if indices:
-            pre = _rows([before[i].sample for i in indices])
-            post = _rows([after[i].sample for i in indices])
-            if len(indices) == 1:  # in place, in two scratch arrays
-                changes[indices[0]] = verdict.max_rel_change(pre[0], post[0])
-            else:
-                changes.update(zip(indices, verdict.max_rel_change_rows(pre, post), strict=True))
-            mutated = [k for k, i in enumerate(indices) if changed[i] == "mutated"]
-            if mutated and self.fingerprint_kinds:
-                kinds.update(
-                    self._kinds(optimizer, params, before, after, indices, mutated, pre, post, eps)
-                )
-
-    def _kinds(
-        self,
-        optimizer: Any,
-        params: list[torch.Tensor],
-        before: list[snapshot.GradFingerprint],
-        after: list[snapshot.GradFingerprint],
-        indices: list[int],
-        mutated: list[int],
-        pre: Any,
-        post: Any,
-        eps: dict[int, float],
-    ) -> dict[int, str]:
-        """The kind of each mutated grad's change (rows ``mutated`` of ``pre``/``post``),
-        fitted over the rows that share a param sample or none, and the optimizer's state
-        names: one ``verdict.fingerprint_rows`` call each."""
-        import numpy as np
-
-        groups: dict[tuple[Any, ...], list[tuple[int, dict[str, Any]]]] = {}
-        for k in mutated:
-            i = indices[k]
-            a, b = before[i], after[i]
-            # on an accelerator the snapshot sampled the state; on the CPU the whole state
-            # tensors are stacked below, sampled as one array (no view a parameter)
-            sampled = (
-                b.states if b.states is not None else snapshot.state_tensors(optimizer, params[i])
-            )
-            shapes = tuple((name, t.shape) for name, t in sampled.items())
-            groups.setdefault((a.param_sample is not None, shapes), []).append((k, sampled))
-        out: dict[int, str] = {}
-        for (has_y, shapes), rows in groups.items():
-            ks = [k for k, _ in rows]
-            chosen = [indices[k] for k in ks]
-            y = _rows([before[i].param_sample for i in chosen]) if has_y else None
-            states = {name: _state_rows([s[name] for _, s in rows]) for name, _ in shapes}
-            states = {name: state for name, state in states.items() if state is not None}
-            eps_of = np.array([eps.get(id(params[i]), DEFAULT_EPS) for i in chosen])
-            dtype_eps = np.array([_dtype_eps(before[i].sample) for i in chosen])
-            if len(ks) == 1:  # one grad: its own fits, in their scratch arrays
-                k = ks[0]
-                found = [
-                    verdict.fingerprint(
-                        pre[k],
-                        post[k],
-                        None if y is None else y[0],
-                        {name: state[0] for name, state in states.items()},
-                        float(eps_of[0]),
-                        dtype_eps=float(dtype_eps[0]),
-                        states_are_scratch=True,
-                    )
-                ]
-            else:
-                found = verdict.fingerprint_rows(pre[ks], post[ks], y, states, eps_of, dtype_eps)
-            out.update(zip(chosen, found, strict=True))
-        return out
 
     def _compare(
         self,
@@ -494,6 +389,95 @@ class StepAuditor:
                     states_are_scratch=True,
                 )
         return self._step(index, param, a, b, kind, change, fp)
+
+
+@dataclass
+class _ChangedGrads:
+    """The grads one step changed (``changed``: index -> verdict), compared as the rows of
+    arrays (see ``StepAuditor._compare_all``)."""
+
+    optimizer: Any
+    params: list[torch.Tensor]
+    before: list[snapshot.GradFingerprint]
+    after: list[snapshot.GradFingerprint]
+    changed: dict[int, str]
+    fingerprint_kinds: bool
+    eps: dict[int, float] = field(default_factory=dict)
+
+    def compare(self) -> tuple[dict[int, float | None], dict[int, str]]:
+        """The max relative change of each changed grad's sample (None where there is none
+        after, or of another length), and the kind of each mutated grad's change."""
+        changes: dict[int, float | None] = dict.fromkeys(self.changed)
+        by_length: dict[int, list[int]] = {}
+        for i in self.changed:
+            a, b = self.before[i], self.after[i]
+            if b.present and a.sample is not None and b.sample is not None:
+                if a.sample.shape == b.sample.shape:
+                    by_length.setdefault(a.sample.numel(), []).append(i)
+        kinds: dict[int, str] = {}
+        if self.fingerprint_kinds and "mutated" in self.changed.values():
+            self.eps = _eps_by_param(self.optimizer)
+        for chunk in _chunks(by_length.values()):
+            self._compare_rows(chunk, changes, kinds)
+        return changes, kinds
+
+    def _compare_rows(
+        self, indices: list[int], changes: dict[int, float | None], kinds: dict[int, str]
+    ) -> None:
+        """``compare`` of the grads ``indices`` (samples of one length), as rows of one array."""
+        pre = _rows([self.before[i].sample for i in indices])
+        post = _rows([self.after[i].sample for i in indices])
+        if len(indices) == 1:  # in place, in two scratch arrays
+            changes[indices[0]] = verdict.max_rel_change(pre[0], post[0])
+        else:
+            changes.update(zip(indices, verdict.max_rel_change_rows(pre, post), strict=True))
+        mutated = [k for k, i in enumerate(indices) if self.changed[i] == "mutated"]
+        if mutated and self.fingerprint_kinds:
+            kinds.update(self._kinds(indices, mutated, pre, post))
+
+    def _kinds(self, indices: list[int], mutated: list[int], pre: Any, post: Any) -> dict[int, str]:
+        """The kind of each mutated grad's change (rows ``mutated`` of ``pre``/``post``),
+        fitted over the rows that share a param sample or none, and the optimizer's state
+        names and shapes: one ``verdict.fingerprint_rows`` call each (one grad alone: its
+        own fits)."""
+        import numpy as np
+
+        groups: dict[tuple[Any, ...], list[tuple[int, dict[str, Any]]]] = {}
+        for k in mutated:
+            i = indices[k]
+            a, b = self.before[i], self.after[i]
+            # on an accelerator the snapshot sampled the state; on the CPU the state tensors
+            # themselves, sampled in one stack per name and shape (``_state_rows``)
+            sampled = b.states
+            if sampled is None:
+                sampled = snapshot.state_tensors(self.optimizer, self.params[i])
+            shapes = tuple((name, t.shape) for name, t in sampled.items())
+            groups.setdefault((a.param_sample is not None, shapes), []).append((k, sampled))
+        out: dict[int, str] = {}
+        for (has_y, shapes), rows in groups.items():
+            ks = [k for k, _ in rows]
+            chosen = [indices[k] for k in ks]
+            y = _rows([self.before[i].param_sample for i in chosen]) if has_y else None
+            states = {name: _state_rows([s[name] for _, s in rows]) for name, _ in shapes}
+            states = {name: state for name, state in states.items() if state is not None}
+            eps_of = np.array([self.eps.get(id(self.params[i]), DEFAULT_EPS) for i in chosen])
+            dtype_eps = np.array([_dtype_eps(self.before[i].sample) for i in chosen])
+            if len(ks) == 1:  # one grad: its own fits, in their scratch arrays
+                found = [
+                    verdict.fingerprint(
+                        pre[ks[0]],
+                        post[ks[0]],
+                        None if y is None else y[0],
+                        {name: state[0] for name, state in states.items()},
+                        float(eps_of[0]),
+                        dtype_eps=float(dtype_eps[0]),
+                        states_are_scratch=True,
+                    )
+                ]
+            else:
+                found = verdict.fingerprint_rows(pre[ks], post[ks], y, states, eps_of, dtype_eps)
+            out.update(zip(chosen, found, strict=True))
+        return out
 
 
 def exception_text(exc: BaseException) -> str:
