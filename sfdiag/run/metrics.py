@@ -424,19 +424,28 @@ class MetricAudit:
         entry = self.watch.watched[position]
         found = [  # a skipped attempt shares the index of the step that followed it
             (n.step, entry.references(n, None).true)
-            for n in self._history.get(position, ())
+            for n in self._kept_since(position, min(wanted))
             if n.step in wanted and not n.skipped or n.skipped and n.step == step
         ]
         return tuple(sorted(found, reverse=True))
+
+    def _kept_since(self, position: int, first: int) -> list[StepNorms]:
+        """The kept steps of the watched optimizer from ``first`` on, oldest first: read from
+        the newest back (a value is judged near its step: not the whole history each time)."""
+        out = []
+        for norms in reversed(self._history.get(position, ())):
+            if norms.step < first:
+                break
+            out.append(norms)
+        out.reverse()
+        return out
 
     def _window(self, position: int, since: int | None, end: int) -> list[float] | None:
         """The true whole-model norms of the watched optimizer's steps after ``since`` (from
         its first step where None) up to ``end``; None where they are not all kept."""
         entry = self.watch.watched[position]
         first = 0 if since is None else since + 1
-        steps = [
-            n for n in self._history.get(position, ()) if first <= n.step <= end and not n.skipped
-        ]
+        steps = [n for n in self._kept_since(position, first) if n.step <= end and not n.skipped]
         if entry.saw_sharded or not steps or len(steps) != end - first + 1:
             return None  # a rank's shards, or steps no longer kept
         return [entry.references(n, None).true for n in steps]
