@@ -20,6 +20,7 @@ first of ``METRIC_VERDICTS`` that fits; a metric's is its worst step's.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import re
 import statistics
@@ -179,6 +180,7 @@ def is_learning_rate_word(part: str) -> bool:
     return core in (["lr"], ["learning", "rate"], ["learningrate"])
 
 
+@functools.lru_cache(maxsize=4096)  # per logged name: the same few, every step
 def rate_group(name: str) -> int:
     """The param group a learning-rate metric names (``lr-AdamW/pg2`` -> 1, Lightning counts
     from 1; ``lr/group1``, ``lr_group_1`` -> 1); group 0 where it names none."""
@@ -227,6 +229,7 @@ class MetricSelector:
         return self.quantity(name) is not None
 
 
+@functools.lru_cache(maxsize=4096)  # per logged name: the same few, every step
 def scope_hint(name: str) -> str | None:
     """The last part of a name that may name a parameter or module (None: the whole model).
 

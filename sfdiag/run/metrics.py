@@ -101,6 +101,23 @@ def logged_step(step: Any, items: list[tuple[Any, Any]]) -> int | None:
     return None
 
 
+def _grads_key(backwards: int, grads: list[Any]) -> tuple[int, list[Any]]:
+    """What ``_same_grads`` compares: the backward count, each grad weakly and its version."""
+    return backwards, [(weakref.ref(g), g._version) if g is not None else None for g in grads]
+
+
+def _same_grads(key: tuple[int, list[Any]], backwards: int, grads: list[Any]) -> bool:
+    count, refs = key
+    if count != backwards or len(refs) != len(grads):
+        return False
+    for ref, g in zip(refs, grads, strict=True):
+        if (ref is None) != (g is None):
+            return False
+        if g is not None and (ref[0]() is not g or ref[1] != g._version):
+            return False
+    return True
+
+
 def _rate_references(
     step: int,
     rates: Any,
@@ -177,6 +194,8 @@ class MetricAudit:
     _averages: dict[tuple[str, str], judge.AverageFit] = field(default_factory=dict)
     _last_steps: dict[tuple[str, str], int] = field(default_factory=dict)
     _history: dict[int, deque[StepNorms]] = field(default_factory=dict)
+    # per optimizer (by id): its grads' ids and versions at the last at-log read, and the norm
+    _at_log_cache: dict[int, tuple[tuple[Any, ...], Any]] = field(default_factory=dict)
 
     # ---- what the taps call -----------------------------------------------------------------
     def is_active(self) -> bool:
@@ -271,10 +290,23 @@ class MetricAudit:
         coming += [(o, StepAuditor.params_of(o), 0, scaled) for o in self.watch.born()]
         out = {}
         for optimizer, params, mark, still_scaled in coming:
-            norms = _norms([p.grad for p in params]) if optimizer is not None else None
-            if norms is not None:
+            if optimizer is None:
+                continue
+            grads = [p.grad for p in params]
+            # the grads as they are: the same tensors (held weakly: a freed grad's address
+            # may be a new one's) at the same versions as at this optimizer's last read, no
+            # backward since, share its norm (a script logging several values in a row reads
+            # the grads once); an in-place edit (clipping, unscale_) moves a version
+            last = self._at_log_cache.get(id(optimizer))
+            if last is not None and _same_grads(last[0], count, grads):
+                total = last[1]
+            else:
+                norms = _norms(grads)
+                total = None if norms is None else norms.square().sum().sqrt()
+                self._at_log_cache[id(optimizer)] = (_grads_key(count, grads), total)
+            if total is not None:
                 micro = None if backwards is None else count - mark
-                out[id(optimizer)] = (norms.square().sum().sqrt(), micro, still_scaled)
+                out[id(optimizer)] = (total, micro, still_scaled)
         return out
 
     def skipped(self, entry: Watched, optimizer: Any, norms: StepNorms) -> None:
