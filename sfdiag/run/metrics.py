@@ -194,8 +194,9 @@ class MetricAudit:
     _averages: dict[tuple[str, str], judge.AverageFit] = field(default_factory=dict)
     _last_steps: dict[tuple[str, str], int] = field(default_factory=dict)
     _history: dict[int, deque[StepNorms]] = field(default_factory=dict)
-    # per optimizer (by id): its grads' ids and versions at the last at-log read, and the norm
-    _at_log_cache: dict[int, tuple[tuple[Any, ...], Any]] = field(default_factory=dict)
+    # per optimizer (by id): the backward count, its grads (weakly) and their versions at the
+    # last at-log read (``_grads_key``), and the norm then
+    _at_log_cache: dict[int, tuple[tuple[int, list[Any]], Any]] = field(default_factory=dict)
 
     # ---- what the taps call -----------------------------------------------------------------
     def is_active(self) -> bool:

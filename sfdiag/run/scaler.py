@@ -59,11 +59,10 @@ def _scale_of(scaler: Any) -> Any:
     """The scale in force, left on its device (a float on the CPU); None when disabled."""
     if not getattr(scaler, "_enabled", False):
         return None
+    from sfdiag.run.watch import _number  # a device scalar as the step hooks keep one
+
     scale = getattr(scaler, "_scale", None)
-    if scale is None:
-        return None
-    scale = scale.detach()
-    return float(scale) if scale.device.type == "cpu" else scale.clone()
+    return None if scale is None else _number(scale)
 
 
 class ScalerWatch:
