@@ -13,6 +13,7 @@ without the GIL); every result is the same whatever the split.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import os
 import shlex
@@ -33,6 +34,17 @@ _FUNCTIONS = {
     torch.bfloat16: ("sfdiag_read_bf16", torch.int16),
     torch.float16: ("sfdiag_read_f16", torch.int16),
 }
+_SQUARES = {
+    torch.float32: "sfdiag_squares_f32",
+    torch.bfloat16: "sfdiag_squares_bf16",
+    torch.float16: "sfdiag_squares_f16",
+}
+
+SQUARES_DTYPES = frozenset(_SQUARES)
+
+#: the largest tensor ``squares`` reads: above it torch's norm (threaded, its per-call cost
+#: nothing beside the read) is as fast
+SQUARES_MAX_ELEMENTS = 1 << 16
 
 #: no fused multiply-adds where the code has none: a row's sums then take the same roundings
 #: however the rows are grouped (four side by side, or one) and split among threads
@@ -177,3 +189,59 @@ def read(
     with np.errstate(all="ignore"):  # a grad's Inf or NaN is a result, not an error
         squares = np.add.reduceat(row_squares.numpy(), [a for a, _ in bounds])
     return FusedRead(torch.from_numpy(squares), row_sums, bounds, samples, param_samples)
+
+
+def squares(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """Each tensor's sum of squares (float64, one call for them all), for contiguous CPU
+    tensors of one dtype that ``supports`` takes (the caller checks: the C code trusts
+    what it is given). None where the kernel cannot run, or a tensor is larger than
+    ``SQUARES_MAX_ELEMENTS`` (torch's threaded norm reads those as fast)."""
+    lib = _library()
+    function = getattr(lib, _SQUARES[tensors[0].dtype], None) if lib is not None else None
+    if function is None:
+        return None
+    sizes = array.array("q", [t.numel() for t in tensors])
+    if max(sizes) > SQUARES_MAX_ELEMENTS:
+        return None
+    pointers = array.array("q", [t.data_ptr() for t in tensors])
+    out = torch.empty(len(tensors), dtype=torch.float64)
+    function(
+        ctypes.c_int64(len(tensors)),
+        ctypes.c_void_p(pointers.buffer_info()[0]),
+        ctypes.c_void_p(sizes.buffer_info()[0]),
+        ctypes.c_void_p(out.data_ptr()),
+    )
+    return out
+
+
+def plain_squares(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """``squares`` where every tensor is a plain (no subclass), contiguous, strided CPU
+    tensor of one dtype the kernel reads, each of at most ``SQUARES_MAX_ELEMENTS``: what the
+    C code trusts, checked for every tensor (a set per property: the cheapest way). Else,
+    or where the kernel cannot run, None: torch's norm reads them."""
+    if _KERNEL.broken is not None or not tensors:
+        return None
+    if (
+        {type(t) for t in tensors} != {torch.Tensor}
+        or len(dtypes := {t.dtype for t in tensors}) != 1
+        or not dtypes <= SQUARES_DTYPES
+        or {t.layout for t in tensors} != {torch.strided}
+        or not all([t.is_cpu for t in tensors])
+        or not all([t.is_contiguous() for t in tensors])
+    ):
+        return None
+    return squares(tensors)
+
+
+def squares_reads(tensor: torch.Tensor) -> bool:
+    """Whether ``squares`` reads ``tensor`` (``plain_squares``'s test, for one tensor: a
+    snapshot reads a grad's norm the same way every time, whatever its neighbours)."""
+    return (
+        _KERNEL.broken is None
+        and type(tensor) is torch.Tensor
+        and tensor.dtype in SQUARES_DTYPES
+        and tensor.layout == torch.strided
+        and tensor.is_cpu
+        and tensor.is_contiguous()
+        and tensor.numel() <= SQUARES_MAX_ELEMENTS
+    )

@@ -164,3 +164,22 @@ DEFINE_ROWS(rows4_f16, uint16_t, uint16_t, v8h, squares_f16, scalar_f16, GROUP)
 DEFINE_ROWS(rows1_f16, uint16_t, uint16_t, v8h, squares_f16, scalar_f16, 1)
 DEFINE_READ(sfdiag_read_f16, uint16_t, uint16_t, rows4_f16, rows1_f16)
 #endif
+
+/* Each of `count` contiguous tensors' sum of squares into squares[t], a tensor read as one
+ * row of its whole length (the arithmetic of a row above): the per-step norms of
+ * `sfdiag run`, where torch's norm costs the host about a microsecond a tensor and this
+ * costs nanoseconds for a small one. */
+#define DEFINE_SQUARES(NAME, ELEM, BITS, ROWS_ONE)                                              \
+    void NAME(int64_t count, const void *const *data, const int64_t *numel, double *squares) {  \
+        for (int64_t t = 0; t < count; t++) {                                                   \
+            const ELEM *p[1] = {(const ELEM *)data[t]};                                         \
+            BITS bits;                                                                          \
+            ROWS_ONE(p, numel[t], 1, squares + t, &bits);                                       \
+        }                                                                                       \
+    }
+
+DEFINE_SQUARES(sfdiag_squares_f32, float, uint32_t, rows1_f32)
+DEFINE_SQUARES(sfdiag_squares_bf16, uint16_t, uint16_t, rows1_bf16)
+#ifdef __FLT16_MAX__
+DEFINE_SQUARES(sfdiag_squares_f16, uint16_t, uint16_t, rows1_f16)
+#endif

@@ -598,6 +598,17 @@ def take(
             plain_norms.append(i)
     sums_at.update(_stacked(loose, pending))
     del loose
+    # small CPU grads: one call of the kernel per dtype (float64 sums; torch's norm costs the
+    # host about a microsecond a tensor); the others through torch's ops
+    small: dict[torch.dtype, list[int]] = {}
+    for i in plain_norms:
+        if fused.squares_reads(views[i]):
+            small.setdefault(views[i].dtype, []).append(i)
+    for indices in small.values():
+        squares = fused.squares([views[i] for i in indices])
+        if squares is not None:
+            norm_at.update(zip(indices, pending.add_rows(squares.sqrt_()), strict=True))
+    plain_norms = [i for i in plain_norms if i not in norm_at]
     if plain_norms:
         # one kernel per (device, dtype) group, one stack per device
         norms = torch._foreach_norm([views[i] for i in plain_norms])
@@ -702,16 +713,19 @@ def _reread(
     """A grad whose bits changed behind its version counter: its norm and state, read now.
     The norm is read as before ``step()``: by the fused kernel where that read it (float64
     sums of squares; torch's float32 norm of a large grad differs in its last digits)."""
-    read = None
+    squared = None  # the sum of squares, where a kernel reads it (as ``take`` did)
     if fp.layout == "fused" and _kernel_reads(view):
         read = fused.read([view], [True], FUSED_BLOCK, SAMPLE_SIZE)
-    # the sum of squares, or the norm itself
-    value = read.squares[0] if read is not None else torch._foreach_norm([view])[0].double()
+        squared = read.squares[0] if read is not None else None
+    elif fused.squares_reads(view):
+        read = fused.squares([view])
+        squared = read[0] if read is not None else None
+    value = squared if squared is not None else torch._foreach_norm([view])[0].double()
     sampled = states(param) if states is not None else {}
     host = _to_host([value, *(v.clone() for v in sampled.values())])  # no view of the state
     return dataclasses.replace(
         fp,
-        norm=math.sqrt(float(host[0])) if read is not None else float(host[0]),
+        norm=math.sqrt(float(host[0])) if squared is not None else float(host[0]),
         states=dict(zip(sampled, host[1:], strict=True)) if states is not None else None,
     )
 

@@ -158,3 +158,33 @@ def test_clip_log_keeps_only_recent_calls():
     assert len(log) == 10 and [c.total for c in log.calls] == [7.0, 8.0, 9.0]
     assert log.latest_since(0, {8}).total == 8.0
     assert log.latest_since(0, {2}) is None
+
+
+def test_a_clip_over_params_or_their_grads_covers_them_in_set_operations():
+    """The step's clipping call covers the parameters it was given, or their grads."""
+    from sfdiag.run import clipping
+    from sfdiag.run.watch import OptimizerWatch
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for kind in ("params", "grads", "half"):
+        log = clipping.ClipLog()
+        watch = OptimizerWatch(clips=log)
+        watch.install()
+        try:
+            model(torch.randn(2, 3)).sum().backward()
+            params = list(model.parameters())
+            given = {
+                "params": params,
+                "grads": [p.grad for p in params],
+                "half": params[:2],
+            }[kind]
+            total = torch.nn.utils.get_total_norm(given)
+            log.record(clipping.ClipCall(frozenset(map(id, given)), total, 1e9))
+            optimizer.step()
+        finally:
+            watch.remove()
+        norms = watch.watched[0].recent[-1]
+        expected = {0, 1} if kind == "half" else {0, 1, 2, 3}
+        assert norms.clipped_indices == frozenset(expected), kind
+        optimizer.zero_grad()

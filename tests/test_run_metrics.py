@@ -348,15 +348,19 @@ AFTER_ZERO_GRAD = """\
 """
 
 
-def test_a_post_step_value_logged_after_zero_grad_is_caught_from_its_second_step(tmp_path):
-    """Post-step norms are read when a value is logged; where the grads were zeroed in place
-    first, that first value is unmatched and the post-step norms are read in the hook from
-    then on, so every later one is told apart."""
+def test_a_post_step_value_logged_after_zero_grad_is_caught_from_its_third_step(tmp_path):
+    """Post-step norms are read when a value is logged after step(). Where the grads were
+    written again first (here zeroed in place), the value is taken for the coming step's
+    (a standard loop logs there: no extra read a step); once one is judged unmatched with its
+    post-step norms lost, they are read in the hook from then on. The first value is judged
+    after the second step ran, so two are unmatched and every later one is told apart."""
     script = write(tmp_path, AFTER_ZERO_GRAD)
     code, report = run(tmp_path, ["python", script, str(tmp_path / "tb")], strict=True)
     (metric,) = report["metrics"]
     assert metric["verdict"] == "unmatched" and metric["steps_judged"] == 6
-    first, *_, last = metric["examples"]
-    assert first["logged"] != pytest.approx(first["post_step"], rel=1e-3)
+    first, second, last = metric["examples"]
+    assert first["post_step"] == "nan" and first["logged"] != pytest.approx(first["pre_step"])
+    assert second["step"] == 2
+    assert second["logged"] == pytest.approx(second["post_step"], rel=1e-3)
     assert last["step"] == 5 and last["logged"] == pytest.approx(last["post_step"], rel=1e-3)
     assert code == 1

@@ -279,7 +279,7 @@ class _TorchCalls(TorchFunctionMode):
 
     CHEAP = frozenset(
         ["__get__", "numel", "is_contiguous", "storage_offset", "is_floating_point"]
-        + ["element_size", "dim", "size", "stride", "__len__"]
+        + ["element_size", "dim", "size", "stride", "__len__", "data_ptr"]
     )
 
     def __init__(self) -> None:

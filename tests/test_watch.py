@@ -57,3 +57,62 @@ def test_grad_monitor_makes_no_torch_call_a_grad():
         assert monitor.last_grad_norm == pytest.approx((8.0 * count) ** 0.5, rel=1e-6)
         monitor.remove()
     assert calls[10] == calls[20]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_kernel_reads_small_grads_sums_of_squares_as_float64(dtype):
+    """The run's per-step norms of many small CPU grads: one call of the fused kernel, each
+    grad's sum of squares within float32 rounding of a float64 one."""
+    from sfdiag import fused
+
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(n, generator=gen).to(dtype) for n in (1, 7, 8, 255, 4096, 65536)]
+    squares = fused.plain_squares(grads)
+    if squares is None:
+        pytest.skip(f"no fused kernel here: {fused.broken()}")
+    expected = torch.stack([g.double().square().sum() for g in grads])
+    torch.testing.assert_close(squares, expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(_norms(grads), expected.sqrt().float())
+
+
+@pytest.mark.parametrize(
+    "odd_one",
+    [
+        pytest.param(lambda: torch.randn(8, 8).t(), id="not contiguous"),
+        pytest.param(lambda: torch.randn(8, dtype=torch.float64), id="another dtype"),
+        pytest.param(lambda: torch.randn(fused_max() + 1), id="too large"),
+        pytest.param(lambda: torch.nn.Parameter(torch.randn(8)), id="a subclass"),
+        pytest.param(lambda: torch.randn(4, 4).to_sparse(), id="sparse"),
+    ],
+)
+def test_grads_the_kernel_does_not_take_are_read_by_torch(odd_one):
+    """One grad the C code cannot trust sends the list to torch's norm: the same norms."""
+    from sfdiag import fused
+
+    grads = [torch.randn(16), odd_one(), torch.randn(3, 5)]
+    assert fused.plain_squares(grads) is None
+    assert not fused.squares_reads(grads[1])
+    expected = torch.stack([g.to_dense().float().norm() for g in grads])
+    torch.testing.assert_close(_norms(grads), expected)
+
+
+def fused_max() -> int:
+    from sfdiag import fused
+
+    return fused.SQUARES_MAX_ELEMENTS
+
+
+def test_a_value_logged_before_step_shares_its_read_with_the_step():
+    """Between backward and step(): the norm read for a logged whole-model grad norm is the
+    step's pre-step read (one read, not two); an in-place edit since (clipping) reads again."""
+    from sfdiag.run.watch import GradsRead, versions_of
+
+    grads = [torch.randn(4), None, torch.randn(2, 3)]
+    read = GradsRead.now(grads, versions_of(grads), backwards=1)
+    assert read.holds(grads, versions_of(grads), 1)
+    assert read.total() == pytest.approx(float(torch.cat([grads[0], grads[2].flatten()]).norm()))
+    assert not read.holds(grads, versions_of(grads), 2)  # a backward ran since
+    grads[0].mul_(0.5)
+    assert not read.holds(grads, versions_of(grads), 1)  # edited in place: version moved
+    swapped = [grads[0], None, grads[2].clone()]
+    assert not read.holds(swapped, versions_of(swapped), 1)  # another tensor

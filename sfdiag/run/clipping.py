@@ -62,23 +62,26 @@ class ClipLog:
         if len(self.calls) > self.keep:
             del self.calls[: len(self.calls) - self.keep]
 
-    def latest_since(self, mark: int, ids: set[int] | frozenset[int]) -> ClipCall | None:
-        """The last call after call number ``mark`` that clipped any of ``ids``."""
+    def latest_since(self, mark: int, *ids: set[int] | frozenset[int]) -> ClipCall | None:
+        """The last call after call number ``mark`` that clipped anything in ``ids`` (one
+        or more sets of ids)."""
         first_kept = self.count - len(self.calls)
         for call in reversed(self.calls[max(0, mark - first_kept) :]):
-            if not call.ids.isdisjoint(ids):
+            if any(not call.ids.isdisjoint(some) for some in ids):
                 return call
         return None
 
 
-def _tensors(parameters: Any) -> tuple[Any, list[Any]]:
-    """What to hand on (a list where a one-shot iterator came) and the tensors in it."""
+def _tensors(parameters: Any) -> tuple[Any, frozenset[int]]:
+    """What to hand on (a list where a one-shot iterator came) and the ids of what is in
+    it (one set a call, no Python a tensor: a model's every grad may pass here each step;
+    an id of something else in the list matches no tensor's)."""
     import torch
 
     if isinstance(parameters, torch.Tensor):
-        return parameters, [parameters]
+        return parameters, frozenset((id(parameters),))
     materialized = list(parameters) if not isinstance(parameters, list) else parameters
-    return materialized, [t for t in materialized if isinstance(t, torch.Tensor)]
+    return materialized, frozenset(map(id, materialized))
 
 
 def _float_or_none(value: Any) -> float | None:
@@ -90,12 +93,12 @@ def _float_or_none(value: Any) -> float | None:
 
 def _clip_grad_norm(original: Callable[..., Any], log: ClipLog) -> Callable[..., Any]:
     def clip_grad_norm_(parameters: Any, max_norm: Any, *args: Any, **kwargs: Any) -> Any:
-        parameters, tensors = _tensors(parameters)
+        parameters, ids = _tensors(parameters)
         total = original(parameters, max_norm, *args, **kwargs)
         norm_type = kwargs.get("norm_type", args[0] if args else 2.0)
         log.record(
             ClipCall(
-                frozenset(id(t) for t in tensors),
+                ids,
                 _detached(total),
                 _float_or_none(max_norm),
                 _float_or_none(norm_type) or 2.0,
@@ -108,12 +111,12 @@ def _clip_grad_norm(original: Callable[..., Any], log: ClipLog) -> Callable[...,
 
 def _get_total_norm(original: Callable[..., Any], log: ClipLog) -> Callable[..., Any]:
     def get_total_norm(tensors: Any, *args: Any, **kwargs: Any) -> Any:
-        tensors, listed = _tensors(tensors)
+        tensors, ids = _tensors(tensors)
         total = original(tensors, *args, **kwargs)
         norm_type = kwargs.get("norm_type", args[0] if args else 2.0)
         log.record(
             ClipCall(
-                frozenset(id(t) for t in listed),
+                ids,
                 _detached(total),
                 None,
                 _float_or_none(norm_type) or 2.0,
@@ -126,13 +129,9 @@ def _get_total_norm(original: Callable[..., Any], log: ClipLog) -> Callable[...,
 
 def _clip_grads_with_norm(original: Callable[..., Any], log: ClipLog) -> Callable[..., Any]:
     def clip_grads_with_norm_(parameters: Any, max_norm: Any, total_norm: Any, *a: Any, **k: Any):
-        parameters, tensors = _tensors(parameters)
+        parameters, ids = _tensors(parameters)
         result = original(parameters, max_norm, total_norm, *a, **k)
-        log.record(
-            ClipCall(
-                frozenset(id(t) for t in tensors), _detached(total_norm), _float_or_none(max_norm)
-            )
-        )
+        log.record(ClipCall(ids, _detached(total_norm), _float_or_none(max_norm)))
         return result
 
     return clip_grads_with_norm_

@@ -11,6 +11,7 @@ in the middle of the training step.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -28,7 +29,7 @@ from sfdiag.judge import (
 
 if TYPE_CHECKING:  # pragma: no cover
     from sfdiag.results import MetricResult
-    from sfdiag.run.watch import OptimizerWatch, StepNorms, Watched
+    from sfdiag.run.watch import GradsRead, OptimizerWatch, StepNorms, Watched
 
 #: distinct names remembered as picked or not (a script that logs ever-new names must
 #: not grow this without bound: past it, names are looked at afresh each time)
@@ -99,23 +100,6 @@ def logged_step(step: Any, items: list[tuple[Any, Any]]) -> int | None:
         if name in STEP_KEYS:
             return step_number(value)
     return None
-
-
-def _grads_key(backwards: int, grads: list[Any]) -> tuple[int, list[Any]]:
-    """What ``_same_grads`` compares: the backward count, each grad weakly and its version."""
-    return backwards, [(weakref.ref(g), g._version) if g is not None else None for g in grads]
-
-
-def _same_grads(key: tuple[int, list[Any]], backwards: int, grads: list[Any]) -> bool:
-    count, refs = key
-    if count != backwards or len(refs) != len(grads):
-        return False
-    for ref, g in zip(refs, grads, strict=True):
-        if (ref is None) != (g is None):
-            return False
-        if g is not None and (ref[0]() is not g or ref[1] != g._version):
-            return False
-    return True
 
 
 def _rate_references(
@@ -194,9 +178,8 @@ class MetricAudit:
     _averages: dict[tuple[str, str], judge.AverageFit] = field(default_factory=dict)
     _last_steps: dict[tuple[str, str], int] = field(default_factory=dict)
     _history: dict[int, deque[StepNorms]] = field(default_factory=dict)
-    # per optimizer (by id): the backward count, its grads (weakly) and their versions at the
-    # last at-log read (``_grads_key``), and the norm then
-    _at_log_cache: dict[int, tuple[tuple[int, list[Any]], Any]] = field(default_factory=dict)
+    # an optimizer not watched yet (it has not stepped), by id: its grads' last at-log read
+    _unwatched_reads: dict[int, GradsRead] = field(default_factory=dict)
 
     # ---- what the taps call -----------------------------------------------------------------
     def is_active(self) -> bool:
@@ -260,8 +243,11 @@ class MetricAudit:
                     last = entry.recent[-1] if entry.recent else None
                     if last is not None and last.step == entry.last_finished:
                         if quantity == "grad_norm":
-                            # the grads may still be as that step() left them
-                            last.read_post(logging=True)
+                            # the grads may still be as that step() left them; where a
+                            # backward wrote them since, the value is most likely the coming
+                            # step's (``_resolve`` reads the post-step norms early from then
+                            # on only if it turns out to be neither)
+                            last.read_post(logging=not fresh[position])
                         logged.steps[position] = [last]
                     if entry.skipped_attempt is not None:  # the scaler skipped a step since
                         logged.steps.setdefault(position, []).append(entry.skipped_attempt)
@@ -277,37 +263,30 @@ class MetricAudit:
         not stepped yet: the norm of its grads now (a device scalar, read when judged), the
         backward passes of the step so far, and whether they still hold the loss scale."""
         from sfdiag.auditor import StepAuditor
-        from sfdiag.run.watch import _norms
+        from sfdiag.run.watch import GradsRead, versions_of
 
         backwards = self.watch.backwards
         scalers = self.watch.scalers
         count = 0 if backwards is None else backwards.count
-        coming = [
-            (entry.ref(), entry.params, entry.backwards_at_end, entry.scaled_now(scalers))
-            for position, entry in enumerate(self.watch.watched)
-            if fresh[position]  # else logged after the step: no coming step's grads
-        ]
-        scaled = scalers is not None and scalers.scaled > 0
-        coming += [(o, StepAuditor.params_of(o), 0, scaled) for o in self.watch.born()]
         out = {}
-        for optimizer, params, mark, still_scaled in coming:
-            if optimizer is None:
-                continue
-            grads = [p.grad for p in params]
-            # the grads as they are: the same tensors (held weakly: a freed grad's address
-            # may be a new one's) at the same versions as at this optimizer's last read, no
-            # backward since, share its norm (a script logging several values in a row reads
-            # the grads once); an in-place edit (clipping, unscale_) moves a version
-            last = self._at_log_cache.get(id(optimizer))
-            if last is not None and _same_grads(last[0], count, grads):
-                total = last[1]
-            else:
-                norms = _norms(grads)
-                total = None if norms is None else norms.square().sum().sqrt()
-                self._at_log_cache[id(optimizer)] = (_grads_key(count, grads), total)
+        for position, entry in enumerate(self.watch.watched):
+            optimizer = entry.ref()
+            if not fresh[position] or optimizer is None:  # logged after the step: no
+                continue  # coming step's grads
+            total = entry.read_grads(count).total()
             if total is not None:
-                micro = None if backwards is None else count - mark
-                out[id(optimizer)] = (total, micro, still_scaled)
+                micro = None if backwards is None else count - entry.backwards_at_end
+                out[id(optimizer)] = (total, micro, entry.scaled_now(scalers))
+        scaled = scalers is not None and scalers.scaled > 0
+        for optimizer in self.watch.born():
+            grads = [p.grad for p in StepAuditor.params_of(optimizer)]
+            versions = versions_of(grads)
+            read = self._unwatched_reads.get(id(optimizer))
+            if read is None or not read.holds(grads, versions, count):
+                read = self._unwatched_reads[id(optimizer)] = GradsRead.now(grads, versions, count)
+            total = read.total()
+            if total is not None:
+                out[id(optimizer)] = (total, None if backwards is None else count, scaled)
         return out
 
     def skipped(self, entry: Watched, optimizer: Any, norms: StepNorms) -> None:
@@ -413,6 +392,12 @@ class MetricAudit:
         judged = judge.judge_candidates(value, candidates, self.rtol)
         if judged is None:  # no optimizer has stepped: nothing to judge against
             return
+        if judged.verdict == "unmatched":
+            # a post-step norm read too late to tell (its grads written again first): read
+            # them as each step ends from now on, so later values are told apart
+            for (_, refs), position in zip(candidates, positions, strict=True):
+                if math.isnan(refs.post_step):
+                    self.watch.watched[position].read_post_at_once = True
         key = (logged.logger, logged.name)
         lagging = None
         if judged.verdict == "unmatched" and hint is None:

@@ -176,6 +176,9 @@ def _norms(grads: list[torch.Tensor | None]) -> torch.Tensor | None:
     import torch
 
     with torch.no_grad():
+        fast = _small_cpu_norms(grads)
+        if fast is not None:
+            return fast
         present = [(i, _dense(g)) for i, g in enumerate(grads) if g is not None]
         if not present:
             return None
@@ -190,6 +193,67 @@ def _norms(grads: list[torch.Tensor | None]) -> torch.Tensor | None:
             by_index = dict(zip((i for i, _ in present), norms, strict=True))
             norms = [by_index.get(i, zero) for i in range(len(grads))]
         return torch.stack([n if n.device == device else n.to(device) for n in norms])
+
+
+def _small_cpu_norms(grads: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """``_norms`` in one call of the fused kernel where every grad is a small, plain,
+    contiguous CPU tensor of one dtype it reads (a model's many small tensors: torch's
+    norm costs the host about a microsecond each, the kernel nanoseconds); else None."""
+    import torch
+
+    from sfdiag import fused
+
+    present = [g for g in grads if g is not None]
+    squares = fused.plain_squares(present)
+    if squares is None:
+        return None
+    norms = squares.sqrt_().float()
+    if len(present) < len(grads):
+        full = torch.zeros(len(grads), dtype=torch.float32)
+        full[[i for i, g in enumerate(grads) if g is not None]] = norms
+        norms = full
+    return norms
+
+
+@dataclass
+class GradsRead:
+    """The per-parameter norms of an optimizer's grads read at one moment, and what tells
+    whether its grads are still those: the same tensors (held weakly: a freed grad's address
+    may be a new one's), at the same versions (an in-place edit, clipping or unscale_, moves
+    one), with no backward pass since. A value logged between backward and ``step()`` reads
+    the grads once for the values logged beside it and for the step's own pre-step norms."""
+
+    backwards: int
+    refs: list[Any]
+    versions: list[int]
+    norms: torch.Tensor | None
+    _total: Any = None
+
+    @classmethod
+    def now(cls, grads: list[Any], versions: list[int], backwards: int) -> GradsRead:
+        refs = [weakref.ref(g) if g is not None else None for g in grads]
+        return cls(backwards, refs, versions, _norms(grads))
+
+    def holds(self, grads: list[Any], versions: list[int], backwards: int) -> bool:
+        return (
+            backwards == self.backwards
+            and versions == self.versions
+            and len(grads) == len(self.refs)
+            and all(
+                g is None if ref is None else ref() is g
+                for ref, g in zip(self.refs, grads, strict=True)
+            )
+        )
+
+    def total(self) -> Any:
+        """The whole-model norm: a device scalar (read when judged); None without grads."""
+        if self._total is None and self.norms is not None:
+            self._total = self.norms.square().sum().sqrt()
+        return self._total
+
+
+def versions_of(grads: list[Any]) -> list[int]:
+    return [g._version if g is not None else 0 for g in grads]
 
 
 @dataclass
@@ -398,6 +462,7 @@ class Watched:
     _pre_versions: list[int] = field(default_factory=list)
     _pre_norms: torch.Tensor | None = None
     _pre_taken: bool = False
+    last_read: GradsRead | None = None  # the grads' norms read when a value was last logged
     _clip_mark: int = 0  # the clip log's length when the previous step finished
     # the grads as the last step() left them (weakly held) and their versions
     _post_refs: list[Any] = field(default_factory=list)
@@ -445,20 +510,41 @@ class Watched:
             self.param_ids = frozenset(id(p) for p in self.params)
         return self.params
 
-    def take_pre(self) -> None:
-        """The grads ``step()`` is given: remember them and their norms (no host sync)."""
+    def take_pre(self, backwards: int = 0) -> None:
+        """The grads ``step()`` is given: remember them and their norms (no host sync; read
+        already where a value logged since the backward read these very grads)."""
+        import torch
+
         from sfdiag.dist import is_dtensor, replicas
 
         grads = [p.grad for p in self.params]
-        self.sharded = [(i, replicas(g)) for i, g in enumerate(grads) if is_dtensor(g)]
+        kinds = {type(g) for g in grads}
+        if kinds - {torch.Tensor, type(None)}:  # a DTensor among them (or another subclass)
+            self.sharded = [(i, replicas(g)) for i, g in enumerate(grads) if is_dtensor(g)]
+        else:
+            self.sharded = []
         if self.sharded:
             self.saw_sharded = True
         if len(self.sharded) < sum(g is not None for g in grads):
             self.saw_whole = True
+        versions = versions_of(grads)
+        read, self.last_read = self.last_read, None
+        if read is None or not read.holds(grads, versions, backwards):
+            read = GradsRead.now(grads, versions, backwards)
         self._pre_grads = grads
-        self._pre_versions = [g._version if g is not None else 0 for g in grads]
-        self._pre_norms = _norms(grads)
+        self._pre_versions = versions
+        self._pre_norms = read.norms
         self._pre_taken = True
+
+    def read_grads(self, backwards: int) -> GradsRead:
+        """The grads' norms now (between backward and ``step()``), read once for the values
+        logged in a row and for ``take_pre``."""
+        grads = [p.grad for p in self.params]
+        versions = versions_of(grads)
+        read = self.last_read
+        if read is None or not read.holds(grads, versions, backwards):
+            read = self.last_read = GradsRead.now(grads, versions, backwards)
+        return read
 
     def take_rates(self, optimizer: Any) -> None:
         """group["lr"] of every param group as step() begins (and whether a schedule-free
@@ -600,19 +686,24 @@ class Watched:
             return None
         self._pre_taken = False
         clip, covered = None, frozenset()
+        with_grad = frozenset([i for i, g in enumerate(self._pre_grads) if g is not None])
         if clips is not None and len(clips) > self._clip_mark:
-            ids = set(self.param_ids)
-            ids.update(id(g) for g in self._pre_grads if g is not None)
-            clip = clips.latest_since(self._clip_mark, ids)
+            grad_ids = frozenset([id(g) for g in self._pre_grads if g is not None])
+            clip = clips.latest_since(self._clip_mark, self.param_ids, grad_ids)
             if clip is not None:
-                covered = frozenset(
-                    i
-                    for i, (p, g) in enumerate(zip(self.params, self._pre_grads, strict=False))
-                    if id(p) in clip.ids or (g is not None and id(g) in clip.ids)
-                )
+                count = min(len(self.params), len(self._pre_grads))
+                if self.param_ids <= clip.ids:  # the common cases, in set operations
+                    covered = frozenset(range(count))
+                elif grad_ids <= clip.ids:
+                    covered = with_grad
+                else:
+                    covered = frozenset(
+                        i
+                        for i, (p, g) in enumerate(zip(self.params, self._pre_grads, strict=False))
+                        if id(p) in clip.ids or (g is not None and id(g) in clip.ids)
+                    )
         if clips is not None:
             self._clip_mark = len(clips)
-        with_grad = frozenset(i for i, g in enumerate(self._pre_grads) if g is not None)
         grads = [p.grad for p in self.params]
         pre = self._pre_norms
         if self.grads_change or len(grads) != len(self._pre_grads):
@@ -863,6 +954,9 @@ class OptimizerWatch:
         self._by_id[id(optimizer)] = entry
         return entry
 
+    def backward_count(self) -> int:
+        return 0 if self.backwards is None else self.backwards.count
+
     def _pre(self, optimizer: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         from sfdiag.auditor import active_steps
 
@@ -884,7 +978,7 @@ class OptimizerWatch:
             entry.stepping = True
             closure = _closure_of(args, kwargs)
             if closure is None:
-                entry.take_pre()
+                entry.take_pre(self.backward_count())
                 if entry.auditing:
                     entry.auditor.pre_step(optimizer)
                 return None
@@ -896,7 +990,7 @@ class OptimizerWatch:
             def closure_then_take(*a: Any, **k: Any) -> Any:
                 loss = closure(*a, **k)
                 try:
-                    entry.take_pre()
+                    entry.take_pre(self.backward_count())
                     if entry.auditing:
                         entry.auditor.retake(optimizer)
                 except Exception as exc:
