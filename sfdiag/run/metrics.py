@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -343,7 +343,13 @@ class MetricAudit:
         for key, fit in self._averages.items():
             for value in fit.flush():
                 self._tallies.setdefault(key, MetricTally()).add(value)
-        return tuple(
+        return tuple(self.judged_so_far())
+
+    def judged_so_far(self, skip: Collection[tuple[str, str]] = ()) -> list[MetricResult]:
+        """Each metric's result over the values judged so far (the running tallies, read
+        without changing them), but those whose (logger, name) is in ``skip``: what a
+        callback warns about while training goes on."""
+        return [
             judge.summarize_metric(
                 name,
                 logger,
@@ -352,9 +358,9 @@ class MetricAudit:
                 scope=self._scopes.get((logger, name)),
                 quantity=self._quantities.get((logger, name), "grad_norm"),
             )
-            for (logger, name), tally in self._tallies.items()
-            if tally.count
-        )
+            for (logger, name), tally in list(self._tallies.items())
+            if (logger, name) not in skip and tally.count
+        ]
 
     # ---- judging --------------------------------------------------------------------------
     def _resolve(self, logged: _Logged) -> None:
