@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import sfdiag.optim._foreach as foreach_mod
 from sfdiag.optim import (
@@ -317,6 +318,56 @@ def test_a_foreach_step_off_the_cpu_makes_no_torch_call_per_tensor(case, monkeyp
         calls[count] = counter.calls
     assert calls[10] == calls[40]
     assert sum(n for name, n in calls[10].items() if name.startswith("_foreach_")) >= 4
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).view(torch.uint8)
+
+
+class _AtenOverloads(TorchDispatchMode):
+    """The aten overloads called under it, by name (``aten._foreach_add_.Tensor``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_sf_adamw_scalars_as_0_dim_tensors_change_no_bit(dtype, monkeypatch):
+    """The foreach step hands beta2, bias_correction2 and eps to its ops as 0-dim tensors
+    in float32/float64 on the CPU (the Scalar overloads convert the number once per
+    tensor): params, grads and state come out as with plain numbers, bit for bit."""
+    import sfdiag.optim.adamw as adamw_mod
+
+    shapes = [(), (1,), (3,), (7, 5), (16, 16), (1000,)]
+
+    def three_steps() -> tuple[list[torch.Tensor], list[str]]:
+        gen = torch.Generator().manual_seed(11)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
+        opt = AdamWScheduleFree(params, lr=0.01, weight_decay=0.05, warmup_steps=2)
+        opt.train()
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+            with _AtenOverloads() as overloads:
+                opt.step()
+        state = [t for p in params for t in opt.state[p].values()]
+        return [*params, *(p.grad for p in params), *state], overloads.names
+
+    as_tensors, overloads = three_steps()
+    monkeypatch.setattr(adamw_mod, "scalar_operand", lambda value, like: value)
+    as_numbers, _ = three_steps()
+    for a, b in zip(as_tensors, as_numbers, strict=True):
+        assert torch.equal(_bits(a), _bits(b))
+    scalar_overloads = {f"aten._foreach_{op}.Scalar" for op in ("mul_", "div", "add_")}
+    if dtype == torch.bfloat16:  # computed in float32 from the number: it stays a number
+        assert scalar_overloads <= set(overloads)
+    else:
+        assert not scalar_overloads & set(overloads)
 
 
 # ----------------------------------------------------------------------------- p.grad after step()

@@ -16,7 +16,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sfdiag.optim._foreach import local_rows, shards, tiles
+from sfdiag.optim._foreach import (
+    by_device_and_dtype,
+    local_rows,
+    scalar_operand,
+    shards,
+    tiles_of_group,
+)
 from sfdiag.optim._schedule import (
     InterpolatedScheduleFree,
     ReferenceScheduleFree,
@@ -122,8 +128,10 @@ class AdamWScheduleFree(InterpolatedScheduleFree):
         if group.get("compile") and _compiled_rows(rows, coefficients, group):
             return
         if group["foreach"]:
-            for ys, gs, zs, vs in tiles(rows):
-                _multi_tensor_step(ys, gs, zs, vs, **coefficients)
+            for columns in by_device_and_dtype(rows):
+                foreach_coefficients = _foreach_coefficients(coefficients, like=columns[0][0])
+                for ys, gs, zs, vs in tiles_of_group(columns):
+                    _multi_tensor_step(ys, gs, zs, vs, **foreach_coefficients)
         else:
             for y, g, z, v in rows:
                 _single_tensor_step(y, g, z, v, **coefficients)
@@ -153,6 +161,17 @@ def _single_tensor_step(
     z.sub_(g, alpha=lr)
 
 
+def _foreach_coefficients(coefficients: dict[str, Any], like: Tensor) -> dict[str, Any]:
+    """``coefficients`` for _multi_tensor_step over tensors like ``like``: those its ops take
+    as bare scalars as ``scalar_operand`` makes them (the same numbers)."""
+    return dict(
+        coefficients,
+        beta2_operand=scalar_operand(coefficients["beta2"], like),
+        bias_correction2=scalar_operand(coefficients["bias_correction2"], like),
+        eps=scalar_operand(coefficients["eps"], like),
+    )
+
+
 def _multi_tensor_step(
     ys: list[Tensor],
     gs: list[Tensor],
@@ -160,19 +179,24 @@ def _multi_tensor_step(
     vs: list[Tensor],
     *,
     beta2: float,
-    bias_correction2: float,
-    eps: float,
+    beta2_operand: float | Tensor,
+    bias_correction2: float | Tensor,
+    eps: float | Tensor,
     decay: float,
     ckp1: float,
     y_alpha: float,
     lr: float,
 ) -> None:
-    # The same ops, in the same order, as _single_tensor_step.
-    torch._foreach_mul_(vs, beta2)
+    # The same ops, in the same order, as _single_tensor_step. beta2_operand,
+    # bias_correction2 and eps: as _foreach_coefficients makes them (0-dim tensors, on the CPU).
+    torch._foreach_mul_(vs, beta2_operand)
     torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
     denom = torch._foreach_div(vs, bias_correction2)
     torch._foreach_sqrt_(denom)
-    torch._foreach_add_(denom, eps)
+    if isinstance(eps, Tensor):
+        torch._foreach_add_(denom, eps, alpha=1)  # alpha: else the number's overload, via .item()
+    else:
+        torch._foreach_add_(denom, eps)
     torch._foreach_div_(gs, denom)
     del denom
     if decay != 0:
