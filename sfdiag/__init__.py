@@ -15,15 +15,15 @@ __version__ = "0.1.0"
 __all__ = ["GradMonitor", "SfdiagError", "__version__", "audit", "run_probe"]
 
 _LAZY = {
-    "GradMonitor": ("sfdiag.monitor", "GradMonitor"),
-    "run_probe": ("sfdiag.probe", "run_probe"),
-    "audit": ("sfdiag.inprocess", "audit"),
+    "GradMonitor": ("sfdiag.step_audit.monitor", "GradMonitor"),
+    "run_probe": ("sfdiag.probe.runner", "run_probe"),
+    "audit": ("sfdiag.run.inprocess", "audit"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from sfdiag.inprocess import audit
-    from sfdiag.monitor import GradMonitor
-    from sfdiag.probe import run_probe
+    from sfdiag.probe.runner import run_probe
+    from sfdiag.run.inprocess import audit
+    from sfdiag.step_audit.monitor import GradMonitor
 
 
 def __getattr__(name: str) -> Any:

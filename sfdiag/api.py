@@ -12,18 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sfdiag.config import (
+from sfdiag.errors import SfdiagError
+from sfdiag.probe.config import (
     Config,
     default_config,
     load_config,
     parse_optimizer_list,
     with_overrides,
 )
-from sfdiag.errors import SfdiagError
 
 if TYPE_CHECKING:
     from sfdiag.baseline import Baseline
-    from sfdiag.probe import Progress
+    from sfdiag.probe.runner import Progress
     from sfdiag.results import CheckResult, ProbeReport
 
 OUTPUT_FORMATS = ("table", "json", "csv", "markdown", "junit")
@@ -56,7 +56,7 @@ def check_format(fmt: str) -> str:
     """Formats are lower case, as every other option value; ``JSON`` gets a did-you-mean."""
     if fmt not in OUTPUT_FORMATS:
         from sfdiag.errors import shown
-        from sfdiag.registry import did_you_mean
+        from sfdiag.probe.registry import did_you_mean
 
         raise SfdiagError(
             f"--format: unknown format {shown(fmt)}{did_you_mean(fmt, OUTPUT_FORMATS)}; "
@@ -110,7 +110,7 @@ def probe(
     """Run the probe of ``config``."""
     import contextlib
 
-    from sfdiag.probe import ProbeOptions, run_probe
+    from sfdiag.probe.runner import ProbeOptions, run_probe
 
     # Third-party optimizers and models may print (schedulefree: "Switching to train mode"):
     # send that to stderr so that a machine-readable stdout holds the report alone.

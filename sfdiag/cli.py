@@ -94,7 +94,7 @@ def _probe_with_progress(
     ``stdout_is_report``: stdout carries a machine-readable report (json, csv, ...), so the
     finished rows go to stderr instead, and stdout stays empty.
     """
-    from sfdiag.probe import ProbeInterrupted
+    from sfdiag.probe.runner import ProbeInterrupted
 
     total = config.steps * len(config.optimizers)
     try:
@@ -371,7 +371,7 @@ def run(
 @app.command(name="list")
 def list_registries(debug: DebugOpt = False) -> None:
     """List the registries: optimizers, models, data sets, losses."""
-    from sfdiag import registry
+    from sfdiag.probe import registry
 
     with _guard(debug):
         headings = {"optimizer": "optimizers", "model": "models", "data": "data sets"}
@@ -389,8 +389,8 @@ def init(
     debug: DebugOpt = False,
 ) -> None:
     """Write a commented example config (never over an existing file without --force)."""
-    from sfdiag.config import EXAMPLE_CONFIG
     from sfdiag.fileio import write_atomic
+    from sfdiag.probe.config import EXAMPLE_CONFIG
 
     with _guard(debug):
         write_atomic(path, EXAMPLE_CONFIG, force=force)

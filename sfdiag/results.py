@@ -260,7 +260,7 @@ class MetricResult:
     logger: str  # tensorboard | wandb | mlflow | lightning | transformers
     optimizer: str | None  # the label of the optimizer whose step it belongs to
     steps_judged: int
-    verdict: str  # see sfdiag.judge.METRIC_VERDICTS
+    verdict: str  # see sfdiag.run.judge.METRIC_VERDICTS
     matches: str | None  # the reference the worst step equals: pre-clip, pre-step, ...
     logged_median: float
     true_median: float
@@ -392,8 +392,8 @@ class ProbeReport:
 
     def to_pandas(self, kind: str = "results") -> Any:
         """One table of the report as a pandas DataFrame: ``results`` (a row per optimizer),
-        ``steps``, ``params``, ``metrics`` or ``findings`` (see ``sfdiag.frames``)."""
-        from sfdiag.frames import to_frame
+        ``steps``, ``params``, ``metrics`` or ``findings`` (see ``sfdiag.report.frames``)."""
+        from sfdiag.report.frames import to_frame
 
         return to_frame(self, kind)
 

@@ -13,7 +13,7 @@ works: a torch optimizer is audited through its step hooks, anything else by sna
 taken around the call; an optimizer whose ``step()`` requires a closure (LBFGS) gets one.
 No pytest import: the failure is a plain ``AssertionError`` naming the verdict, the kind
 of change and the parameters. Exceptions from your optimizer or model propagate
-unchanged; sfdiag's own are ``sfdiag.auditor.AuditError``.
+unchanged; sfdiag's own are ``sfdiag.step_audit.auditor.AuditError``.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from sfdiag import verdict
-from sfdiag.auditor import StepAuditor, StepWatch, class_path
 from sfdiag.results import OptimizerResult, StepRecord
+from sfdiag.step_audit import verdict
+from sfdiag.step_audit.auditor import StepAuditor, StepWatch, class_path
 
 __all__ = ["assert_step_preserves_grads", "check_step", "tiny_mlp"]
 

@@ -1,4 +1,4 @@
-"""sfdiag.auditor: which parameters the snapshot before ``step()`` samples.
+"""sfdiag.step_audit.auditor: which parameters the snapshot before ``step()`` samples.
 
 The kind of a mutation is named from the grad's sampled elements and the parameter's at the
 same places (weight decay folded in is ``grad + wd * param``), read before ``step()``
@@ -15,7 +15,7 @@ import mutators
 import pytest
 import torch
 
-from sfdiag.auditor import StepAuditor
+from sfdiag.step_audit.auditor import StepAuditor
 
 
 class FoldFromStep(mutators.FoldWeightDecay):

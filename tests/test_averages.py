@@ -11,9 +11,8 @@ import textwrap
 
 import pytest
 
-from sfdiag import judge
-from sfdiag.judge import AverageFit, JudgedValue, NormReferences
-from sfdiag.run import RunOptions, run_script
+from sfdiag.run import RunOptions, judge, run_script
+from sfdiag.run.judge import AverageFit, JudgedValue, NormReferences
 
 
 def unmatched(step: int, logged: float, true: float = 1.0) -> JudgedValue:

@@ -1,4 +1,4 @@
-"""sfdiag.config: YAML -> validated Config; every bad input is one clear SfdiagError."""
+"""sfdiag.probe.config: YAML -> validated Config; every bad input is one clear SfdiagError."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from conftest import alias_bomb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sfdiag import registry
-from sfdiag.config import (
+from sfdiag.errors import SfdiagError
+from sfdiag.probe import registry
+from sfdiag.probe.config import (
     DEFAULT_OPTIMIZERS,
     EXAMPLE_CONFIG,
     Config,
@@ -29,7 +30,6 @@ from sfdiag.config import (
     parse_optimizer_list,
     with_overrides,
 )
-from sfdiag.errors import SfdiagError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -271,7 +271,7 @@ def test_bad_config_is_one_clear_error(tmp_path: Path, text: str, expected: list
 
 _TIMED_LOAD = """
 import sys, time
-from sfdiag.config import load_config
+from sfdiag.probe.config import load_config
 from sfdiag.errors import SfdiagError
 start = time.perf_counter()
 try:
@@ -912,7 +912,7 @@ def test_import_paths_find_the_current_directory_and_leave_sys_path_alone(
 
 
 def test_importing_config_does_not_import_torch() -> None:
-    code = "import sfdiag.config, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sfdiag.probe.config, sys; assert 'torch' not in sys.modules, 'torch imported'"
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
     )

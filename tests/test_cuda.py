@@ -24,9 +24,9 @@ from test_snapshot import (
     param,
 )
 
-from sfdiag import fused, snapshot
-from sfdiag.auditor import StepAuditor
 from sfdiag.optim import AdamWScheduleFree
+from sfdiag.step_audit import fused, snapshot
+from sfdiag.step_audit.auditor import StepAuditor
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

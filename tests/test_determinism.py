@@ -12,8 +12,8 @@ import pytest
 from conftest import start_cli
 
 from sfdiag.baseline import baseline_json
-from sfdiag.config import parse_config
-from sfdiag.probe import run_probe
+from sfdiag.probe.config import parse_config
+from sfdiag.probe.runner import run_probe
 from sfdiag.report import RenderOptions, render
 
 # Dropout (torch's global RNG), a mutator drawing noise from it, schedule-free state and a
@@ -109,7 +109,7 @@ def test_cudnn_runs_deterministic_algorithms_during_a_cuda_probe_only(device):
     them back however the probe ends."""
     import torch
 
-    from sfdiag.probe import deterministic_kernels
+    from sfdiag.probe.runner import deterministic_kernels
 
     cudnn = torch.backends.cudnn
     saved = cudnn.deterministic, cudnn.benchmark

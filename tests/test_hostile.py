@@ -14,12 +14,12 @@ import mutators
 import pytest
 import torch
 
-from sfdiag import auditor as audit
-from sfdiag.config import parse_config
 from sfdiag.errors import SfdiagError
-from sfdiag.probe import ProbeOptions, run_probe
+from sfdiag.probe.config import parse_config
+from sfdiag.probe.runner import ProbeOptions, run_probe
 from sfdiag.report import RenderOptions, render
 from sfdiag.results import ProbeReport
+from sfdiag.step_audit import auditor as audit
 
 CLEAN = [
     "adamw",
@@ -402,8 +402,8 @@ def test_sfdiag_own_failure_is_worded_as_sfdiags(monkeypatch, optimizer):
     def broken_fit(*args, **kwargs):  # stands for a bug in sfdiag's own fits
         raise ZeroDivisionError("a bug in the fits")
 
-    monkeypatch.setattr("sfdiag.verdict.fingerprint", broken_fit)  # one grad's fits
-    monkeypatch.setattr("sfdiag.verdict.fingerprint_rows", broken_fit)  # many grads'
+    monkeypatch.setattr("sfdiag.step_audit.verdict.fingerprint", broken_fit)  # one grad's fits
+    monkeypatch.setattr("sfdiag.step_audit.verdict.fingerprint_rows", broken_fit)  # many grads'
     report = probe("small", [optimizer, "adamw"])  # adamw never reaches the fits
     row, clean = report.results
     assert row.verdict == "error"

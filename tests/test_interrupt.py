@@ -12,12 +12,12 @@ import pytest
 from conftest import cli_env, start_cli
 from typer.testing import CliRunner
 
-from sfdiag import probe as probe_module
 from sfdiag.baseline import save_baseline
 from sfdiag.cli import app
-from sfdiag.config import parse_config
 from sfdiag.errors import SfdiagError
-from sfdiag.probe import ProbeInterrupted, run_probe
+from sfdiag.probe import runner as probe_module
+from sfdiag.probe.config import parse_config
+from sfdiag.probe.runner import ProbeInterrupted, run_probe
 
 STEPS = 30
 

@@ -1,4 +1,4 @@
-"""sfdiag.judge: which logged names are gradient metrics, and the verdict of each value."""
+"""sfdiag.run.judge: which logged names are gradient metrics, and the verdict of each value."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from dataclasses import replace
 
 import pytest
 
-from sfdiag import judge
-from sfdiag.judge import (
+from sfdiag.results import METRIC_VERDICTS, WRONG_METRIC_VERDICTS, MetricResult, ProbeReport
+from sfdiag.run import gate, judge
+from sfdiag.run.judge import (
     JudgedValue,
     MetricSelector,
     MetricTally,
@@ -19,8 +20,6 @@ from sfdiag.judge import (
     scope_hint,
     summarize_metric,
 )
-from sfdiag.results import METRIC_VERDICTS, WRONG_METRIC_VERDICTS, MetricResult, ProbeReport
-from sfdiag.run import gate
 
 PICKED = [
     "grad_norm",

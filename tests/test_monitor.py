@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import sfdiag
-from sfdiag.monitor import GradMonitor
+from sfdiag.step_audit.monitor import GradMonitor
 
 
 def hand_norm(model: torch.nn.Module) -> float:

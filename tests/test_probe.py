@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 import sfdiag
-from sfdiag.config import load_config, parse_config
 from sfdiag.errors import SfdiagError
-from sfdiag.probe import ProbeOptions, run_probe
+from sfdiag.probe.config import load_config, parse_config
+from sfdiag.probe.runner import ProbeOptions, run_probe
 
 REPO = Path(__file__).resolve().parents[1]
 

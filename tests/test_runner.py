@@ -13,7 +13,6 @@ import pytest
 import torch.optim.optimizer as torch_optimizer
 from conftest import cli_env
 
-from sfdiag.auditor import class_path
 from sfdiag.errors import SfdiagError
 from sfdiag.run import (
     AUDIT_EVERY,
@@ -23,6 +22,7 @@ from sfdiag.run import (
     parse_command,
     run_script,
 )
+from sfdiag.step_audit.auditor import class_path
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = "examples/train_sf_adamw.py"

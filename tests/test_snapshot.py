@@ -1,4 +1,4 @@
-"""sfdiag.snapshot: two reads per audited step (the fused kernel where it pays), one
+"""sfdiag.step_audit.snapshot: two reads per audited step (the fused kernel where it pays), one
 transfer per snapshot, and the same verdicts whichever path read the grads."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import torch
 from conftest import cli_env, run_cli
 from torch.overrides import TorchFunctionMode
 
-from sfdiag import fused as sfdiag_fused
-from sfdiag import snapshot, verdict
 from sfdiag.optim import AdamWScheduleFree
+from sfdiag.step_audit import fused as sfdiag_fused
+from sfdiag.step_audit import snapshot, verdict
 
 BIG = (641, 1023)  # 655,743 elements: ten fused blocks and a tail
 

@@ -16,8 +16,8 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from sfdiag import snapshot, verdict
-from sfdiag.auditor import StepAuditor
+from sfdiag.step_audit import snapshot, verdict
+from sfdiag.step_audit.auditor import StepAuditor
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _INT = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16}

@@ -40,7 +40,7 @@ def test_the_per_step_norms_of_missing_and_graph_carrying_grads():
 def test_grad_monitor_makes_no_torch_call_a_grad():
     """``GradMonitor`` reads the global norm in both hooks of every step: the same torch
     calls for 20 parameters as for 10."""
-    from sfdiag.monitor import GradMonitor
+    from sfdiag.step_audit.monitor import GradMonitor
 
     calls = {}
     for count in (10, 20):
@@ -63,7 +63,7 @@ def test_grad_monitor_makes_no_torch_call_a_grad():
 def test_the_kernel_reads_small_grads_sums_of_squares_as_float64(dtype):
     """The run's per-step norms of many small CPU grads: one call of the fused kernel, each
     grad's sum of squares within float32 rounding of a float64 one."""
-    from sfdiag import fused
+    from sfdiag.step_audit import fused
 
     gen = torch.Generator().manual_seed(3)
     grads = [torch.randn(n, generator=gen).to(dtype) for n in (1, 7, 8, 255, 4096, 65536)]
@@ -87,7 +87,7 @@ def test_the_kernel_reads_small_grads_sums_of_squares_as_float64(dtype):
 )
 def test_grads_the_kernel_does_not_take_are_read_by_torch(odd_one):
     """One grad the C code cannot trust sends the list to torch's norm: the same norms."""
-    from sfdiag import fused
+    from sfdiag.step_audit import fused
 
     grads = [torch.randn(16), odd_one(), torch.randn(3, 5)]
     assert fused.plain_squares(grads) is None
@@ -97,7 +97,7 @@ def test_grads_the_kernel_does_not_take_are_read_by_torch(odd_one):
 
 
 def fused_max() -> int:
-    from sfdiag import fused
+    from sfdiag.step_audit import fused
 
     return fused.SQUARES_MAX_ELEMENTS
 

@@ -3,7 +3,7 @@
     from sfdiag.integrations.lightning import SfdiagCallback      # lightning.pytorch.Callback
     from sfdiag.integrations.transformers import SfdiagCallback   # transformers.TrainerCallback
 
-Each runs the in-process audit (``sfdiag.inprocess.Audit``: the same taps, judge and report)
+Each runs the in-process audit (``sfdiag.run.inprocess.Audit``: the same taps, judge and report)
 from the start of ``fit``/``train`` to its end and puts what it found where the run's
 own numbers go: the trainer's loggers. This module holds what both share and imports
 neither framework (nor torch): importing ``sfdiag.integrations`` stays cheap, and each
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sfdiag.errors import SfdiagError
-from sfdiag.inprocess import Audit
+from sfdiag.run.inprocess import Audit
 
 if TYPE_CHECKING:  # pragma: no cover
     from sfdiag.dist import Job
@@ -287,7 +287,7 @@ def logged_items(report: ProbeReport) -> tuple[dict[str, str], dict[str, float]]
     and ``sfdiag/<optimizer>/post_pre_ratio`` (and ``.../findings`` where the modes were
     wrong), per judged metric ``sfdiag/<metric>/verdict`` and ``sfdiag/<metric>/wrong``
     (1 or 0). A name logged through two loggers gets its worse verdict."""
-    from sfdiag.judge import worst
+    from sfdiag.run.judge import worst
 
     strings: dict[str, str] = {}
     numbers: dict[str, float] = {}

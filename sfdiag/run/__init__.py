@@ -8,7 +8,7 @@ runs:
 - torch's clipping functions are wrapped to keep the norm they measured (``clipping``);
 - the loggers' public calls are tapped (``taps``) and every gradient metric the script
   logs is judged against the norms of the step it belongs to (``metrics``,
-  ``sfdiag.judge``).
+  ``sfdiag.run.judge``).
 
 When it ends, the verdict tables go to **stderr** (the script's stdout stays exactly
 what it printed), the JSON report to ``--report`` and the picture to ``--plot``

@@ -25,7 +25,7 @@ from sfdiag.results import (
     ProbeReport,
     RankResult,
 )
-from sfdiag.verdict import SEVERITY
+from sfdiag.step_audit.verdict import SEVERITY
 
 if TYPE_CHECKING:  # pragma: no cover
     from sfdiag.run.watch import OptimizerWatch

@@ -4,7 +4,7 @@ The taps hand every scalar the script logs to ``MetricAudit.record``. A name the
 selector does not pick costs one dict lookup. A picked one is kept with the norms of the
 step each optimizer had last finished; the next step to finish pins its norms to it too
 (so both steps it may belong to are known), and at the script's next logging call (or
-when it ends) it is judged against them (``sfdiag.judge``) and only its tally is kept.
+when it ends) it is judged against them (``sfdiag.run.judge``) and only its tally is kept.
 No step hook reads a norm to the host: on an accelerator that would wait for the device
 in the middle of the training step.
 """
@@ -18,8 +18,8 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from sfdiag import judge
-from sfdiag.judge import (
+from sfdiag.run import judge
+from sfdiag.run.judge import (
     JudgedValue,
     MetricSelector,
     MetricTally,
@@ -262,8 +262,8 @@ class MetricAudit:
         """Per optimizer (by id) whose grads were written since its last step, or that has
         not stepped yet: the norm of its grads now (a device scalar, read when judged), the
         backward passes of the step so far, and whether they still hold the loss scale."""
-        from sfdiag.auditor import StepAuditor
         from sfdiag.run.watch import GradsRead, versions_of
+        from sfdiag.step_audit.auditor import StepAuditor
 
         backwards = self.watch.backwards
         scalers = self.watch.scalers

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from sfdiag.judge import ModeTally, mode_findings
+from sfdiag.run.judge import ModeTally, mode_findings
 from sfdiag.run.taps._hooks import Patches, when_imported
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -200,7 +200,7 @@ class ModeWatch:
         if self._hook is None:
             import torch.nn.modules.module as torch_module
 
-            from sfdiag.compiling import outside_graphs, quiet_about_our_hook
+            from sfdiag.step_audit.compiling import outside_graphs, quiet_about_our_hook
 
             self._unquiet = quiet_about_our_hook()
             self._hook = torch_module.register_module_forward_pre_hook(

@@ -67,8 +67,8 @@ class AuditSession:
     _found: Any = None
 
     def __post_init__(self) -> None:
-        from sfdiag.judge import MetricSelector
         from sfdiag.run import clipping
+        from sfdiag.run.judge import MetricSelector
         from sfdiag.run.metrics import MetricAudit
         from sfdiag.run.modes import ModeWatch
         from sfdiag.run.watch import OptimizerWatch
@@ -123,7 +123,7 @@ class AuditSession:
     def findings(self) -> tuple[Finding, ...]:
         """The mode findings, each optimizer's warmup applied twice (``double-warmup``) and
         its rate moved on after steps the loss scaler skipped (``scheduler-on-skipped-step``)."""
-        from sfdiag import judge
+        from sfdiag.run import judge
 
         tallies = dict(self.modes.tallies)
         for entry in self.watch.watched:

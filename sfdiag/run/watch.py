@@ -11,7 +11,7 @@ logged value needs them; the last few steps are kept.
 
 Under ``torch.compile`` (a compiled ``step()``, as torch's tutorial compiles it, or a
 compiled training step around it) dynamo traces the step's hooks with it. The hooks are
-registered through ``sfdiag.compiling.step_hook``: where the graph may break
+registered through ``sfdiag.step_audit.compiling.step_hook``: where the graph may break
 (``fullgraph=False``, the default) they run eagerly between the graphs, with the real
 grads, so every step is audited as in an eager run, for about 30 µs a step (measured
 there, against skipping them under ``is_compiling()``, which leaves every compiled step
@@ -38,12 +38,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from sfdiag.auditor import StepAuditor
     from sfdiag.dist import Channel, Job
-    from sfdiag.judge import ModeTally
     from sfdiag.results import OptimizerResult
     from sfdiag.run.clipping import ClipCall, ClipLog
+    from sfdiag.run.judge import ModeTally
     from sfdiag.run.scaler import Backwards, ScalerWatch
+    from sfdiag.step_audit.auditor import StepAuditor
 
 # Which steps are audited, per optimizer: a training run may take a million steps, and an
 # audited step costs a few host syncs and a fingerprint fit per changed parameter.
@@ -201,7 +201,7 @@ def _small_cpu_norms(grads: list[torch.Tensor | None]) -> torch.Tensor | None:
     norm costs the host about a microsecond each, the kernel nanoseconds); else None."""
     import torch
 
-    from sfdiag import fused
+    from sfdiag.step_audit import fused
 
     present = [g for g in grads if g is not None]
     squares = fused.plain_squares(present)
@@ -504,7 +504,7 @@ class Watched:
             return self.params
         count = sum(len(g["params"]) for g in optimizer.param_groups)
         if count != len(self.params):
-            from sfdiag.auditor import StepAuditor
+            from sfdiag.step_audit.auditor import StepAuditor
 
             self.params = StepAuditor.params_of(optimizer)
             self.param_ids = frozenset(id(p) for p in self.params)
@@ -611,7 +611,7 @@ class Watched:
         groups = list(getattr(self.ref(), "param_groups", ()))
         now = _host_float(groups[0].get("lr", 0.0)) if groups else None
         if now is not None and now != self.rate_at_skip:
-            from sfdiag.judge import ModeTally
+            from sfdiag.run.judge import ModeTally
 
             if self.skip_advances is None:
                 self.skip_advances = ModeTally()
@@ -756,7 +756,7 @@ class Watched:
 
     def references(self, norms: StepNorms, scope: tuple[int, ...] | None) -> Any:
         """The ``NormReferences`` of one step over ``scope`` (parameter indices; None: all)."""
-        from sfdiag.judge import NormReferences
+        from sfdiag.run.judge import NormReferences
 
         pre_n, post_n = norms.over(scope)
         local_shard = norms.local_pre(scope)
@@ -790,8 +790,8 @@ class Watched:
         self.counted_steps = steps_taken(param_groups, state)
 
     def result(self) -> OptimizerResult:
-        from sfdiag import snapshot, verdict
         from sfdiag.results import StepRecord
+        from sfdiag.step_audit import snapshot, verdict
 
         optimizer = self.ref()
         if optimizer is not None and self.elements:
@@ -880,9 +880,9 @@ class OptimizerWatch:
     def install(self) -> OptimizerWatch:
         import torch.optim.optimizer as torch_optimizer
 
-        from sfdiag.compiling import step_hook
         from sfdiag.run import schedulers
         from sfdiag.run.scaler import Backwards, ScalerWatch
+        from sfdiag.step_audit.compiling import step_hook
 
         self._handles = [  # a compiled step() runs them eagerly, or not at all (module doc)
             torch_optimizer.register_optimizer_step_pre_hook(step_hook(self._pre, self._unseen)),
@@ -930,7 +930,7 @@ class OptimizerWatch:
         return [w.result() for w in self.watched]
 
     def _entry(self, optimizer: Any, frame: FrameType | None) -> Watched:
-        from sfdiag.auditor import StepAuditor, class_path
+        from sfdiag.step_audit.auditor import StepAuditor, class_path
 
         entry = self._by_id.get(id(optimizer))
         if entry is not None and entry.ref() is optimizer:
@@ -958,7 +958,7 @@ class OptimizerWatch:
         return 0 if self.backwards is None else self.backwards.count
 
     def _pre(self, optimizer: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        from sfdiag.auditor import active_steps
+        from sfdiag.step_audit.auditor import active_steps
 
         try:
             frame = sys._getframe(1)
@@ -1003,7 +1003,7 @@ class OptimizerWatch:
             return None
 
     def _post(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
-        from sfdiag.auditor import active_steps
+        from sfdiag.step_audit.auditor import active_steps
 
         entry = self._by_id.get(id(optimizer))
         if entry is None or entry.error is not None or active_steps(optimizer) != 1:
@@ -1011,8 +1011,8 @@ class OptimizerWatch:
         entry.stepping = False
         import numpy as np
 
-        from sfdiag import snapshot
         from sfdiag.dist import ChannelError
+        from sfdiag.step_audit import snapshot
 
         try:
             if entry.auditing:
@@ -1048,7 +1048,7 @@ class OptimizerWatch:
 
     def _unseen(self, optimizer: Any) -> None:
         """dynamo traced ``optimizer.step()`` into a graph that must not break: no hook
-        runs in it (``sfdiag.compiling``). Its steps there go unaudited, and from now on
+        runs in it (``sfdiag.step_audit.compiling``). Its steps there go unaudited, and from now on
         no logged value is judged against its steps: one that ran unseen may be the step
         a value belongs to. Called at trace time."""
         entry = self._entry(optimizer, sys._getframe(1))
@@ -1126,7 +1126,7 @@ class OptimizerWatch:
         entry = self._by_id.get(id(optimizer))
         if entry is not None and entry.error is None:
             text = str(exc).strip().splitlines()
-            from sfdiag.verdict import SFDIAG_FAILED
+            from sfdiag.step_audit.verdict import SFDIAG_FAILED
 
             entry.error = f"{SFDIAG_FAILED}: {type(exc).__name__}: {text[0] if text else ''}"
 

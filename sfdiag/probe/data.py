@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from sfdiag.errors import SfdiagError, shown
-from sfdiag.losses import CLASS_TARGET_LOSSES
+from sfdiag.probe.losses import CLASS_TARGET_LOSSES
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 

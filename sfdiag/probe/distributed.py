@@ -16,11 +16,11 @@ import uuid
 from dataclasses import replace
 from typing import Any
 
-from sfdiag.config import Config
 from sfdiag.errors import SfdiagError
-from sfdiag.probe import ProbeInterrupted, ProbeOptions, Sharding
+from sfdiag.probe.config import Config
+from sfdiag.probe.runner import ProbeInterrupted, ProbeOptions, Sharding
 from sfdiag.results import OptimizerResult, ProbeReport
-from sfdiag.verdict import SEVERITY
+from sfdiag.step_audit.verdict import SEVERITY
 
 
 class RankSharding(Sharding):
@@ -90,8 +90,8 @@ def _rank_main(config: Config, forensics: bool) -> ProbeReport | None:
     import torch.distributed as dist
 
     from sfdiag import __version__
-    from sfdiag.build import build
-    from sfdiag.probe import probe_optimizer
+    from sfdiag.probe.build import build
+    from sfdiag.probe.runner import probe_optimizer
 
     spec = config.distributed
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from sfdiag import snapshot, verdict
-from sfdiag.verdict import ParamStep
+from sfdiag.step_audit import snapshot, verdict
+from sfdiag.step_audit.verdict import ParamStep
 
 # the code object of the wrapper torch puts around every Optimizer subclass's step()
 _STEP_WRAPPER_CODE = getattr(

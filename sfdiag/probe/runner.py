@@ -18,12 +18,13 @@ from typing import Any
 
 import torch
 
-from sfdiag import __version__, snapshot, verdict
-from sfdiag.auditor import AuditError, StepAuditor, StepWatch, exception_text
-from sfdiag.build import BuiltOptimizer, BuiltProbe, build
-from sfdiag.config import Config, load_config, parse_config
+from sfdiag import __version__
 from sfdiag.errors import SfdiagError
+from sfdiag.probe.build import BuiltOptimizer, BuiltProbe, build
+from sfdiag.probe.config import Config, load_config, parse_config
 from sfdiag.results import OptimizerResult, ProbeReport, StepRecord
+from sfdiag.step_audit import snapshot, verdict
+from sfdiag.step_audit.auditor import AuditError, StepAuditor, StepWatch, exception_text
 
 #: called after every step: (optimizer label, step index, steps in all)
 Progress = Callable[[str, int, int], None]
@@ -94,7 +95,7 @@ def _state_bytes_per_element(optimizer: Any, model: torch.nn.Module) -> float:
 
 
 class Sharding:
-    """How a probe runs on one rank of a distributed probe (``sfdiag.probe_dist``); this
+    """How a probe runs on one rank of a distributed probe (``sfdiag.probe.distributed``); this
     base class is the plain one-process probe: nothing wrapped, nothing split."""
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -224,7 +225,7 @@ def as_config(config: Any) -> Config:
     shown = shown if len(shown) <= 60 else shown[:59] + "…"
     raise SfdiagError(
         "run_probe: config must be a config file's path (str or os.PathLike), a dict "
-        f"shaped like the YAML config, or a sfdiag.config.Config; got "
+        f"shaped like the YAML config, or a sfdiag.probe.config.Config; got "
         f"{type(config).__name__} {shown}"
     )
 
@@ -268,7 +269,7 @@ def run_probe(
         )
 
     if config.distributed is not None:
-        from sfdiag.probe_dist import run_distributed
+        from sfdiag.probe.distributed import run_distributed
 
         return run_distributed(config, options)
     try:

@@ -2,7 +2,7 @@
 
 A model may declare ``sfdiag_input_shape`` (one sample's shape) and
 ``sfdiag_loss`` so that ``data: auto`` and ``loss: auto`` know what to feed it;
-models without them are inspected (see ``sfdiag.data.infer_input_shape``).
+models without them are inspected (see ``sfdiag.probe.data.infer_input_shape``).
 """
 
 from __future__ import annotations

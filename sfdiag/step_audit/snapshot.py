@@ -9,7 +9,7 @@ gradient by default: the extra memory is a few hundred elements per tensor.
 
 **Two reads per audited step.** Before ``step()`` every grad is read once for its norm
 and its checksum together: on the CPU's large tensors by one call of a small C kernel for
-all of them (``sfdiag.fused``: compiled per process where a C compiler is present and the
+all of them (``sfdiag.step_audit.fused``: compiled per process where a C compiler is present and the
 grads are large enough to pay for it; the samples, its param's too, in the same pass), else
 by torch's own ops (on a GPU always: there the host's time per launch is what counts). After
 ``step()`` (``take(..., before=)``) a grad that is the same tensor at the same version is
@@ -50,8 +50,8 @@ from typing import Any
 
 import torch
 
-from sfdiag import fused
 from sfdiag.dist import local
+from sfdiag.step_audit import fused
 
 #: elements sampled per tensor for fingerprinting the kind of a mutation
 SAMPLE_SIZE = 256
@@ -244,7 +244,7 @@ def _fused_grads(views: dict[int, torch.Tensor]) -> set[int]:
     """The grads of a snapshot that take the fused layout (rows of FUSED_BLOCK elements).
 
     On the CPU, in "auto": the large ones, once they hold enough elements for the fused
-    kernel (``sfdiag.fused``) to pay for compiling it. On an accelerator: every large one,
+    kernel (``fused``) to pay for compiling it. On an accelerator: every large one,
     always, read by torch's ops: one launch a grad for its row sums, norms by
     ``_foreach_norm`` in a few for all (bench/RESULTS.md). "on": every large grad, anywhere."""
     setting = _fused_setting()

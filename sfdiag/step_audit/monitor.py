@@ -24,7 +24,7 @@ compares the two norms bit for bit: cheap, and blind to a change that keeps the 
 (a permutation, say). ``sfdiag run`` and ``sfdiag.testing`` audit every element.
 
 A compiled ``step()`` runs the hooks eagerly between its graphs, on the real grads
-(``sfdiag.compiling``); a step compiled into one graph (``fullgraph=True``) runs none,
+(``sfdiag.step_audit.compiling``); a step compiled into one graph (``fullgraph=True``) runs none,
 so from the first such step the norms read NaN, never a stale step's.
 """
 
@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 
-from sfdiag.auditor import active_steps
-from sfdiag.compiling import step_hook
-from sfdiag.snapshot import float_bits
+from sfdiag.step_audit.auditor import active_steps
+from sfdiag.step_audit.compiling import step_hook
+from sfdiag.step_audit.snapshot import float_bits
 
 __all__ = ["GradMonitor"]
 
@@ -104,7 +104,7 @@ class GradMonitor:
         self._last: tuple[float, float] | None = None
         self._steps = 0
         self._unseen = False  # a compiled step() ran where no hook could (fullgraph=True)
-        self._handles = [  # a compiled step() runs them eagerly (sfdiag.compiling)
+        self._handles = [  # a compiled step() runs them eagerly (sfdiag.step_audit.compiling)
             optimizer.register_step_pre_hook(step_hook(self._pre, self._steps_unseen)),
             optimizer.register_step_post_hook(step_hook(self._post)),
         ]

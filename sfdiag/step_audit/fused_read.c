@@ -1,9 +1,9 @@
-/* sfdiag's fused read of large grads on the CPU (see sfdiag/fused.py): in one pass over each
+/* sfdiag's fused read of large grads on the CPU (see sfdiag/step_audit/fused.py): in one pass over each
  * row of `block` elements, the sum of the squares of its values, the wrapping sum of its
  * elements' bits, and the sampled elements that fall in it (of its param's too).
  *
  * Plain C with GCC/Clang vector extensions, no -ffast-math, no contraction into fused
- * multiply-adds (sfdiag/fused.py compiles it with -ffp-contract=off): every sum runs in a
+ * multiply-adds (sfdiag/step_audit/fused.py compiles it with -ffp-contract=off): every sum runs in a
  * fixed order, so the same input gives the same bits on the same machine, however the rows
  * are grouped and split among threads (the rows' totals are added by the caller). Whole rows
  * are read four side by side: four streams of memory keep more reads in flight than one

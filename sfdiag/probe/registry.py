@@ -56,25 +56,33 @@ OPTIMIZERS = _table(
 )
 
 MODELS = _table(
-    Entry("mlp", "sfdiag.models:mlp", "2-layer MLP, 64 -> 128 -> 10 (default; fast)"),
+    Entry("mlp", "sfdiag.probe.models:mlp", "2-layer MLP, 64 -> 128 -> 10 (default; fast)"),
     Entry(
         "mnist-cnn",
-        "sfdiag.models:mnist_cnn",
+        "sfdiag.probe.models:mnist_cnn",
         "the PyTorch MNIST example CNN, 1.2M parameters, 1x28x28 inputs",
     ),
 )
 
 DATASETS = _table(
-    Entry("auto", "sfdiag.data:auto", "synthetic data matched to the model's input and output"),
-    Entry("gaussian", "sfdiag.data:gaussian", "seeded N(0, 1) inputs with random class labels"),
-    Entry("gaussian-regression", "sfdiag.data:gaussian_regression", "N(0, 1) inputs and targets"),
+    Entry(
+        "auto", "sfdiag.probe.data:auto", "synthetic data matched to the model's input and output"
+    ),
+    Entry(
+        "gaussian", "sfdiag.probe.data:gaussian", "seeded N(0, 1) inputs with random class labels"
+    ),
+    Entry(
+        "gaussian-regression", "sfdiag.probe.data:gaussian_regression", "N(0, 1) inputs and targets"
+    ),
 )
 
 LOSSES = _table(
-    Entry("auto", "sfdiag.losses:auto", "cross_entropy for classifiers, mse otherwise"),
-    Entry("cross_entropy", "sfdiag.losses:cross_entropy", "torch.nn.functional.cross_entropy"),
-    Entry("nll", "sfdiag.losses:nll", "torch.nn.functional.nll_loss (log-softmax outputs)"),
-    Entry("mse", "sfdiag.losses:mse", "torch.nn.functional.mse_loss"),
+    Entry("auto", "sfdiag.probe.losses:auto", "cross_entropy for classifiers, mse otherwise"),
+    Entry(
+        "cross_entropy", "sfdiag.probe.losses:cross_entropy", "torch.nn.functional.cross_entropy"
+    ),
+    Entry("nll", "sfdiag.probe.losses:nll", "torch.nn.functional.nll_loss (log-softmax outputs)"),
+    Entry("mse", "sfdiag.probe.losses:mse", "torch.nn.functional.mse_loss"),
 )
 
 REGISTRIES: dict[str, dict[str, Entry]] = {

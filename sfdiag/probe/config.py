@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from sfdiag import registry
 from sfdiag.errors import SfdiagError, shown
+from sfdiag.probe import registry
 
 SCHEMA_VERSION = 1
 DEFAULT_OPTIMIZERS = ("adamw", "sf-adamw", "sf-ref", "sf-sgd")

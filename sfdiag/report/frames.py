@@ -105,7 +105,7 @@ def _rows(report: ProbeReport, kind: str) -> tuple[list[dict[str, Any]], tuple[s
         columns = ("kind", "optimizer", "first_step", "count", "gap", "advice")
         rows = [{c: getattr(f, c) for c in columns} for f in report.findings or ()]
         return rows, columns
-    from sfdiag.registry import did_you_mean
+    from sfdiag.probe.registry import did_you_mean
 
     raise SfdiagError(
         f"to_pandas: unknown table {kind!r}{did_you_mean(str(kind), KINDS)}; "

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from sfdiag import data as data_module
-from sfdiag import losses, registry
-from sfdiag.config import Config, OptimizerSpec
 from sfdiag.errors import SfdiagError, shown
+from sfdiag.probe import data as data_module
+from sfdiag.probe import losses, registry
+from sfdiag.probe.config import Config, OptimizerSpec
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
