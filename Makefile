@@ -1,4 +1,4 @@
-# sfdiag: make demo | make test | make bench | make ci
+# sfdiag: make demo | make test | make docs | make bench
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 TORCH_PIN := $(if $(TORCH_WHEEL),torch==2.13.0 --find-links $(dir $(TORCH_WHEEL)),)
 
-.PHONY: demo test lint unit dogfood baselines bench clean
+.PHONY: demo test lint unit dogfood baselines bench docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(if $(TORCH_PIN),$(BIN)/pip install -q $(TORCH_PIN))
 	$(BIN)/pip install -q -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+$(VENV)/.installed-docs: pyproject.toml | $(BIN)/python
+	$(if $(TORCH_PIN),$(BIN)/pip install -q $(TORCH_PIN))
+	$(BIN)/pip install -q -e '.[docs]'
 	touch $@ $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -50,10 +55,17 @@ baselines: $(VENV)/.installed-dev
 	  $(BIN)/sfdiag baseline configs/$$c.yaml --output baselines/$$c.json --force || exit 1; \
 	done
 
-test: lint unit dogfood
+# The strict docs build runs before pytest: a broken link or a page missing from the nav fails
+# fast, and tests/test_docs.py then finds the docs tools installed and builds the site too.
+test: lint docs unit dogfood
+
+# The docs site from docs/ into site/ (ignored); --strict: a broken link, a missing page or an
+# API name that no longer resolves fails the build.
+docs: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis site

@@ -16,12 +16,12 @@ __all__ = ["GradMonitor", "SfdiagError", "__version__", "audit", "run_probe"]
 
 _LAZY = {
     "GradMonitor": ("sfdiag.step_audit.monitor", "GradMonitor"),
-    "run_probe": ("sfdiag.probe.runner", "run_probe"),
+    "run_probe": ("sfdiag.probe.api", "run_probe"),
     "audit": ("sfdiag.run.inprocess", "audit"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from sfdiag.probe.runner import run_probe
+    from sfdiag.probe.api import run_probe
     from sfdiag.run.inprocess import audit
     from sfdiag.step_audit.monitor import GradMonitor
 

@@ -110,7 +110,7 @@ def probe(
     """Run the probe of ``config``."""
     import contextlib
 
-    from sfdiag.probe.runner import ProbeOptions, run_probe
+    from sfdiag.probe.api import ProbeOptions, run_probe
 
     # Third-party optimizers and models may print (schedulefree: "Switching to train mode"):
     # send that to stderr so that a machine-readable stdout holds the report alone.

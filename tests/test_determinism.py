@@ -12,8 +12,8 @@ import pytest
 from conftest import start_cli
 
 from sfdiag.baseline import baseline_json
+from sfdiag.probe.api import run_probe
 from sfdiag.probe.config import parse_config
-from sfdiag.probe.runner import run_probe
 from sfdiag.report import RenderOptions, render
 
 # Dropout (torch's global RNG), a mutator drawing noise from it, schedule-free state and a

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from sfdiag.errors import SfdiagError
+from sfdiag.probe.api import ProbeOptions, run_probe
 from sfdiag.probe.config import parse_config
-from sfdiag.probe.runner import ProbeOptions, run_probe
 from sfdiag.report import RenderOptions, render
 from sfdiag.results import ProbeReport
 from sfdiag.step_audit import auditor as audit

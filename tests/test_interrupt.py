@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 from sfdiag.baseline import save_baseline
 from sfdiag.cli import app
 from sfdiag.errors import SfdiagError
-from sfdiag.probe import runner as probe_module
+from sfdiag.probe import api as probe_module
+from sfdiag.probe.api import ProbeInterrupted, run_probe
 from sfdiag.probe.config import parse_config
-from sfdiag.probe.runner import ProbeInterrupted, run_probe
 
 STEPS = 30
 

@@ -8,18 +8,16 @@ from dataclasses import replace
 import pytest
 
 from sfdiag.results import METRIC_VERDICTS, WRONG_METRIC_VERDICTS, MetricResult, ProbeReport
-from sfdiag.run import gate, judge
+from sfdiag.run import findings, gate, judge, metric_names
 from sfdiag.run.judge import (
     JudgedValue,
-    MetricSelector,
     MetricTally,
     NormReferences,
-    is_grad_norm_word,
     judge_candidates,
     judge_value,
-    scope_hint,
     summarize_metric,
 )
+from sfdiag.run.metric_names import MetricSelector, is_grad_norm_word, scope_hint
 
 PICKED = [
     "grad_norm",
@@ -108,7 +106,7 @@ RATES = [
 @pytest.mark.parametrize(("name", "group"), RATES)
 def test_learning_rate_names_and_their_groups(name, group):
     assert MetricSelector().quantity(name) == "learning_rate"
-    assert judge.rate_group(name) == group
+    assert metric_names.rate_group(name) == group
 
 
 @pytest.mark.parametrize("name", ["lr-AdamW-momentum", "lr-SGD-weight_decay", "lr_scale", "mlr"])
@@ -393,11 +391,11 @@ def test_a_rate_that_is_both_the_base_and_the_next_steps_reads_as_the_base():
     ],
 )
 def test_double_warmup(rows, count, first):
-    tally = judge.double_warmup(rows, peak=1e-3)
+    tally = findings.double_warmup(rows, peak=1e-3)
     assert (tally.count, tally.first_step) == (count, first)
     if count:
         assert tally.detail == "at step 1 the applied rate is 0.02x the base (2e-05 of 0.001)"
-        (finding,) = judge.mode_findings({("SF", "double-warmup"): tally})
+        (finding,) = findings.mode_findings({("SF", "double-warmup"): tally})
         assert not finding.failing and "warmup applied twice" in finding.advice
 
 

@@ -245,8 +245,8 @@ def test_the_in_process_audit_keeps_going_through_an_error_and_refuses_an_existi
 
 
 def test_a_probes_report_has_the_same_tables():
+    from sfdiag.probe.api import run_probe
     from sfdiag.probe.config import parse_config
-    from sfdiag.probe.runner import run_probe
 
     report = run_probe(parse_config({"steps": 2, "optimizers": ["adamw", "sf-adamw"]}))
     results = report.to_pandas()

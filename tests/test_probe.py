@@ -15,8 +15,8 @@ import pytest
 
 import sfdiag
 from sfdiag.errors import SfdiagError
+from sfdiag.probe.api import ProbeOptions, run_probe
 from sfdiag.probe.config import load_config, parse_config
-from sfdiag.probe.runner import ProbeOptions, run_probe
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_snapshot import _TorchCalls
 
-from sfdiag.run.watch import _norms
+from sfdiag.run.norms import _norms
 
 
 def test_the_per_step_norms_make_no_torch_call_a_grad():
@@ -105,7 +105,7 @@ def fused_max() -> int:
 def test_a_value_logged_before_step_shares_its_read_with_the_step():
     """Between backward and step(): the norm read for a logged whole-model grad norm is the
     step's pre-step read (one read, not two); an in-place edit since (clipping) reads again."""
-    from sfdiag.run.watch import GradsRead, versions_of
+    from sfdiag.run.norms import GradsRead, versions_of
 
     grads = [torch.randn(4), None, torch.randn(2, 3)]
     read = GradsRead.now(grads, versions_of(grads), backwards=1)

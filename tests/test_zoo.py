@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from sfdiag.probe.api import run_probe
 from sfdiag.probe.config import load_config
-from sfdiag.probe.runner import run_probe
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

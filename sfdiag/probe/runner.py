@@ -10,7 +10,6 @@ that says who failed. Nothing here prints; progress goes through a callback.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,9 +17,8 @@ from typing import Any
 
 import torch
 
-from sfdiag import __version__
 from sfdiag.errors import SfdiagError
-from sfdiag.probe.build import BuiltOptimizer, BuiltProbe, build
+from sfdiag.probe.build import BuiltOptimizer, BuiltProbe
 from sfdiag.probe.config import Config, load_config, parse_config
 from sfdiag.results import OptimizerResult, ProbeReport, StepRecord
 from sfdiag.step_audit import snapshot, verdict
@@ -244,38 +242,3 @@ def deterministic_kernels(device: torch.device) -> Iterator[None]:
         yield
     finally:
         cudnn.deterministic, cudnn.benchmark = saved
-
-
-def run_probe(
-    config: Config | Mapping[str, Any] | str | os.PathLike[str],
-    options: ProbeOptions = ProbeOptions(),
-) -> ProbeReport:
-    """Probe every optimizer of ``config`` (a path, a dict or a Config; see ``as_config``).
-    Raises SfdiagError on bad input, before running."""
-    config = as_config(config)
-    built = build(config)
-    results: list[OptimizerResult] = []
-    started = time.perf_counter()
-
-    def report(interrupted: bool = False) -> ProbeReport:
-        return ProbeReport(
-            config=config.to_dict(),
-            results=tuple(results),
-            sfdiag_version=__version__,
-            torch_version=torch.__version__,
-            interrupted=interrupted,
-            timing={"seconds": round(time.perf_counter() - started, 3)},
-            device=built.device.type,
-        )
-
-    if config.distributed is not None:
-        from sfdiag.probe.distributed import run_distributed
-
-        return run_distributed(config, options)
-    try:
-        with deterministic_kernels(built.device):
-            for opt in built.optimizers:
-                results.append(probe_optimizer(built, opt, options))
-    except KeyboardInterrupt:
-        raise ProbeInterrupted(report(interrupted=True)) from None
-    return report()

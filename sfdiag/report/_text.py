@@ -309,7 +309,7 @@ def per_rank_lines(report: ProbeReport) -> list[str]:
 
 def finding_line(finding: Finding) -> str:
     """``eval-in-train-mode: AdamWScheduleFree, 12 times from step 4: ...``"""
-    from sfdiag.run.judge import FINDING_UNITS
+    from sfdiag.run.findings import FINDING_UNITS
 
     one, many = FINDING_UNITS.get(finding.kind, ("time", "times"))
     counted = f"{finding.count} {one if finding.count == 1 else many}"

@@ -141,32 +141,6 @@ def gate(report: ProbeReport, *, strict: bool) -> bool:
     return report.any_flagged
 
 
-def _metrics_are_right_advice(metrics: Sequence[MetricResult]) -> str:
-    names = ", ".join(m.name for m in metrics[:3]) + (", ..." if len(metrics) > 3 else "")
-    return (
-        f"the gradient metrics the script logs ({names}) are read before step() and are "
-        "right: the change only matters to code that reads p.grad after step()"
-    )
-
-
-def with_metric_advice(
-    results: Sequence[OptimizerResult], metrics: Sequence[MetricResult]
-) -> list[OptimizerResult]:
-    """A flagged optimizer whose every logged gradient metric is right gets advice that
-    says so instead of the generic one."""
-    out = []
-    for result in results:
-        own = [m for m in metrics if m.optimizer == result.optimizer and m.quantity == "grad_norm"]
-        if (
-            result.verdict in ("mutated", "replaced", "cleared")
-            and own
-            and not any(m.wrong for m in own)
-        ):
-            result = replace(result, advice=_metrics_are_right_advice(own))
-        out.append(result)
-    return out
-
-
 def run_script(argv: list[str], options: RunOptions | None = None, /, **fields: Any) -> int:
     """Run ``argv`` (what follows ``--``) with its optimizers and logged metrics audited.
 

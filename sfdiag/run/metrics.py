@@ -18,18 +18,19 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from sfdiag.run import judge
+from sfdiag.run import judge, metric_names
 from sfdiag.run.judge import (
     JudgedValue,
-    MetricSelector,
     MetricTally,
     NormReferences,
     RateReferences,
 )
+from sfdiag.run.metric_names import MetricSelector
 
 if TYPE_CHECKING:  # pragma: no cover
     from sfdiag.results import MetricResult
-    from sfdiag.run.watch import GradsRead, OptimizerWatch, StepNorms, Watched
+    from sfdiag.run.norms import GradsRead, StepNorms
+    from sfdiag.run.watch import OptimizerWatch, Watched
 
 #: distinct names remembered as picked or not (a script that logs ever-new names must
 #: not grow this without bound: past it, names are looked at afresh each time)
@@ -230,10 +231,10 @@ class MetricAudit:
                 )
                 if quantity == "learning_rate":
                     logged.coming = tuple(w.coming_rates() for w in watched)
-                    group = judge.rate_group(name)
+                    group = metric_names.rate_group(name)
                     logged.advanced = tuple(w.advanced_by(group) for w in watched)
                     logged.skips = tuple(w.skips for w in watched)
-                elif at_log is None and judge.scope_hint(name) is None:
+                elif at_log is None and metric_names.scope_hint(name) is None:
                     # once per logging call, for its whole-model gradient metrics (a
                     # parameter's norm, as Lightning logs a hundred of them, needs none)
                     at_log = self._at_log(fresh)
@@ -262,7 +263,7 @@ class MetricAudit:
         """Per optimizer (by id) whose grads were written since its last step, or that has
         not stepped yet: the norm of its grads now (a device scalar, read when judged), the
         backward passes of the step so far, and whether they still hold the loss scale."""
-        from sfdiag.run.watch import GradsRead, versions_of
+        from sfdiag.run.norms import GradsRead, versions_of
         from sfdiag.step_audit.auditor import StepAuditor
 
         backwards = self.watch.backwards
@@ -374,7 +375,7 @@ class MetricAudit:
         candidates: list[tuple[str, NormReferences]] = []
         positions: list[int] = []
         scope_name = None
-        hint = judge.scope_hint(logged.name)
+        hint = metric_names.scope_hint(logged.name)
         for position, entry in enumerate(self.watch.watched):
             chosen = list(logged.steps.get(position, ()))
             if not chosen:
@@ -487,7 +488,7 @@ class MetricAudit:
         number, or one that nothing moved on, equal to the coming step's rate, is judged as
         the coming step's (nanoGPT sets the rate at the top of an iteration and logs it).
         """
-        group = judge.rate_group(logged.name)
+        group = metric_names.rate_group(logged.name)
         best: JudgedValue | None = None
         for position, entry in enumerate(self.watch.watched):
             pinned = {n.step: n for n in logged.steps.get(position, ()) if not n.skipped}

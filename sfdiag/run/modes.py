@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from sfdiag.run.judge import ModeTally, mode_findings
+from sfdiag.run.findings import ModeTally, mode_findings
 from sfdiag.run.taps._hooks import Patches, when_imported
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -303,7 +303,7 @@ def _holders(params: list[Any], frame: FrameType | None) -> Iterator[Any]:
     """The modules near the training code that hold any of ``params`` (the model, a wrapper
     of it, a LightningModule...), and their children that hold parameters (a
     LightningModule's validation_step calls ``self.net``, not its own forward)."""
-    from sfdiag.run.watch import _modules_near
+    from sfdiag.run.param_names import _modules_near
 
     wanted = {id(p) for p in params}
     seen: set[int] = set()

@@ -59,7 +59,7 @@ def _scale_of(scaler: Any) -> Any:
     """The scale in force, left on its device (a float on the CPU); None when disabled."""
     if not getattr(scaler, "_enabled", False):
         return None
-    from sfdiag.run.watch import _number  # a device scalar as the step hooks keep one
+    from sfdiag.run.norms import _number  # a device scalar as the step hooks keep one
 
     scale = getattr(scaler, "_scale", None)
     return None if scale is None else _number(scale)

@@ -11,8 +11,8 @@ inside one; ``sfdiag.audit()`` wraps the caller's own code in one.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -68,7 +68,7 @@ class AuditSession:
 
     def __post_init__(self) -> None:
         from sfdiag.run import clipping
-        from sfdiag.run.judge import MetricSelector
+        from sfdiag.run.metric_names import MetricSelector
         from sfdiag.run.metrics import MetricAudit
         from sfdiag.run.modes import ModeWatch
         from sfdiag.run.watch import OptimizerWatch
@@ -113,8 +113,6 @@ class AuditSession:
     ) -> tuple[tuple[OptimizerResult, ...], tuple[MetricResult, ...], tuple[Finding, ...]]:
         """(optimizer results, logged metrics, mode findings), once the session stopped."""
         if self._found is None:
-            from sfdiag.run import with_metric_advice
-
             metrics = self.metric_audit.finish()
             results = tuple(with_metric_advice(self.watch.results(), metrics))
             self._found = (results, metrics, self.findings())
@@ -123,16 +121,16 @@ class AuditSession:
     def findings(self) -> tuple[Finding, ...]:
         """The mode findings, each optimizer's warmup applied twice (``double-warmup``) and
         its rate moved on after steps the loss scaler skipped (``scheduler-on-skipped-step``)."""
-        from sfdiag.run import judge
+        from sfdiag.run import findings
 
         tallies = dict(self.modes.tallies)
         for entry in self.watch.watched:
-            warmup = judge.double_warmup(entry.warmup_rows, entry.peak_rate)
+            warmup = findings.double_warmup(entry.warmup_rows, entry.peak_rate)
             if warmup.count:
                 tallies[(entry.label, "double-warmup")] = warmup
             if entry.skip_advances is not None and entry.skip_advances.count:
                 tallies[(entry.label, "scheduler-on-skipped-step")] = entry.skip_advances
-        return judge.mode_findings(tallies)
+        return findings.mode_findings(tallies)
 
     def report(self, config: dict[str, Any], interrupted: bool = False) -> ProbeReport:
         """This process's report, once the session stopped."""
@@ -164,3 +162,29 @@ class AuditSession:
                 "sfdiag run --nproc, or wrap their training in sfdiag.audit())"
             )
         return out
+
+
+def _metrics_are_right_advice(metrics: Sequence[MetricResult]) -> str:
+    names = ", ".join(m.name for m in metrics[:3]) + (", ..." if len(metrics) > 3 else "")
+    return (
+        f"the gradient metrics the script logs ({names}) are read before step() and are "
+        "right: the change only matters to code that reads p.grad after step()"
+    )
+
+
+def with_metric_advice(
+    results: Sequence[OptimizerResult], metrics: Sequence[MetricResult]
+) -> list[OptimizerResult]:
+    """A flagged optimizer whose every logged gradient metric is right gets advice that
+    says so instead of the generic one."""
+    out = []
+    for result in results:
+        own = [m for m in metrics if m.optimizer == result.optimizer and m.quantity == "grad_norm"]
+        if (
+            result.verdict in ("mutated", "replaced", "cleared")
+            and own
+            and not any(m.wrong for m in own)
+        ):
+            result = replace(result, advice=_metrics_are_right_advice(own))
+        out.append(result)
+    return out

@@ -24,24 +24,34 @@ steps any more (one may belong to a step never seen).
 
 from __future__ import annotations
 
-import math
-import os
 import sys
-import types
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import TYPE_CHECKING, Any
+
+from sfdiag.run.norms import (
+    GradsRead,
+    StepNorms,
+    _float,
+    _host_float,
+    _norms,
+    _number,
+    _own_warmup,
+    steps_taken,
+    versions_of,
+)
+from sfdiag.run.param_names import ParamNames, _reference, _safe_names
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from sfdiag.dist import Channel, Job
     from sfdiag.results import OptimizerResult
-    from sfdiag.run.clipping import ClipCall, ClipLog
-    from sfdiag.run.judge import ModeTally
+    from sfdiag.run.clipping import ClipLog
+    from sfdiag.run.findings import ModeTally
     from sfdiag.run.scaler import Backwards, ScalerWatch
     from sfdiag.step_audit.auditor import StepAuditor
 
@@ -59,375 +69,6 @@ KEPT_STEPS = 4
 def audited(step: int, done: int) -> bool:
     """Whether step ``step`` (0-based) is audited, ``done`` steps having been audited."""
     return done < AUDIT_MAX and (step < AUDIT_FIRST or step % AUDIT_EVERY == 0)
-
-
-# ---- parameter names, from the modules the training code holds ------------------------------
-def _reference(obj: Any) -> Callable[[], Any]:
-    try:
-        return weakref.ref(obj)
-    except TypeError:  # no weakref slot: keep it alive (it is stepping anyway)
-        return lambda: obj
-
-
-def _modules_near(frame: FrameType | None) -> Iterator[torch.nn.Module]:
-    """nn.Modules the calling code holds: its frames' locals and their attributes."""
-    import torch
-
-    # frames of torch and of sfdiag itself hold no module of the user's
-    sfdiag_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    skip = (os.path.dirname(torch.__file__) + os.sep, sfdiag_dir + os.sep)
-    module_type = torch.nn.Module
-    while frame is not None:
-        if not frame.f_code.co_filename.startswith(skip):
-            for value in list(frame.f_locals.values()):
-                # type(), not isinstance(): isinstance reads __class__, which some objects
-                # (torch.distributed.reduce_op) answer with a warning
-                kind = type(value)
-                if issubclass(kind, module_type):
-                    yield value
-                elif not issubclass(kind, (type, types.ModuleType)):
-                    attrs = _plain_attributes(value)
-                    if attrs is not None and len(attrs) <= 256:
-                        yield from (
-                            v for v in list(attrs.values()) if issubclass(type(v), module_type)
-                        )
-        frame = frame.f_back
-
-
-def _plain_attributes(value: Any) -> dict[str, Any] | None:
-    """``vars(value)`` read without running any code of the object's (no properties, no
-    ``__getattr__``: a module object's lazy attributes would warn or import)."""
-    try:
-        attrs = object.__getattribute__(value, "__dict__")
-    except (AttributeError, TypeError):
-        return None
-    return attrs if isinstance(attrs, dict) else None
-
-
-@dataclass
-class ParamNames:
-    """What the training code calls the optimizer's parameters.
-
-    ``names``: one display name per parameter (``id -> name``), from the module that
-    covers most of them. ``aliases``: every qualified name any module near the code gives a
-    parameter, and every module path above one (``net.0.weight``, ``0.weight``, ``net.0``,
-    ``net``), to the indices of the parameters it covers.
-    """
-
-    names: dict[int, str] = field(default_factory=dict)
-    aliases: dict[str, tuple[int, ...]] = field(default_factory=dict)
-
-
-def param_names(params: list[torch.Tensor], frame: FrameType | None) -> ParamNames:
-    """Best effort names; parameters no module covers are left out (``param{i}``)."""
-    index = {id(p): i for i, p in enumerate(params)}
-    candidates: list[dict[int, str]] = []
-    aliases: dict[str, set[int]] = {}
-    seen: set[int] = set()
-    for module in _modules_near(frame):
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        named = {id(p): n for n, p in module.named_parameters() if id(p) in index}
-        if not named:
-            continue
-        candidates.append(named)
-        for key, name in named.items():
-            parts = name.split(".")
-            for end in range(1, len(parts) + 1):
-                aliases.setdefault(".".join(parts[:end]), set()).add(index[key])
-    candidates.sort(key=len, reverse=True)  # stable: on ties the innermost frame wins
-    names: dict[int, str] = {}
-    used: set[str] = set()
-    for named in candidates:
-        for key, name in named.items():
-            if key not in names and name not in used:
-                names[key] = name
-                used.add(name)
-    return ParamNames(names, {k: tuple(sorted(v)) for k, v in aliases.items()})
-
-
-def _safe_names(params: list[torch.Tensor], frame: FrameType | None) -> ParamNames:
-    try:
-        return param_names(params, frame)
-    except Exception:  # odd objects in the user's frames: fall back to param{i}
-        return ParamNames()
-
-
-# ---- per-step norms -------------------------------------------------------------------------
-def _dense(grad: torch.Tensor) -> torch.Tensor:
-    """The elements whose norm is the grad's here: a DTensor's local shard (combined across
-    the ranks by ``StepNorms.globalize``), a sparse grad's coalesced values. (Read under
-    ``no_grad``: a grad of ``create_graph=True`` has a graph.)"""
-    import torch
-
-    from sfdiag.dist import local
-
-    grad = local(grad)
-    if grad.layout != torch.strided:
-        return grad.coalesce()._values()
-    return grad
-
-
-def _norms(grads: list[torch.Tensor | None]) -> torch.Tensor | None:
-    """Per-tensor L2 norms (0 for a missing grad), float32 on the first grad's device; no
-    host sync (and no index built on the host). None when no grad is present. Every step
-    pays this, so it makes no torch call per grad (on a GPU each costs the host µs)."""
-    import torch
-
-    with torch.no_grad():
-        fast = _small_cpu_norms(grads)
-        if fast is not None:
-            return fast
-        present = [(i, _dense(g)) for i, g in enumerate(grads) if g is not None]
-        if not present:
-            return None
-        views = [v for _, v in present]
-        device = views[0].device
-        try:  # accumulate in float32 also for half-precision grads
-            norms = torch._foreach_norm(views, 2, dtype=torch.float32)
-        except (TypeError, RuntimeError):
-            norms = [n.float() for n in torch._foreach_norm(views)]
-        if len(present) < len(grads):
-            zero = torch.zeros((), dtype=torch.float32, device=device)
-            by_index = dict(zip((i for i, _ in present), norms, strict=True))
-            norms = [by_index.get(i, zero) for i in range(len(grads))]
-        return torch.stack([n if n.device == device else n.to(device) for n in norms])
-
-
-def _small_cpu_norms(grads: list[torch.Tensor | None]) -> torch.Tensor | None:
-    """``_norms`` in one call of the fused kernel where every grad is a small, plain,
-    contiguous CPU tensor of one dtype it reads (a model's many small tensors: torch's
-    norm costs the host about a microsecond each, the kernel nanoseconds); else None."""
-    import torch
-
-    from sfdiag.step_audit import fused
-
-    present = [g for g in grads if g is not None]
-    squares = fused.plain_squares(present)
-    if squares is None:
-        return None
-    norms = squares.sqrt_().float()
-    if len(present) < len(grads):
-        full = torch.zeros(len(grads), dtype=torch.float32)
-        full[[i for i, g in enumerate(grads) if g is not None]] = norms
-        norms = full
-    return norms
-
-
-@dataclass
-class GradsRead:
-    """The per-parameter norms of an optimizer's grads read at one moment, and what tells
-    whether its grads are still those: the same tensors (held weakly: a freed grad's address
-    may be a new one's), at the same versions (an in-place edit, clipping or unscale_, moves
-    one), with no backward pass since. A value logged between backward and ``step()`` reads
-    the grads once for the values logged beside it and for the step's own pre-step norms."""
-
-    backwards: int
-    refs: list[Any]
-    versions: list[int]
-    norms: torch.Tensor | None
-    _total: Any = None
-
-    @classmethod
-    def now(cls, grads: list[Any], versions: list[int], backwards: int) -> GradsRead:
-        refs = [weakref.ref(g) if g is not None else None for g in grads]
-        return cls(backwards, refs, versions, _norms(grads))
-
-    def holds(self, grads: list[Any], versions: list[int], backwards: int) -> bool:
-        return (
-            backwards == self.backwards
-            and versions == self.versions
-            and len(grads) == len(self.refs)
-            and all(
-                g is None if ref is None else ref() is g
-                for ref, g in zip(self.refs, grads, strict=True)
-            )
-        )
-
-    def total(self) -> Any:
-        """The whole-model norm: a device scalar (read when judged); None without grads."""
-        if self._total is None and self.norms is not None:
-            self._total = self.norms.square().sum().sqrt()
-        return self._total
-
-
-def versions_of(grads: list[Any]) -> list[int]:
-    return [g._version if g is not None else 0 for g in grads]
-
-
-@dataclass
-class StepNorms:
-    """One finished step of one optimizer: per-parameter grad norms around ``step()``."""
-
-    step: int
-    pre: torch.Tensor | None  # [params] float32, on the device; None: no grad at all
-    post: torch.Tensor | None
-    clip: ClipCall | None = None  # the clipping call that preceded this step, if any
-    clipped_indices: frozenset[int] = frozenset()  # the parameters that call covered
-    with_grad: frozenset[int] = frozenset()  # the parameters that had a grad
-    _floats: tuple[list[float], list[float]] | None = None
-    _sums: dict[Any, tuple[float, float]] = field(default_factory=dict)  # scope -> norms
-    # a multi-rank job with sharded grads: pre/post are the global norms, and these the
-    # ones of this rank's shards alone
-    local: tuple[list[float], list[float]] | None = None
-    # per param group: (group["lr"] as step() began, the rate the update used, a factor
-    # the optimizer applies on top, by name: Prodigy's "d"); numbers or device scalars
-    rates: tuple[tuple[Any, Any, str | None], ...] = ()
-    # a GradScaler's part: the scale in force at this step and after its update() (floats
-    # or device scalars), and whether it skipped the step (found inf/NaN: step() never ran)
-    loss_scale: Any = None
-    next_scale: Any = None
-    skipped: bool = False
-    micro_batches: int | None = None  # backward passes since the step before
-
-    def rate(self, group: int) -> tuple[float, float, str | None] | None:
-        """(base, applied, scaled_by) of ``group`` as floats; None where there is none."""
-        if group >= len(self.rates):
-            return None
-        base, applied, scaled_by = self.rates[group]
-        return _float(base), _float(applied), scaled_by
-
-    # the post-step norms not read yet: the grads as step() left them (weakly held), their
-    # versions, and which of them moved (see ``read_post``)
-    _later: tuple[list[Any], list[int], list[int]] | None = None
-    _lost: Callable[[], None] | None = None  # told when they could not be read any more
-
-    def read_post(self, logging: bool = False) -> None:
-        """Read the post-step norms now, while the grads are as ``step()`` left them: a
-        logged value may be one of them. A grad since freed or written again leaves the
-        post-step norms unknown (NaN): nothing logged is judged against them then.
-        ``logging``: a value is being logged right now, after this step; if its grads are
-        gone already, the optimizer reads its post-step norms in the hook from now on."""
-        if self._later is None:
-            return
-        import torch
-
-        refs, versions, moved = self._later
-        self._later = None
-        grads = [ref() if ref is not None else None for ref in refs]
-        intact = all(
-            (grads[i] is None) == (refs[i] is None)
-            and (grads[i] is None or grads[i]._version == versions[i])
-            for i in moved
-        )
-        if not intact:
-            ref = self.pre if self.pre is not None else None
-            self.post = None if ref is None else torch.full_like(ref, math.nan)
-            if logging and self._lost is not None:
-                self._lost()
-        elif len(moved) * 2 > len(grads) or self.pre is None or len(self.pre) != len(grads):
-            self.post = _norms(grads)
-        else:
-            self.post = _patched(self.pre, grads, moved)
-
-    def pre_only(self) -> StepNorms:
-        """This step as averages over steps need it: the norms before ``step()`` and the
-        clipping call, without what reading the post-step norms would hold on to (a
-        reference per grad)."""
-        kept = StepNorms(self.step, self.pre, self.pre, self.clip, self.clipped_indices)
-        kept.with_grad, kept.local, kept._floats = self.with_grad, self.local, self._floats
-        kept.skipped = self.skipped
-        return kept
-
-    def floats(self) -> tuple[list[float], list[float]]:
-        """The norms as Python floats (one transfer for both, the first time)."""
-        if self._floats is None:
-            import torch
-
-            self.read_post()
-            if self.pre is None and self.post is None:
-                self._floats = ([], [])
-            else:
-                ref = self.pre if self.pre is not None else self.post
-                pre = self.pre if self.pre is not None else torch.zeros_like(ref)
-                post = self.post if self.post is not None else torch.zeros_like(ref)
-                pre_l, post_l = torch.stack([pre, post.to(pre.device)]).tolist()
-                self._floats = (pre_l, post_l)
-            self.pre = self.post = None  # the floats are all that is needed from now on
-        return self._floats
-
-    def over(self, scope: tuple[int, ...] | None) -> tuple[float, float]:
-        """(pre, post) L2 norms over ``scope`` (parameter indices; None: all of them)."""
-        sums = self._sums.get(scope)
-        if sums is None:
-            pre, post = self.floats()
-            sums = self._sums[scope] = (_l2(pre, scope), _l2(post, scope))
-        return sums
-
-    def local_pre(self, scope: tuple[int, ...] | None) -> float | None:
-        """This rank's shards' pre-step norm over ``scope``; None where nothing is sharded."""
-        return None if self.local is None else _l2(self.local[0], scope)
-
-    def globalize(self, channel: Any, sharded: list[tuple[int, int]]) -> None:
-        """Make pre/post the job's global norms: the ``sharded`` grads' ``(index,
-        replicas)`` local squares, each counted once, summed over every rank (one small
-        collective); the other grads are whole on every rank already."""
-        import torch
-
-        pre, post = self.floats()
-        if not pre:
-            return
-        local = (list(pre), list(post))
-        squares = torch.tensor(
-            [pre[i] * pre[i] / r for i, r in sharded] + [post[i] * post[i] / r for i, r in sharded],
-            dtype=torch.float64,
-        )
-        channel.sum(squares)
-        totals = squares.sqrt().tolist()
-        n = len(sharded)
-        for k, (i, _) in enumerate(sharded):
-            pre[i], post[i] = totals[k], totals[n + k]
-        self.local = local
-        self._sums.clear()
-
-
-def _float(value: Any) -> float:
-    return float(value.item()) if hasattr(value, "item") else float(value)
-
-
-def _number(value: Any) -> Any:
-    """A learning rate as read in a hook: a float, or a device scalar left unread (a
-    capturable optimizer keeps its rate on the device: reading it would wait for it)."""
-    if hasattr(value, "detach"):
-        value = value.detach()
-        return float(value) if value.device.type == "cpu" else value.clone()
-    return value
-
-
-def _host_float(value: Any) -> float | None:
-    """A rate as a float where it is one on the host; None for a device scalar (reading it
-    would wait for the device)."""
-    if hasattr(value, "detach"):
-        return float(value) if value.device.type == "cpu" and value.numel() == 1 else None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return None
-
-
-def _own_warmup(group: dict[str, Any]) -> bool:
-    """Whether a schedule-free group's own warmup scales this step's rate (k < warmup)."""
-    warmup, k = group.get("warmup_steps"), group.get("k")
-    return isinstance(warmup, int) and isinstance(k, int) and warmup > 0 and k < warmup
-
-
-def steps_taken(param_groups: list[dict[str, Any]], state: Any) -> int | None:
-    """How many steps an optimizer counts itself, from its ``param_groups`` and ``state``:
-    a schedule-free group's ``k``, else the largest ``state[p]["step"]`` (torch's
-    optimizers); None where it keeps no count."""
-    counts = [g["k"] for g in param_groups if isinstance(g.get("k"), int)]
-    if counts:
-        return max(counts)
-    for per_param in state.values() if isinstance(state, dict) else ():
-        step = per_param.get("step") if isinstance(per_param, dict) else None
-        if step is not None:
-            counts.append(int(_float(step)))
-    return max(counts) if counts else None
-
-
-def _l2(values: list[float], indices: tuple[int, ...] | None) -> float:
-    picked = values if indices is None else [values[i] for i in indices if i < len(values)]
-    return math.sqrt(math.fsum(v * v for v in picked))
 
 
 # ---- one watched optimizer ------------------------------------------------------------------
@@ -611,7 +252,7 @@ class Watched:
         groups = list(getattr(self.ref(), "param_groups", ()))
         now = _host_float(groups[0].get("lr", 0.0)) if groups else None
         if now is not None and now != self.rate_at_skip:
-            from sfdiag.run.judge import ModeTally
+            from sfdiag.run.findings import ModeTally
 
             if self.skip_advances is None:
                 self.skip_advances = ModeTally()
@@ -638,7 +279,7 @@ class Watched:
         return "write" if before is not None and now is not None and now != before else None
 
     def _note_warmup(self, rates: list[tuple[Any, Any, str | None]]) -> None:
-        """Keep what ``judge.double_warmup`` reads: group 0's rates while its own warmup
+        """Keep what ``findings.double_warmup`` reads: group 0's rates while its own warmup
         is on (the rates are plain floats there: schedule-free groups keep them so)."""
         if not rates or not self._pre_rates:
             return
@@ -823,22 +464,6 @@ class Watched:
             taken = steps_taken(optimizer.param_groups, getattr(optimizer, "state", None))
         unseen = None if taken is None else max(taken - self.started, 0)
         return replace(result, not_audited=NotAudited("torch.compile", unseen, taken))
-
-
-def _patched(pre: torch.Tensor | None, grads: list[Any], moved: list[int]) -> torch.Tensor | None:
-    """``pre`` with the norms of the ``moved`` grads read again (no host sync)."""
-    import torch
-
-    if pre is None:
-        return _norms(grads)
-    fresh = _norms([grads[i] for i in moved])
-    zero = torch.zeros((), dtype=pre.dtype, device=pre.device)
-    again = dict(
-        zip(moved, fresh.unbind() if fresh is not None else [zero] * len(moved), strict=True)
-    )
-    return torch.stack(
-        [again[i].to(pre.device) if i in again else pre[i] for i in range(len(grads))]
-    )
 
 
 # ---- the global hooks ---------------------------------------------------------------------------
