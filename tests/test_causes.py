@@ -198,3 +198,42 @@ def test_a_scheduler_stepped_on_a_skipped_step_is_a_warning(tmp_path):
     assert not any(record["skipped"])
     assert report["findings"] == []
     assert verdicts(metrics) == {"grad_norm": "correct"}
+
+
+ACCUMULATING_IN_A_FUNCTION = """\
+import sys
+import torch
+from torch.utils.tensorboard import SummaryWriter
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+writer = SummaryWriter(sys.argv[1])
+def main():  # the optimizer is a local: freed when main() returns, before the last judging
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step in range(5):
+        opt.zero_grad()
+        for micro in range(4):
+            (model(torch.randn(8, 8)).pow(2).mean() / 4).backward()
+            if micro == 0:
+                norms = torch.stack([p.grad.norm() for p in model.parameters()])
+                writer.add_scalar("grad_norm", float(norms.norm()), step)
+        opt.step()
+main()
+"""
+
+
+@pytest.mark.parametrize("where", ["in a function", "at module level"])
+def test_a_value_judged_after_its_optimizer_was_freed_keeps_its_cause(tmp_path, where):
+    """The last step's value is judged when the run ends; an optimizer local to a training
+    function is gone by then, and the value still finds the norm read when it was logged."""
+    source = ACCUMULATING_IN_A_FUNCTION
+    if where == "at module level":
+        source = source.replace("def main():", "if True:").replace("\nmain()\n", "\n")
+    script = tmp_path / "accumulate.py"
+    script.write_text(source)
+    report_path = tmp_path / "report.json"
+    run_script(
+        ["python", str(script), str(tmp_path / "tb")], RunOptions(report=report_path, quiet=True)
+    )
+    (metric,) = json.loads(report_path.read_text())["metrics"]
+    assert metric["verdict"] == "partial-accumulation" and metric["steps_judged"] == 5
+    assert all("at_log" in example for example in metric["examples"])

@@ -277,7 +277,7 @@ class MetricAudit:
             total = entry.read_grads(count).total()
             if total is not None:
                 micro = None if backwards is None else count - entry.backwards_at_end
-                out[id(optimizer)] = (total, micro, entry.scaled_now(scalers))
+                out[entry.optimizer_id] = (total, micro, entry.scaled_now(scalers))
         scaled = scalers is not None and scalers.scaled > 0
         for optimizer in self.watch.born():
             grads = [p.grad for p in StepAuditor.params_of(optimizer)]
@@ -386,7 +386,7 @@ class MetricAudit:
             if position < len(logged.fresh) and logged.fresh[position]:
                 chosen.reverse()  # logged between backward and step(): the coming step first
             after = logged.after[position] if position < len(logged.after) else -1
-            at_log = logged.at_log.get(id(entry.ref()))
+            at_log = logged.at_log.get(entry.optimizer_id)
             for norms in chosen:
                 refs = entry.references(norms, scope)
                 if scope is None and norms.step == after + 1 and at_log is not None:

@@ -82,6 +82,9 @@ class Watched:
     names: ParamNames
     elements: int
     state_bytes_per_element: float | None = None
+    # id(optimizer) while it lived: what a value logged for it is keyed by, still known
+    # when it is judged after the optimizer was freed (a training function returned)
+    optimizer_id: int = 0
     error: str | None = None  # sfdiag itself could not audit this optimizer
     # a compiled step() of it was traced into a graph that must not break (fullgraph=True):
     # its steps there run no hook, so they are not audited, nor judged against
@@ -569,6 +572,7 @@ class OptimizerWatch:
             label=label,
             cls=class_path(optimizer),
             ref=_reference(optimizer),
+            optimizer_id=id(optimizer),
             auditor=StepAuditor(names=names.names),
             params=params,
             names=names,
