@@ -23,12 +23,18 @@ the same audit; what it adds is a step count check per batch, the logging at the
 about 1-2 % of this tiny model's 1-2 ms steps, as ``noop`` shows), ``audit_vs_plain_ratio``
 and ``callback_vs_plain_ratio``, with ``callback_vs_audit_paired`` (the median of the
 per-round ratios, blind to slow drifts in load). torch runs on ``threads`` threads (1 by default).
+
+``bench/run.py`` reports ``callback_vs_audit_ratio`` among its figures (``callback_figures``:
+``callback_steps`` and ``callback_rounds`` of its ``Settings``, the details as
+``callback_overhead``); skipped where Lightning is not installed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import importlib.util
 import json
 import logging
 import random
@@ -160,6 +166,25 @@ def measure_callback_overhead(
         "threads": threads,
         "lightning_version": pl.__version__,
         "torch_version": torch.__version__,
+    }
+
+
+def lightning_installed() -> bool:
+    """Whether ``lightning`` (or the older ``pytorch_lightning``) can be imported here."""
+    return any(importlib.util.find_spec(name) for name in ("lightning", "pytorch_lightning"))
+
+
+def callback_figures(steps: int, rounds: int, threads: int, notes: list[str]) -> dict[str, Any]:
+    """``bench/run.py``'s ``callback_vs_audit_ratio`` and its details (``callback_overhead``):
+    ``measure_callback_overhead``; None for both, with a note, without Lightning."""
+    if not lightning_installed():
+        notes.append("lightning is not installed: callback_vs_audit_ratio is skipped")
+        return {"callback_vs_audit_ratio": None, "callback_overhead": None}
+    with contextlib.redirect_stdout(sys.stderr):  # whatever Lightning prints: not in --json's
+        figure = measure_callback_overhead(steps=steps, rounds=rounds, threads=threads)
+    return {
+        "callback_vs_audit_ratio": figure["callback_vs_audit_ratio"],
+        "callback_overhead": figure,
     }
 
 

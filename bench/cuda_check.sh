@@ -44,7 +44,7 @@ step "figures"
 python3 - "$OUT/cuda.json" <<'EOF'
 import json, sys
 sys.path.insert(0, "bench")
-from run import render_cuda
+from render import render_cuda
 try:
     print(render_cuda(json.load(open(sys.argv[1]))["cuda"]))
 except Exception as exc:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import Trainer, _sync, stacked_linear  # noqa: E402
+from harness import Trainer, stacked_linear, sync  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,17 +48,17 @@ def main(argv: list[str] | None = None) -> int:
             profiler.enable()
         with torch.profiler.record_function(f"sfdiag.{hook.__name__}"):
             hook(opt)
-            _sync(args.device)  # the hook's device work counts as the hook's
+            sync(args.device)  # the hook's device work counts as the hook's
         if profiled:
             profiler.disable()
 
     def audited_step(profiled: bool) -> None:
         opt.zero_grad(set_to_none=True)
         trainer._loss().backward()
-        _sync(args.device)
+        sync(args.device)
         hook_call(auditor.pre_step, profiled)
         opt.step()
-        _sync(args.device)
+        sync(args.device)
         hook_call(auditor.post_step, profiled)
 
     for _ in range(3):  # builds the fused kernel, creates the optimizer's state

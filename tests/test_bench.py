@@ -1,38 +1,52 @@
-"""bench/run.py: every measurement runs on tiny sizes and reports every key (no timing limits).
+"""bench/: every measurement runs on tiny sizes and reports every key (no timing limits).
 
-Also: importing the CLI does not import torch (``sfdiag --help`` stays fast).
+``bench/run.py`` is the entry point; the figures live in its sibling modules (``harness``,
+``audit``, ``optimizers``, ``run_figures``, ``run_host``, ``callbacks``, ``cli_figures``,
+``scaling``, ``cuda_figures``, ``render``), imported as the entry point imports them: with
+``bench/`` on ``sys.path``. Also: importing the CLI does not import torch (``sfdiag --help``
+stays fast).
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("sfdiag_bench_run", ROOT / "bench" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    threads = torch.get_num_threads()
-    yield module
+    """The entry point (``run``) and the modules beside it; ``bench/`` leaves ``sys.path``
+    and its modules ``sys.modules`` afterwards."""
+    path, threads = list(sys.path), torch.get_num_threads()
+    spec = importlib.util.spec_from_file_location("sfdiag_bench_run", BENCH / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = run
+    spec.loader.exec_module(run)  # puts bench/ on sys.path, imports its modules
+    names = ("harness", "render", "cuda_figures", "callbacks")
+    yield SimpleNamespace(run=run, **{name: importlib.import_module(name) for name in names})
     torch.set_num_threads(threads)
+    sys.path[:] = path
+    for name, module in list(sys.modules.items()):
+        if Path(getattr(module, "__file__", None) or "/").parent == BENCH:
+            del sys.modules[name]
     sys.modules.pop(spec.name, None)
 
 
 @pytest.fixture(scope="module")
 def figures(bench):
-    return bench.collect(bench.Settings.tiny())
+    return bench.run.collect(bench.harness.Settings.tiny())
 
 
 def test_cli_import_does_not_import_torch():
@@ -46,14 +60,17 @@ def _positive(value) -> bool:
 
 
 def test_every_key_is_present_and_sane(figures, bench):
-    for key in bench.FIGURES:
+    for key in bench.harness.FIGURES:
         assert key in figures
     for key in ("scaling", "machine", "notes"):
         assert key in figures
     release = figures["machine"]["schedulefree"] is not None
-    for key in bench.FIGURES:
+    lightning = bench.callbacks.lightning_installed()
+    for key in bench.harness.FIGURES:
         if key.endswith("_vs_upstream") and not release:
             assert figures[key] is None
+        elif key == "callback_vs_audit_ratio" and not lightning:
+            assert figures[key] is None and figures["callback_overhead"] is None
         elif "_us_per_" in key:  # a difference of times: at tiny sizes noise may turn it
             assert isinstance(figures[key], float) and math.isfinite(figures[key]), key
         else:
@@ -83,7 +100,7 @@ def test_audit_figures_measure_what_the_auditor_holds(figures):
 
 def test_scaling_rows(figures, bench):
     rows = figures["scaling"]["sizes"]
-    assert len(rows) == len(bench.Settings.tiny().scaling_sizes)
+    assert len(rows) == len(bench.harness.Settings.tiny().scaling_sizes)
     for row in rows:
         assert row["params"] > 0
         assert _positive(row["audit_overhead_ratio"])
@@ -92,14 +109,14 @@ def test_scaling_rows(figures, bench):
 
 
 def test_render_names_every_figure(figures, bench):
-    text = bench.render(figures)
-    for key in bench.FIGURES:
+    text = bench.render.render(figures)
+    for key in bench.harness.FIGURES:
         assert key in text
 
 
 def test_stacked_linear_has_about_the_asked_parameters(bench):
     for size in (20_000, 1_000_000):
-        model = bench.stacked_linear(size, width=64)
+        model = bench.harness.stacked_linear(size, width=64)
         got = sum(p.numel() for p in model.parameters())
         assert abs(got - size) / size < 0.05
 
@@ -120,17 +137,18 @@ def test_cuda_figures_skip_cleanly_without_a_gpu():
 def test_the_cuda_figures_run_through_on_the_cpu(bench):
     """measure_cuda's code on the CPU (tiny sizes): a GPU machine's time is not spent
     finding a typo; every figure it reports is there and rendered."""
-    settings = bench.Settings.tiny()
-    cuda = bench.measure_cuda(settings, device="cpu")
+    settings = bench.harness.Settings.tiny()
+    cuda = bench.cuda_figures.measure_cuda(settings, device="cpu")
     for key in ("audit_overhead_100m", "audit_overhead_100m_large_batch"):
         overhead = cuda[key]
         assert _positive(overhead["ratio"]) and overhead["hooks"]["clock"] == "thread CPU time"
         assert overhead["hooks"]["pre_hook_ms"] > 0 and overhead["hooks"]["post_hook_ms"] > 0
-    assert cuda["audit_overhead_100m_large_batch"]["batch"] == bench.CUDA_LARGE_BATCH
+    large_batch = bench.cuda_figures.CUDA_LARGE_BATCH
+    assert cuda["audit_overhead_100m_large_batch"]["batch"] == large_batch
     assert _positive(cuda["compare_cuda_seconds"]) and cuda["compare_cuda"]["exit_code"] in (0, 1)
     assert _positive(cuda["sf_adamw_step"]["ms"]["sfdiag"])
-    text = bench.render_cuda(cuda)
-    assert f"batch {settings.scaling_batch}:" in text and f"batch {bench.CUDA_LARGE_BATCH}:" in text
+    text = bench.render.render_cuda(cuda)
+    assert f"batch {settings.scaling_batch}:" in text and f"batch {large_batch}:" in text
 
 
 def test_the_new_figures_are_there(figures, bench):
@@ -145,13 +163,30 @@ def test_the_new_figures_are_there(figures, bench):
     assert long_run["clock"] == "thread CPU time" and _positive(long_run["wall_ratio"])
     for spread in (long_run["chunk_pair_ratio"], long_run["wall_chunk_pair_ratio"]):
         assert 0 < spread["min"] <= spread["median"] <= spread["max"]
-    assert long_run["chunk_pairs"] == bench.Settings.tiny().long_steps // long_run["chunk_steps"]
+    tiny = bench.harness.Settings.tiny()
+    assert long_run["chunk_pairs"] == tiny.long_steps // long_run["chunk_steps"]
     assert long_run["metrics_judged"]["audited/grad_norm"][0] == "correct"
+
+
+def test_the_callback_figure(figures, bench):
+    """callback_vs_audit_ratio: bench/callbacks.py's measurement at the settings' sizes."""
+    if not bench.callbacks.lightning_installed():
+        pytest.skip("Lightning is not installed: the figure is skipped")
+    settings = bench.harness.Settings.tiny()
+    details = figures["callback_overhead"]
+    assert (details["steps"], details["rounds"]) == (
+        settings.callback_steps,
+        settings.callback_rounds,
+    )
+    assert figures["callback_vs_audit_ratio"] == details["callback_vs_audit_ratio"]
+    assert set(details["seconds_cpu"]) == {"callback", "audit", "plain", "noop"}
+    assert all(_positive(seconds) for seconds in details["seconds_cpu"].values())
+    assert "the Lightning callback" in bench.render.render(figures)
 
 
 def test_the_host_cost_figures(figures, bench):
     """Round 3: the host's cost per tensor and per logged value measure what they name."""
-    settings = bench.Settings.tiny()
+    settings = bench.harness.Settings.tiny()
     tensors = 2 * settings.host_layers
     audit = figures["audit_host"]
     for name, mutated in (("adamw", 0), ("sf-adamw", tensors)):
