@@ -132,6 +132,7 @@ class StepNorms:
     with_grad: frozenset[int] = frozenset()  # the parameters that had a grad
     _floats: tuple[list[float], list[float]] | None = None
     _sums: dict[Any, tuple[float, float]] = field(default_factory=dict)  # scope -> norms
+    _references: dict[Any, Any] = field(default_factory=dict)  # scope -> NormReferences
     # a multi-rank job with sharded grads: pre/post are the global norms, and these the
     # ones of this rank's shards alone
     local: tuple[list[float], list[float]] | None = None

@@ -133,6 +133,7 @@ class ScalerWatch:
             last = entry.skipped_attempt or (entry.recent[-1] if entry.recent else None)
             if last is not None and last.loss_scale is not None:
                 last.next_scale = scale
+                last._references.clear()  # judged before update(): without the next scale
 
     def _before_step(self, scaler: Any, optimizer: Any) -> tuple[Watched | None, int]:
         try:

@@ -400,6 +400,11 @@ class Watched:
 
     def references(self, norms: StepNorms, scope: tuple[int, ...] | None) -> Any:
         """The ``NormReferences`` of one step over ``scope`` (parameter indices; None: all)."""
+        # the same for every value judged against this step over this scope (a script logs
+        # several, each judged on its own), as ``over`` is: kept on the step
+        kept = norms._references.get(scope)
+        if kept is not None:
+            return kept
         from sfdiag.run.judge import NormReferences
 
         pre_n, post_n = norms.over(scope)
@@ -417,7 +422,7 @@ class Watched:
                     pre_clip = clip.total_float()
                 elif clipped and coef > 0:  # each grad was multiplied by coef
                     pre_clip = pre_n / coef
-        return NormReferences(
+        refs = norms._references[scope] = NormReferences(
             step=norms.step,
             pre_step=pre_n,
             post_step=post_n,
@@ -429,6 +434,7 @@ class Watched:
             next_scale=None if norms.next_scale is None else _float(norms.next_scale),
             skipped=norms.skipped,
         )
+        return refs
 
     def count_steps(self, param_groups: list[dict[str, Any]], state: Any) -> None:
         self.counted_steps = steps_taken(param_groups, state)
