@@ -15,6 +15,10 @@ SCHEMA_VERSION = 1
 
 VERDICTS = ("clean", "mutated", "replaced", "cleared", "error")
 
+#: what a mutated grad's change looks like (``sfdiag.step_audit.verdict.fingerprint``), most
+#: specific first; ``unknown``: a change none of the others fits
+FINGERPRINTS = ("zeroed", "scaled", "weight-decay", "adam-normalized", "sign", "unknown")
+
 #: a logged metric's verdicts, best first (the order also settles a value that fits several
 #: references at once, and a metric's verdict is its worst step's)
 METRIC_VERDICTS = (

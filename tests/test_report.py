@@ -280,7 +280,8 @@ def test_table_advice_sentences_for_flagged_rows_only(report):
     lines = out.splitlines()
     expected = (
         "fused: p.grad was changed in place during step() (adam-normalized): the norm read "
-        "after step() is 867x the gradient's. Log the grad norm before step(), or use sf-ref."
+        "after step() is 867x the gradient's. Log the grad norm before step(), or use sf-ref. "
+        "[docs: verdicts#adam-normalized]"
     )
     assert expected in lines
     assert any(line.startswith("sgd|wd: p.grad was changed in place") for line in lines)

@@ -163,6 +163,34 @@ def verdict_text(result: OptimizerResult) -> str:
 
 # -- sentences -----------------------------------------------------------------------
 
+#: the docs page that explains every kind an advice sentence names, one anchor per kind
+DOCS_PAGE = "verdicts"
+
+
+def docs_anchor(kind: str) -> str:
+    """``[docs: verdicts#post-step]``: where ``docs/verdicts.md`` explains ``kind`` (its
+    anchor is the kind as printed, spaces as hyphens: ``not audited`` -> ``not-audited``)."""
+    return f"[docs: {DOCS_PAGE}#{'-'.join(kind.split())}]"
+
+
+def with_docs(sentence: str | None, kind: str | None) -> str | None:
+    """``sentence`` ending in ``kind``'s docs anchor (unchanged without a sentence or kind)."""
+    if not sentence or not kind:
+        return sentence
+    return f"{sentence} {docs_anchor(kind)}"
+
+
+def advice_kind(result: OptimizerResult) -> str | None:
+    """The kind that an optimizer's advice sentence explains: a mutated row's fingerprint,
+    else its verdict (``undetermined`` for a clean row it could not tell); None when clean."""
+    if result.undetermined:
+        return "undetermined"
+    if not result.flagged:
+        return None
+    if result.verdict == "mutated" and result.fingerprint:
+        return result.fingerprint
+    return result.verdict
+
 
 def _sentence(text: str) -> str:
     text = " ".join(text.split()).rstrip(".")
@@ -215,9 +243,15 @@ def not_audited_sentence(result: OptimizerResult) -> str | None:
     )
 
 
-def advice_sentences(report: ProbeReport) -> list[str]:
-    sentences = [advice_sentence(r) for r in report.results]
-    sentences += [not_audited_sentence(r) for r in report.results]
+def advice_sentences(report: ProbeReport, docs: bool = True) -> list[str]:
+    """Each optimizer's advice sentence, then each one's unaudited steps; ``docs``: each
+    ending in the anchor of the kind it explains (``[docs: verdicts#adam-normalized]``)."""
+    sentences = [
+        with_docs(advice_sentence(r), advice_kind(r) if docs else None) for r in report.results
+    ]
+    sentences += [
+        with_docs(not_audited_sentence(r), "not audited" if docs else None) for r in report.results
+    ]
     return [s for s in sentences if s]
 
 
@@ -265,17 +299,20 @@ def metrics_summary(metrics: Sequence[MetricResult]) -> str:
     return f"{len(metrics)} logged {kind}{noun}: {', '.join(parts)}"
 
 
-def metric_sentence(metric: MetricResult) -> str | None:
-    """What is wrong with a logged metric and where to read it instead; None if right."""
+def metric_sentence(metric: MetricResult, docs: bool = True) -> str | None:
+    """What is wrong with a logged metric and where to read it instead, ending in its
+    verdict's docs anchor (``docs``); None if right."""
     if metric.verdict == "correct" or not metric.advice:
         return None
     # the advice starts with the metric's name: no capital put on it
     advice = " ".join(metric.advice.split()).rstrip(".")
-    return f"{metric.verdict} ({metric.logger}): {advice}."
+    return with_docs(
+        f"{metric.verdict} ({metric.logger}): {advice}.", metric.verdict if docs else None
+    )
 
 
-def metric_sentences(report: ProbeReport) -> list[str]:
-    return [s for s in (metric_sentence(m) for m in report.metrics or ()) if s]
+def metric_sentences(report: ProbeReport, docs: bool = True) -> list[str]:
+    return [s for s in (metric_sentence(m, docs) for m in report.metrics or ()) if s]
 
 
 def distributed_line(report: ProbeReport) -> str | None:
@@ -307,8 +344,9 @@ def per_rank_lines(report: ProbeReport) -> list[str]:
     return lines
 
 
-def finding_line(finding: Finding) -> str:
-    """``eval-in-train-mode: AdamWScheduleFree, 12 times from step 4: ...``"""
+def finding_line(finding: Finding, docs: bool = True) -> str:
+    """``eval-in-train-mode: AdamWScheduleFree, 12 times from step 4: ... [docs:
+    verdicts#eval-in-train-mode]`` (the anchor with ``docs``)."""
     from sfdiag.run.findings import FINDING_UNITS
 
     one, many = FINDING_UNITS.get(finding.kind, ("time", "times"))
@@ -316,11 +354,12 @@ def finding_line(finding: Finding) -> str:
     when = f"from step {finding.first_step}" if finding.first_step >= 0 else "before any step"
     level = "" if finding.failing else "warning: "
     advice = " ".join(finding.advice.split()).rstrip(".")
-    return f"{level}{finding.kind}: {finding.optimizer}, {counted} {when}: {advice}."
+    line = f"{level}{finding.kind}: {finding.optimizer}, {counted} {when}: {advice}."
+    return with_docs(line, finding.kind if docs else None) or line
 
 
-def findings_lines(report: ProbeReport) -> list[str]:
-    return [finding_line(f) for f in report.findings or ()]
+def findings_lines(report: ProbeReport, docs: bool = True) -> list[str]:
+    return [finding_line(f, docs) for f in report.findings or ()]
 
 
 NO_METRICS_NOTE = (

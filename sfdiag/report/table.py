@@ -142,7 +142,7 @@ def _optimizer_table(report: ProbeReport, width: int) -> Any:
 
 _METRIC_COLUMNS = (
     ("logged metric", False, None),
-    ("is", False, 7),
+    ("quantity", False, 7),
     ("logger", False, 2),
     ("optimizer", False, 1),
     ("steps\njudged", True, 3),
