@@ -81,19 +81,28 @@ class StepRecord:
     pre_step_grad_norm: float
     post_step_grad_norm: float
     params_mutated: int  # params whose grad changed in place, was replaced or cleared
+    # sfdiag run, where the script clipped every grad of the optimizer before this step: the
+    # norm the clipping call measured (the gradient's, before clipping scaled it) and whether
+    # it scaled them down (the pre-step norm is then the clipped one)
+    pre_clip_grad_norm: float | None = None
+    clipped: bool = False
 
     @property
     def ratio(self) -> float:
         return ratio(self.post_step_grad_norm, self.pre_step_grad_norm)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "step": self.step,
             "loss": _num(self.loss),
             "pre_step_grad_norm": _num(self.pre_step_grad_norm),
             "post_step_grad_norm": _num(self.post_step_grad_norm),
             "params_mutated": self.params_mutated,
         }
+        if self.pre_clip_grad_norm is not None:
+            out["pre_clip_grad_norm"] = _num(self.pre_clip_grad_norm)
+            out["clipped"] = self.clipped
+        return out
 
 
 def ratio(post: float, pre: float) -> float:
@@ -162,6 +171,10 @@ class OptimizerResult:
     per_rank_summary: dict[str, float] | None = None
     # sfdiag run: steps no hook saw (the verdict is over the others); None: every step seen
     not_audited: NotAudited | None = None
+    # sfdiag run, a script that clips: the median of the norms its clipping calls measured
+    # (the gradient's, before clipping), and at how many audited steps they scaled the grads
+    pre_clip_grad_norm: float | None = None
+    clipped_steps: int = 0
 
     @property
     def flagged(self) -> bool:
@@ -192,6 +205,9 @@ class OptimizerResult:
             out["per_rank_summary"] = {k: _num(v) for k, v in self.per_rank_summary.items()}
         if self.not_audited is not None:
             out["not_audited"] = self.not_audited.to_dict()
+        if self.pre_clip_grad_norm is not None:
+            out["pre_clip_grad_norm"] = _num(self.pre_clip_grad_norm)
+            out["clipped_steps"] = self.clipped_steps
         return out
 
 

@@ -237,3 +237,45 @@ def test_a_value_judged_after_its_optimizer_was_freed_keeps_its_cause(tmp_path, 
     (metric,) = json.loads(report_path.read_text())["metrics"]
     assert metric["verdict"] == "partial-accumulation" and metric["steps_judged"] == 5
     assert all("at_log" in example for example in metric["examples"])
+
+
+CLIPPING = """\
+import sys, torch
+from torch.utils.tensorboard import SummaryWriter
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+writer = SummaryWriter(sys.argv[1])
+for step in range(24):
+    opt.zero_grad()
+    model(torch.randn(16, 8)).pow(2).mean().mul(SCALE).backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    writer.add_scalar("grad_norm", norm.item(), step)
+    opt.step()
+"""
+
+
+@pytest.mark.parametrize("scale", [50.0, 1e-3], ids=["clipped", "under the limit"])
+def test_the_optimizer_table_shows_the_gradients_norm_before_clipping(tmp_path, scale, capsys):
+    """nanoGPT-style clipping: step() gets grads of norm 1, and the table's pre-step column
+    shows the norm clip_grad_norm_ measured (the gradient's), marked, with a note; where no
+    step was clipped, the plain pre-step norm, unmarked."""
+    script = tmp_path / "clip.py"
+    script.write_text(CLIPPING.replace("SCALE", repr(scale)))
+    report_path = tmp_path / "report.json"
+    run_script(["python", str(script), str(tmp_path / "tb")], RunOptions(report=report_path))
+    table = capsys.readouterr().err
+    (result,) = json.loads(report_path.read_text())["results"]
+    (metric,) = json.loads(report_path.read_text())["metrics"]
+    assert metric["verdict"] == "correct"
+    audited = len(result["steps"])
+    assert audited == 20 and all(s["pre_clip_grad_norm"] is not None for s in result["steps"])
+    if scale > 1:
+        assert result["clipped_steps"] == audited and all(s["clipped"] for s in result["steps"])
+        assert result["pre_step_grad_norm"] == pytest.approx(1.0, rel=1e-4)
+        assert result["pre_clip_grad_norm"] > 2
+        assert "†" in table and f"clipped at {audited} of {audited} audited steps" in table
+    else:
+        assert result["clipped_steps"] == 0
+        assert result["pre_clip_grad_norm"] == pytest.approx(result["pre_step_grad_norm"])
+        assert "†" not in table

@@ -129,6 +129,39 @@ def fmt_norm(result: OptimizerResult, value: float, ratio: bool = False) -> str:
     return fmt_ratio(value) if ratio else fmt_num(value)
 
 
+#: marks a pre-step norm that is the gradient's before the script's clipping call
+CLIP_MARK = "†"
+
+
+def fmt_pre_step(result: OptimizerResult) -> str:
+    """The pre-step column: the gradient's norm. Where the script's clipping call scaled the
+    grads, that is the norm it measured (step() got the clipped grads): marked."""
+    if not clipped(result):
+        return fmt_norm(result, result.pre_step_grad_norm)
+    return f"{fmt_num(result.pre_clip_grad_norm)} {CLIP_MARK}"
+
+
+def clipped(result: OptimizerResult) -> bool:
+    """The script's clipping call scaled the grads at an audited step: the norm step() got
+    is not the gradient's."""
+    return result.pre_clip_grad_norm is not None and result.clipped_steps > 0
+
+
+def clip_notes(report: ProbeReport) -> list[str]:
+    """What the mark means, per optimizer whose pre-step norm carries it."""
+    notes = []
+    for r in report.results:
+        if not clipped(r):
+            continue
+        audited = sum(s.pre_clip_grad_norm is not None for s in r.steps)
+        notes.append(
+            f"{CLIP_MARK} {r.optimizer}: the gradient's norm as the script's clipping call "
+            f"measured it, before clipping; it clipped at {r.clipped_steps} of {audited} "
+            f"audited steps (the norm step() got: {fmt_num(r.pre_step_grad_norm)})"
+        )
+    return notes
+
+
 def short_class(cls: str) -> str:
     """``sfdiag.optim:AdamWScheduleFree`` -> ``AdamWScheduleFree``."""
     return cls.rsplit(":", 1)[-1].rsplit(".", 1)[-1] or cls

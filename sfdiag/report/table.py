@@ -76,7 +76,7 @@ def _cells(report: ProbeReport) -> list[list[tuple[str, str]]]:
             [
                 (r.optimizer, name_style),
                 (_text.short_class(r.cls), ""),
-                (_text.fmt_norm(r, r.pre_step_grad_norm), ""),
+                (_text.fmt_pre_step(r), ""),
                 (_text.fmt_norm(r, r.post_step_grad_norm), ""),
                 (_text.fmt_norm(r, r.norm_ratio, ratio=True), ""),
                 (_text.sparkline(r, scale) or "-", ""),
@@ -224,6 +224,8 @@ def render_report(report: ProbeReport, options: RenderOptions) -> str:
             console.print(Text(line, style=_NOTE), soft_wrap=True)
     if report.results:
         console.print(_optimizer_table(report, console.width))
+        for note in _text.clip_notes(report):
+            console.print(Text(note, style="dim"), soft_wrap=True)
     else:
         console.print("No optimizer finished a probe.")
     for result in report.results:

@@ -116,6 +116,9 @@ class Watched:
     saw_sharded: bool = False  # a DTensor grad was stepped
     saw_whole: bool = False  # a plain grad was stepped
     global_norms: dict[int, tuple[float, float]] = field(default_factory=dict)  # audited steps
+    # audited steps whose every grad a clipping call covered: (the norm it measured, whether
+    # it scaled the grads down); the table shows the gradient's norm, not the clipped one
+    clip_norms: dict[int, tuple[float, bool]] = field(default_factory=dict)
     agreement_checked: bool = False
     disagreement: tuple[int, str] | None = None  # (step, parameter) where this rank differed
     # learning rates: group["lr"] as each step began; the double-warmup record (group 0)
@@ -436,6 +439,15 @@ class Watched:
         )
         return refs
 
+    def note_clip(self, norms: StepNorms) -> None:
+        """An audited step: where a clipping call covered every grad, the norm it measured
+        (read now: an audited step syncs with the device anyway) and whether it clipped."""
+        clip = norms.clip
+        if clip is None or not norms.with_grad or not norms.with_grad <= norms.clipped_indices:
+            return
+        coefficient = clip.coefficient()
+        self.clip_norms[norms.step] = (clip.total_float(), coefficient < 1.0)
+
     def count_steps(self, param_groups: list[dict[str, Any]], state: Any) -> None:
         self.counted_steps = steps_taken(param_groups, state)
 
@@ -449,7 +461,11 @@ class Watched:
         observations = self.auditor.observations
         steps = [
             StepRecord(
-                i, None, *self.global_norms.get(i, (o.pre_norm, o.post_norm)), o.params_mutated
+                i,
+                None,
+                *self.global_norms.get(i, (o.pre_norm, o.post_norm)),
+                o.params_mutated,
+                *self.clip_norms.get(i, (None, False)),
             )
             for i, o in zip(self.indices, observations, strict=True)
         ]
@@ -668,6 +684,8 @@ class OptimizerWatch:
             norms = entry.take_post(self.clips, later=self.channel is None or not entry.sharded)
             if norms is not None:
                 entry.step_ended(norms, self.backwards, self.scalers)
+                if entry.indices and entry.indices[-1] == norms.step:
+                    entry.note_clip(norms)
                 if self.channel is not None:
                     try:
                         self._across_ranks(entry, norms)

@@ -500,6 +500,7 @@ def summarize(
     fp = _most_common([p.fingerprint for s in param_steps for p in s if p.verdict == "mutated"])
     pre = _median([s.pre_step_grad_norm for s in steps])
     post = _median([s.post_step_grad_norm for s in steps])
+    pre_clip = [s.pre_clip_grad_norm for s in steps if s.pre_clip_grad_norm is not None]
     return OptimizerResult(
         optimizer=label,
         cls=cls,
@@ -516,4 +517,6 @@ def summarize(
         state_bytes_per_element=state_bytes_per_element,
         steps=tuple(steps),
         params=params,
+        pre_clip_grad_norm=_median(pre_clip) if pre_clip else None,
+        clipped_steps=sum(s.clipped for s in steps),
     )
