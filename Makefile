@@ -37,7 +37,7 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check $(LINTED)
 
 unit: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile  # two workers, each test file on one (its fixtures built once)
 
 # Dogfood: the repo's own example configs against their recorded baselines. A change to the
 # in-repo optimizers or the probe that moves any metric fails here (and so in CI).

@@ -388,7 +388,7 @@ class MetricAudit:
             after = logged.after[position] if position < len(logged.after) else -1
             at_log = logged.at_log.get(entry.optimizer_id)
             for norms in chosen:
-                refs = entry.references(norms, scope)
+                refs = norms.references(scope)
                 if scope is None and norms.step == after + 1 and at_log is not None:
                     total, micro, scaled = at_log
                     refs = replace(
@@ -446,9 +446,8 @@ class MetricAudit:
         """The true whole-model norms of the step before ``step`` and of ``since`` (the step
         the metric was last logged at), where kept."""
         wanted = {step - 1} | ({since} if since is not None and since < step else set())
-        entry = self.watch.watched[position]
         found = [  # a skipped attempt shares the index of the step that followed it
-            (n.step, entry.references(n, None).true)
+            (n.step, n.references(None).true)
             for n in self._kept_since(position, min(wanted))
             if n.step in wanted and not n.skipped or n.skipped and n.step == step
         ]
@@ -473,7 +472,7 @@ class MetricAudit:
         steps = [n for n in self._kept_since(position, first) if n.step <= end and not n.skipped]
         if entry.saw_sharded or not steps or len(steps) != end - first + 1:
             return None  # a rank's shards, or steps no longer kept
-        return [entry.references(n, None).true for n in steps]
+        return [n.references(None).true for n in steps]
 
     def _resolve_rate(self, logged: _Logged, value: float) -> None:
         """A learning rate belongs to one step (unlike a norm, the value alone cannot tell,

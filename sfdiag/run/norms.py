@@ -220,6 +220,44 @@ class StepNorms:
             sums = self._sums[scope] = (_l2(pre, scope), _l2(post, scope))
         return sums
 
+    def references(self, scope: tuple[int, ...] | None) -> Any:
+        """This step's ``NormReferences`` over ``scope`` (parameter indices; None: all)."""
+        # the same for every value judged against this step over this scope (a script logs
+        # several, each judged on its own), as ``over`` is: kept on the step
+        kept = self._references.get(scope)
+        if kept is not None:
+            return kept
+        from sfdiag.run.judge import NormReferences
+
+        pre_n, post_n = self.over(scope)
+        local_shard = self.local_pre(scope)
+        if local_shard is not None and local_shard == pre_n:
+            local_shard = None  # nothing of the scope is sharded: no local norm of its own
+        pre_clip, clipped = None, False
+        clip = self.clip
+        if clip is not None:
+            coef = clip.coefficient()
+            inside = self.with_grad if scope is None else frozenset(scope) & self.with_grad
+            if inside and inside <= self.clipped_indices:
+                clipped = coef < 1.0
+                if scope is None:  # the norm the clipping call returned
+                    pre_clip = clip.total_float()
+                elif clipped and coef > 0:  # each grad was multiplied by coef
+                    pre_clip = pre_n / coef
+        refs = self._references[scope] = NormReferences(
+            step=self.step,
+            pre_step=pre_n,
+            post_step=post_n,
+            pre_clip=pre_clip,
+            clipped=clipped,
+            local_shard=local_shard,
+            micro_batches=self.micro_batches,
+            loss_scale=None if self.loss_scale is None else _float(self.loss_scale),
+            next_scale=None if self.next_scale is None else _float(self.next_scale),
+            skipped=self.skipped,
+        )
+        return refs
+
     def local_pre(self, scope: tuple[int, ...] | None) -> float | None:
         """This rank's shards' pre-step norm over ``scope``; None where nothing is sharded."""
         return None if self.local is None else _l2(self.local[0], scope)

@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 from sfdiag.run.norms import (
     GradsRead,
     StepNorms,
-    _float,
     _host_float,
     _norms,
     _number,
@@ -400,44 +399,6 @@ class Watched:
             ):
                 return True
         return False
-
-    def references(self, norms: StepNorms, scope: tuple[int, ...] | None) -> Any:
-        """The ``NormReferences`` of one step over ``scope`` (parameter indices; None: all)."""
-        # the same for every value judged against this step over this scope (a script logs
-        # several, each judged on its own), as ``over`` is: kept on the step
-        kept = norms._references.get(scope)
-        if kept is not None:
-            return kept
-        from sfdiag.run.judge import NormReferences
-
-        pre_n, post_n = norms.over(scope)
-        local_shard = norms.local_pre(scope)
-        if local_shard is not None and local_shard == pre_n:
-            local_shard = None  # nothing of the scope is sharded: no local norm of its own
-        pre_clip, clipped = None, False
-        clip = norms.clip
-        if clip is not None:
-            coef = clip.coefficient()
-            inside = norms.with_grad if scope is None else frozenset(scope) & norms.with_grad
-            if inside and inside <= norms.clipped_indices:
-                clipped = coef < 1.0
-                if scope is None:  # the norm the clipping call returned
-                    pre_clip = clip.total_float()
-                elif clipped and coef > 0:  # each grad was multiplied by coef
-                    pre_clip = pre_n / coef
-        refs = norms._references[scope] = NormReferences(
-            step=norms.step,
-            pre_step=pre_n,
-            post_step=post_n,
-            pre_clip=pre_clip,
-            clipped=clipped,
-            local_shard=local_shard,
-            micro_batches=norms.micro_batches,
-            loss_scale=None if norms.loss_scale is None else _float(norms.loss_scale),
-            next_scale=None if norms.next_scale is None else _float(norms.next_scale),
-            skipped=norms.skipped,
-        )
-        return refs
 
     def note_clip(self, norms: StepNorms) -> None:
         """An audited step: where a clipping call covered every grad, the norm it measured
