@@ -345,3 +345,39 @@ def scratch_directory(wanted: bool) -> Iterator[str | None]:
 def mlflow_key(key: str) -> str:
     """``key`` as MLflow takes metric and tag names (letters, digits, ``_-. /:``)."""
     return "".join(c if c.isalnum() or c in "_-. /:" else "_" for c in key)
+
+
+def to_tensorboard(
+    writer: Any,
+    report: ProbeReport,
+    strings: dict[str, str],
+    numbers: dict[str, float],
+    step: int,
+    picture: Path | None,
+) -> None:
+    """The entries into a ``SummaryWriter``: each string as text, the tables as one text,
+    the numbers as scalars, the picture as an image."""
+    for key, text in strings.items():
+        writer.add_text(key, text, step)
+    writer.add_text("sfdiag/report", report_text(report), step)
+    for key, value in numbers.items():
+        writer.add_scalar(key, value, step)
+    if picture is not None:
+        from matplotlib.image import imread
+
+        pixels = imread(str(picture), format="png")[..., :3]  # (height, width, RGB) in [0, 1]
+        writer.add_image("sfdiag/plot", pixels, step, dataformats="HWC")
+    writer.flush()
+
+
+def to_wandb(
+    run: Any,
+    image: Callable[[str], Any],
+    strings: dict[str, str],
+    numbers: dict[str, float],
+    picture: Path | None,
+) -> None:
+    """The entries into a W&B run's summary; the picture logged as ``image(path)``."""
+    run.summary.update({**strings, **numbers})
+    if picture is not None:
+        run.log({"sfdiag/plot": image(str(picture))})

@@ -34,8 +34,9 @@ from sfdiag.integrations import (
     each_logger,
     logged_items,
     mlflow_key,
-    report_text,
     scratch_directory,
+    to_tensorboard,
+    to_wandb,
 )
 
 try:
@@ -154,23 +155,12 @@ def _writer(
     picture: Path | None,
 ) -> Any:
     def tensorboard() -> None:
-        writer = logger.experiment
-        for key, text in strings.items():
-            writer.add_text(key, text, step)
-        writer.add_text("sfdiag/report", report_text(report), step)
-        for key, value in numbers.items():
-            writer.add_scalar(key, value, step)
-        if picture is not None:
-            writer.add_image("sfdiag/plot", _pixels(picture), step, dataformats="HWC")
-        writer.flush()
+        to_tensorboard(logger.experiment, report, strings, numbers, step, picture)
 
     def wandb() -> None:
-        run = logger.experiment
-        run.summary.update({**strings, **numbers})
-        if picture is not None:
-            import wandb as wandb_module
+        import wandb as wandb_module
 
-            run.log({"sfdiag/plot": wandb_module.Image(str(picture))})
+        to_wandb(logger.experiment, wandb_module.Image, strings, numbers, picture)
 
     def mlflow() -> None:
         client, run_id = logger.experiment, logger.run_id
@@ -194,10 +184,3 @@ def _writer(
     if "MLFlowLogger" in kinds:
         return mlflow
     return other
-
-
-def _pixels(picture: Path) -> Any:
-    """The PNG as an RGB array (height, width, 3), floats in [0, 1]."""
-    from matplotlib.image import imread
-
-    return imread(str(picture), format="png")[..., :3]

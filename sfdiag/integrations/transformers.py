@@ -38,8 +38,9 @@ from sfdiag.integrations import (
     each_logger,
     logged_items,
     mlflow_key,
-    report_text,
     scratch_directory,
+    to_tensorboard,
+    to_wandb,
 )
 
 try:
@@ -197,17 +198,7 @@ def _writer(
         writer, opened = callback.tb_writer, False
         if writer is None:  # closed already, or never opened on this process
             writer, opened = callback._SummaryWriter(log_dir=callback.logging_dir), True
-        for key, text in strings.items():
-            writer.add_text(key, text, step)
-        writer.add_text("sfdiag/report", report_text(report), step)
-        for key, value in numbers.items():
-            writer.add_scalar(key, value, step)
-        if picture is not None:
-            from matplotlib.image import imread
-
-            pixels = imread(str(picture), format="png")[..., :3]
-            writer.add_image("sfdiag/plot", pixels, step, dataformats="HWC")
-        writer.flush()
+        to_tensorboard(writer, report, strings, numbers, step, picture)
         if opened:
             writer.close()
 
@@ -215,9 +206,7 @@ def _writer(
         run = getattr(callback._wandb, "run", None)
         if run is None:
             return
-        run.summary.update({**strings, **numbers})
-        if picture is not None:
-            run.log({"sfdiag/plot": callback._wandb.Image(str(picture))})
+        to_wandb(run, callback._wandb.Image, strings, numbers, picture)
 
     def mlflow() -> None:
         mlflow_module = callback._ml_flow
