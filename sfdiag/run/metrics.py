@@ -343,7 +343,7 @@ class MetricAudit:
         self._ready, self._pending = [], []
         for key, fit in self._averages.items():
             for value in fit.flush():
-                self._tallies.setdefault(key, MetricTally()).add(value)
+                self._tally(key).add(value)
         return tuple(self.judged_so_far())
 
     def judged_so_far(self, skip: Collection[tuple[str, str]] = ()) -> list[MetricResult]:
@@ -364,6 +364,13 @@ class MetricAudit:
         ]
 
     # ---- judging --------------------------------------------------------------------------
+    def _tally(self, key: tuple[str, str]) -> MetricTally:
+        """The metric's tally (made once: a new one, arrays and all, costs µs a value)."""
+        tally = self._tallies.get(key)
+        if tally is None:
+            tally = self._tallies[key] = MetricTally()
+        return tally
+
     def _resolve(self, logged: _Logged) -> None:
         try:
             value = _float(logged.value)
@@ -418,7 +425,7 @@ class MetricAudit:
             if again is not None and again.verdict != "unmatched":
                 lagging = again
         self._scopes.setdefault(key, scope_name)
-        tally = self._tallies.setdefault(key, MetricTally())
+        tally = self._tally(key)
         if hint is not None:  # a parameter's norm: judged at its step alone
             tally.add(judged)
             return
@@ -559,7 +566,7 @@ class MetricAudit:
         if best is None:
             return
         key = (logged.logger, logged.name)
-        self._tallies.setdefault(key, MetricTally()).add(best)
+        self._tally(key).add(best)
         self._quantities[key] = "learning_rate"
 
     def _skipped_rate(self, logged: _Logged, value: float, group: int) -> JudgedValue | None:
