@@ -406,8 +406,11 @@ class Watched:
         clip = norms.clip
         if clip is None or not norms.with_grad or not norms.with_grad <= norms.clipped_indices:
             return
-        coefficient = clip.coefficient()
-        self.clip_norms[norms.step] = (clip.total_float(), coefficient < 1.0)
+        try:
+            coefficient = clip.coefficient()
+            self.clip_norms[norms.step] = (clip.total_float(), coefficient < 1.0)
+        except Exception:  # a norm that will not read as a number: the table shows step()'s
+            pass
 
     def count_steps(self, param_groups: list[dict[str, Any]], state: Any) -> None:
         self.counted_steps = steps_taken(param_groups, state)
