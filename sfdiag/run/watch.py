@@ -3,10 +3,11 @@
 Per optimizer instance: a ``StepAuditor`` on the sampled audit steps (the first
 ``AUDIT_FIRST``, then every ``AUDIT_EVERY``-th, ``AUDIT_MAX`` in all), and on **every**
 step the per-parameter grad norms just before and just after ``step()``, which the
-logged-metric audit judges against. Those cost one fused ``_foreach_norm`` before the
-step; after it, only the grads whose tensor or version counter moved are read again
-(all of them once an audit step has seen this optimizer change its grads: an edit
-through ``.data`` moves no version counter). The norms stay on the device until a
+logged-metric audit judges against (``sfdiag.run.norms``). Those cost one read before
+the step (shared with a value logged since the backward: ``GradsRead``); after it, only
+the grads whose tensor or version counter moved are read again (all of them once an audit
+step has seen this optimizer change its grads: an edit through ``.data`` moves no version
+counter), and only when a logged value needs them. The norms stay on the device until a
 logged value needs them; the last few steps are kept.
 
 Under ``torch.compile`` (a compiled ``step()``, as torch's tutorial compiles it, or a
@@ -92,8 +93,8 @@ class Watched:
     started: int = 0  # outermost step() calls begun
     auditing: bool = False  # the step() in progress is audited
     grads_change: bool = False  # an audited step saw step() change the grads
-    # post-step norms are read in the post-hook, not when a logged value needs them: the
-    # script once logged a value after its grads had been written again (zero_grad in place)
+    # post-step norms are read in the post-hook, not when a logged value needs them: a
+    # value judged unmatched had lost them (logged after its grads were written again)
     read_post_at_once: bool = False
     indices: list[int] = field(default_factory=list)  # the step index of each observation
     recent: deque[StepNorms] = field(default_factory=lambda: deque(maxlen=KEPT_STEPS))
