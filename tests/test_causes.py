@@ -279,3 +279,39 @@ def test_the_optimizer_table_shows_the_gradients_norm_before_clipping(tmp_path, 
         assert result["clipped_steps"] == 0
         assert result["pre_clip_grad_norm"] == pytest.approx(result["pre_step_grad_norm"])
         assert "†" not in table
+
+
+CLIPPED_THROUGH_DATA = """\
+import sys, torch
+from torch.utils.tensorboard import SummaryWriter
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+writer = SummaryWriter(sys.argv[1])
+def total():
+    return float(torch.stack([p.grad.norm() for p in model.parameters()]).norm())
+for step in range(6):
+    opt.zero_grad()
+    model(torch.randn(16, 8)).pow(2).mean().mul(50).backward()
+    before = total()
+    writer.add_scalar("unclipped/grad_norm", before, step)
+    for p in model.parameters():  # clipping by hand, through .data: no version moves
+        p.grad.data.mul_(min(1.0, 1.0 / before))
+    writer.add_scalar("grad_norm", total(), step)  # what step() gets: right
+    opt.step()
+"""
+
+
+def test_a_norm_logged_after_an_edit_through_data_is_judged_against_the_steps_grads(tmp_path):
+    """An edit through ``.data`` between two logged values moves no version counter: the
+    norm read for the first value must not stand for the step's grads, or the right value
+    logged after the edit would read wrong."""
+    script = tmp_path / "data_clip.py"
+    script.write_text(CLIPPED_THROUGH_DATA)
+    report_path = tmp_path / "report.json"
+    run_script(
+        ["python", str(script), str(tmp_path / "tb")], RunOptions(report=report_path, quiet=True)
+    )
+    metrics = {m["name"]: m for m in json.loads(report_path.read_text())["metrics"]}
+    assert metrics["grad_norm"]["verdict"] == "correct"
+    assert metrics["grad_norm"]["steps_judged"] == 6

@@ -102,9 +102,9 @@ def fused_max() -> int:
     return fused.SQUARES_MAX_ELEMENTS
 
 
-def test_a_value_logged_before_step_shares_its_read_with_the_step():
-    """Between backward and step(): the norm read for a logged whole-model grad norm is the
-    step's pre-step read (one read, not two); an in-place edit since (clipping) reads again."""
+def test_values_logged_in_a_row_share_one_read_of_the_grads():
+    """Between backward and step(): values logged in a row read the grads once; a backward
+    since, an in-place edit (clipping) or another tensor reads again."""
     from sfdiag.run.norms import GradsRead, versions_of
 
     grads = [torch.randn(4), None, torch.randn(2, 3)]

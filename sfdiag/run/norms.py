@@ -1,7 +1,7 @@
 """The per-step grad norms of ``sfdiag run``: read on every step of every watched
 optimizer, so none makes a torch call per grad (``_norms``: one fused norm, or one call of
-the C kernel for many small CPU grads); ``GradsRead`` shares one read between the values
-logged before ``step()`` and the step itself; ``StepNorms`` keeps a step's norms on the
+the C kernel for many small CPU grads); ``GradsRead`` shares one read among the values
+logged in a row before ``step()``; ``StepNorms`` keeps a step's norms on the
 device until a logged value needs them. The number helpers read what a hook keeps (a
 float or a device scalar)."""
 
@@ -84,8 +84,9 @@ class GradsRead:
     """The per-parameter norms of an optimizer's grads read at one moment, and what tells
     whether its grads are still those: the same tensors (held weakly: a freed grad's address
     may be a new one's), at the same versions (an in-place edit, clipping or unscale_, moves
-    one), with no backward pass since. A value logged between backward and ``step()`` reads
-    the grads once for the values logged beside it and for the step's own pre-step norms."""
+    one), with no backward pass since. Values logged in a row between backward and ``step()``
+    read the grads once. (An edit through ``.data`` moves no version: the step reads its
+    own pre-step norms, which a value is judged against first.)"""
 
     backwards: int
     refs: list[Any]

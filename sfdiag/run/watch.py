@@ -4,7 +4,8 @@ Per optimizer instance: a ``StepAuditor`` on the sampled audit steps (the first
 ``AUDIT_FIRST``, then every ``AUDIT_EVERY``-th, ``AUDIT_MAX`` in all), and on **every**
 step the per-parameter grad norms just before and just after ``step()``, which the
 logged-metric audit judges against (``sfdiag.run.norms``). Those cost one read before
-the step (shared with a value logged since the backward: ``GradsRead``); after it, only
+the step (and one for the values logged in a row since the backward: ``GradsRead``;
+not shared with the step's, which an edit through ``.data`` may follow); after it, only
 the grads whose tensor or version counter moved are read again (all of them once an audit
 step has seen this optimizer change its grads: an edit through ``.data`` moves no version
 counter), and only when a logged value needs them. The norms stay on the device until a
@@ -158,8 +159,10 @@ class Watched:
         return self.params
 
     def take_pre(self, backwards: int = 0) -> None:
-        """The grads ``step()`` is given: remember them and their norms (no host sync; read
-        already where a value logged since the backward read these very grads)."""
+        """The grads ``step()`` is given: remember them and their norms (no host sync).
+        Read here even where a value logged since the backward read the same tensors at the
+        same versions: an edit through ``.data`` (a hand-written clipping) moves no version,
+        and a norm read before it would make a right value logged after it look wrong."""
         import torch
 
         from sfdiag.dist import is_dtensor, replicas
@@ -175,17 +178,15 @@ class Watched:
         if len(self.sharded) < sum(g is not None for g in grads):
             self.saw_whole = True
         versions = versions_of(grads)
-        read, self.last_read = self.last_read, None
-        if read is None or not read.holds(grads, versions, backwards):
-            read = GradsRead.now(grads, versions, backwards)
+        self.last_read = None  # the next value logged reads the grads of the next step
         self._pre_grads = grads
         self._pre_versions = versions
-        self._pre_norms = read.norms
+        self._pre_norms = _norms(grads)
         self._pre_taken = True
 
     def read_grads(self, backwards: int) -> GradsRead:
         """The grads' norms now (between backward and ``step()``), read once for the values
-        logged in a row and for ``take_pre``."""
+        logged in a row (what they are judged against first is the step's own read)."""
         grads = [p.grad for p in self.params]
         versions = versions_of(grads)
         read = self.last_read
