@@ -187,12 +187,17 @@ def measure_metric_audit_overhead(settings: Settings) -> dict[str, Any]:
 
 def _at_log_seconds(trainer: Trainer, machinery: RunMachinery, calls: int = 200) -> float:
     """What reading the grads' norm for a gradient metric logged between backward and
-    step() costs (``MetricAudit._at_log``), median over ``calls``, with grads in place."""
+    step() costs (``MetricAudit._at_log``), median over ``calls``, with grads in place. The
+    read kept for the values logged next in a row is dropped before each call: each call
+    is a step's first logged value, which reads the grads."""
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer._loss().backward()
     fresh = tuple(True for _ in machinery.watch.watched)
     times = []
     for _ in range(calls):
+        for entry in machinery.watch.watched:
+            entry.last_read = None
+        machinery.audit._unwatched_reads.clear()
         start = time.perf_counter()
         machinery.audit._at_log(fresh)
         times.append(time.perf_counter() - start)
