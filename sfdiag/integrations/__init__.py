@@ -199,6 +199,26 @@ class CallbackAudit:
         if audit.options.strict and not audit.passed:
             raise AuditFailed(failure_message(audit.report), audit.report)
 
+    def log_through(
+        self, report: ProbeReport, step: int, sinks: list[Any], writer: Callable[..., Any]
+    ) -> None:
+        """The report into each of ``sinks`` (the trainer's loggers, or its integrations):
+        ``writer(kinds, sink, report, strings, numbers, step, picture)`` gives what writes
+        into one (``kinds``: the names of its classes), or None for one that takes nothing.
+        A sink that refuses is named on stderr; the others still get their entries."""
+        if not sinks:
+            return
+        strings, numbers = logged_items(report)
+        with scratch_directory(self.plot_image) as scratch:
+            picture = self.picture(report, scratch) if scratch is not None else None
+            targets = []
+            for sink in sinks:
+                kinds = {cls.__name__ for cls in type(sink).__mro__}
+                write = writer(kinds, sink, report, strings, numbers, step, picture)
+                if write is not None:
+                    targets.append((type(sink).__name__, write))
+            each_logger(targets)
+
     # ---- while training ----------------------------------------------------------------------
     def early_warnings(self, steps: int) -> list[str]:
         """At ``steps`` optimizer steps done: a message per logged metric judged wrong so

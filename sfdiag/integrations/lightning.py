@@ -31,10 +31,7 @@ from typing import TYPE_CHECKING, Any
 from sfdiag.integrations import (
     AuditFailed,
     CallbackAudit,
-    each_logger,
-    logged_items,
     mlflow_key,
-    scratch_directory,
     to_tensorboard,
     to_wandb,
 )
@@ -130,19 +127,7 @@ class SfdiagCallback(pl.Callback):
 
     # ---- the loggers -----------------------------------------------------------------------
     def _log(self, trainer: Any, report: ProbeReport) -> None:
-        loggers = list(trainer.loggers)
-        if not loggers:
-            return
-        strings, numbers = logged_items(report)
-        step = int(trainer.global_step)
-        with scratch_directory(self.sfdiag.plot_image) as scratch:
-            picture = self.sfdiag.picture(report, scratch) if scratch is not None else None
-            targets = []
-            for logger in loggers:
-                kinds = {cls.__name__ for cls in type(logger).__mro__}
-                write = _writer(kinds, logger, report, strings, numbers, step, picture)
-                targets.append((type(logger).__name__, write))
-            each_logger(targets)
+        self.sfdiag.log_through(report, int(trainer.global_step), list(trainer.loggers), _writer)
 
 
 def _writer(

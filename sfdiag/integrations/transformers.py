@@ -35,10 +35,7 @@ from typing import TYPE_CHECKING, Any
 from sfdiag.integrations import (
     AuditFailed,
     CallbackAudit,
-    each_logger,
-    logged_items,
     mlflow_key,
-    scratch_directory,
     to_tensorboard,
     to_wandb,
 )
@@ -170,19 +167,7 @@ class SfdiagCallback(TrainerCallback):
             return
         handler = self._handler if self._handler is not None else _handler_of(self)
         callbacks = list(getattr(handler, "callbacks", ()))
-        if not callbacks:
-            return
-        strings, numbers = logged_items(report)
-        step = int(state.global_step)
-        with scratch_directory(self.sfdiag.plot_image) as scratch:
-            picture = self.sfdiag.picture(report, scratch) if scratch is not None else None
-            targets = []
-            for callback in callbacks:
-                kinds = {cls.__name__ for cls in type(callback).__mro__}
-                write = _writer(kinds, callback, report, strings, numbers, step, picture)
-                if write is not None:
-                    targets.append((type(callback).__name__, write))
-            each_logger(targets)
+        self.sfdiag.log_through(report, int(state.global_step), callbacks, _writer)
 
 
 def _writer(

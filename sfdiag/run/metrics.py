@@ -263,7 +263,7 @@ class MetricAudit:
         """Per optimizer (by id) whose grads were written since its last step, or that has
         not stepped yet: the norm of its grads now (a device scalar, read when judged), the
         backward passes of the step so far, and whether they still hold the loss scale."""
-        from sfdiag.run.norms import GradsRead, versions_of
+        from sfdiag.run.norms import GradsRead
         from sfdiag.step_audit.auditor import StepAuditor
 
         backwards = self.watch.backwards
@@ -281,10 +281,8 @@ class MetricAudit:
         scaled = scalers is not None and scalers.scaled > 0
         for optimizer in self.watch.born():
             grads = [p.grad for p in StepAuditor.params_of(optimizer)]
-            versions = versions_of(grads)
-            read = self._unwatched_reads.get(id(optimizer))
-            if read is None or not read.holds(grads, versions, count):
-                read = self._unwatched_reads[id(optimizer)] = GradsRead.now(grads, versions, count)
+            read = GradsRead.again(self._unwatched_reads.get(id(optimizer)), grads, count)
+            self._unwatched_reads[id(optimizer)] = read
             total = read.total()
             if total is not None:
                 out[id(optimizer)] = (total, None if backwards is None else count, scaled)

@@ -99,6 +99,14 @@ class GradsRead:
         refs = [weakref.ref(g) if g is not None else None for g in grads]
         return cls(backwards, refs, versions, _norms(grads))
 
+    @classmethod
+    def again(cls, previous: GradsRead | None, grads: list[Any], backwards: int) -> GradsRead:
+        """``previous`` where it still holds for ``grads``, else a new read of them."""
+        versions = versions_of(grads)
+        if previous is not None and previous.holds(grads, versions, backwards):
+            return previous
+        return cls.now(grads, versions, backwards)
+
     def holds(self, grads: list[Any], versions: list[int], backwards: int) -> bool:
         return (
             backwards == self.backwards
@@ -228,6 +236,12 @@ class StepNorms:
             pre, post = self.floats()
             sums = self._sums[scope] = (_l2(pre, scope), _l2(post, scope))
         return sums
+
+    def scale_updated(self, scale: Any) -> None:
+        """The scaler's ``update()`` after this step gave ``scale``: references built before
+        it (a value judged in between) are built again with it."""
+        self.next_scale = scale
+        self._references.clear()
 
     def references(self, scope: tuple[int, ...] | None) -> Any:
         """This step's ``NormReferences`` over ``scope`` (parameter indices; None: all)."""

@@ -132,8 +132,7 @@ class ScalerWatch:
         for entry in self._since_update.pop(id(scaler), []):
             last = entry.skipped_attempt or (entry.recent[-1] if entry.recent else None)
             if last is not None and last.loss_scale is not None:
-                last.next_scale = scale
-                last._references.clear()  # judged before update(): without the next scale
+                last.scale_updated(scale)
 
     def _before_step(self, scaler: Any, optimizer: Any) -> tuple[Watched | None, int]:
         try:

@@ -187,12 +187,8 @@ class Watched:
     def read_grads(self, backwards: int) -> GradsRead:
         """The grads' norms now (between backward and ``step()``), read once for the values
         logged in a row (what they are judged against first is the step's own read)."""
-        grads = [p.grad for p in self.params]
-        versions = versions_of(grads)
-        read = self.last_read
-        if read is None or not read.holds(grads, versions, backwards):
-            read = self.last_read = GradsRead.now(grads, versions, backwards)
-        return read
+        self.last_read = GradsRead.again(self.last_read, [p.grad for p in self.params], backwards)
+        return self.last_read
 
     def take_rates(self, optimizer: Any) -> None:
         """group["lr"] of every param group as step() begins (and whether a schedule-free
