@@ -109,3 +109,74 @@ def test_a_new_optimizer_at_a_dead_ones_address_starts_afresh():
     auditor._mutated[id(optimizer)] = (weakref.ref(gone), set())
     del gone  # its reference is dead now, as a collected optimizer's would be
     assert auditor._params_to_sample(optimizer, params) is True
+
+
+def _many_small_layers() -> torch.nn.Module:
+    """24 ``Linear(4, 4)`` with Tanh between: two groups of 24 same-shaped small grads."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(24):
+        layers += [torch.nn.Linear(4, 4), torch.nn.Tanh()]
+    return torch.nn.Sequential(*layers)
+
+
+GROUP_OPTIMIZERS = {
+    "sf-adamw": lambda ps: __import__("sfdiag.optim", fromlist=["x"]).AdamWScheduleFree(
+        ps, lr=0.01, warmup_steps=0
+    ),
+    "fold-wd": lambda ps: mutators.FoldWeightDecay(ps, lr=0.01, wd=0.1),
+    "adam-normalize": lambda ps: mutators.AdamNormalize(ps, lr=0.01),
+    "scale": lambda ps: mutators.ScaleGrads(ps, lr=0.01),
+    "replace": lambda ps: mutators.ReplaceGrads(ps, lr=0.01),
+    "clear": lambda ps: mutators.ClearGrads(ps, lr=0.01),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.01),
+}
+
+
+@pytest.mark.parametrize("state_with_grads", [False, True], ids=["cpu", "accelerator"])
+@pytest.mark.parametrize("name", list(GROUP_OPTIMIZERS))
+def test_a_group_read_as_rows_says_what_each_grad_read_alone_says(
+    name, state_with_grads, monkeypatch
+):
+    """Small grads of one shape are read, compared and fitted as the rows of their group's
+    arrays; read one at a time (no groups: every grad its own fingerprint) the audit finds
+    the same verdict and kind of mutation for every grad at every step, and the same norms.
+    ``accelerator``: the optimizer's state sampled with the grads, as rows, as off the CPU."""
+    from sfdiag.step_audit import snapshot
+
+    monkeypatch.setattr(
+        StepAuditor, "_state_with_grads", staticmethod(lambda params: state_with_grads)
+    )
+    runs = []
+    for small in (snapshot.SMALL_TENSOR, 0):  # groups; none
+        monkeypatch.setattr(snapshot, "SMALL_TENSOR", small)
+        model = _many_small_layers()
+        optimizer = GROUP_OPTIMIZERS[name](list(model.parameters()))
+        if hasattr(optimizer, "train"):
+            optimizer.train()
+        auditor = StepAuditor()
+        x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+        seen = []
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            model(x).square().mean().backward()
+            auditor.pre_step(optimizer)
+            optimizer.step()
+            auditor.post_step(optimizer)
+            observed = auditor.observations[-1]
+            seen.append(
+                (
+                    [(r.verdict, r.fingerprint, r.pre_norm, r.post_norm) for r in observed.params],
+                    observed.pre_norm,
+                    observed.post_norm,
+                    observed.params_mutated,
+                )
+            )
+        runs.append(seen)
+    grouped, alone = runs
+    assert grouped == alone
+    verdicts = {v for records, *_ in grouped for v, *_ in records}
+    expected = {"adamw": {"clean"}, "replace": {"replaced"}, "clear": {"cleared"}}
+    assert verdicts == expected.get(name, {"mutated"})
+    if expected.get(name) is None:  # a kind named for every mutated grad
+        assert all(kind for records, *_ in grouped for _, kind, *_ in records)

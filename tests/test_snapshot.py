@@ -4,6 +4,7 @@ transfer per snapshot, and the same verdicts whichever path read the grads."""
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import shutil
 import subprocess
@@ -293,8 +294,14 @@ class _TorchCalls(TorchFunctionMode):
 
 #: host calls a grad more costs a snapshot, read as on an accelerator: (shape, before
 #: step(), after a step that left it alone, after sf-adamw's, which divides it in place)
-HOST_CALLS = [((512, 1024), 5, 4, 6), ((256, 512), 5, 4, 6), ((1024,), 2, 1, 3)]
-HOST_CALL_IDS = ["large", "mid", "small"]  # the fused layout; blocks; stacked with its likes
+HOST_CALLS = [
+    ((512, 1024), 5, 4, 6),
+    ((256, 512), 5, 4, 6),
+    ((1024,), 0, 0, 0),
+    ((16, 16), 0, 0, 0),
+]
+#: the fused layout; blocks; small ones read as a group, whatever their number
+HOST_CALL_IDS = ["large", "mid", "small", "tiny"]
 
 
 def host_calls_a_grad(shape, move=lambda p: p) -> dict[str, float]:
@@ -323,6 +330,7 @@ def host_calls_a_grad(shape, move=lambda p: p) -> dict[str, float]:
                 param_samples=False,
                 before=before,
                 states=lambda p, opt=opt: snapshot.state_views(opt, p),
+                states_of_group=functools.partial(snapshot.state_rows, opt),
             )
         calls["post_mutated"] += sign * counter.count
     return {key: value / 10 for key, value in calls.items()}
@@ -335,8 +343,9 @@ def test_a_snapshot_costs_a_few_host_calls_a_grad(shape, pre, post, post_mutated
     several µs and the host is what a step waits for: a grad more costs at most ``pre``
     calls before step() (its checksum's view and sum, its sample and its parameter's),
     ``post`` after a step that left it alone and ``post_mutated`` after sf-adamw's (its
-    norm and state are read then too), whatever the number of grads. (tests/test_cuda.py
-    counts the same on a GPU, without these patches.)"""
+    norm and state are read then too), whatever the number of grads; a small one, read
+    with the others of its shape, none. (tests/test_cuda.py counts the same on a GPU,
+    without these patches.)"""
     monkeypatch.setattr(snapshot, "_kernel_reads", lambda view: False)
     monkeypatch.setattr(
         snapshot,
@@ -346,6 +355,16 @@ def test_a_snapshot_costs_a_few_host_calls_a_grad(shape, pre, post, post_mutated
     monkeypatch.setattr(snapshot, "_to_host", snapshot.pack)
     calls = host_calls_a_grad(shape)
     assert calls["pre"] <= pre and calls["post"] <= post and calls["post_mutated"] <= post_mutated
+
+
+@pytest.mark.parametrize("shape", [(1024,), (16, 16), (3, 5)])
+def test_a_group_of_small_grads_costs_no_torch_call_a_grad(shape):
+    """The CPU's own path, as it runs: small grads of one shape are read as a group (one
+    stack, one op for their checksums, one for their samples, one kernel call or foreach
+    norm for their norms, one stack per state name), so the torch calls of a snapshot do
+    not grow with the number of grads in it, before ``step()``, after a clean one and
+    after one that mutated every grad."""
+    assert host_calls_a_grad(shape) == {"pre": 0, "post": 0, "post_mutated": 0}
 
 
 @pytest.mark.parametrize("transfer", ["direct", "packed"])

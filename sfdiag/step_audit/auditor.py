@@ -11,14 +11,23 @@ from __future__ import annotations
 import math
 import sys
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from types import FrameType
 from typing import Any
 
 import torch
 
 from sfdiag.step_audit import snapshot, verdict
+from sfdiag.step_audit.changes import (  # noqa: F401 (_group_eps, DEFAULT_EPS: tests)
+    DEFAULT_EPS,
+    ChangedGrads,
+    _dtype_eps,
+    _group_eps,
+    _numpy,
+    shared_groups,
+)
 from sfdiag.step_audit.verdict import ParamStep
 
 # the code object of the wrapper torch puts around every Optimizer subclass's step()
@@ -64,11 +73,17 @@ def class_path(obj: Any) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
+#: what the comparison found of one grad: its verdict, the max relative change of its
+#: sample and the kind of its mutation (None where there is none)
+Found = tuple[str, float | None, str | None]
+_CLEAN: Found = ("clean", 0.0, None)
+
+
 @dataclass
 class StepObservation:
     pre_norm: float  # over this process's grads (a DTensor's local shard)
     post_norm: float
-    params: list[ParamStep]
+    params: Sequence[ParamStep]  # per parameter with a grad before step() (``ParamSteps``)
     digests: tuple[int, ...] = ()  # per parameter, of the grad step() was given (0: none)
     # the grads step() was given held NaN and no finite non-zero element: comparing bits
     # (NaN equals NaN) cannot tell an in-place change from none
@@ -76,7 +91,59 @@ class StepObservation:
 
     @property
     def params_mutated(self) -> int:
+        changed = getattr(self.params, "changed", None)
+        if changed is not None:
+            return changed
         return sum(p.verdict != "clean" for p in self.params)
+
+
+class ParamSteps(Sequence):
+    """One step's ``ParamStep`` per parameter with a grad before ``step()``, in order, built
+    when first read (on a model of thousands of tensors, building them every step cost as
+    much as reading the grads): from each grad's name, shape and norms, and its verdict,
+    change and kind where the comparison found it other than bit for bit as it was."""
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        shapes: list[Any],
+        pre: list[float | None],
+        post: list[float | None],
+        found: dict[int, Found],
+    ) -> None:
+        self._parts: Any = (names, shapes, pre, post, found)
+        self._steps: list[ParamStep] | None = None
+        self.changed = sum(kind != "clean" for kind, _, _ in found.values())
+
+    def _all(self) -> list[ParamStep]:
+        if self._steps is None:
+            names, shapes, pre, post, found = self._parts
+            steps = []
+            for i, norm in enumerate(pre):
+                if norm is None:  # no grad before step(): no record
+                    continue
+                kind, change, kind_of_change = found.get(i, _CLEAN)
+                after = 0.0 if post[i] is None else post[i]
+                steps.append(
+                    ParamStep(names[i], tuple(shapes[i]), kind, norm, after, change, kind_of_change)
+                )
+            self._steps, self._parts = steps, None
+        return self._steps
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._all()[index]
+
+    def __iter__(self) -> Iterator[ParamStep]:
+        return iter(self._all())
+
+    def __eq__(self, other: object) -> bool:
+        return list(self) == list(other) if isinstance(other, Sequence) else NotImplemented
+
+    def __repr__(self) -> str:
+        return repr(self._all())
 
 
 def _weak(obj: Any) -> Any:
@@ -87,100 +154,35 @@ def _weak(obj: Any) -> Any:
         return None
 
 
-def _global_norm(prints: list[snapshot.GradFingerprint]) -> float:
-    return math.sqrt(math.fsum(fp.norm * fp.norm for fp in prints if fp.present))
+def _same_rows(before: snapshot.Snapshot, after: snapshot.Snapshot) -> dict[int, bool]:
+    """Whether each grad of a group read before and after ``step()`` alike reads bit for
+    bit the same (norm, block sums, sample), from the groups' arrays at once."""
+    import numpy as np
 
-
-def _rows(tensors: list[torch.Tensor]) -> Any:
-    """``tensors`` (of one length) as the rows of one float64 numpy array: one stack, one
-    conversion."""
-    rows = torch.stack(tensors)  # samples are flat already: no view a tensor
-    return rows.reshape(len(tensors), -1).to("cpu", torch.float64).numpy()
-
-
-#: the grads a step changed are compared in arrays of this many rows at most (a float64
-#: array and the fits' scratch per row: bounded memory in a step hook, whatever the model)...
-BATCH_ROWS = 128
-#: ... where there are this many of one sample length; fewer, one at a time (a model of a
-#: few large tensors keeps the memory of one grad's fits, under 1 % of its parameters)
-BATCH_MIN = 16
-
-
-def _chunks(groups: Any) -> list[list[int]]:
-    """``groups`` (lists of grad indices) cut into the rows of one array each (see
-    ``BATCH_ROWS``, ``BATCH_MIN``)."""
-    out = []
-    for indices in groups:
-        size = BATCH_ROWS if len(indices) >= BATCH_MIN else 1
-        out += [indices[start : start + size] for start in range(0, len(indices), size)]
+    out: dict[int, bool] = {}
+    for key, now in shared_groups(before, after):
+        then = before.groups[key]
+        same = now.same_rows(then)
+        if same is None:
+            continue
+        same &= np.array(now.norms).view(np.int64) == np.array(then.norms).view(np.int64)
+        out.update(zip(key, same.tolist(), strict=True))
     return out
 
 
-def _state_rows(tensors: list[torch.Tensor]) -> Any:
-    """``_rows`` of the samples of ``tensors`` (one state, of one shape): the elements
-    ``snapshot.sample_positions`` names. Tensors no larger than a sample are stacked whole
-    (no view a tensor); larger ones by their samples' views, so that nothing more than the
-    samples is ever copied. None where every sample has a negative element: no second
-    moment, the fits' one use of state (not worth a float64 copy)."""
-    small = tensors[0].numel() <= snapshot.SAMPLE_SIZE
-    rows = torch.stack(tensors if small else [snapshot.sample_view(t) for t in tensors])
-    rows = rows.reshape(len(tensors), -1)
-    if bool((rows < 0).any(dim=1).all()):
-        return None
-    return rows.to("cpu", torch.float64).numpy()
+def _norm_over(norms: list[float | None]) -> float:
+    """The L2 norm over the grads' norms (their global norm), exactly rounded."""
+    return math.sqrt(math.fsum(n * n for n in norms if n is not None))
 
 
-def _numpy(t: torch.Tensor | None):
-    if t is None:
-        return None
-    return t.detach().to("cpu", torch.float64).numpy()
-
-
-def _dtype_eps(t: torch.Tensor) -> float:
-    return float(torch.finfo(t.dtype).eps) if t.is_floating_point() else 0.0
-
-
-#: the Adam fit's eps where an optimizer has none that reads as one number
-DEFAULT_EPS = 1e-8
-
-
-def _as_eps(value: Any) -> float:
-    """An optimizer's ``eps`` as one float: the first of a tuple (Adafactor's
-    ``(1e-30, 1e-3)``), DEFAULT_EPS for what is no number (None, ``(None, 1e-3)``, "auto")."""
-    if isinstance(value, (tuple, list)):
-        value = value[0] if value else None
-    try:
-        eps = float(value)
-    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of many elements
-        return DEFAULT_EPS
-    return eps if math.isfinite(eps) and eps >= 0 else DEFAULT_EPS
-
-
-def _group_eps(optimizer: Any, param: torch.Tensor) -> float:
-    """The eps of ``param``'s group; the fit needs only its order of magnitude, so odd
-    hyperparameters (and odd groups) fall back to DEFAULT_EPS instead of failing the audit."""
-    return _eps_by_param(optimizer).get(id(param), DEFAULT_EPS)
-
-
-def _eps_by_param(optimizer: Any) -> dict[int, float]:
-    """``_group_eps`` of every parameter, by id, in one pass over the groups."""
-    out: dict[int, float] = {}
-    for group in getattr(optimizer, "param_groups", ()):
-        if isinstance(group, Mapping):
-            eps = _as_eps(group.get("eps", DEFAULT_EPS))
-            for p in group.get("params", ()):
-                out.setdefault(id(p), eps)
-    return out
-
-
-def _nan_only(params: list[torch.Tensor], prints: list[snapshot.GradFingerprint]) -> bool:
+def _nan_only(params: list[torch.Tensor], prints: snapshot.Snapshot) -> bool:
     """Whether the grads hold NaN (or Inf) and no finite non-zero element (the zeros a ReLU
     leaves in a NaN grad are no number either): no change that keeps NaN a NaN shows in
     their bits. Only grads whose norm is not finite are read again: a healthy step pays
     nothing."""
-    present = [(p, fp) for p, fp in zip(params, prints, strict=True) if fp.present]
-    if all(math.isfinite(fp.norm) for _, fp in present):
+    if prints.all_finite():
         return False
+    present = [(p, fp) for p, fp in zip(params, prints, strict=True) if fp.present]
     return all(
         fp.norm == 0 or (not math.isfinite(fp.norm) and not snapshot.holds_a_number(p.grad))
         for p, fp in present
@@ -195,10 +197,11 @@ class StepAuditor:
     forensics: bool = False
     fingerprint_kinds: bool = True  # name the kind of a mutation (reads optimizer state)
     observations: list[StepObservation] = field(default_factory=list)
-    _pending: dict[int, tuple[list[torch.Tensor], list[snapshot.GradFingerprint], bool]] = field(
+    _pending: dict[int, tuple[list[torch.Tensor], snapshot.Snapshot, bool]] = field(
         default_factory=dict
     )
     _handles: list[Any] = field(default_factory=list)
+    _names_of: tuple[tuple[int, ...], tuple[str, ...]] | None = None  # (``_names``)
     # id(optimizer) -> the ids of the params whose grads its last audited step mutated: the
     # params sampled before step(), to name the kind of a mutation (a clean step of a large
     # model does not pay for reading cold parameters); its first audited step samples all
@@ -259,102 +262,105 @@ class StepAuditor:
         if pending is None:
             return
         params, before, nan_only = pending
-        # On an accelerator the optimizer's state is sampled with the grads, so the snapshot
-        # stays one transfer; on the CPU (no transfer) it is sampled where a grad mutated.
-        on_device = any(p.device.type != "cpu" for p in params)
         sampler = None
-        if on_device and self.fingerprint_kinds and not self.forensics:
+        if self._state_with_grads(params) and self.fingerprint_kinds and not self.forensics:
 
             def sampler(param: torch.Tensor) -> dict[str, torch.Tensor]:
                 return snapshot.state_views(optimizer, param)
 
         after = snapshot.take(
-            params, full=self.forensics, param_samples=False, before=before, states=sampler
+            params,
+            full=self.forensics,
+            param_samples=False,
+            before=before,
+            states=sampler,
+            states_of_group=None if sampler is None else partial(snapshot.state_rows, optimizer),
         )
+        pre, post = before.norms(), after.norms()
         if self.forensics:  # whole clones: one grad at a time
-            compared = [
-                (p, self._compare(optimizer, i, p, a, b))
-                for i, (p, a, b) in enumerate(zip(params, before, after, strict=True))
-                if a.present
-            ]
+            found = {
+                i: self._compare(optimizer, p, before[i], after[i])
+                for i, (p, norm) in enumerate(zip(params, pre, strict=True))
+                if norm is not None
+            }
         else:
-            compared = self._compare_all(optimizer, params, before, after)
-        records = [record for _, record in compared]
+            found = self._compare_all(optimizer, params, before, after)
+        records = ParamSteps(self._names(params), [p.shape for p in params], pre, post, found)
         self._mutated[id(optimizer)] = (
             _weak(optimizer),
-            {id(p) for p, r in compared if r.verdict == "mutated"},
+            {id(params[i]) for i, (kind, _, _) in found.items() if kind == "mutated"},
         )
         self.observations.append(
-            StepObservation(
-                _global_norm(before),
-                _global_norm(after),
-                records,
-                tuple(snapshot.digest(fp) for fp in before),
-                nan_only,
-            )
+            StepObservation(_norm_over(pre), _norm_over(post), records, before.digests(), nan_only)
         )
+
+    @staticmethod
+    def _state_with_grads(params: list[torch.Tensor]) -> bool:
+        """Whether the snapshot after ``step()`` samples the optimizer's state with the
+        grads: on an accelerator, so that it stays one transfer; on the CPU (no transfer)
+        the comparison reads it where a grad mutated."""
+        return any(p.device.type != "cpu" for p in params)
+
+    def _names(self, params: list[torch.Tensor]) -> tuple[str, ...]:
+        """Each param's name (``param<i>`` where ``names`` has none), kept while the params
+        are the same objects in the same order."""
+        ids = tuple(map(id, params))
+        if self._names_of is None or self._names_of[0] != ids:
+            names = tuple(self.names.get(k, f"param{i}") for i, k in enumerate(ids))
+            self._names_of = (ids, names)
+        return self._names_of[1]
 
     def _compare_all(
         self,
         optimizer: Any,
         params: list[torch.Tensor],
-        before: list[snapshot.GradFingerprint],
-        after: list[snapshot.GradFingerprint],
-    ) -> list[tuple[torch.Tensor, ParamStep]]:
-        """``_compare`` of every parameter whose grad was present before ``step()``, the
-        grads that changed read together: their samples as the rows of one array per
-        sample length, their change and the kind of their mutation computed over all rows
-        at once (``verdict.max_rel_change_rows``, ``verdict.fingerprint_rows``). A clean
-        step pays a few µs a parameter; a mutating one a few more, not a fit each."""
-        steps: dict[int, ParamStep] = {}
+        before: snapshot.Snapshot,
+        after: snapshot.Snapshot,
+    ) -> dict[int, Found]:
+        """The records of the grads present before ``step()`` that ``take`` did not find
+        bit for bit as they were (``after.kept``: clean, left to ``ParamSteps``), the grads
+        that changed read together: their samples as the rows of one array per sample
+        length, their change and the kind of their mutation computed over all rows at once
+        (``verdict.max_rel_change_rows``, ``verdict.fingerprint_rows``). A clean step pays
+        no Python a grad here; a mutating one a few µs a grad, not a fit each."""
+        found: dict[int, Found] = {}
         changed: dict[int, str] = {}  # index -> kind, for the grads that did not stay
-        for i, (p, a, b) in enumerate(zip(params, before, after, strict=True)):
-            if not a.present:
+        refs, _, _ = before.identities()
+        after_refs, _, _ = after.identities()
+        kept = after.kept
+        same_rows = _same_rows(before, after)
+        for i, ref in enumerate(refs):
+            if ref is None or i in kept:
                 continue
-            if b is a:  # take() kept the fingerprint from before: nothing moved
-                kind = "clean"
+            now = after_refs[i]
+            same_object = now is not None and ref() is not None and ref() is now()
+            if not same_object:
+                same = False
+            elif i in same_rows:
+                same = same_rows[i]
             else:
-                same_object = b.present and a.ref() is not None and a.ref() is b.ref()
-                kind = verdict.classify(b.present, same_object, same_object and a.same_content(b))
+                same = before.same_content(i, after)
+            kind = verdict.classify(now is not None, same_object, same)
             if kind == "clean":
-                steps[i] = self._step(i, p, a, b, "clean", 0.0, None)
+                found[i] = _CLEAN
             else:
                 changed[i] = kind
-        changes, kinds = _ChangedGrads(
+        changes, kinds = ChangedGrads(
             optimizer, params, before, after, changed, self.fingerprint_kinds
         ).compare()
         for i, kind in changed.items():
-            steps[i] = self._step(i, params[i], before[i], after[i], kind, changes[i], kinds.get(i))
-        return [(params[i], steps[i]) for i in sorted(steps)]
-
-    def _step(
-        self,
-        index: int,
-        param: torch.Tensor,
-        a: snapshot.GradFingerprint,
-        b: snapshot.GradFingerprint,
-        kind: str,
-        change: float | None,
-        fp: str | None,
-    ) -> ParamStep:
-        return ParamStep(
-            name=self.names.get(id(param), f"param{index}"),
-            shape=tuple(param.shape),
-            verdict=kind,
-            pre_norm=a.norm,
-            post_norm=b.norm if b.present else 0.0,
-            max_rel_change=change,
-            fingerprint=fp,
-        )
+            found[i] = (kind, changes[i], kinds.get(i))
+        return found
 
     def _compare(
         self,
         optimizer: Any,
-        index: int,
         param: torch.Tensor,
         a: snapshot.GradFingerprint,
         b: snapshot.GradFingerprint,
-    ) -> ParamStep:
+    ) -> Found:
+        """What one grad's fingerprints before and after ``step()`` say (forensics: whole
+        clones compared, one grad at a time)."""
         if b is a:  # take() kept the fingerprint from before: nothing moved
             kind = "clean"
         else:
@@ -388,96 +394,7 @@ class StepAuditor:
                     dtype_eps=_dtype_eps(a.sample if a.sample is not None else param),
                     states_are_scratch=True,
                 )
-        return self._step(index, param, a, b, kind, change, fp)
-
-
-@dataclass
-class _ChangedGrads:
-    """The grads one step changed (``changed``: index -> verdict), compared as the rows of
-    arrays (see ``StepAuditor._compare_all``)."""
-
-    optimizer: Any
-    params: list[torch.Tensor]
-    before: list[snapshot.GradFingerprint]
-    after: list[snapshot.GradFingerprint]
-    changed: dict[int, str]
-    fingerprint_kinds: bool
-    eps: dict[int, float] = field(default_factory=dict)
-
-    def compare(self) -> tuple[dict[int, float | None], dict[int, str]]:
-        """The max relative change of each changed grad's sample (None where there is none
-        after, or of another length), and the kind of each mutated grad's change."""
-        changes: dict[int, float | None] = dict.fromkeys(self.changed)
-        by_length: dict[int, list[int]] = {}
-        for i in self.changed:
-            a, b = self.before[i], self.after[i]
-            if b.present and a.sample is not None and b.sample is not None:
-                if a.sample.shape == b.sample.shape:
-                    by_length.setdefault(a.sample.numel(), []).append(i)
-        kinds: dict[int, str] = {}
-        if self.fingerprint_kinds and "mutated" in self.changed.values():
-            self.eps = _eps_by_param(self.optimizer)
-        for chunk in _chunks(by_length.values()):
-            self._compare_rows(chunk, changes, kinds)
-        return changes, kinds
-
-    def _compare_rows(
-        self, indices: list[int], changes: dict[int, float | None], kinds: dict[int, str]
-    ) -> None:
-        """``compare`` of the grads ``indices`` (samples of one length), as rows of one array."""
-        pre = _rows([self.before[i].sample for i in indices])
-        post = _rows([self.after[i].sample for i in indices])
-        if len(indices) == 1:  # in place, in two scratch arrays
-            changes[indices[0]] = verdict.max_rel_change(pre[0], post[0])
-        else:
-            changes.update(zip(indices, verdict.max_rel_change_rows(pre, post), strict=True))
-        mutated = [k for k, i in enumerate(indices) if self.changed[i] == "mutated"]
-        if mutated and self.fingerprint_kinds:
-            kinds.update(self._kinds(indices, mutated, pre, post))
-
-    def _kinds(self, indices: list[int], mutated: list[int], pre: Any, post: Any) -> dict[int, str]:
-        """The kind of each mutated grad's change (rows ``mutated`` of ``pre``/``post``),
-        fitted over the rows that share a param sample or none, and the optimizer's state
-        names and shapes: one ``verdict.fingerprint_rows`` call each (one grad alone: its
-        own fits)."""
-        import numpy as np
-
-        groups: dict[tuple[Any, ...], list[tuple[int, dict[str, Any]]]] = {}
-        for k in mutated:
-            i = indices[k]
-            a, b = self.before[i], self.after[i]
-            # on an accelerator the snapshot sampled the state; on the CPU the state tensors
-            # themselves, sampled in one stack per name and shape (``_state_rows``)
-            sampled = b.states
-            if sampled is None:
-                sampled = snapshot.state_tensors(self.optimizer, self.params[i])
-            shapes = tuple((name, t.shape) for name, t in sampled.items())
-            groups.setdefault((a.param_sample is not None, shapes), []).append((k, sampled))
-        out: dict[int, str] = {}
-        for (has_y, shapes), rows in groups.items():
-            ks = [k for k, _ in rows]
-            chosen = [indices[k] for k in ks]
-            y = _rows([self.before[i].param_sample for i in chosen]) if has_y else None
-            states = {name: _state_rows([s[name] for _, s in rows]) for name, _ in shapes}
-            states = {name: state for name, state in states.items() if state is not None}
-            eps_of = np.array([self.eps.get(id(self.params[i]), DEFAULT_EPS) for i in chosen])
-            dtype_eps = np.array([_dtype_eps(self.before[i].sample) for i in chosen])
-            if len(ks) == 1:  # one grad: its own fits, in their scratch arrays
-                found = [
-                    verdict.fingerprint(
-                        pre[ks[0]],
-                        post[ks[0]],
-                        None if y is None else y[0],
-                        {name: state[0] for name, state in states.items()},
-                        float(eps_of[0]),
-                        dtype_eps=float(dtype_eps[0]),
-                        states_are_scratch=True,
-                    )
-                ]
-            else:
-                found = verdict.fingerprint_rows(pre[ks], post[ks], y, states, eps_of, dtype_eps)
-            out.update(zip(chosen, found, strict=True))
-        return out
+        return kind, change, fp
 
 
 def exception_text(exc: BaseException) -> str:

@@ -20,12 +20,17 @@ for it); where the bits changed (an edit through ``.data`` moves no version coun
 norm is read again. A grad whose version moved gets norm and checksum in one read, and its
 optimizer state sampled for fingerprinting.
 
-**Per tensor, a few ops.** Everything runs under ``no_grad``, so no view needs a detach (on a
-GPU each torch call costs the host µs; ``tests/test_snapshot.py`` counts them). Samples,
-and the optimizer state's, are views copied in one stack per dtype and length; small grads
-of one size are stacked for their checksums; the fused kernel reads all large grads in one
-call. What a large model's step pays on top of the two reads is mostly this Python, some
-µs per tensor.
+**Per tensor, a few ops; per group, none.** Everything runs under ``no_grad``, so no view
+needs a detach (on a GPU each torch call costs the host µs; ``tests/test_snapshot.py``
+counts them). Small grads of one shape, dtype and device are read as a group: one stack,
+one op for all their checksums, one for their samples, one kernel call (or foreach norm)
+for their norms, one stack for their params' samples and one per state name; their
+results stay the rows of arrays (``rows.GroupRows``), compared with the snapshot before
+``step()`` array against array, and a ``GradFingerprint`` is built for one of them only
+when something asks for it (``rows.Snapshot``): on a clean step, for none. The torch
+calls of a snapshot do not grow with the number of grads in a group. Other grads'
+samples are views copied in one stack per dtype and length; the fused kernel reads all
+large grads in one call.
 
 **One transfer per snapshot.** Everything a snapshot brings to the host (norms,
 checksums, samples) is computed on the device and, on an accelerator, packed into one
@@ -42,19 +47,45 @@ import dataclasses
 import hashlib
 import math
 import os
-import struct
 import weakref
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from sfdiag.dist import local
 from sfdiag.step_audit import fused
-
-#: elements sampled per tensor for fingerprinting the kind of a mutation
-SAMPLE_SIZE = 256
+from sfdiag.step_audit.fingerprint import (  # noqa: F401 (re-exported)
+    _INT_VIEW,
+    GradFingerprint,
+    _bits,
+    _bits_equal,
+    float_bits,
+)
+from sfdiag.step_audit.rows import GroupRows, Snapshot, row_digests
+from sfdiag.step_audit.sampling import (  # noqa: F401 (re-exported)
+    SAMPLE_SIZE,
+    _flat,
+    _sample_rows,
+    _sample_view,
+    sample_of,
+    sample_positions,
+    sample_view,
+)
+from sfdiag.step_audit.state import (  # noqa: F401 (re-exported)
+    state_bytes,
+    state_rows,
+    state_samples,
+    state_tensors,
+    state_views,
+    states_alike,
+)
+from sfdiag.step_audit.transfer import (  # noqa: F401 (pack: re-exported)
+    PACK_ALIGN,
+    _Pending,
+    _stacked,
+    pack,
+)
 
 #: the checksum sums the bits of this many consecutive blocks separately, in the same one
 #: read: an edit that cancels out in a whole-tensor sum (two sign flips, a swap) is caught
@@ -70,62 +101,10 @@ FUSED_MIN_ROWS = 4
 #: within a few hundred steps (``SFDIAG_FUSED=1``: whatever they hold, ``=0``: never)
 FUSED_MIN_ELEMENTS = 4_000_000
 
-_INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 
 #: a param -> its optimizer state's sampled elements, by name (views will do: ``take``
 #: copies them with the rest; ``state_views`` is one)
 StateSampler = Callable[[torch.Tensor], dict[str, torch.Tensor]]
-
-
-@dataclass(frozen=True, slots=True)
-class GradFingerprint:
-    """One parameter's grad at one moment. ``ref is None`` means ``p.grad is None``.
-
-    Samples live on the host (CPU tensors), whatever the grad's device.
-    """
-
-    ref: weakref.ref | None
-    version: int
-    norm: float
-    # a 128-bit digest of the block bit-sums, the sample's bits (and a sparse grad's index
-    # sum): equal for equal grads, with 16 bytes held where the sums take hundreds
-    checksum: bytes
-    sample: torch.Tensor | None  # the elements sample_positions() names (all of a small tensor)
-    param_sample: torch.Tensor | None  # the parameter at the same elements
-    full: torch.Tensor | None = None  # forensics: a full clone (on the grad's device)
-    full_param: torch.Tensor | None = None
-    # the optimizer's per-element state at the same elements (post-step, where the grad's
-    # version moved): what names the kind of a mutation
-    states: dict[str, torch.Tensor] | None = None
-    layout: str = "blocks"  # the checksum's blocks: CHECKSUM_BLOCKS ("blocks") or "fused"
-
-    @property
-    def present(self) -> bool:
-        return self.ref is not None
-
-    def same_content(self, other: GradFingerprint) -> bool:
-        if other is self:  # an unchanged grad's fingerprint after step() is the one before
-            return True
-        # norm compared by bits: NaN == NaN here, and -0.0 vs 0.0 would count as a change.
-        # The checksum covers the sample's bits too.
-        if float_bits(self.norm) != float_bits(other.norm) or self.checksum != other.checksum:
-            return False
-        if self.full is not None and other.full is not None:
-            return _bits_equal(self.full, other.full)
-        return True
-
-
-def float_bits(value: float) -> int:
-    """The bits of a float as an int: equal for equal floats, NaN included."""
-    return struct.unpack("<q", struct.pack("<d", value))[0]
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(_INT_VIEW[t.element_size()]) if t.is_floating_point() else t
-
-
-def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(_bits(a), _bits(b))
 
 
 def _dense_view(grad: torch.Tensor) -> torch.Tensor:
@@ -144,47 +123,6 @@ def holds_a_number(grad: torch.Tensor) -> bool:
     if not (view.is_floating_point() or view.is_complex()):
         return bool(view.any())
     return bool((torch.isfinite(view) & (view != 0)).any())
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1)
-
-
-def sample_positions(n: int) -> list[int]:
-    """The elements a sample of an ``n``-element tensor holds, in order (flat indices).
-
-    Single elements at an even stride, not runs of consecutive ones (which would cost a
-    large grad fewer cache misses: 0.6 ms a step at 100M parameters for 64 runs of 4, 1.5 ms
-    for 16 of 16): a grad that is mostly zeros, like an embedding's with only the batch's
-    rows set, must still show the sample non-zero elements for the kind of its mutation to
-    be named. With 4 % of the rows set, 256 places all miss them once in 35,000 steps, 64
-    runs once in 14, 16 runs every other step."""
-    if n <= SAMPLE_SIZE:
-        return list(range(n))
-    step = n // SAMPLE_SIZE
-    return list(range(0, step * SAMPLE_SIZE, step))
-
-
-def _sample_view(t: torch.Tensor) -> torch.Tensor:
-    """The elements ``sample_positions`` names of ``t``: a view (of a detached ``t``, or
-    under ``no_grad``)."""
-    n = t.numel()
-    if n <= SAMPLE_SIZE:
-        return _flat(t)
-    step = n // SAMPLE_SIZE
-    if t.is_contiguous():  # one op instead of three: a large model samples hundreds a step
-        return t.as_strided((SAMPLE_SIZE,), (step,), t.storage_offset())
-    return _flat(t)[: step * SAMPLE_SIZE : step]
-
-
-def sample_view(t: torch.Tensor) -> torch.Tensor:
-    """The elements ``sample_positions`` names of ``t``, as a view (not copied)."""
-    return _sample_view(t.detach())
-
-
-def sample_of(t: torch.Tensor) -> torch.Tensor:
-    """The elements ``sample_positions`` names of ``t``, copied."""
-    return _sample_view(t.detach()).clone()
 
 
 def _checksum(t: torch.Tensor) -> torch.Tensor:
@@ -215,15 +153,6 @@ def _checksum_rows(rows: torch.Tensor) -> torch.Tensor:
         return blocks
     rest = bits[:, split:].sum(dim=1, keepdim=True, dtype=bits.dtype)
     return torch.cat([blocks, rest], dim=1)
-
-
-def _sample_rows(rows: torch.Tensor) -> torch.Tensor:
-    """``sample_of`` each row of ``rows`` ([k, n]), in one copy."""
-    n = rows.shape[1]
-    if n <= SAMPLE_SIZE:
-        return rows.clone()
-    step = n // SAMPLE_SIZE
-    return rows[:, : step * SAMPLE_SIZE : step].clone()
 
 
 #: small grads of one size are read together (a model's many biases and norms): one
@@ -324,182 +253,45 @@ def _to_host(pieces: list[torch.Tensor]) -> list[torch.Tensor]:
     return pack(pieces)
 
 
-#: each piece of a packed buffer starts at a multiple of this many bytes: a view as a dtype
-#: needs its offset divisible by the dtype's size (65 int32 block sums are 260 bytes)
-PACK_ALIGN = 16
-
-
-def pack(pieces: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``pieces`` packed into one byte buffer on their device, copied to the host in one
-    transfer, and cut back into tensors of their dtypes and shapes."""
-    device = pieces[0].device
-    flat = [p.detach().to(device).contiguous().reshape(-1) for p in pieces]
-    padding = torch.zeros(PACK_ALIGN, dtype=torch.uint8, device=device)
-    parts, starts, start = [], [], 0
-    for p in flat:
-        starts.append(start)
-        size = p.numel() * p.element_size()
-        parts.append(p.view(torch.uint8))
-        gap = -size % PACK_ALIGN
-        if gap:
-            parts.append(padding[:gap])
-        start += size + gap
-    packed = torch.cat(parts).cpu()
-    return [
-        packed[begin : begin + p.numel() * p.element_size()].view(p.dtype).view(original.shape)
-        for begin, p, original in zip(starts, flat, pieces, strict=True)
-    ]
-
-
-@dataclass
-class _Pending:
-    """What one snapshot asks of the device, as pieces for one transfer; each result is known
-    by its slot (a piece of k rows stands for k results, one per row). After ``fetch()``,
-    ``array(slot)`` is a result as numpy (checksums, norms: one conversion per piece, rows
-    as numpy views), ``bits(slot)`` its bits so, and ``tensor(slot)`` it as a tensor
-    (samples, state)."""
-
-    pieces: list[torch.Tensor] = field(default_factory=list)
-    # slot -> (piece, row): a row index, a slice of rows, or None for the whole piece
-    where: list[tuple[int, int | slice | None]] = field(default_factory=list)
-    host: list[torch.Tensor] = field(default_factory=list)  # on the host, after fetch()
-    _arrays: dict[int, Any] = field(default_factory=dict)
-    _bits: dict[int, Any] = field(default_factory=dict)
-    _rows: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
-
-    def add(self, t: torch.Tensor) -> int:
-        self.where.append((len(self.pieces), None))
-        self.pieces.append(t)
-        return len(self.where) - 1
-
-    def add_segments(self, t: torch.Tensor, bounds: list[tuple[int, int]]) -> range:
-        """``t[a:b]`` for each (a, b) of ``bounds``, as results of one piece."""
-        piece, first = len(self.pieces), len(self.where)
-        self.pieces.append(t)
-        self.where.extend((piece, slice(a, b)) for a, b in bounds)
-        return range(first, len(self.where))
-
-    def add_rows(self, stacked: torch.Tensor) -> range:
-        piece, first = len(self.pieces), len(self.where)
-        self.pieces.append(stacked)
-        self.where.extend((piece, row) for row in range(len(stacked)))
-        return range(first, len(self.where))
-
-    def fetch(self) -> None:
-        self.host = _to_host(self.pieces)
-
-    def array(self, slot: int) -> Any:
-        return self._numpy(slot, self._arrays, torch.Tensor.numpy)
-
-    def bits(self, slot: int) -> Any:
-        """A result's bits as numpy (a float's as the integers of its width: numpy has no
-        bfloat16), for hashing."""
-        return self._numpy(slot, self._bits, lambda piece: _bits(piece).numpy())
-
-    def _numpy(self, slot: int, cache: dict[int, Any], convert: Callable[..., Any]) -> Any:
-        """The slot's result from its piece converted once (``cache``), a row a view."""
-        piece, row = self.where[slot]
-        array = self._piece(piece, cache, convert)
-        return array if row is None else array[row]
-
-    def _piece(self, piece: int, cache: dict[int, Any], convert: Callable[..., Any]) -> Any:
-        array = cache.get(piece)
-        if array is None:
-            array = cache[piece] = convert(self.host[piece])
-        return array
-
-    def whole(self, slot: int) -> Any:
-        """The whole piece ``slot`` lies in, as numpy (all the rows of its stack)."""
-        return self._piece(self.where[slot][0], self._arrays, torch.Tensor.numpy)
-
-    def whole_bits(self, slot: int) -> Any:
-        """``whole`` as the bits of its elements (``bits``)."""
-        return self._piece(self.where[slot][0], self._bits, lambda piece: _bits(piece).numpy())
-
-    def tensor(self, slot: int) -> torch.Tensor:
-        piece, row = self.where[slot]
-        if row is None or isinstance(row, slice):
-            return self.host[piece] if row is None else self.host[piece][row]
-        rows = self._rows.get(piece)
-        if rows is None:
-            rows = self._rows[piece] = self.host[piece].unbind(0)
-        return rows[row]
-
-
-def _stacked(
-    results: dict[Any, torch.Tensor], pending: _Pending, *, views: bool = False
-) -> dict[Any, int]:
-    """Each of ``results`` (a tensor per grad, or per grad and name) added to ``pending``,
-    those of one shape, dtype and device as the rows of one stack: on an accelerator each
-    piece of a transfer costs the host several ops. ``views``: the results are views of live
-    tensors (a stack copies them; a lone one is cloned, so that no fingerprint holds a view
-    of a grad or of the optimizer's state)."""
-    groups: dict[tuple[Any, ...], list[Any]] = {}
-    for i, t in results.items():
-        groups.setdefault((t.shape, t.dtype, t.device), []).append(i)
-    slots: dict[Any, int] = {}
-    for indices in groups.values():
-        if len(indices) == 1:
-            lone = results[indices[0]]
-            slots[indices[0]] = pending.add(lone.clone() if views else lone)
-        else:
-            stacked = torch.stack([results[i] for i in indices])
-            slots.update(zip(indices, pending.add_rows(stacked), strict=True))
-    return slots
-
-
 def _stacked_samples(views: dict[int, torch.Tensor], pending: _Pending) -> dict[int, int]:
     """A sample of each of ``views``: one copy per dtype, device and sample length."""
     return _stacked({i: _sample_view(v) for i, v in views.items()}, pending, views=True)
 
 
-def _layouts(
-    views: dict[int, torch.Tensor], before: list[GradFingerprint] | None
-) -> dict[int, str]:
+def _layouts(views: dict[int, torch.Tensor], before: Snapshot | None) -> dict[int, str]:
     """Each grad's checksum layout: kept from before ``step()`` to after, whatever happens;
     "fused" (rows of FUSED_BLOCK elements) for the grads ``_fused_grads`` picks, "blocks"
     for the others."""
-    kept = {} if before is None else {i: before[i].layout for i in views if before[i].present}
+    kept = {}
+    if before is not None:
+        refs, _, layouts = before.identities()
+        kept = {i: layouts[i] for i in views if refs[i] is not None}
     if len(kept) == len(views):  # after step(), as a rule: nothing to decide
         return kept
     fused = _fused_grads(views)
     return {i: kept.get(i) or ("fused" if i in fused else "blocks") for i in views}
 
 
-def _unchanged(grads: list[torch.Tensor | None], before: list[GradFingerprint] | None) -> set[int]:
+def _unchanged(grads: list[torch.Tensor | None], before: Snapshot | None) -> set[int]:
     """The grads that are still the tensors ``before`` saw, at the versions it saw."""
     if before is None:
         return set()
+    refs, versions, _ = before.identities()
     return {
         i
         for i, g in enumerate(grads)
-        if g is not None
-        and before[i].present
-        and before[i].ref() is g
-        and before[i].version == g._version
+        if g is not None and refs[i] is not None and refs[i]() is g and versions[i] == g._version
     }
 
 
-class Snapshot(list):
-    """The fingerprints ``take`` returns, one per parameter, and what the snapshot after
-    ``step()`` compares against in arrays: per group of small grads read together (their
-    indices, in order), the rows of their block sums and of their samples' bits."""
-
-    def __init__(self, prints: list[GradFingerprint], groups: dict[tuple[int, ...], Any]):
-        super().__init__(prints)
-        self.groups = groups
-
-
-def _stayed(
-    indices: tuple[int, ...], rows: tuple[Any, Any], before: list[GradFingerprint] | None
-) -> Any:
-    """Which of a group's grads (``rows``: their block sums and samples' bits now) are bit
-    for bit what ``before`` read of the same group: one comparison of two arrays, no
-    digest a grad. None where ``before`` has no such group."""
-    kept = getattr(before, "groups", {}).get(indices)
-    if kept is None or kept[0].shape != rows[0].shape or kept[1].shape != rows[1].shape:
+def _group_params(params: list[torch.Tensor], indices: list[int], pending: _Pending) -> int | None:
+    """The samples of a group's params (``indices``), in one stack where they share a
+    shape, dtype and device (a param is laid out as its grad, as a rule): the piece's slot,
+    a row per param in the group's order. None where they do not."""
+    shards = [local(params[i]) for i in indices]
+    if len({(s.shape, s.dtype, s.device) for s in shards}) != 1:
         return None
-    return (kept[0] == rows[0]).all(axis=1) & (kept[1] == rows[1]).all(axis=1)
+    return pending.add(_sample_rows(torch.stack(shards).reshape(len(indices), -1)))
 
 
 @torch.no_grad()  # the hooks run with grad on, and a create_graph=True grad has a graph
@@ -508,30 +300,38 @@ def take(
     *,
     full: bool = False,
     param_samples: bool | Collection[int] = True,
-    before: list[GradFingerprint] | None = None,
+    before: Snapshot | None = None,
     states: StateSampler | None = None,
-) -> list[GradFingerprint]:
+    states_of_group: Callable[[list[torch.Tensor]], dict[str, torch.Tensor] | None] | None = None,
+) -> Snapshot:
     """Fingerprint every parameter's ``.grad`` (see the module doc).
 
     ``before``: the pre-step snapshot of the same ``params``; a grad that is still that
     tensor at that version is read for its checksum and sampled, not for its norm, and
     where its checksum (which covers the sample) agrees its fingerprint is the one from
-    before. ``states(param)``: the optimizer's per-element state of a param, sampled where
-    its grad's version moved.
+    before (``Snapshot.kept``). ``states(param)``: the optimizer's per-element state of a
+    param, sampled where its grad's version moved; ``states_of_group(params)``: the same for a
+    group's params at once, as rows (None where it cannot: then ``states`` each).
     ``param_samples``: which parameters are sampled too (True: all, False: none, else their
     indices in ``params``); the auditor reads them from the snapshot before ``step()`` only,
     where a grad mutated.
+    Small grads of one shape are read as groups (``rows.GroupRows``): their fingerprints are
+    built only when asked for (``Snapshot[i]``).
     """
+    if before is not None and not isinstance(before, Snapshot):  # fingerprints, as a list
+        before = Snapshot(list(before), {})
     grads = [p.grad for p in params]
     sample_params = set(range(len(params))) if param_samples is True else set(param_samples or ())
     # under no_grad: no view or copy taken here needs a detach (one host call a tensor saved)
     views: dict[int, torch.Tensor] = {
-        i: _dense_view(g) for i, g in enumerate(grads) if g is not None
+        # a plain dense grad is its own view (most are: no call a grad)
+        i: g if type(g) is torch.Tensor and g.layout == torch.strided else _dense_view(g)
+        for i, g in enumerate(grads)
+        if g is not None
     }
     unchanged = _unchanged(grads, before)
     layouts = _layouts(views, before)
     pending = _Pending()
-    norm_at: dict[int, int] = {}
     sample_at: dict[int, int] = {}
 
     # the fused layout's grads on the CPU: one call of the kernel per dtype reads them all
@@ -566,145 +366,289 @@ def take(
             if sampled[k] is not None:
                 param_at[i] = param_rows[k]
 
-    plain_norms = []
+    needs_norm: list[int] = []  # read below, in as few calls as their kinds allow
     same_shape: dict[tuple[Any, ...], list[int]] = {}
-    for i, view in views.items():
-        if (
-            i not in sums_at
-            and layouts[i] == "blocks"
-            and view.layout == torch.strided
-            and view.numel() <= SMALL_TENSOR
-        ):
-            same_shape.setdefault((view.shape, view.dtype, view.device), []).append(i)
-    groups: dict[tuple[int, ...], tuple[int, int]] = {}  # indices -> (sums, samples) pieces
+    if not full:  # (forensics clones every grad: one at a time)
+        for i, view in views.items():
+            if (
+                i not in sums_at
+                and layouts[i] == "blocks"
+                and view.layout == torch.strided
+                and view.numel() <= SMALL_TENSOR
+            ):
+                same_shape.setdefault((view.shape, view.dtype, view.device), []).append(i)
+    # indices -> the pieces of their block sums, samples and params' samples (None: none)
+    group_at: dict[tuple[int, ...], tuple[int, int, int | None]] = {}
+    grouped: set[int] = set()
+    params_grouped: set[int] = set()  # grads whose params are sampled with their group's
     for indices in same_shape.values():
         if len(indices) < 2:
             continue
         # one stack of the grads as they are (one shape: no view a grad), then rows
         stacked = torch.stack([views[i] for i in indices]).reshape(len(indices), -1)
-        checksums = pending.add_rows(_checksum_rows(stacked))
-        samples = pending.add_rows(_sample_rows(stacked))
-        groups[tuple(indices)] = (checksums[0], samples[0])
-        for i, sums, sample in zip(indices, checksums, samples, strict=True):
-            sums_at[i], sample_at[i] = sums, sample
-            if i not in unchanged:
-                plain_norms.append(i)
+        sums_slot = pending.add(_checksum_rows(stacked))
+        samples_slot = pending.add(_sample_rows(stacked))
+        params_slot = None
+        if any(i in sample_params for i in indices):
+            params_slot = _group_params(params, indices, pending)
+            if params_slot is not None:
+                params_grouped.update(indices)
+        group_at[tuple(indices)] = (sums_slot, samples_slot, params_slot)
+        grouped.update(indices)
+        needs_norm += [i for i in indices if i not in unchanged]
     loose: dict[int, torch.Tensor] = {}
     for i, view in views.items():
-        if i in sums_at:
+        if i in sums_at or i in grouped:
             continue
         loose[i] = _fused_sums_only(view) if layouts[i] == "fused" else _checksum(view)
         if i not in unchanged:
-            plain_norms.append(i)
+            needs_norm.append(i)
     sums_at.update(_stacked(loose, pending))
     del loose
-    # small CPU grads: one call of the kernel per dtype (float64 sums; torch's norm costs the
-    # host about a microsecond a tensor); the others through torch's ops
-    small: dict[torch.dtype, list[int]] = {}
-    for i in plain_norms:
-        if fused.squares_reads(views[i]):
-            small.setdefault(views[i].dtype, []).append(i)
-    for indices in small.values():
-        squares = fused.squares([views[i] for i in indices])
-        if squares is not None:
-            norm_at.update(zip(indices, pending.add_rows(squares.sqrt_()), strict=True))
-    plain_norms = [i for i in plain_norms if i not in norm_at]
-    if plain_norms:
-        # one kernel per (device, dtype) group, one stack per device
-        norms = torch._foreach_norm([views[i] for i in plain_norms])
-        by_device: dict[torch.device, list[int]] = {}
-        for k, norm in enumerate(norms):
-            by_device.setdefault(norm.device, []).append(k)
-        for ks in by_device.values():
-            stacked = torch.stack([norms[k] for k in ks]).to(torch.float64)
-            norm_at.update(
-                zip([plain_norms[k] for k in ks], pending.add_rows(stacked), strict=True)
-            )
+    norm_pieces = _read_norms(views, needs_norm, squares_at, pending, group_at)
     index_at = {
         i: pending.add(g._indices().sum().reshape(1).to(torch.int64))
         for i, g in enumerate(grads)
         if g is not None and g.layout == torch.sparse_coo
     }
     sample_at.update(
-        _stacked_samples({i: v for i, v in views.items() if i not in sample_at}, pending)
+        _stacked_samples(
+            {i: v for i, v in views.items() if i not in sample_at and i not in grouped}, pending
+        )
     )
     param_at.update(
         _stacked_samples(
             {
                 i: local(params[i])
                 for i in sorted(sample_params - param_at.keys())
-                if grads[i] is not None and grads[i].layout == torch.strided
+                if grads[i] is not None
+                and grads[i].layout == torch.strided
+                and i not in params_grouped
             },
             pending,
         )
     )
     state_at: dict[int, dict[str, int]] = {}
+    group_states: dict[tuple[int, ...], dict[str, int]] = {}  # a group's, as rows
     if states is not None:  # copied like the samples: one stack per shape, not one piece each
-        sampled: dict[tuple[int, str], torch.Tensor] = {}
+        for indices in group_at if states_of_group is not None else ():
+            if not any(i in unchanged for i in indices):
+                rows = states_of_group([params[i] for i in indices])
+                if rows is not None:
+                    group_states[indices] = {k: pending.add(v) for k, v in rows.items()}
+        in_rows = {i for indices in group_states for i in indices}
+        sampled_states: dict[tuple[int, str], torch.Tensor] = {}
         for i in views:
-            if i not in unchanged:
+            if i not in unchanged and i not in in_rows:
                 state_at[i] = {}
-                sampled.update(((i, k), v) for k, v in states(params[i]).items())
-        for (i, k), slot in _stacked(sampled, pending, views=True).items():
+                sampled_states.update(((i, k), v) for k, v in states(params[i]).items())
+        for (i, k), slot in _stacked(sampled_states, pending, views=True).items():
             state_at[i][k] = slot
-    pending.fetch()
+    pending.fetch(_to_host)
 
-    kept: dict[tuple[int, ...], Any] = {}
-    stayed: set[int] = set()  # unchanged grads whose group's arrays equal before's, row by row
-    for indices, (sums_slot, sample_slot) in groups.items():
-        rows = (pending.whole(sums_slot), pending.whole_bits(sample_slot))
-        kept[indices] = rows
-        if not full and all(i in unchanged for i in indices):
-            same = _stayed(indices, rows, before)
-            if same is not None:
-                stayed.update(i for i, equal in zip(indices, same.tolist(), strict=True) if equal)
+    norm_of: dict[int, float] = {}
+    for indices, slot in norm_pieces:
+        norm_of.update(zip(indices, pending.whole(slot).tolist(), strict=True))
+    prior_norms = before.norms() if before is not None and unchanged else None
 
-    out: list[GradFingerprint] = []
+    groups: dict[tuple[int, ...], GroupRows] = {}
+    for indices, (sums_slot, samples_slot, params_slot) in group_at.items():
+        groups[indices] = GroupRows(
+            indices=indices,
+            refs=[weakref.ref(grads[i]) for i in indices],
+            versions=[grads[i]._version for i in indices],
+            sums=pending.whole(sums_slot),
+            bits=pending.whole_bits(samples_slot),
+            samples=pending.tensor(samples_slot),
+            norms=[norm_of[i] if i in norm_of else prior_norms[i] for i in indices],
+            param_samples=None if params_slot is None else pending.tensor(params_slot),
+            params_sampled=frozenset(i for i in indices if i in sample_params),
+            states=(
+                {k: pending.tensor(j) for k, j in group_states[indices].items()}
+                if indices in group_states
+                else None
+            ),
+        )
+
+    def param_sample(i: int) -> torch.Tensor | None:  # a grad's own (not a group's)
+        return pending.tensor(param_at[i]) if i in param_at and i in sample_params else None
+
+    def state_samples_of(i: int) -> dict[str, torch.Tensor] | None:
+        return {k: pending.tensor(j) for k, j in state_at[i].items()} if i in state_at else None
+
+    def build(i: int, group: GroupRows, row: int) -> GradFingerprint:
+        """Grad ``i``'s fingerprint, from its group's rows."""
+        return GradFingerprint(
+            ref=group.refs[row],
+            version=group.versions[row],
+            norm=group.norms[row],
+            checksum=_digest_of(group.sums[row], group.bits[row], None),
+            sample=group.samples[row],
+            states=(
+                {k: rows[row] for k, rows in group.states.items()}
+                if group.states is not None
+                else state_samples_of(i)
+            ),
+            param_sample=(
+                group.param_samples[row]
+                if group.param_samples is not None and i in group.params_sampled
+                else None
+            ),
+            layout="blocks",
+        )
+
+    out: list[GradFingerprint | None] = [None] * len(params)
+    kept: set[int] = set()
     recheck: list[int] = []
+    for indices, group in groups.items():
+        stays = [i for i in indices if i in unchanged]
+        if not stays:
+            continue
+        prior = before.groups.get(indices)
+        same = group.same_rows(prior) if prior is not None else None
+        for k, i in enumerate(indices):
+            if i not in unchanged:
+                continue
+            if same is not None:
+                if same[k]:
+                    kept.add(i)  # the same tensor, version and bits: before's fingerprint
+                else:
+                    out[i] = build(i, group, k)
+                    recheck.append(i)  # changed behind the version counter (.data): read it
+            else:  # before read it alone: compare digests
+                fp = build(i, group, k)
+                if fp.checksum == before[i].checksum:
+                    kept.add(i)
+                else:
+                    out[i] = fp
+                    recheck.append(i)
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        if i in stayed:  # the same tensor, version and bits: the fingerprint from before
-            out.append(before[i])
+        if i in grouped:
             continue
         if g is None:
-            out.append(GradFingerprint(None, 0, 0.0, b"", None, None))
+            out[i] = ABSENT
             continue
         index_sum = pending.array(index_at[i]) if i in index_at else None
         checksum = _digest_of(pending.array(sums_at[i]), pending.bits(sample_at[i]), index_sum)
         if i in unchanged:  # the same tensor at the same version
-            prior = before[i]
-            if checksum != prior.checksum:
+            prior_fp = before[i]
+            if checksum != prior_fp.checksum:
                 recheck.append(i)  # changed behind the version counter (.data): read it
             elif not full:
-                out.append(prior)  # nothing moved: the fingerprint from before holds
+                kept.add(i)  # nothing moved: the fingerprint from before holds
                 continue
-            norm = prior.norm  # read again below where the bits moved
+            norm = prior_fp.norm  # read again below where the bits moved
         elif i in squares_at:
             norm = math.sqrt(float(pending.array(squares_at[i])))
         else:
-            norm = float(pending.array(norm_at[i]))
-        out.append(
-            GradFingerprint(
-                ref=weakref.ref(g),
-                version=g._version,
-                norm=norm,
-                checksum=checksum,
-                sample=pending.tensor(sample_at[i]),
-                param_sample=pending.tensor(param_at[i]) if i in param_at else None,
-                full=views[i].clone() if full else None,
-                full_param=(
-                    local(p).detach().clone()
-                    if full and i in sample_params and g.layout == torch.strided
-                    else None
-                ),
-                states={k: pending.tensor(j) for k, j in state_at[i].items()}
-                if i in state_at
-                else None,
-                layout=layouts[i],
-            )
+            norm = norm_of[i]
+        out[i] = GradFingerprint(
+            ref=weakref.ref(g),
+            version=g._version,
+            norm=norm,
+            checksum=checksum,
+            sample=pending.tensor(sample_at[i]),
+            param_sample=param_sample(i),
+            full=views[i].clone() if full else None,
+            full_param=(
+                local(p).detach().clone()
+                if full and i in sample_params and g.layout == torch.strided
+                else None
+            ),
+            states=state_samples_of(i),
+            layout=layouts[i],
         )
     for i in recheck:
         out[i] = _reread(out[i], views[i], params[i], states)
-    return Snapshot(out, kept)
+    digests = None
+    if before is None:  # what ranks compare: the grads step() is given
+        digests = _digests(grads, groups, sums_at, sample_at, index_at, pending)
+    return Snapshot(
+        out,
+        groups,
+        kept=kept,
+        before=before,
+        build=build,
+        digests=digests,
+        states=state_samples_of,
+    )
+
+
+#: the fingerprint of a parameter without a grad
+ABSENT = GradFingerprint(None, 0, 0.0, b"", None, None)
+
+
+def _read_norms(
+    views: dict[int, torch.Tensor],
+    needs_norm: list[int],
+    squares_at: dict[int, int],
+    pending: _Pending,
+    groups: Collection[tuple[int, ...]] = (),
+) -> list[tuple[list[int], int]]:
+    """The norms of the grads ``needs_norm`` (those the fused kernel did not read), as
+    pieces of ``pending`` (the grads' indices, the piece's slot): small CPU grads by one
+    call of the C kernel per dtype (float64 sums; torch's norm costs the host about a
+    microsecond a tensor), the others by ``_foreach_norm``, one stack per device. A grad's
+    norm is read the same way whatever its neighbours: a group's (``groups``: one shape,
+    dtype and device) by the kernel in one call where every one of them is what it reads
+    (``fused.plain_squares``), else each as if alone."""
+    pieces: list[tuple[list[int], int]] = []
+    small: dict[torch.dtype, list[int]] = {}
+    rest: list[int] = []
+    read: set[int] = set()
+    wanted = set(needs_norm)
+    for indices in groups:
+        members = [i for i in indices if i in wanted]
+        if len(members) > 1:
+            squares = fused.plain_squares([views[i] for i in members])
+            if squares is not None:
+                pieces.append((members, pending.add(squares.sqrt_())))
+                read.update(members)
+    for i in needs_norm:
+        if i in squares_at or i in read:
+            continue
+        if fused.squares_reads(views[i]):
+            small.setdefault(views[i].dtype, []).append(i)
+        else:
+            rest.append(i)
+    for indices in small.values():
+        squares = fused.squares([views[i] for i in indices])
+        if squares is None:
+            rest += indices
+        else:
+            pieces.append((indices, pending.add(squares.sqrt_())))
+    if rest:
+        # one kernel per (device, dtype) group, one stack per device
+        norms = torch._foreach_norm([views[i] for i in rest])
+        by_device: dict[torch.device, list[int]] = {}
+        for k, norm in enumerate(norms):
+            by_device.setdefault(norm.device, []).append(k)
+        for ks in by_device.values():
+            stacked = torch.stack([norms[k] for k in ks]).to(torch.float64)
+            pieces.append(([rest[k] for k in ks], pending.add(stacked)))
+    return pieces
+
+
+def _digests(
+    grads: list[torch.Tensor | None],
+    groups: dict[tuple[int, ...], GroupRows],
+    sums_at: dict[int, int],
+    sample_at: dict[int, int],
+    index_at: dict[int, int],
+    pending: _Pending,
+) -> list[int]:
+    """Each grad's ``rows.row_digests`` digest (0: none): a group's in one pass over its
+    rows, any other grad's from its own, alike."""
+    out = [0] * len(grads)
+    for indices, group in groups.items():
+        for i, value in zip(indices, row_digests(group.sums, group.bits), strict=True):
+            out[i] = value
+    for i, slot in sums_at.items():
+        index_sum = pending.array(index_at[i]).reshape(1, -1) if i in index_at else None
+        (out[i],) = row_digests(
+            pending.array(slot).reshape(1, -1), pending.bits(sample_at[i]).reshape(1, -1), index_sum
+        )
+    return out
 
 
 def _reread(
@@ -740,53 +684,3 @@ def _digest_of(sums: Any, sample_bits: Any, index_sum: Any | None) -> bytes:
     if index_sum is not None:
         hashed.update(index_sum)
     return hashed.digest()
-
-
-def digest(fp: GradFingerprint) -> int:
-    """A 63-bit digest of a grad's bits (its block checksums and sample): equal for equal
-    grads, and for different grads all but surely different. What ranks compare to agree."""
-    if not fp.present:
-        return 0
-    return int.from_bytes(fp.checksum[:8], "little") >> 1
-
-
-def _per_element_state(optimizer: Any, param: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The optimizer's state tensors of ``param``'s shape, by name (a DTensor's as its local
-    shard: the elements the param's samples hold)."""
-    state = optimizer.state.get(param, {}) if hasattr(optimizer, "state") else {}
-    return {
-        str(key): local(value)
-        for key, value in state.items()
-        if isinstance(value, torch.Tensor) and value.shape == param.shape and value.numel() > 0
-    }
-
-
-def state_samples(optimizer: Any, param: torch.Tensor, *, full: bool = False) -> dict[str, Any]:
-    """The optimizer's per-element state of ``param`` (tensors of its shape), sampled alike,
-    copied (``full``: whole)."""
-    return {
-        key: value.detach().clone() if full else sample_of(value)
-        for key, value in _per_element_state(optimizer, param).items()
-    }
-
-
-def state_tensors(optimizer: Any, param: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The optimizer's per-element state of ``param`` (tensors of its shape), by name, as
-    they are: for a caller that samples many params' alike in one stack."""
-    return _per_element_state(optimizer, param)
-
-
-def state_views(optimizer: Any, param: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``state_samples``' elements as views, for ``take(states=)``: it copies them with the
-    rest of a snapshot (on the state's device, in one stack per shape), under ``no_grad``."""
-    return {key: _sample_view(value) for key, value in _per_element_state(optimizer, param).items()}
-
-
-def state_bytes(optimizer: Any) -> int:
-    """Bytes held in the optimizer's state tensors."""
-    total = 0
-    for per_param in getattr(optimizer, "state", {}).values():
-        for value in per_param.values() if isinstance(per_param, dict) else ():
-            if isinstance(value, torch.Tensor):
-                total += value.numel() * value.element_size()
-    return total

@@ -1,0 +1,278 @@
+"""The grads one step changed, compared as the rows of arrays: how much each changed, and
+the kind of each in-place mutation (``verdict.fingerprint_rows``), a few numpy calls for
+many grads instead of a fit each."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sfdiag.step_audit import snapshot, verdict
+from sfdiag.step_audit.rows import GroupRows, Snapshot
+
+
+def _rows(tensors: list[torch.Tensor]) -> Any:
+    """``tensors`` (of one length) as the rows of one float64 numpy array: one stack, one
+    conversion."""
+    rows = torch.stack(tensors)  # samples are flat already: no view a tensor
+    return rows.reshape(len(tensors), -1).to("cpu", torch.float64).numpy()
+
+
+#: the grads a step changed are compared in arrays of this many rows at most (a float64
+#: array and the fits' scratch per row: bounded memory in a step hook, whatever the model)...
+BATCH_ROWS = 128
+#: ... where there are this many of one sample length; fewer, one at a time (a model of a
+#: few large tensors keeps the memory of one grad's fits, under 1 % of its parameters)
+BATCH_MIN = 16
+
+
+def _chunks(groups: Any) -> list[list[int]]:
+    """``groups`` (lists of grad indices) cut into the rows of one array each (see
+    ``BATCH_ROWS``, ``BATCH_MIN``)."""
+    out = []
+    for indices in groups:
+        size = BATCH_ROWS if len(indices) >= BATCH_MIN else 1
+        out += [indices[start : start + size] for start in range(0, len(indices), size)]
+    return out
+
+
+def _state_rows(tensors: list[torch.Tensor]) -> Any:
+    """``_rows`` of the samples of ``tensors`` (one state, of one shape): the elements
+    ``snapshot.sample_positions`` names. Tensors no larger than a sample are stacked whole
+    (no view a tensor); larger ones by their samples' views, so that nothing more than the
+    samples is ever copied. None where every sample has a negative element: no second
+    moment, the fits' one use of state (not worth a float64 copy)."""
+    small = tensors[0].numel() <= snapshot.SAMPLE_SIZE
+    rows = torch.stack(tensors if small else [snapshot.sample_view(t) for t in tensors])
+    rows = rows.reshape(len(tensors), -1)
+    if bool((rows < 0).any(dim=1).all()):
+        return None
+    return rows.to("cpu", torch.float64).numpy()
+
+
+def _numpy(t: torch.Tensor | None):
+    if t is None:
+        return None
+    return t.detach().to("cpu", torch.float64).numpy()
+
+
+def _dtype_eps(t: torch.Tensor) -> float:
+    return float(torch.finfo(t.dtype).eps) if t.is_floating_point() else 0.0
+
+
+#: the Adam fit's eps where an optimizer has none that reads as one number
+DEFAULT_EPS = 1e-8
+
+
+def _as_eps(value: Any) -> float:
+    """An optimizer's ``eps`` as one float: the first of a tuple (Adafactor's
+    ``(1e-30, 1e-3)``), DEFAULT_EPS for what is no number (None, ``(None, 1e-3)``, "auto")."""
+    if isinstance(value, (tuple, list)):
+        value = value[0] if value else None
+    try:
+        eps = float(value)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of many elements
+        return DEFAULT_EPS
+    return eps if math.isfinite(eps) and eps >= 0 else DEFAULT_EPS
+
+
+def _group_eps(optimizer: Any, param: torch.Tensor) -> float:
+    """The eps of ``param``'s group; the fit needs only its order of magnitude, so odd
+    hyperparameters (and odd groups) fall back to DEFAULT_EPS instead of failing the audit."""
+    return _eps_by_param(optimizer).get(id(param), DEFAULT_EPS)
+
+
+def _eps_by_param(optimizer: Any) -> dict[int, float]:
+    """``_group_eps`` of every parameter, by id, in one pass over the groups."""
+    out: dict[int, float] = {}
+    for group in getattr(optimizer, "param_groups", ()):
+        if isinstance(group, Mapping):
+            eps = _as_eps(group.get("eps", DEFAULT_EPS))
+            for p in group.get("params", ()):
+                out.setdefault(id(p), eps)
+    return out
+
+
+def shared_groups(before: Snapshot, after: Snapshot) -> list[tuple[tuple[int, ...], Any]]:
+    """The groups read before and after ``step()`` alike (the same grads, in order): their
+    indices and their rows after."""
+    return [(key, group) for key, group in after.groups.items() if key in before.groups]
+
+
+@dataclass
+class ChangedGrads:
+    """The grads one step changed (``changed``: index -> verdict), compared as the rows of
+    arrays (see ``StepAuditor._compare_all``): a group's grads (``rows.GroupRows``) straight
+    from its rows, before and after, the others from their fingerprints."""
+
+    optimizer: Any
+    params: list[torch.Tensor]
+    before: Snapshot
+    after: Snapshot
+    changed: dict[int, str]
+    fingerprint_kinds: bool
+    eps: dict[int, float] = field(default_factory=dict)
+
+    def compare(self) -> tuple[dict[int, float | None], dict[int, str]]:
+        """The max relative change of each changed grad's sample (None where there is none
+        after, or of another length), and the kind of each mutated grad's change."""
+        changes: dict[int, float | None] = dict.fromkeys(self.changed)
+        by_group: dict[tuple[int, ...], list[int]] = {}
+        by_length: dict[int, list[int]] = {}
+        # a group read both times: its after-step rows, by its before-step rows' identity
+        pairs = {
+            id(self.before.groups[key]): g for key, g in shared_groups(self.before, self.after)
+        }
+        for i, kind in self.changed.items():
+            if kind == "cleared":
+                continue
+            mine, theirs = self.before.row(i), self.after.row(i)
+            if mine is not None and theirs is not None and pairs.get(id(mine[0])) is theirs[0]:
+                by_group.setdefault(mine[0].indices, []).append(i)
+                continue
+            a, b = self.before.sample(i), self.after.sample(i)
+            if a is not None and b is not None and a.shape == b.shape:
+                by_length.setdefault(a.numel(), []).append(i)
+        kinds: dict[int, str] = {}
+        if self.fingerprint_kinds and "mutated" in self.changed.values():
+            self.eps = _eps_by_param(self.optimizer)
+        for key, members in by_group.items():
+            before, after = self.before.groups[key], self.after.groups[key]
+            position = {i: k for k, i in enumerate(key)}
+            for chunk in _chunks([members]):
+                rows = torch.tensor([position[i] for i in chunk])
+                pre = before.samples[rows].to(torch.float64).numpy()
+                post = after.samples[rows].to(torch.float64).numpy()
+                self._compare_rows(chunk, pre, post, (before, after, rows), changes, kinds)
+        for chunk in _chunks(by_length.values()):
+            pre = _rows([self.before.sample(i) for i in chunk])
+            post = _rows([self.after.sample(i) for i in chunk])
+            self._compare_rows(chunk, pre, post, None, changes, kinds)
+        return changes, kinds
+
+    def _compare_rows(
+        self,
+        indices: list[int],
+        pre: Any,
+        post: Any,
+        group: tuple[GroupRows, GroupRows, torch.Tensor] | None,
+        changes: dict[int, float | None],
+        kinds: dict[int, str],
+    ) -> None:
+        """``compare`` of the grads ``indices`` (samples of one length: ``pre``, ``post``,
+        float64 rows; ``group``: where they are rows of one group read before and after
+        ``step()``, its rows then and now and their positions in it)."""
+        if len(indices) == 1:  # in place, in two scratch arrays
+            changes[indices[0]] = verdict.max_rel_change(pre[0], post[0])
+        else:
+            changes.update(zip(indices, verdict.max_rel_change_rows(pre, post), strict=True))
+        mutated = [k for k, i in enumerate(indices) if self.changed[i] == "mutated"]
+        if not (mutated and self.fingerprint_kinds):
+            return
+        found = self._group_kinds(indices, mutated, pre, post, group) if group else None
+        kinds.update(found if found is not None else self._kinds(indices, mutated, pre, post))
+
+    def _group_kinds(
+        self,
+        indices: list[int],
+        mutated: list[int],
+        pre: Any,
+        post: Any,
+        group: tuple[GroupRows, GroupRows, torch.Tensor],
+    ) -> dict[int, str] | None:
+        """``_kinds`` of a group's grads, from its arrays: their params' samples as rows of
+        the snapshot before (where it read them all or none), their states' as rows of the
+        snapshot after (an accelerator's) or read in one stack per name (``states_alike``).
+        One dtype, one fit of all rows. None where the rows do not say it alike for all."""
+        import numpy as np
+
+        before, after, positions = group
+        ks = mutated
+        chosen = [indices[k] for k in ks]
+        sampled = [i in before.params_sampled for i in chosen]
+        if any(sampled) and (not all(sampled) or before.param_samples is None):
+            return None
+        y = None
+        if any(sampled):
+            y = before.param_samples[positions[ks]].to(torch.float64).numpy()
+        if after.states is not None:  # sampled with the grads (an accelerator's)
+            states = {
+                name: _positive_rows(rows[positions[ks]]) for name, rows in after.states.items()
+            }
+        else:  # the CPU's: the state tensors themselves, in one stack per name
+            params = [self.params[i] for i in chosen]
+            held = snapshot.states_alike(getattr(self.optimizer, "state", None), params)
+            if held is None:
+                return None
+            states = {name: _state_rows(tensors) for name, tensors in held.items()}
+        # only a state with no negative element can be a second moment (the fits' one use)
+        states = {name: rows for name, rows in states.items() if rows is not None}
+        eps_of = np.array([self.eps.get(id(self.params[i]), DEFAULT_EPS) for i in chosen])
+        dtype_eps = np.full(len(chosen), _dtype_eps(before.samples))
+        if len(ks) == 1:
+            found = self._one_fit(pre[ks[0]], post[ks[0]], y, states, eps_of, dtype_eps)
+        else:
+            found = verdict.fingerprint_rows(pre[ks], post[ks], y, states, eps_of, dtype_eps)
+        return dict(zip(chosen, found, strict=True))
+
+    def _kinds(self, indices: list[int], mutated: list[int], pre: Any, post: Any) -> dict[int, str]:
+        """The kind of each mutated grad's change (rows ``mutated`` of ``pre``/``post``),
+        fitted over the rows that share a param sample or none, and the optimizer's state
+        names and shapes: one ``verdict.fingerprint_rows`` call each (one grad alone: its
+        own fits)."""
+        import numpy as np
+
+        groups: dict[tuple[Any, ...], list[tuple[int, dict[str, Any]]]] = {}
+        state = getattr(self.optimizer, "state", None)
+        for k in mutated:
+            i = indices[k]
+            # on an accelerator the snapshot sampled the state; on the CPU the state tensors
+            # themselves, sampled in one stack per name and shape (``_state_rows``)
+            sampled = self.after.states(i)
+            if sampled is None:
+                sampled = snapshot.state_tensors(self.optimizer, self.params[i], state)
+            shapes = tuple((name, t.shape) for name, t in sampled.items())
+            has_y = self.before.param_sample(i) is not None
+            groups.setdefault((has_y, shapes), []).append((k, sampled))
+        out: dict[int, str] = {}
+        for (has_y, shapes), rows in groups.items():
+            ks = [k for k, _ in rows]
+            chosen = [indices[k] for k in ks]
+            y = _rows([self.before.param_sample(i) for i in chosen]) if has_y else None
+            states = {name: _state_rows([s[name] for _, s in rows]) for name, _ in shapes}
+            states = {name: state for name, state in states.items() if state is not None}
+            eps_of = np.array([self.eps.get(id(self.params[i]), DEFAULT_EPS) for i in chosen])
+            dtype_eps = np.array([_dtype_eps(self.before.sample(i)) for i in chosen])
+            if len(ks) == 1:  # one grad: its own fits, in their scratch arrays
+                found = self._one_fit(pre[ks[0]], post[ks[0]], y, states, eps_of, dtype_eps)
+            else:
+                found = verdict.fingerprint_rows(pre[ks], post[ks], y, states, eps_of, dtype_eps)
+            out.update(zip(chosen, found, strict=True))
+        return out
+
+    @staticmethod
+    def _one_fit(pre: Any, post: Any, y: Any, states: Any, eps: Any, dtype_eps: Any) -> list[str]:
+        """One grad's kind, by its own fits (in their scratch arrays)."""
+        return [
+            verdict.fingerprint(
+                pre,
+                post,
+                None if y is None else y[0],
+                {name: state[0] for name, state in states.items()},
+                float(eps[0]),
+                dtype_eps=float(dtype_eps[0]),
+                states_are_scratch=True,
+            )
+        ]
+
+
+def _positive_rows(rows: torch.Tensor) -> Any:
+    """State samples (rows, on the host) as float64 numpy, or None where every row has a
+    negative element (as ``_state_rows``)."""
+    if bool((rows < 0).any(dim=1).all()):
+        return None
+    return rows.to(torch.float64).numpy()

@@ -1,0 +1,229 @@
+"""A snapshot as the auditor reads it: per-grad results kept as the rows of arrays.
+
+Small grads of one shape, dtype and device (a model's many biases, norms, small layers)
+are read together (``snapshot.take``): one stack, one op for all their checksums, one for
+their samples, one kernel call for their norms. Their results stay so, as the rows of a
+``GroupRows``: compared with the snapshot before ``step()`` array against array, hashed
+for the ranks' comparison in one pass, and turned into a ``GradFingerprint`` (an object, a
+digest) only for a grad something asks about, which on a clean step is none of them. On
+a model of many tiny tensors that per-grad Python was most of what an audited step paid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from sfdiag.step_audit.fingerprint import GradFingerprint, float_bits
+
+
+@dataclass(slots=True)
+class GroupRows:
+    """The results of one group of small grads read together, as rows (one per grad, in
+    the order of ``indices``): the grads' weak references and versions, their block
+    bit-sums and their samples' bits (numpy), the samples themselves (on the host) and
+    their norms."""
+
+    indices: tuple[int, ...]
+    refs: list[Any]
+    versions: list[int]
+    sums: Any  # numpy [k, blocks]
+    bits: Any  # numpy [k, sample length]
+    samples: torch.Tensor  # [k, sample length]
+    norms: list[float]
+    # the params' samples, as rows (None: not read), and which grads' params were asked for
+    param_samples: torch.Tensor | None = None
+    params_sampled: frozenset[int] = frozenset()
+    # the optimizer's state sampled with the grads (an accelerator's), by name, as rows
+    states: dict[str, torch.Tensor] | None = None
+
+    def same_rows(self, other: GroupRows) -> Any:
+        """Which rows are bit for bit the other's (numpy bool [k]); None where the two
+        groups' arrays differ in shape."""
+        if self.sums.shape != other.sums.shape or self.bits.shape != other.bits.shape:
+            return None
+        return (self.sums == other.sums).all(axis=1) & (self.bits == other.bits).all(axis=1)
+
+
+#: a row's digest is a sum, wrapping in 64 bits, of its words times these odd numbers (one
+#: table per kind of result): equal rows give equal digests, different ones all but
+#: surely different (any one word's change moves it), in a few numpy ops for all rows
+_MULTIPLIERS: dict[int, Any] = {}
+
+
+def _multipliers(part: int, length: int) -> Any:
+    table = _MULTIPLIERS.get(part)
+    if table is None or len(table) < length:
+        size = max(length, 512)
+        rng = np.random.default_rng(0x5FD1A6 + part)
+        table = _MULTIPLIERS[part] = rng.integers(0, 2**63, size, dtype=np.uint64) * 2 + 1
+    return table[:length]
+
+
+def row_digests(*parts: Any) -> list[int]:
+    """A 63-bit digest of each row of ``parts`` (integer numpy arrays [k, n], one per kind of
+    result, or None): what ranks compare to agree that their grads are bit for bit alike."""
+    parts = tuple(p for p in parts if p is not None)
+    digest = np.zeros(len(parts[0]), dtype=np.uint64)
+    for number, part in enumerate(parts):
+        # each row's bytes as 64-bit words (zero-padded): the same row gives the same words
+        # whatever it is read with, and no conversion copies the array
+        raw = np.ascontiguousarray(part).reshape(len(part), -1).view(np.uint8)
+        if raw.shape[1] % 8:
+            raw = np.pad(raw, ((0, 0), (0, -raw.shape[1] % 8)))
+        words = raw.view(np.uint64)
+        digest += (words * _multipliers(number, words.shape[1])).sum(axis=1, dtype=np.uint64)
+    return (digest >> np.uint64(1)).astype(np.int64).tolist()
+
+
+class Snapshot(Sequence):
+    """The fingerprints ``snapshot.take`` read, one per parameter, built on demand: a grad
+    of a group (``groups``) is a row of its arrays until something asks for its
+    ``GradFingerprint``; ``kept`` (after ``step()``) are the grads still bit for bit what
+    ``before`` read, whose fingerprint is before's. The auditor's hot path reads the rows
+    (``norms``, ``global_norm``, ``digests``, ``sample``) and never builds the objects."""
+
+    def __init__(
+        self,
+        prints: list[GradFingerprint | None],
+        groups: dict[tuple[int, ...], GroupRows],
+        *,
+        kept: set[int] | None = None,
+        before: Snapshot | None = None,
+        build: Callable[[int, GroupRows, int], GradFingerprint] | None = None,
+        digests: list[int] | None = None,
+        states: Callable[[int], dict[str, torch.Tensor] | None] | None = None,
+    ) -> None:
+        self._prints = prints
+        self.groups = groups
+        self.kept = kept or set()
+        self._before = before
+        self._build = build
+        self._digests = digests
+        self._states = states  # a grouped grad's state samples
+        self._row: dict[int, tuple[GroupRows, int]] | None = None  # (built when first asked)
+
+    def __len__(self) -> int:
+        return len(self._prints)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        fp = self._prints[index]
+        if fp is None:
+            if index in self.kept:
+                fp = self._before[index]
+            else:
+                group, row = self._rows()[index]
+                fp = self._build(index, group, row)
+            self._prints[index] = fp
+        return fp
+
+    def __iter__(self) -> Iterator[GradFingerprint]:
+        return (self[i] for i in range(len(self)))
+
+    def row(self, index: int) -> tuple[GroupRows, int] | None:
+        """The group and row of grad ``index``, where it was read with a group and nothing
+        built its fingerprint yet."""
+        return self._rows().get(index) if self._prints[index] is None else None
+
+    def _rows(self) -> dict[int, tuple[GroupRows, int]]:
+        if self._row is None:
+            self._row = {
+                i: (group, k) for group in self.groups.values() for k, i in enumerate(group.indices)
+            }
+        return self._row
+
+    def identities(self) -> tuple[list[Any], list[int], list[str]]:
+        """Each grad's weak reference (None: no grad), version and checksum layout, without
+        building fingerprints."""
+        if self.kept:
+            refs, versions, layouts = (list(x) for x in self._before.identities())
+        else:
+            refs, versions, layouts = [None] * len(self), [0] * len(self), ["blocks"] * len(self)
+        for i, fp in enumerate(self._prints):
+            if fp is not None:
+                refs[i], versions[i], layouts[i] = fp.ref, fp.version, fp.layout
+        for group in self.groups.values():
+            for i, ref, version in zip(group.indices, group.refs, group.versions, strict=True):
+                if self._prints[i] is None and i not in self.kept:
+                    refs[i], versions[i] = ref, version
+        return refs, versions, layouts
+
+    def norms(self) -> list[float | None]:
+        """Each grad's norm (None: no grad), without building fingerprints."""
+        out: list[float | None] = [
+            None if fp is None else (fp.norm if fp.present else None) for fp in self._prints
+        ]
+        for group in self.groups.values():
+            for i, norm in zip(group.indices, group.norms, strict=True):
+                if self._prints[i] is None and i not in self.kept:
+                    out[i] = norm
+        if self.kept:
+            before = self._before.norms()
+            for i in self.kept:
+                if self._prints[i] is None:
+                    out[i] = before[i]
+        return out
+
+    def global_norm(self) -> float:
+        """The L2 norm over every grad's norm (the grads' global norm), exactly rounded."""
+        return math.sqrt(math.fsum(n * n for n in self.norms() if n is not None))
+
+    def all_finite(self) -> bool:
+        return all(math.isfinite(n) for n in self.norms() if n is not None)
+
+    def digests(self) -> tuple[int, ...]:
+        """Each grad's 63-bit digest (0: none): equal for bit-identical grads, wherever they
+        were read (the ranks of one job compare them)."""
+        if self._digests is None:
+            raise ValueError("digests are read by the snapshot before step()")
+        return tuple(self._digests)
+
+    def sample(self, index: int) -> torch.Tensor | None:
+        """Grad ``index``'s sample (on the host), without building its fingerprint."""
+        found = self.row(index)
+        if found is not None:
+            group, row = found
+            return group.samples[row]
+        return self[index].sample
+
+    def param_sample(self, index: int) -> torch.Tensor | None:
+        """The sample of grad ``index``'s parameter, without building its fingerprint."""
+        found = self.row(index)
+        if found is not None:
+            group, row = found
+            if index not in group.params_sampled or group.param_samples is None:
+                return None
+            return group.param_samples[row]
+        return self[index].param_sample
+
+    def states(self, index: int) -> dict[str, torch.Tensor] | None:
+        """The optimizer's state sampled with grad ``index`` (None: not sampled)."""
+        found = self.row(index)
+        if found is not None:
+            group, row = found
+            if group.states is not None:
+                return {name: rows[row] for name, rows in group.states.items()}
+            return self._states(index) if self._states is not None else None
+        return self[index].states
+
+    def same_content(self, index: int, other: Snapshot) -> bool:
+        """Whether grad ``index`` reads bit for bit alike here and in ``other`` (its norm,
+        block sums and sample), from the rows where both have them."""
+        mine, theirs = self.row(index), other.row(index)
+        if mine is not None and theirs is not None:
+            (a, i), (b, j) = mine, theirs
+            return (
+                float_bits(a.norms[i]) == float_bits(b.norms[j])
+                and np.array_equal(a.sums[i], b.sums[j])
+                and np.array_equal(a.bits[i], b.bits[j])
+            )
+        return self[index].same_content(other[index])
