@@ -121,33 +121,35 @@ class ChangedGrads:
         """The max relative change of each changed grad's sample (None where there is none
         after, or of another length), and the kind of each mutated grad's change."""
         changes: dict[int, float | None] = dict.fromkeys(self.changed)
-        by_group: dict[tuple[int, ...], list[int]] = {}
         by_length: dict[int, list[int]] = {}
-        # a group read both times: its after-step rows, by its before-step rows' identity
-        pairs = {
-            id(self.before.groups[key]): g for key, g in shared_groups(self.before, self.after)
+        # a group read both times: its rows then and now, and its changed grads' positions
+        # (keyed by the rows' identity: a group's key is a tuple of all its indices)
+        by_group: dict[int, tuple[GroupRows, GroupRows, list[int]]] = {
+            id(self.before.groups[key]): (self.before.groups[key], now, [])
+            for key, now in shared_groups(self.before, self.after)
         }
         for i, kind in self.changed.items():
             if kind == "cleared":
                 continue
             mine, theirs = self.before.row(i), self.after.row(i)
-            if mine is not None and theirs is not None and pairs.get(id(mine[0])) is theirs[0]:
-                by_group.setdefault(mine[0].indices, []).append(i)
-                continue
+            if mine is not None and theirs is not None:
+                paired = by_group.get(id(mine[0]))
+                if paired is not None and paired[1] is theirs[0]:
+                    paired[2].append(mine[1])
+                    continue
             a, b = self.before.sample(i), self.after.sample(i)
             if a is not None and b is not None and a.shape == b.shape:
                 by_length.setdefault(a.numel(), []).append(i)
         kinds: dict[int, str] = {}
         if self.fingerprint_kinds and "mutated" in self.changed.values():
             self.eps = _eps_by_param(self.optimizer)
-        for key, members in by_group.items():
-            before, after = self.before.groups[key], self.after.groups[key]
-            position = {i: k for k, i in enumerate(key)}
-            for chunk in _chunks([members]):
-                rows = torch.tensor([position[i] for i in chunk])
+        for before, after, positions in by_group.values():
+            for chunk in _chunks([positions]):
+                rows = torch.tensor(chunk)
                 pre = before.samples[rows].to(torch.float64).numpy()
                 post = after.samples[rows].to(torch.float64).numpy()
-                self._compare_rows(chunk, pre, post, (before, after, rows), changes, kinds)
+                indices = [before.indices[k] for k in chunk]
+                self._compare_rows(indices, pre, post, (before, after, rows), changes, kinds)
         for chunk in _chunks(by_length.values()):
             pre = _rows([self.before.sample(i) for i in chunk])
             post = _rows([self.after.sample(i) for i in chunk])

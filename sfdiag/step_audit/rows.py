@@ -107,6 +107,8 @@ class Snapshot(Sequence):
         self._digests = digests
         self._states = states  # a grouped grad's state samples
         self._row: dict[int, tuple[GroupRows, int]] | None = None  # (built when first asked)
+        self._identities: tuple[list[Any], list[int], list[str]] | None = None
+        self._norms: list[float | None] | None = None
 
     def __len__(self) -> int:
         return len(self._prints)
@@ -143,7 +145,12 @@ class Snapshot(Sequence):
 
     def identities(self) -> tuple[list[Any], list[int], list[str]]:
         """Each grad's weak reference (None: no grad), version and checksum layout, without
-        building fingerprints."""
+        building fingerprints (read once: a fingerprint built later says the same)."""
+        if self._identities is None:
+            self._identities = self._read_identities()
+        return self._identities
+
+    def _read_identities(self) -> tuple[list[Any], list[int], list[str]]:
         if self.kept:
             refs, versions, layouts = (list(x) for x in self._before.identities())
         else:
@@ -158,7 +165,12 @@ class Snapshot(Sequence):
         return refs, versions, layouts
 
     def norms(self) -> list[float | None]:
-        """Each grad's norm (None: no grad), without building fingerprints."""
+        """Each grad's norm (None: no grad), without building fingerprints (read once)."""
+        if self._norms is None:
+            self._norms = self._read_norms()
+        return self._norms
+
+    def _read_norms(self) -> list[float | None]:
         out: list[float | None] = [
             None if fp is None else (fp.norm if fp.present else None) for fp in self._prints
         ]

@@ -323,12 +323,16 @@ def take(
     grads = [p.grad for p in params]
     sample_params = set(range(len(params))) if param_samples is True else set(param_samples or ())
     # under no_grad: no view or copy taken here needs a detach (one host call a tensor saved)
-    views: dict[int, torch.Tensor] = {
-        # a plain dense grad is its own view (most are: no call a grad)
-        i: g if type(g) is torch.Tensor and g.layout == torch.strided else _dense_view(g)
-        for i, g in enumerate(grads)
-        if g is not None
-    }
+    views: dict[int, torch.Tensor] = {}
+    irregular: list[int] = []  # a sparse grad, a DTensor, a subclass: read through a view
+    for i, g in enumerate(grads):
+        if g is None:
+            continue
+        if type(g) is torch.Tensor and g.layout == torch.strided:
+            views[i] = g  # a plain dense grad is its own view (most are: no call a grad)
+        else:
+            views[i] = _dense_view(g)
+            irregular.append(i)
     unchanged = _unchanged(grads, before)
     layouts = _layouts(views, before)
     pending = _Pending()
@@ -366,15 +370,19 @@ def take(
             if sampled[k] is not None:
                 param_at[i] = param_rows[k]
 
-    needs_norm: list[int] = []  # read below, in as few calls as their kinds allow
+    # the grads whose norms are read below, in as few calls as their kinds allow: a group's
+    # (one shape, dtype, device) together, the others each as it comes
+    group_needs: list[list[int]] = []
+    needs_norm: list[int] = []
     same_shape: dict[tuple[Any, ...], list[int]] = {}
     if not full:  # (forensics clones every grad: one at a time)
+        not_strided = {i for i in irregular if views[i].layout != torch.strided}
         for i, view in views.items():
             if (
-                i not in sums_at
+                view.numel() <= SMALL_TENSOR  # first: most grads of a large model are
+                and i not in not_strided
                 and layouts[i] == "blocks"
-                and view.layout == torch.strided
-                and view.numel() <= SMALL_TENSOR
+                and i not in sums_at
             ):
                 same_shape.setdefault((view.shape, view.dtype, view.device), []).append(i)
     # indices -> the pieces of their block sums, samples and params' samples (None: none)
@@ -395,7 +403,7 @@ def take(
                 params_grouped.update(indices)
         group_at[tuple(indices)] = (sums_slot, samples_slot, params_slot)
         grouped.update(indices)
-        needs_norm += [i for i in indices if i not in unchanged]
+        group_needs.append([i for i in indices if i not in unchanged] if unchanged else indices)
     loose: dict[int, torch.Tensor] = {}
     for i, view in views.items():
         if i in sums_at or i in grouped:
@@ -405,11 +413,11 @@ def take(
             needs_norm.append(i)
     sums_at.update(_stacked(loose, pending))
     del loose
-    norm_pieces = _read_norms(views, needs_norm, squares_at, pending, group_at)
+    norm_pieces = _read_norms(views, needs_norm, group_needs, squares_at, pending)
     index_at = {
-        i: pending.add(g._indices().sum().reshape(1).to(torch.int64))
-        for i, g in enumerate(grads)
-        if g is not None and g.layout == torch.sparse_coo
+        i: pending.add(grads[i]._indices().sum().reshape(1).to(torch.int64))
+        for i in irregular
+        if grads[i].layout == torch.sparse_coo
     }
     sample_at.update(
         _stacked_samples(
@@ -581,31 +589,29 @@ ABSENT = GradFingerprint(None, 0, 0.0, b"", None, None)
 def _read_norms(
     views: dict[int, torch.Tensor],
     needs_norm: list[int],
+    group_needs: list[list[int]],
     squares_at: dict[int, int],
     pending: _Pending,
-    groups: Collection[tuple[int, ...]] = (),
 ) -> list[tuple[list[int], int]]:
-    """The norms of the grads ``needs_norm`` (those the fused kernel did not read), as
-    pieces of ``pending`` (the grads' indices, the piece's slot): small CPU grads by one
-    call of the C kernel per dtype (float64 sums; torch's norm costs the host about a
-    microsecond a tensor), the others by ``_foreach_norm``, one stack per device. A grad's
-    norm is read the same way whatever its neighbours: a group's (``groups``: one shape,
-    dtype and device) by the kernel in one call where every one of them is what it reads
-    (``fused.plain_squares``), else each as if alone."""
+    """The norms of the grads ``needs_norm`` and ``group_needs`` (a group's each: one shape,
+    dtype and device), where the fused kernel did not read them, as pieces of ``pending``
+    (the grads' indices, the piece's slot): small CPU grads by one call of the C kernel per
+    dtype (float64 sums; torch's norm costs the host about a microsecond a tensor), the
+    others by ``_foreach_norm``, one stack per device. A grad's norm is read the same way
+    whatever its neighbours: a group's by the kernel in one call where every one of them is
+    what it reads (``fused.plain_squares``), else each as if alone."""
     pieces: list[tuple[list[int], int]] = []
     small: dict[torch.dtype, list[int]] = {}
     rest: list[int] = []
-    read: set[int] = set()
-    wanted = set(needs_norm)
-    for indices in groups:
-        members = [i for i in indices if i in wanted]
-        if len(members) > 1:
-            squares = fused.plain_squares([views[i] for i in members])
-            if squares is not None:
-                pieces.append((members, pending.add(squares.sqrt_())))
-                read.update(members)
-    for i in needs_norm:
-        if i in squares_at or i in read:
+    alone = list(needs_norm)
+    for members in group_needs:
+        squares = fused.plain_squares([views[i] for i in members]) if len(members) > 1 else None
+        if squares is None:
+            alone += members
+        else:
+            pieces.append((members, pending.add(squares.sqrt_())))
+    for i in alone:
+        if i in squares_at:
             continue
         if fused.squares_reads(views[i]):
             small.setdefault(views[i].dtype, []).append(i)
