@@ -349,11 +349,8 @@ def fingerprint_rows(
                 done = active & (_row_norms(rest) < fit_tol * _row_norms(u))
                 name(done, "adam-normalized")
                 active &= ~done
-        sign = np.array([np.array_equal(u[i], np.sign(g[i])) for i in np.flatnonzero(open_)])
-        if len(sign):
-            rows = np.zeros(count, dtype=bool)
-            rows[np.flatnonzero(open_)[sign]] = True
-            name(rows & any_g, "sign")
+        # (the open rows are finite: equal elements is np.array_equal)
+        name(open_ & any_g & (u == np.sign(g)).all(1), "sign")
     kinds[open_] = "unknown"
     return list(kinds)
 
