@@ -268,20 +268,32 @@ def judge_candidates(
     value itself: both are candidates (per optimizer), and the best verdict wins, ties
     going to the closer reference.
     """
-    best: tuple[tuple[int, float], JudgedValue] | None = None
+    best = best_candidate(logged, candidates, rtol)
+    return None if best is None else JudgedValue(best[1].step, best[0], logged, *best[1:])
+
+
+def best_candidate(
+    logged: float, candidates: Iterable[tuple[str, NormReferences]], rtol: float
+) -> tuple[str, NormReferences, str, str | None] | None:
+    """``judge_candidates``' reading as (optimizer, references, verdict, matches)."""
+    best: tuple[tuple[int, float], str, NormReferences, str, str | None] | None = None
     for optimizer, refs in candidates:
         verdict, matches = judge_value(logged, refs, rtol)
-        if matches is not None:
-            value = dict(refs.named()).get(matches, refs.pre_step)
-            distance = _distance(logged, value)
+        if matches == "pre-step":  # the usual match: its reference without listing them all
+            distance = _distance(logged, refs.pre_step)
+        elif matches == "pre-clip":
+            distance = _distance(logged, refs.pre_clip)
+        elif matches is not None:
+            distance = _distance(logged, dict(refs.named()).get(matches, refs.pre_step))
         else:
             distance = min(_distance(logged, v) for _, v in refs.named())
-        judged = JudgedValue(refs.step, optimizer, logged, refs, verdict, matches)
         # distances that differ by little are a tie: the earlier candidate keeps it
-        key = (judged.rank, round(distance, 2))
+        key = (_RANK[verdict], round(distance, 2))
         if best is None or key < best[0]:
-            best = (key, judged)
-    return best[1] if best is not None else None
+            best = (key, optimizer, refs, verdict, matches)
+            if key == (0, 0.0):  # right, at its reference: no later candidate beats it
+                break
+    return None if best is None else best[1:]
 
 
 # ---- averages over steps ------------------------------------------------------------------------
@@ -389,6 +401,17 @@ class AverageFit:
             ready.append(self._final(i, v))
         return ready
 
+    def observe_matched(self, logged: float) -> bool:
+        """``observe`` of a value that fits its own step (no window, no other reading) where
+        nothing waits: its bookkeeping alone, and True: the value is ready for the tally as
+        judged. False where values wait (then ``observe`` it)."""
+        if self._queue:
+            return False
+        self._count += 1
+        self._last = None
+        self.previous = logged
+        return True
+
     def _final(self, i: int, value: JudgedValue) -> JudgedValue:
         otherwise = self._otherwise.pop(i, None)
         return otherwise if otherwise is not None and value.verdict == "unmatched" else value
@@ -445,19 +468,44 @@ class MetricTally:
     optimizers: Counter = field(default_factory=Counter)
     firsts: dict[str, JudgedValue] = field(default_factory=dict)  # verdict -> first value
     first: JudgedValue | None = None
-    last: JudgedValue | None = None
     series: MetricSeries = field(default_factory=MetricSeries)  # for the plot
+    # the last value: a JudgedValue, or its fields until one is asked for (most values are
+    # never shown: building each costs more than the rest of its tally)
+    _last: JudgedValue | tuple | None = None
 
     def add(self, value: JudgedValue) -> None:
-        self.logged.append(value.logged)
-        self.true.append(value.refs.true)
-        skipped = getattr(value.refs, "skipped", False)
-        self.series.add(value.step, value.logged, value.refs.true, value.refs.other, skipped)
-        self.optimizers[value.optimizer] += 1
-        self.firsts.setdefault(value.verdict, value)
-        if self.first is None:
-            self.first = value
-        self.last = value
+        step, optimizer, logged = value.step, value.optimizer, value.logged
+        self.add_judged(step, optimizer, logged, value.refs, value.verdict, value.matches, value)
+
+    def add_judged(
+        self,
+        step: int,
+        optimizer: str,
+        logged: float,
+        refs: NormReferences | RateReferences,
+        verdict: str,
+        matches: str | None,
+        value: JudgedValue | None = None,
+    ) -> None:
+        """``add`` of a value given by its fields (``value``: the same, where built)."""
+        self.logged.append(logged)
+        true = refs.true
+        self.true.append(true)
+        self.series.add(step, logged, true, refs.other, getattr(refs, "skipped", False))
+        self.optimizers[optimizer] += 1
+        if verdict not in self.firsts or self.first is None:
+            if value is None:
+                value = JudgedValue(step, optimizer, logged, refs, verdict, matches)
+            self.firsts.setdefault(verdict, value)
+            if self.first is None:
+                self.first = value
+        self._last = value or (step, optimizer, logged, refs, verdict, matches)
+
+    @property
+    def last(self) -> JudgedValue | None:
+        if isinstance(self._last, tuple):
+            self._last = JudgedValue(*self._last)
+        return self._last
 
     @property
     def count(self) -> int:
@@ -746,6 +794,3 @@ def _ratio_words(value: float) -> str:
 
 def any_wrong(metrics: Iterable[MetricResult]) -> bool:
     return any(m.wrong for m in metrics)
-
-
-# ---- schedule-free modes: events in, findings out ------------------------------------------

@@ -7,6 +7,14 @@ step each optimizer had last finished; the next step to finish pins its norms to
 when it ends) it is judged against them (``sfdiag.run.judge``) and only its tally is kept.
 No step hook reads a norm to the host: on an accelerator that would wait for the device
 in the middle of the training step.
+
+Every logged value pays for this, so recording keeps little and judging goes in batches:
+what a name is judged as (its quantity, the part of the model it covers, its param group)
+is worked out once per name (``Tag``); what a logging call saw of the optimizers is kept
+once for all the values it logged (``Moment``), each value as its tag and number; the
+values whose steps are known are judged together, the references of a step built once
+for all of them, and a metric's tally builds Python objects only for the values a report
+shows.
 """
 
 from __future__ import annotations
@@ -18,13 +26,14 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from sfdiag.run import judge, metric_names
+from sfdiag.run import judge
 from sfdiag.run.judge import (
     JudgedValue,
     MetricTally,
     NormReferences,
     RateReferences,
 )
+from sfdiag.run.logged import Moment, Tag, same_reads
 from sfdiag.run.metric_names import MetricSelector
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -132,31 +141,21 @@ def _rate_references(
     )
 
 
-@dataclass
-class _Logged:
-    logger: str
-    name: str
-    value: Any  # float or a 0-d tensor
-    fresh: tuple[bool, ...]  # per watched optimizer (by position): grads written since its
-    #                          last step (a backward ran: the coming step comes first)
-    module: Callable[[], Any] | None  # the module that logged it (Lightning's self)
-    quantity: str = "grad_norm"  # or "learning_rate"
-    label: int | None = None  # the step number the logger was given, if any
-    after: tuple[int, ...] = ()  # per watched optimizer: its last finished step
-    stepping: tuple[bool, ...] = ()  # per watched optimizer: logged during its step()
-    # learning rates, per watched optimizer: its groups' rates for the next step as they
-    # stood when logged (the run may end before that step, see ``Watched.coming_rates``)
-    coming: tuple[tuple[tuple[float, float] | None, ...], ...] = ()
-    # learning rates, per watched optimizer: what moved its rate on after its last
-    # finished step, before this was logged ("scheduler", "write" or None)
-    advanced: tuple[str | None, ...] = ()
-    skips: tuple[int, ...] = ()  # per watched optimizer: attempts its loss scaler skipped
-    # gradient norms, per optimizer (by id) whose grads were written since its last step:
-    # (their norm then, backward passes of the step so far, still loss-scaled)
-    at_log: dict[int, tuple[Any, int | None, bool]] = field(default_factory=dict)
-    # per watched optimizer: the norms of the steps it may belong to (the last finished,
-    # then the next), held here so they outlive the watch's few recent steps
-    steps: dict[int, list[StepNorms]] = field(default_factory=dict)
+def _rates_at(
+    step: int,
+    pinned: dict[int, StepNorms],
+    after: int,
+    coming: tuple[float, float] | None,
+    group: int,
+) -> tuple[float, float, str | None] | None:
+    """``group``'s rates at ``step``: a pinned step's, or the coming step's as they stood
+    when logged where no step ran after the last finished one (yet)."""
+    here = pinned.get(step)
+    if here is not None:
+        return here.rate(group)
+    if step == after + 1 and coming is not None:
+        return (coming[0], coming[1], None)
+    return None
 
 
 @dataclass
@@ -167,9 +166,10 @@ class MetricAudit:
     selector: MetricSelector = field(default_factory=MetricSelector)
     rtol: float = judge.DEFAULT_RTOL
     active: bool = True
-    _picked: dict[str, bool] = field(default_factory=dict)
-    _pending: list[_Logged] = field(default_factory=list)  # waiting for a step to finish
-    _ready: list[_Logged] = field(default_factory=list)  # its steps known: to judge
+    _tags: dict[tuple[str, str], Tag | None] = field(default_factory=dict)
+    _pending: list[Moment] = field(default_factory=list)  # waiting for a step to finish
+    _waiting: int = 0  # the values in ``_pending``
+    _ready: list[Moment] = field(default_factory=list)  # their steps known: to judge
     _tallies: dict[tuple[str, str], MetricTally] = field(default_factory=dict)
     _scopes: dict[tuple[str, str], str | None] = field(default_factory=dict)
     _quantities: dict[tuple[str, str], str] = field(default_factory=dict)
@@ -188,12 +188,25 @@ class MetricAudit:
 
     def picks(self, name: str) -> str | None:
         """The quantity ``name`` is judged as (``grad_norm``, ``learning_rate``), or None."""
-        if name in self._picked:
-            return self._picked[name]
-        picked = self.selector.quantity(name)
-        if len(self._picked) < _NAME_CACHE:
-            self._picked[name] = picked
-        return picked
+        tag = self._tag("", name)
+        return None if tag is None else tag.quantity
+
+    def _tag(self, logger: str, name: Any) -> Tag | None:
+        """``name``'s tag where the selector picks it, else None."""
+        key = (logger, name)
+        try:
+            return self._tags[key]
+        except KeyError:
+            pass
+        except TypeError:  # not hashable: not a name
+            return None
+        tag = None
+        if isinstance(name, str):
+            quantity = self.selector.quantity(name)
+            tag = None if quantity is None else Tag(logger, name, quantity)
+        if len(self._tags) < _NAME_CACHE:
+            self._tags[key] = tag
+        return tag
 
     def record(
         self,
@@ -206,66 +219,104 @@ class MetricAudit:
         ``step``: the step number the logger was given (if any). Never raises."""
         try:
             items = list(items)
-            label = logged_step(step, items)
-            at_log: dict[int, tuple[Any, int | None, bool]] | None = None
+            moment = None
             for name, value in items:
-                quantity = self.picks(name) if isinstance(name, str) else None
-                if quantity is None:
+                tag = self._tag(logger, name)
+                if tag is None:
                     continue
                 number = as_number(value)
                 if number is None:
                     continue
-                watched = self.watch.watched
-                fresh = tuple(w.last_finished < 0 or w.has_new_grads() for w in watched)
-                owner = weakref.ref(module) if module is not None else None
-                logged = _Logged(
-                    logger,
-                    name,
-                    number,
-                    fresh,
-                    owner,
-                    quantity,
-                    label,
-                    tuple(w.last_finished for w in watched),
-                    tuple(w.stepping for w in watched),
-                )
-                if quantity == "learning_rate":
-                    logged.coming = tuple(w.coming_rates() for w in watched)
-                    group = metric_names.rate_group(name)
-                    logged.advanced = tuple(w.advanced_by(group) for w in watched)
-                    logged.skips = tuple(w.skips for w in watched)
-                elif at_log is None and metric_names.scope_hint(name) is None:
-                    # once per logging call, for its whole-model gradient metrics (a
-                    # parameter's norm, as Lightning logs a hundred of them, needs none)
-                    at_log = self._at_log(fresh)
-                if quantity == "grad_norm":
-                    logged.at_log = at_log or {}
-                for position, entry in enumerate(watched):
-                    last = entry.recent[-1] if entry.recent else None
-                    if last is not None and last.step == entry.last_finished:
-                        if quantity == "grad_norm":
-                            # the grads may still be as that step() left them; where a
-                            # backward wrote them since, the value is most likely the coming
-                            # step's (``_resolve`` reads the post-step norms early from then
-                            # on only if it turns out to be neither)
-                            last.read_post(logging=not fresh[position])
-                        logged.steps[position] = [last]
-                    if entry.skipped_attempt is not None:  # the scaler skipped a step since
-                        logged.steps.setdefault(position, []).append(entry.skipped_attempt)
-                self._pending.append(logged)
+                if moment is None:
+                    moment = self._moment(items, module, step)
+                if tag.quantity == "learning_rate":
+                    if tag.group not in moment.groups_read:
+                        moment = self._read_rates(moment, tag.group)
+                else:
+                    if not moment.at_log_read and tag.hint is None:
+                        # once per logging call, for its whole-model gradient metrics (a
+                        # parameter's norm, as Lightning logs a hundred of them, needs none)
+                        moment = self._read_at_log(moment)
+                    if not moment.posts_read:
+                        self._read_posts(moment)
+                moment.values.append((tag, number, moment.at_log_read))
+                self._waiting += 1
             self._judge_ready()
-            while len(self._pending) > _PENDING_MAX:  # never stepping: judge what there is
-                self._resolve(self._pending.pop(0))
+            while self._waiting > _PENDING_MAX:  # never stepping: judge what there is
+                oldest = self._pending[0]
+                tag, number, at_log = oldest.values.pop(0)
+                if not oldest.values:
+                    self._pending.pop(0)
+                self._waiting -= 1
+                self._judge_value(oldest, tag, number, at_log, {})
         except Exception:  # a value we cannot read is not judged; the script goes on
             pass
 
-    def _at_log(self, fresh: tuple[bool, ...]) -> dict[int, tuple[Any, int | None, bool]]:
+    def _moment(self, items: list[tuple[Any, Any]], module: Any, step: Any) -> Moment:
+        """The moment a logging call's values wait in: the last one, where the call sees
+        what it saw (values logged in a row are judged together), else a new one."""
+        label = logged_step(step, items)
+        watched = self.watch.watched
+        fresh = [w.last_finished < 0 or w.has_new_grads() for w in watched]
+        last = self._pending[-1] if self._pending else None
+        if last is not None and last.saw(label, module, fresh, watched):
+            last.at_log_read = False
+            last.groups_read = set()
+            return last
+        moment = Moment(label, weakref.ref(module) if module is not None else None, fresh)
+        moment.pin(watched)
+        self._pending.append(moment)
+        return moment
+
+    def _read_rates(self, moment: Moment, group: int) -> Moment:
+        """Read what a learning rate of ``group`` needs as the call logs it (once a call:
+        the coming step's rates and the skipped attempts; once a group: what moved the rate
+        on); ``moment``, or a new one where it holds other readings."""
+        watched = self.watch.watched
+        coming, skips = moment.coming, moment.skips
+        if not moment.groups_read:  # the call's first learning rate
+            coming = tuple(w.coming_rates() for w in watched)
+            skips = tuple(w.skips for w in watched)
+        advanced = tuple(w.advanced_by(group) for w in watched)
+        if (
+            moment.coming is not None and (coming != moment.coming or skips != moment.skips)
+        ) or moment.advanced.get(group, advanced) != advanced:
+            moment = moment.split()
+            self._pending.append(moment)
+        moment.coming, moment.skips = coming, skips
+        moment.advanced[group] = advanced
+        moment.groups_read.add(group)
+        return moment
+
+    def _read_at_log(self, moment: Moment) -> Moment:
+        """Read the at-log norms for the call's whole-model gradient norms; ``moment``, or a
+        new one where it holds other readings (grads written since, or read again)."""
+        at_log = self._at_log(moment.fresh)
+        held = moment.at_log
+        if held is not None and not same_reads(held, at_log):
+            moment = moment.split()
+            self._pending.append(moment)
+            held = None
+        if held is None:  # else the same reads (a read is kept while its grads hold)
+            moment.at_log = at_log
+        moment.at_log_read = True
+        return moment
+
+    def _read_posts(self, moment: Moment) -> None:
+        """Before a gradient norm is kept: the grads may still be as the last step() left
+        them; where a backward wrote them since, the value is most likely the coming step's
+        (``_judge_norm`` reads the post-step norms early from then on only if it turns out
+        to be neither)."""
+        moment.posts_read = True
+        for position, entry in enumerate(self.watch.watched):
+            last = entry.recent[-1] if entry.recent else None
+            if last is not None and last.step == entry.last_finished:
+                last.read_post(logging=not moment.fresh[position])
+
+    def _at_log(self, fresh: list[bool]) -> dict[int, tuple[Any, int | None, bool]]:
         """Per optimizer (by id) whose grads were written since its last step, or that has
         not stepped yet: the norm of its grads now (a device scalar, read when judged), the
         backward passes of the step so far, and whether they still hold the loss scale."""
-        from sfdiag.run.norms import GradsRead
-        from sfdiag.step_audit.auditor import StepAuditor
-
         backwards = self.watch.backwards
         scalers = self.watch.scalers
         count = 0 if backwards is None else backwards.count
@@ -278,14 +329,19 @@ class MetricAudit:
             if total is not None:
                 micro = None if backwards is None else count - entry.backwards_at_end
                 out[entry.optimizer_id] = (total, micro, entry.scaled_now(scalers))
-        scaled = scalers is not None and scalers.scaled > 0
-        for optimizer in self.watch.born():
-            grads = [p.grad for p in StepAuditor.params_of(optimizer)]
-            read = GradsRead.again(self._unwatched_reads.get(id(optimizer)), grads, count)
-            self._unwatched_reads[id(optimizer)] = read
-            total = read.total()
-            if total is not None:
-                out[id(optimizer)] = (total, None if backwards is None else count, scaled)
+        born = self.watch.born()
+        if born:
+            from sfdiag.run.norms import GradsRead
+            from sfdiag.step_audit.auditor import StepAuditor
+
+            scaled = scalers is not None and scalers.scaled > 0
+            for optimizer in born:
+                grads = [p.grad for p in StepAuditor.params_of(optimizer)]
+                read = GradsRead.again(self._unwatched_reads.get(id(optimizer)), grads, count)
+                self._unwatched_reads[id(optimizer)] = read
+                total = read.total()
+                if total is not None:
+                    out[id(optimizer)] = (total, None if backwards is None else count, scaled)
         return out
 
     def skipped(self, entry: Watched, optimizer: Any, norms: StepNorms) -> None:
@@ -293,15 +349,17 @@ class MetricAudit:
         against that attempt (pinned to it; it still waits for the next step too)."""
         position = self.watch.watched.index(entry)
         self._history.setdefault(position, deque(maxlen=AVERAGE_STEPS)).append(norms)
-        for logged in self._pending:
-            logged.steps.setdefault(position, []).append(norms)
+        for moment in self._pending:
+            moment.steps.setdefault(position, []).append(norms)
 
     def _judge_ready(self) -> None:
         """Judge the values whose steps are known: here, in the script's own logging call,
         never in a step hook (reading the norms may wait for the device)."""
+        if not self._ready:
+            return
         ready, self._ready = self._ready, []
-        for logged in ready:
-            self._resolve(logged)
+        for moment in ready:
+            self._judge(moment)
 
     # ---- what the optimizer watch calls ----------------------------------------------------
     def after(self, entry: Watched, optimizer: Any = None) -> None:
@@ -318,27 +376,27 @@ class MetricAudit:
         history.append(norms.pre_only())  # nothing is read until a value needs it
         if not self._pending:
             return
-        for logged in self._pending:
-            logged.steps.setdefault(position, []).append(norms)
+        for moment in self._pending:
+            moment.steps.setdefault(position, []).append(norms)
         self._ready += self._pending
-        self._pending = []
+        self._pending, self._waiting = [], 0
 
     def unseen(self, entry: Watched, optimizer: Any = None) -> None:
         """``entry``'s steps run unseen from now on (a ``step()`` compiled into a graph that
         must not break): a value waiting for its next step may belong to one never seen.
         Nothing is judged against this optimizer's steps any more (the watch keeps none)."""
         position = self.watch.watched.index(entry)
-        for logged in self._pending:
-            logged.steps.pop(position, None)
+        for moment in self._pending:
+            moment.steps.pop(position, None)
         self._ready += self._pending
-        self._pending = []
+        self._pending, self._waiting = [], 0
 
     def finish(self) -> tuple[MetricResult, ...]:
         """Judge what is left; every metric's result, in the order first logged."""
         self.active = False
-        for logged in self._ready + self._pending:
-            self._resolve(logged)
-        self._ready, self._pending = [], []
+        for moment in self._ready + self._pending:
+            self._judge(moment)
+        self._ready, self._pending, self._waiting = [], [], 0
         for key, fit in self._averages.items():
             for value in fit.flush():
                 self._tally(key).add(value)
@@ -369,81 +427,134 @@ class MetricAudit:
             tally = self._tallies[key] = MetricTally()
         return tally
 
-    def _resolve(self, logged: _Logged) -> None:
+    def _judge(self, moment: Moment) -> None:
+        """Judge a moment's values, in the order logged; what does not depend on a value
+        (a scope's candidate references, a group's rate references) is built once."""
+        shared: dict[Any, Any] = {}
+        for tag, number, at_log in moment.values:
+            self._judge_value(moment, tag, number, at_log, shared)
+
+    def _judge_value(
+        self, moment: Moment, tag: Tag, number: Any, at_log: bool, shared: dict[Any, Any]
+    ) -> None:
+        """Judge one value; ``shared``: what the values of ``moment`` judged so far built."""
         try:
-            value = _float(logged.value)
+            value = _float(number)
         except Exception:
             return
-        if logged.quantity == "learning_rate":
-            self._resolve_rate(logged, value)
-            return
+        if tag.quantity == "learning_rate":
+            self._judge_rate(moment, tag, value, shared)
+        else:
+            self._judge_norm(moment, tag, value, at_log, shared)
+
+    def _candidates(
+        self, moment: Moment, hint: str | None, at_log: bool
+    ) -> tuple[list[tuple[str, NormReferences]], list[int], str | None]:
+        """The references a gradient norm of ``moment`` that names ``hint`` may equal, per
+        watched optimizer and step it may belong to (the coming step first where a backward
+        ran since the last), the position of each, and the scope's name where found."""
         candidates: list[tuple[str, NormReferences]] = []
         positions: list[int] = []
         scope_name = None
-        hint = metric_names.scope_hint(logged.name)
+        reads = moment.at_log if at_log and moment.at_log is not None else {}
         for position, entry in enumerate(self.watch.watched):
-            chosen = list(logged.steps.get(position, ()))
+            chosen = moment.steps.get(position)
             if not chosen:
                 continue
-            scope = self._scope(entry, hint, logged.module)
+            scope = self._scope(entry, hint, moment.module)
             if scope is not None:
                 scope_name = hint
-            if position < len(logged.fresh) and logged.fresh[position]:
-                chosen.reverse()  # logged between backward and step(): the coming step first
-            after = logged.after[position] if position < len(logged.after) else -1
-            at_log = logged.at_log.get(entry.optimizer_id)
-            for norms in chosen:
+            fresh = position < len(moment.fresh) and moment.fresh[position]
+            after = moment.after[position] if position < len(moment.after) else -1
+            read = reads.get(entry.optimizer_id)
+            for norms in reversed(chosen) if fresh else chosen:
                 refs = norms.references(scope)
-                if scope is None and norms.step == after + 1 and at_log is not None:
-                    total, micro, scaled = at_log
+                if scope is None and norms.step == after + 1 and read is not None:
+                    total, micro, scaled = read
                     refs = replace(
                         refs, at_log=_float(total), micro_at_log=micro, scaled_at_log=scaled
                     )
                 candidates.append((entry.label, refs))
                 positions.append(position)
-        judged = judge.judge_candidates(value, candidates, self.rtol)
-        if judged is None:  # no optimizer has stepped: nothing to judge against
+        return candidates, positions, scope_name
+
+    def _judge_norm(
+        self, moment: Moment, tag: Tag, value: float, at_log: bool, shared: dict[Any, Any]
+    ) -> None:
+        hint = tag.hint
+        found = shared.get(("norm", hint, at_log))
+        if found is None:
+            found = shared["norm", hint, at_log] = self._candidates(moment, hint, at_log)
+        candidates, positions, scope_name = found
+        best = judge.best_candidate(value, candidates, self.rtol)
+        if best is None:  # no optimizer has stepped: nothing to judge against
             return
-        if judged.verdict == "unmatched":
-            # a post-step norm read too late to tell (its grads written again first): read
-            # them as each step ends from now on, so later values are told apart
-            for (_, refs), position in zip(candidates, positions, strict=True):
-                if math.isnan(refs.post_step):
-                    self.watch.watched[position].read_post_at_once = True
-        key = (logged.logger, logged.name)
-        lagging = None
-        if judged.verdict == "unmatched" and hint is None:
-            # an earlier step's norm? (read only now: most values fit their own step)
-            since = self._last_steps.get(key)
-            lagged = [
-                (label, replace(refs, earlier=self._earlier(position, refs.step, since)))
-                for (label, refs), position in zip(candidates, positions, strict=True)
-            ]
-            again = judge.judge_candidates(value, lagged, self.rtol)
-            if again is not None and again.verdict != "unmatched":
-                lagging = again
-        self._scopes.setdefault(key, scope_name)
-        tally = self._tally(key)
+        optimizer, refs, verdict, matches = best
+        key = tag.key
+        if verdict != "unmatched":
+            lagging = None
+        else:
+            lagging = self._unmatched(moment, tag, value, candidates, positions)
+        tally = tag.tally
+        if tally is None:  # its first value, or a name past the cache of names
+            self._scopes.setdefault(key, scope_name)
+            tally = tag.tally = self._tally(key)
         if hint is not None:  # a parameter's norm: judged at its step alone
-            tally.add(judged)
+            tally.add_judged(refs.step, optimizer, value, refs, verdict, matches)
             return
-        fit = self._averages.get(key)
+        fit = tag.fit
         if fit is None:
-            fit = self._averages[key] = judge.AverageFit(rtol=self.rtol)
-        position = next(
-            (i for i, w in enumerate(self.watch.watched) if w.label == judged.optimizer), None
-        )
+            fit = self._averages.get(key)
+            if fit is None:
+                fit = self._averages[key] = judge.AverageFit(rtol=self.rtol)
+            tag.fit = fit
+        position = self._position(optimizer)
         # the step it was logged at: the one just run, or the coming one after a backward
-        end = judged.step
-        if position is not None and position < len(logged.after):
-            fresh = position < len(logged.fresh) and logged.fresh[position]
-            end = logged.after[position] + (1 if fresh else 0)
+        end = refs.step
+        if position is not None and position < len(moment.after):
+            fresh = position < len(moment.fresh) and moment.fresh[position]
+            end = moment.after[position] + (1 if fresh else 0)
         window = None
-        if judged.verdict == "unmatched" and position is not None:  # else no average
+        if verdict == "unmatched" and position is not None:  # else no average
             window = self._window(position, self._last_steps.get(key), end)
         self._last_steps[key] = end
+        if verdict != "unmatched" and fit.observe_matched(value):
+            tally.add_judged(refs.step, optimizer, value, refs, verdict, matches)
+            return
+        judged = JudgedValue(refs.step, optimizer, value, refs, verdict, matches)
         for ready in fit.observe(judged, window, lagging):
             tally.add(ready)
+
+    def _unmatched(
+        self,
+        moment: Moment,
+        tag: Tag,
+        value: float,
+        candidates: list[tuple[str, NormReferences]],
+        positions: list[int],
+    ) -> JudgedValue | None:
+        """An unmatched value: a post-step norm read too late to tell (its grads written
+        again first) has the optimizer read them as each step ends from now on, so later
+        values are told apart; where it is a whole-model norm, what it is as an earlier
+        step's norm (read only now: most values fit their own step), or None."""
+        for (_, refs), position in zip(candidates, positions, strict=True):
+            if math.isnan(refs.post_step):
+                self.watch.watched[position].read_post_at_once = True
+        if tag.hint is not None:
+            return None
+        since = self._last_steps.get(tag.key)
+        lagged = [
+            (label, replace(refs, earlier=self._earlier(position, refs.step, since)))
+            for (label, refs), position in zip(candidates, positions, strict=True)
+        ]
+        again = judge.judge_candidates(value, lagged, self.rtol)
+        return again if again is not None and again.verdict != "unmatched" else None
+
+    def _position(self, label: str) -> int | None:
+        for position, entry in enumerate(self.watch.watched):
+            if entry.label == label:
+                return position
+        return None
 
     def _earlier(
         self, position: int, step: int, since: int | None
@@ -479,7 +590,50 @@ class MetricAudit:
             return None  # a rank's shards, or steps no longer kept
         return [n.references(None).true for n in steps]
 
-    def _resolve_rate(self, logged: _Logged, value: float) -> None:
+    def _rate_plans(self, moment: Moment, group: int) -> list[tuple[Any, ...]]:
+        """What judging a learning rate of ``moment`` that names ``group`` needs but its
+        value, per watched optimizer it may be judged at: (its label, the references of the
+        step the rate claims, the step a count of steps done would name instead, the claimed
+        step's rates, the last finished step, the pinned steps by index, what moved the rate
+        on, the step number as read, the coming step's rates as they stood)."""
+        plans = []
+        for position, entry in enumerate(self.watch.watched):
+            pinned = {n.step: n for n in moment.steps.get(position, ()) if not n.skipped}
+            after = moment.after[position] if position < len(moment.after) else -1
+            coming = moment.coming or ()
+            coming = coming[position] if position < len(coming) else ()
+            # a step counter that also counted the attempts the loss scaler skipped
+            skips = moment.skips[position] if position < len(moment.skips) else 0
+            label = moment.label
+            if label is not None and skips and label not in (after, after + 1):
+                label -= skips
+            coming_now = coming[group] if group < len(coming) else None
+            if position < len(moment.stepping) and moment.stepping[position]:
+                claimed, lenient = after + 1, None
+            elif label is not None and label in (after, after + 1):
+                claimed = label
+                lenient = after if label == after + 1 else None  # counted steps done
+            else:
+                # an optimizer that had not stepped yet when this was logged: its first step
+                fresh = moment.fresh[position] if position < len(moment.fresh) else True
+                claimed, lenient = (after + 1 if fresh else after), None
+            if claimed not in pinned and lenient in pinned:  # the run ended: no next step
+                claimed, lenient = lenient, None
+            rates = pinned[claimed].rate(group) if claimed in pinned else None
+            if rates is None:
+                continue
+            advanced = moment.advanced.get(group, ())
+            advanced = advanced[position] if position < len(advanced) else None
+            following = _rates_at(claimed + 1, pinned, after, coming_now, group)
+            refs = _rate_references(
+                claimed, rates, following, advanced, after, group, pinned[claimed]
+            )
+            plans.append(
+                (entry.label, refs, lenient, rates, after, pinned, advanced, label, coming_now)
+            )
+        return plans
+
+    def _judge_rate(self, moment: Moment, tag: Tag, value: float, shared: dict[Any, Any]) -> None:
         """A learning rate belongs to one step (unlike a norm, the value alone cannot tell,
         the next step's rate being a legitimate rate too): the step under way where it was
         logged during a step(); else the step the logger was told (its number read as the
@@ -492,61 +646,31 @@ class MetricAudit:
         number, or one that nothing moved on, equal to the coming step's rate, is judged as
         the coming step's (nanoGPT sets the rate at the top of an iteration and logs it).
         """
-        group = metric_names.rate_group(logged.name)
+        group = tag.group
+        plans = shared.get(("rate", group))
+        if plans is None:
+            plans = shared[("rate", group)] = self._rate_plans(moment, group)
         best: JudgedValue | None = None
-        for position, entry in enumerate(self.watch.watched):
-            pinned = {n.step: n for n in logged.steps.get(position, ()) if not n.skipped}
-            after = logged.after[position] if position < len(logged.after) else -1
-            coming = logged.coming[position] if position < len(logged.coming) else ()
-            # a step counter that also counted the attempts the loss scaler skipped
-            skips = logged.skips[position] if position < len(logged.skips) else 0
-            label = logged.label
-            if label is not None and skips and label not in (after, after + 1):
-                label -= skips
-            coming_now = coming[group] if group < len(coming) else None
-
-            def rates_at(step: int, pinned=pinned, after=after, coming_now=coming_now) -> Any:
-                here = pinned.get(step)
-                if here is not None:
-                    return here.rate(group)
-                if step == after + 1 and coming_now is not None:  # no step ran after it (yet)
-                    return (coming_now[0], coming_now[1], None)
-                return None
-
-            if logged.stepping[position : position + 1] == (True,):
-                claimed, lenient = after + 1, None
-            elif label is not None and label in (after, after + 1):
-                claimed = label
-                lenient = after if label == after + 1 else None  # counted steps done
-            else:
-                # an optimizer that had not stepped yet when this was logged: its first step
-                fresh = logged.fresh[position] if position < len(logged.fresh) else True
-                claimed, lenient = (after + 1 if fresh else after), None
-            if claimed not in pinned and lenient in pinned:  # the run ended: no next step
-                claimed, lenient = lenient, None
-            rates = pinned[claimed].rate(group) if claimed in pinned else None
-            if rates is None:
-                continue
-            advanced = logged.advanced[position] if position < len(logged.advanced) else None
-            judged = judge.judge_claimed(
-                value,
-                entry.label,
-                _rate_references(
-                    claimed, rates, rates_at(claimed + 1), advanced, after, group, pinned[claimed]
-                ),
-                self.rtol,
-            )
+        rtol = self.rtol
+        for optimizer, refs, lenient, rates, after, pinned, advanced, label, coming in plans:
+            verdict, matches = judge.judge_rate(value, refs, rtol)
+            if verdict == "correct" and (best is None or best.rank > 0):
+                # the rate applied, the first right reading: none beats it
+                tally = self._rate_tally(tag)
+                tally.add_judged(refs.step, optimizer, value, refs, verdict, matches)
+                return
+            judged = JudgedValue(refs.step, optimizer, value, refs, verdict, matches)
             if judged.verdict == "next-step" and not (
                 advanced == "scheduler" or (advanced == "write" and label is not None)
             ):
                 # nothing says the rate moved on after the step it is read at: the value is
                 # the coming step's, as the script set it
-                following = rates_at(after + 1)
+                following = _rates_at(after + 1, pinned, after, coming, group)
                 if following is not None:
                     coming_refs = _rate_references(
                         after + 1, following, None, None, after, group, pinned.get(after + 1)
                     )
-                    judged = judge.judge_claimed(value, entry.label, coming_refs, self.rtol)
+                    judged = judge.judge_claimed(value, optimizer, coming_refs, rtol)
             if judged.verdict != "correct" and lenient is not None and lenient in pinned:
                 # a step number that counts the steps done names the step before
                 earlier = pinned[lenient].rate(group)
@@ -554,25 +678,29 @@ class MetricAudit:
                     previous = _rate_references(
                         lenient, earlier, rates, None, after, group, pinned[lenient]
                     )
-                    other = judge.judge_claimed(value, entry.label, previous, self.rtol)
+                    other = judge.judge_claimed(value, optimizer, previous, rtol)
                     if other.rank < judged.rank:
                         judged = other
             if best is None or judged.rank < best.rank:
                 best = judged
         if best is None or best.verdict != "correct":
-            best = self._skipped_rate(logged, value, group) or best
-        if best is None:
-            return
-        key = (logged.logger, logged.name)
-        self._tally(key).add(best)
-        self._quantities[key] = "learning_rate"
+            best = self._skipped_rate(moment, value, group) or best
+        if best is not None:
+            self._rate_tally(tag).add(best)
 
-    def _skipped_rate(self, logged: _Logged, value: float, group: int) -> JudgedValue | None:
+    def _rate_tally(self, tag: Tag) -> MetricTally:
+        tally = tag.tally
+        if tally is None:  # its first value, or a name past the cache of names
+            self._quantities[tag.key] = "learning_rate"
+            tally = tag.tally = self._tally(tag.key)
+        return tally
+
+    def _skipped_rate(self, moment: Moment, value: float, group: int) -> JudgedValue | None:
         """A rate logged for an attempt the loss scaler skipped, judged against the rates
         that attempt was given: ``skipped-step`` where it is its own (that step never ran),
         ``other-group`` where it is another group's; None where neither."""
         for position, entry in enumerate(self.watch.watched):
-            for norms in logged.steps.get(position, ()):
+            for norms in moment.steps.get(position, ()):
                 rates = norms.rate(group) if norms.skipped else None
                 if rates is None:
                     continue
