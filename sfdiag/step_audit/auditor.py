@@ -170,6 +170,13 @@ def _same_rows(before: snapshot.Snapshot, after: snapshot.Snapshot) -> dict[int,
     return out
 
 
+def _in_process_group() -> bool:
+    """Whether this process is one rank of a job (``torch.distributed`` initialised): only
+    then are the grads' digests read, for the ranks to compare."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized()
+
+
 def _norm_over(norms: list[float | None]) -> float:
     """The L2 norm over the grads' norms (their global norm), exactly rounded."""
     return math.sqrt(math.fsum(n * n for n in norms if n is not None))
@@ -232,7 +239,10 @@ class StepAuditor:
     def _snapshot_before(self, optimizer: Any) -> None:
         params = self.params_of(optimizer)
         prints = snapshot.take(
-            params, full=self.forensics, param_samples=self._params_to_sample(optimizer, params)
+            params,
+            full=self.forensics,
+            param_samples=self._params_to_sample(optimizer, params),
+            digests=_in_process_group(),
         )
         self._pending[id(optimizer)] = (params, prints, _nan_only(params, prints))
 

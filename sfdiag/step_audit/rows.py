@@ -81,12 +81,28 @@ def row_digests(*parts: Any) -> list[int]:
     return (digest >> np.uint64(1)).astype(np.int64).tolist()
 
 
+_NONE: frozenset[int] = frozenset()
+
+
 class Snapshot(Sequence):
     """The fingerprints ``snapshot.take`` read, one per parameter, built on demand: a grad
     of a group (``groups``) is a row of its arrays until something asks for its
     ``GradFingerprint``; ``kept`` (after ``step()``) are the grads still bit for bit what
     ``before`` read, whose fingerprint is before's. The auditor's hot path reads the rows
     (``norms``, ``global_norm``, ``digests``, ``sample``) and never builds the objects."""
+
+    __slots__ = (  # a step hook's memory counts: no instance dict
+        "_prints",
+        "groups",
+        "kept",
+        "_before",
+        "_build",
+        "_digests",
+        "_states",
+        "_row",
+        "_identities",
+        "_norms",
+    )
 
     def __init__(
         self,
@@ -101,7 +117,7 @@ class Snapshot(Sequence):
     ) -> None:
         self._prints = prints
         self.groups = groups
-        self.kept = kept or set()
+        self.kept = kept or _NONE
         self._before = before
         self._build = build
         self._digests = digests
@@ -194,9 +210,10 @@ class Snapshot(Sequence):
 
     def digests(self) -> tuple[int, ...]:
         """Each grad's 63-bit digest (0: none): equal for bit-identical grads, wherever they
-        were read (the ranks of one job compare them)."""
-        if self._digests is None:
-            raise ValueError("digests are read by the snapshot before step()")
+        were read (the ranks of one job compare them); () where ``take`` was not asked for
+        them."""
+        if self._digests is None:  # not asked of this snapshot: none to compare
+            return ()
         return tuple(self._digests)
 
     def sample(self, index: int) -> torch.Tensor | None:

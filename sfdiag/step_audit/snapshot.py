@@ -303,6 +303,7 @@ def take(
     before: Snapshot | None = None,
     states: StateSampler | None = None,
     states_of_group: Callable[[list[torch.Tensor]], dict[str, torch.Tensor] | None] | None = None,
+    digests: bool = True,
 ) -> Snapshot:
     """Fingerprint every parameter's ``.grad`` (see the module doc).
 
@@ -312,6 +313,8 @@ def take(
     before (``Snapshot.kept``). ``states(param)``: the optimizer's per-element state of a
     param, sampled where its grad's version moved; ``states_of_group(params)``: the same for a
     group's params at once, as rows (None where it cannot: then ``states`` each).
+    ``digests``: the snapshot before ``step()`` hashes every grad for the ranks of a job to
+    compare (``Snapshot.digests``).
     ``param_samples``: which parameters are sampled too (True: all, False: none, else their
     indices in ``params``); the auditor reads them from the snapshot before ``step()`` only,
     where a grad mutated.
@@ -481,8 +484,12 @@ def take(
     def param_sample(i: int) -> torch.Tensor | None:  # a grad's own (not a group's)
         return pending.tensor(param_at[i]) if i in param_at and i in sample_params else None
 
-    def state_samples_of(i: int) -> dict[str, torch.Tensor] | None:
-        return {k: pending.tensor(j) for k, j in state_at[i].items()} if i in state_at else None
+    # what the snapshot keeps for the fingerprints it builds on demand: the state samples
+    # (views of their pieces), not ``pending`` (every piece of the transfer, its numpy views)
+    state_host = {
+        i: {k: pending.tensor(j) for k, j in slots.items()} for i, slots in state_at.items()
+    }
+    state_samples_of = state_host.get
 
     def build(i: int, group: GroupRows, row: int) -> GradFingerprint:
         """Grad ``i``'s fingerprint, from its group's rows."""
@@ -568,16 +575,16 @@ def take(
         )
     for i in recheck:
         out[i] = _reread(out[i], views[i], params[i], states)
-    digests = None
-    if before is None:  # what ranks compare: the grads step() is given
-        digests = _digests(grads, groups, sums_at, sample_at, index_at, pending)
+    hashed = None
+    if before is None and digests:  # what ranks compare: the grads step() is given
+        hashed = _digests(grads, groups, sums_at, sample_at, index_at, pending)
     return Snapshot(
         out,
         groups,
         kept=kept,
         before=before,
         build=build,
-        digests=digests,
+        digests=hashed,
         states=state_samples_of,
     )
 
