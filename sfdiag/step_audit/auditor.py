@@ -309,7 +309,7 @@ class StepAuditor:
         """Whether the snapshot after ``step()`` samples the optimizer's state with the
         grads: on an accelerator, so that it stays one transfer; on the CPU (no transfer)
         the comparison reads it where a grad mutated."""
-        return any(p.device.type != "cpu" for p in params)
+        return not all([p.is_cpu for p in params])  # (no device object a param)
 
     def _names(self, params: list[torch.Tensor]) -> tuple[str, ...]:
         """Each param's name (``param<i>`` where ``names`` has none), kept while the params
@@ -336,8 +336,10 @@ class StepAuditor:
         found: dict[int, Found] = {}
         changed: dict[int, str] = {}  # index -> kind, for the grads that did not stay
         refs, _, _ = before.identities()
-        after_refs, _, _ = after.identities()
         kept = after.kept
+        if len(kept) == len(refs) - refs.count(None):  # every grad as it was: a clean step
+            return found
+        after_refs, _, _ = after.identities()
         same_rows = _same_rows(before, after)
         for i, ref in enumerate(refs):
             if ref is None or i in kept:

@@ -464,14 +464,23 @@ def take(
 
     groups: dict[tuple[int, ...], GroupRows] = {}
     for indices, (sums_slot, samples_slot, params_slot) in group_at.items():
+        prior = before.groups.get(indices) if before is not None else None
+        if prior is not None and all(i in unchanged for i in indices):
+            # the same tensors at the same versions (a clean step): before's references,
+            # versions and norms, as they are
+            refs, versions, norms = prior.refs, prior.versions, prior.norms
+        else:
+            refs = [weakref.ref(grads[i]) for i in indices]
+            versions = [grads[i]._version for i in indices]
+            norms = [norm_of[i] if i in norm_of else prior_norms[i] for i in indices]
         groups[indices] = GroupRows(
             indices=indices,
-            refs=[weakref.ref(grads[i]) for i in indices],
-            versions=[grads[i]._version for i in indices],
+            refs=refs,
+            versions=versions,
             sums=pending.whole(sums_slot),
             bits=pending.whole_bits(samples_slot),
             samples=pending.tensor(samples_slot),
-            norms=[norm_of[i] if i in norm_of else prior_norms[i] for i in indices],
+            norms=norms,
             param_samples=None if params_slot is None else pending.tensor(params_slot),
             params_sampled=frozenset(i for i in indices if i in sample_params),
             states=(
