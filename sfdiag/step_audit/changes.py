@@ -48,10 +48,7 @@ def _state_rows(tensors: list[torch.Tensor]) -> Any:
     moment, the fits' one use of state (not worth a float64 copy)."""
     small = tensors[0].numel() <= snapshot.SAMPLE_SIZE
     rows = torch.stack(tensors if small else [snapshot.sample_view(t) for t in tensors])
-    rows = rows.reshape(len(tensors), -1)
-    if bool((rows < 0).any(dim=1).all()):
-        return None
-    return rows.to("cpu", torch.float64).numpy()
+    return _positive_rows(rows.reshape(len(tensors), -1))
 
 
 def _numpy(t: torch.Tensor | None):
@@ -211,15 +208,8 @@ class ChangedGrads:
             if held is None:
                 return None
             states = {name: _state_rows(tensors) for name, tensors in held.items()}
-        # only a state with no negative element can be a second moment (the fits' one use)
-        states = {name: rows for name, rows in states.items() if rows is not None}
-        eps_of = np.array([self.eps.get(id(self.params[i]), DEFAULT_EPS) for i in chosen])
         dtype_eps = np.full(len(chosen), _dtype_eps(before.samples))
-        if len(ks) == 1:
-            found = self._one_fit(pre[ks[0]], post[ks[0]], y, states, eps_of, dtype_eps)
-        else:
-            found = verdict.fingerprint_rows(pre[ks], post[ks], y, states, eps_of, dtype_eps)
-        return dict(zip(chosen, found, strict=True))
+        return self._fit(chosen, pre[ks], post[ks], y, states, dtype_eps)
 
     def _kinds(self, indices: list[int], mutated: list[int], pre: Any, post: Any) -> dict[int, str]:
         """The kind of each mutated grad's change (rows ``mutated`` of ``pre``/``post``),
@@ -246,35 +236,46 @@ class ChangedGrads:
             chosen = [indices[k] for k in ks]
             y = _rows([self.before.param_sample(i) for i in chosen]) if has_y else None
             states = {name: _state_rows([s[name] for _, s in rows]) for name, _ in shapes}
-            states = {name: state for name, state in states.items() if state is not None}
-            eps_of = np.array([self.eps.get(id(self.params[i]), DEFAULT_EPS) for i in chosen])
             dtype_eps = np.array([_dtype_eps(self.before.sample(i)) for i in chosen])
-            if len(ks) == 1:  # one grad: its own fits, in their scratch arrays
-                found = self._one_fit(pre[ks[0]], post[ks[0]], y, states, eps_of, dtype_eps)
-            else:
-                found = verdict.fingerprint_rows(pre[ks], post[ks], y, states, eps_of, dtype_eps)
-            out.update(zip(chosen, found, strict=True))
+            out.update(self._fit(chosen, pre[ks], post[ks], y, states, dtype_eps))
         return out
 
-    @staticmethod
-    def _one_fit(pre: Any, post: Any, y: Any, states: Any, eps: Any, dtype_eps: Any) -> list[str]:
-        """One grad's kind, by its own fits (in their scratch arrays)."""
-        return [
-            verdict.fingerprint(
-                pre,
-                post,
-                None if y is None else y[0],
-                {name: state[0] for name, state in states.items()},
-                float(eps[0]),
-                dtype_eps=float(dtype_eps[0]),
-                states_are_scratch=True,
-            )
-        ]
+    def _fit(
+        self,
+        chosen: list[int],
+        pre: Any,
+        post: Any,
+        y: Any,
+        states: dict[str, Any],
+        dtype_eps: Any,
+    ) -> dict[int, str]:
+        """The kind of the mutation of each grad ``chosen`` (rows of ``pre``, ``post``, ``y``
+        and ``states``: None where a state can be no second moment), fitted over all rows
+        at once; one grad alone by its own fits, in their scratch arrays."""
+        import numpy as np
+
+        states = {name: rows for name, rows in states.items() if rows is not None}
+        eps = np.array([self.eps.get(id(self.params[i]), DEFAULT_EPS) for i in chosen])
+        if len(chosen) > 1:
+            found = verdict.fingerprint_rows(pre, post, y, states, eps, dtype_eps)
+        else:
+            found = [
+                verdict.fingerprint(
+                    pre[0],
+                    post[0],
+                    None if y is None else y[0],
+                    {name: rows[0] for name, rows in states.items()},
+                    float(eps[0]),
+                    dtype_eps=float(dtype_eps[0]),
+                    states_are_scratch=True,
+                )
+            ]
+        return dict(zip(chosen, found, strict=True))
 
 
 def _positive_rows(rows: torch.Tensor) -> Any:
-    """State samples (rows, on the host) as float64 numpy, or None where every row has a
-    negative element (as ``_state_rows``)."""
+    """State samples (rows) as float64 numpy on the host, or None where every row has a
+    negative element: no second moment, the fits' one use of state (not worth a copy)."""
     if bool((rows < 0).any(dim=1).all()):
         return None
-    return rows.to(torch.float64).numpy()
+    return rows.to("cpu", torch.float64).numpy()

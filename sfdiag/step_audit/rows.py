@@ -43,11 +43,28 @@ class GroupRows:
     states: dict[str, torch.Tensor] | None = None
 
     def same_rows(self, other: GroupRows) -> Any:
-        """Which rows are bit for bit the other's (numpy bool [k]); None where the two
-        groups' arrays differ in shape."""
+        """Which rows read bit for bit as the other's (norm, block sums, sample: numpy bool
+        [k]); None where the two groups' arrays differ in shape."""
         if self.sums.shape != other.sums.shape or self.bits.shape != other.bits.shape:
             return None
-        return (self.sums == other.sums).all(axis=1) & (self.bits == other.bits).all(axis=1)
+        return (
+            (_norm_bits(self.norms) == _norm_bits(other.norms))
+            & (self.sums == other.sums).all(axis=1)
+            & (self.bits == other.bits).all(axis=1)
+        )
+
+    def same_row(self, row: int, other: GroupRows, other_row: int) -> bool:
+        """``same_rows`` of one row against a row of another group."""
+        return (
+            float_bits(self.norms[row]) == float_bits(other.norms[other_row])
+            and np.array_equal(self.sums[row], other.sums[other_row])
+            and np.array_equal(self.bits[row], other.bits[other_row])
+        )
+
+
+def _norm_bits(norms: list[float]) -> Any:
+    """The norms' bits (NaN equals NaN, -0.0 is not 0.0), as numpy int64."""
+    return np.array(norms, dtype=np.float64).view(np.int64)
 
 
 #: a row's digest is a sum, wrapping in 64 bits, of its words times these odd numbers (one
@@ -201,10 +218,6 @@ class Snapshot(Sequence):
                     out[i] = before[i]
         return out
 
-    def global_norm(self) -> float:
-        """The L2 norm over every grad's norm (the grads' global norm), exactly rounded."""
-        return math.sqrt(math.fsum(n * n for n in self.norms() if n is not None))
-
     def all_finite(self) -> bool:
         return all(math.isfinite(n) for n in self.norms() if n is not None)
 
@@ -249,10 +262,5 @@ class Snapshot(Sequence):
         block sums and sample), from the rows where both have them."""
         mine, theirs = self.row(index), other.row(index)
         if mine is not None and theirs is not None:
-            (a, i), (b, j) = mine, theirs
-            return (
-                float_bits(a.norms[i]) == float_bits(b.norms[j])
-                and np.array_equal(a.sums[i], b.sums[j])
-                and np.array_equal(a.bits[i], b.bits[j])
-            )
+            return mine[0].same_row(mine[1], *theirs)
         return self[index].same_content(other[index])
