@@ -118,29 +118,27 @@ class ChangedGrads:
         """The max relative change of each changed grad's sample (None where there is none
         after, or of another length), and the kind of each mutated grad's change."""
         changes: dict[int, float | None] = dict.fromkeys(self.changed)
+        moved = {i for i, kind in self.changed.items() if kind != "cleared"}
+        # a group read both times: its rows then and now, and its moved grads' positions
+        # (a grad whose fingerprint was built since is no longer a row of its group)
+        built = self.before.built() | self.after.built()
+        by_group: list[tuple[GroupRows, GroupRows, list[int]]] = []
+        in_groups: set[int] = set()
+        for key, now in shared_groups(self.before, self.after):
+            then = self.before.groups[key]
+            positions = [k for k, i in enumerate(then.indices) if i in moved and i not in built]
+            if positions:
+                by_group.append((then, now, positions))
+                in_groups.update(then.indices[k] for k in positions)
         by_length: dict[int, list[int]] = {}
-        # a group read both times: its rows then and now, and its changed grads' positions
-        # (keyed by the rows' identity: a group's key is a tuple of all its indices)
-        by_group: dict[int, tuple[GroupRows, GroupRows, list[int]]] = {
-            id(self.before.groups[key]): (self.before.groups[key], now, [])
-            for key, now in shared_groups(self.before, self.after)
-        }
-        for i, kind in self.changed.items():
-            if kind == "cleared":
-                continue
-            mine, theirs = self.before.row(i), self.after.row(i)
-            if mine is not None and theirs is not None:
-                paired = by_group.get(id(mine[0]))
-                if paired is not None and paired[1] is theirs[0]:
-                    paired[2].append(mine[1])
-                    continue
+        for i in sorted(moved - in_groups):
             a, b = self.before.sample(i), self.after.sample(i)
             if a is not None and b is not None and a.shape == b.shape:
                 by_length.setdefault(a.numel(), []).append(i)
         kinds: dict[int, str] = {}
         if self.fingerprint_kinds and "mutated" in self.changed.values():
             self.eps = _eps_by_param(self.optimizer)
-        for before, after, positions in by_group.values():
+        for before, after, positions in by_group:
             for chunk in _chunks([positions]):
                 rows = torch.tensor(chunk)
                 pre = before.samples[rows].to(torch.float64).numpy()

@@ -169,6 +169,10 @@ class Snapshot(Sequence):
         built its fingerprint yet."""
         return self._rows().get(index) if self._prints[index] is None else None
 
+    def built(self) -> set[int]:
+        """The grads whose ``GradFingerprint`` was built: no longer read as rows."""
+        return {i for i, fp in enumerate(self._prints) if fp is not None}
+
     def _rows(self) -> dict[int, tuple[GroupRows, int]]:
         if self._row is None:
             self._row = {
