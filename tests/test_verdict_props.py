@@ -341,6 +341,10 @@ def test_classify_truth_table(present, same_object, same_content):
 # --------------------------------------------------------------------------- many grads at once
 
 KINDS = ("adam", "adam+wd", "scaled", "weight-decay", "sign", "zeroed", "noise", "sparse", "nan")
+#: rows the fits' dot products decide alone, or not: a rescale or weight decay off by a
+#: relative noise on either side of the tolerances (1e-5 scaled, 1e-3 weight decay) and of
+#: four times them; magnitudes whose squares under- or overflow
+EDGES = ("scaled~", "weight-decay~", "tiny", "huge")
 
 
 def _sample_of_kind(kind: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
@@ -357,15 +361,28 @@ def _sample_of_kind(kind: str, n: int, rng: np.random.Generator) -> tuple[np.nda
         "noise": lambda: rng.standard_normal(n),
         "sparse": lambda: np.where(rng.random(n) < 0.8, 0.0, g) / (np.sqrt(v) + 1e-8),
         "nan": lambda: np.where(np.arange(n) == n // 2, np.nan, g / (np.sqrt(v) + 1e-8)),
+        "scaled~": lambda: g * 0.5 * (1 + _off(1e-5, n, rng)),
+        "weight-decay~": lambda: g + 0.1 * y + 0.1 * np.linalg.norm(y) * _off(1e-3, n, rng),
+        "tiny": lambda: g * 0.3,
+        "huge": lambda: g * 0.3,
     }[kind]()
     if kind == "sparse":
         g = np.where(u == 0, 0.0, g)
+    if kind in ("tiny", "huge"):  # float64 rows (no float32 cast) of squares out of range
+        scale = 1e-158 if kind == "tiny" else 1e152
+        return g * scale, u * scale, y, v, rng.standard_normal(n)
     return g, u.astype(np.float32).astype(np.float64), y, v, rng.standard_normal(n)
+
+
+def _off(tol: float, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Relative noise of about ``tol`` times one of 0.1, 0.5, 2, 6: under and over the
+    tolerance, and over and under the dot products' margin of 4 x it."""
+    return rng.standard_normal(n) * tol * rng.choice([0.1, 0.5, 2.0, 6.0]) / np.sqrt(n)
 
 
 @SETTINGS
 @given(
-    st.lists(st.sampled_from(KINDS), min_size=1, max_size=12),
+    st.lists(st.sampled_from(KINDS + EDGES), min_size=1, max_size=12),
     st.sampled_from((1, 7, 256)),
     st.booleans(),
     st.integers(0, 2**31),

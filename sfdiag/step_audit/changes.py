@@ -16,10 +16,18 @@ from sfdiag.step_audit.rows import GroupRows, Snapshot
 
 
 def _rows(tensors: list[torch.Tensor]) -> Any:
-    """``tensors`` (of one length) as the rows of one float64 numpy array: one stack, one
-    conversion."""
-    rows = torch.stack(tensors)  # samples are flat already: no view a tensor
-    return rows.reshape(len(tensors), -1).to("cpu", torch.float64).numpy()
+    """``tensors`` (of one length) as the rows of one float64 numpy array of its own: one
+    stack, one conversion (one tensor: the conversion alone, no stack's copy beside it)."""
+    rows = _stacked_rows(tensors)
+    return rows.to("cpu", torch.float64, copy=len(tensors) == 1).numpy()
+
+
+def _stacked_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``tensors`` as the rows of one tensor: one tensor is a view of itself (its caller
+    copies), more are stacked."""
+    if len(tensors) == 1:
+        return tensors[0].reshape(1, -1)
+    return torch.stack(tensors).reshape(len(tensors), -1)  # samples are flat: no view each
 
 
 #: the grads a step changed are compared in arrays of this many rows at most (a float64
@@ -47,8 +55,16 @@ def _state_rows(tensors: list[torch.Tensor]) -> Any:
     samples is ever copied. None where every sample has a negative element: no second
     moment, the fits' one use of state (not worth a float64 copy)."""
     small = tensors[0].numel() <= snapshot.SAMPLE_SIZE
-    rows = torch.stack(tensors if small else [snapshot.sample_view(t) for t in tensors])
-    return _positive_rows(rows.reshape(len(tensors), -1))
+    rows = _stacked_rows(tensors if small else [snapshot.sample_view(t) for t in tensors])
+    return _positive_rows(rows, copy=len(tensors) == 1)
+
+
+def _rows_of(rows: Any, ks: list[int]) -> Any:
+    """Rows ``ks`` of a numpy array: the array itself where they are all of its rows, in
+    order (no copy in a step hook)."""
+    if len(ks) == len(rows) and all(k == n for n, k in enumerate(ks)):
+        return rows
+    return rows[ks]
 
 
 def _numpy(t: torch.Tensor | None):
@@ -118,20 +134,26 @@ class ChangedGrads:
         """The max relative change of each changed grad's sample (None where there is none
         after, or of another length), and the kind of each mutated grad's change."""
         changes: dict[int, float | None] = dict.fromkeys(self.changed)
-        moved = {i for i, kind in self.changed.items() if kind != "cleared"}
         # a group read both times: its rows then and now, and its moved grads' positions
         # (a grad whose fingerprint was built since is no longer a row of its group)
-        built = self.before.built() | self.after.built()
         by_group: list[tuple[GroupRows, GroupRows, list[int]]] = []
         in_groups: set[int] = set()
-        for key, now in shared_groups(self.before, self.after):
+        shared = shared_groups(self.before, self.after)
+        built = self.before.built() | self.after.built() if shared else in_groups  # (empty)
+        for key, now in shared:
             then = self.before.groups[key]
-            positions = [k for k, i in enumerate(then.indices) if i in moved and i not in built]
+            positions = [
+                k
+                for k, i in enumerate(then.indices)
+                if self.changed.get(i, "cleared") != "cleared" and i not in built
+            ]
             if positions:
                 by_group.append((then, now, positions))
                 in_groups.update(then.indices[k] for k in positions)
         by_length: dict[int, list[int]] = {}
-        for i in sorted(moved - in_groups):
+        for i, kind in self.changed.items():
+            if kind == "cleared" or i in in_groups:
+                continue
             a, b = self.before.sample(i), self.after.sample(i)
             if a is not None and b is not None and a.shape == b.shape:
                 by_length.setdefault(a.numel(), []).append(i)
@@ -207,7 +229,7 @@ class ChangedGrads:
                 return None
             states = {name: _state_rows(tensors) for name, tensors in held.items()}
         dtype_eps = np.full(len(chosen), _dtype_eps(before.samples))
-        return self._fit(chosen, pre[ks], post[ks], y, states, dtype_eps)
+        return self._fit(chosen, _rows_of(pre, ks), _rows_of(post, ks), y, states, dtype_eps)
 
     def _kinds(self, indices: list[int], mutated: list[int], pre: Any, post: Any) -> dict[int, str]:
         """The kind of each mutated grad's change (rows ``mutated`` of ``pre``/``post``),
@@ -235,7 +257,9 @@ class ChangedGrads:
             y = _rows([self.before.param_sample(i) for i in chosen]) if has_y else None
             states = {name: _state_rows([s[name] for _, s in rows]) for name, _ in shapes}
             dtype_eps = np.array([_dtype_eps(self.before.sample(i)) for i in chosen])
-            out.update(self._fit(chosen, pre[ks], post[ks], y, states, dtype_eps))
+            out.update(
+                self._fit(chosen, _rows_of(pre, ks), _rows_of(post, ks), y, states, dtype_eps)
+            )
         return out
 
     def _fit(
@@ -271,9 +295,10 @@ class ChangedGrads:
         return dict(zip(chosen, found, strict=True))
 
 
-def _positive_rows(rows: torch.Tensor) -> Any:
+def _positive_rows(rows: torch.Tensor, copy: bool = False) -> Any:
     """State samples (rows) as float64 numpy on the host, or None where every row has a
-    negative element: no second moment, the fits' one use of state (not worth a copy)."""
+    negative element: no second moment, the fits' one use of state (not worth a copy).
+    ``copy``: ``rows`` are a view of the state, which the fits (in place) must not touch."""
     if bool((rows < 0).any(dim=1).all()):
         return None
-    return rows.to("cpu", torch.float64).numpy()
+    return rows.to("cpu", torch.float64, copy=copy).numpy()

@@ -232,37 +232,86 @@ def fingerprint(
     return "unknown"
 
 
+def _row_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,ij->i", a, b)
+
+
 def _row_norms(a: np.ndarray) -> np.ndarray:
-    return np.sqrt(np.einsum("ij,ij->i", a, a))
+    return np.sqrt(_row_dots(a, a))
+
+
+def _row_coef(
+    feature: np.ndarray,
+    target: np.ndarray,
+    rows: np.ndarray,
+    energy: np.ndarray | None = None,
+    cross: np.ndarray | None = None,
+) -> np.ndarray:
+    """Each row's least-squares coefficient of ``feature`` for ``target``, as ``_fit``'s (0
+    outside ``rows`` and where the feature is zero); ``energy`` and ``cross``: the rows'
+    feature.feature and feature.target, where the caller has them."""
+    energy = _row_dots(feature, feature) if energy is None else energy
+    cross = _row_dots(feature, target) if cross is None else cross
+    coef = np.zeros(len(feature))
+    np.divide(cross, energy, out=coef, where=rows & (energy > 0))
+    return coef
+
+
+#: squared row norms in this range decide a fit from dot products (no product of two of
+#: them under- or overflows); the others' residuals are computed element by element
+_SAFE_SQUARES = (1e-150, 1e150)
 
 
 def _row_fit(
-    feature: np.ndarray, target: np.ndarray, rows: np.ndarray
+    feature: np.ndarray, target: np.ndarray, rows: np.ndarray, tol: np.ndarray | float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``_fit`` of each row (``rows``: those to fit; the others come back coef 0, rel inf)."""
-    energy = np.einsum("ij,ij->i", feature, feature)
-    coef = np.zeros(len(feature))
-    np.divide(np.einsum("ij,ij->i", feature, target), energy, out=coef, where=rows & (energy > 0))
-    resid = _row_norms(target - coef[:, None] * feature)
-    scale = _row_norms(target)
-    rel = np.full(len(feature), np.inf)
-    np.divide(resid, scale, out=rel, where=scale > 0)
-    rel[(scale == 0) & (resid == 0)] = 0.0
-    return coef, rel
+    """``_fit`` of each row of ``rows``: its coef, and whether the residual's norm over the
+    target's is under ``tol`` (False outside ``rows``). A row far off the fit is told from
+    three dot products (||t - c f||^2 = t.t - c (2 f.t - c f.f), whose rounding is orders
+    of magnitude below the margin of 4 * tol it is given); only the others, those the dot
+    products cannot tell from a fit, have their residual computed as ``_fit`` does."""
+    energy = _row_dots(feature, feature)
+    cross = _row_dots(feature, target)
+    scale2 = _row_dots(target, target)
+    coef = _row_coef(feature, target, rows, energy, cross)
+    low, high = _SAFE_SQUARES
+    safe = (energy >= low) & (energy <= high) & (scale2 >= low) & (scale2 <= high)
+    tol = np.broadcast_to(tol, coef.shape)
+    far = np.zeros(len(coef), dtype=bool)
+    np.greater(
+        (scale2 - coef * (2 * cross - coef * energy)) / scale2,
+        (4 * tol) ** 2,
+        out=far,
+        where=safe,
+    )
+    fits = np.zeros(len(coef), dtype=bool)
+    picked = np.flatnonzero(rows & ~far)
+    if len(picked):
+        near = target[picked]
+        resid = _row_norms(near - coef[picked, None] * feature[picked])
+        scale = _row_norms(near)
+        rel = np.full(len(picked), np.inf)
+        np.divide(resid, scale, out=rel, where=scale > 0)
+        rel[(scale == 0) & (resid == 0)] = 0.0
+        fits[picked] = rel < tol[picked]
+    return coef, fits
 
 
 def _row_medians(values: np.ndarray, ok: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """The median of each row's ``ok`` elements (NaN for the rows not in ``rows``): the
     others sorted past them as +inf, the middle one (or two, averaged) picked by count, as
-    ``_median_of`` picks them."""
+    ``_median_of`` picks them. ``values`` is scratch: it is sorted in place."""
     out = np.full(len(values), np.nan)
     picked = np.flatnonzero(rows)
     if not len(picked):
         return out
-    ordered = np.sort(np.where(ok[picked], values[picked], np.inf), axis=1)
-    count = ok[picked].sum(axis=1)
-    low = ordered[np.arange(len(picked)), (count - 1) // 2]
-    high = ordered[np.arange(len(picked)), count // 2]
+    if len(picked) < len(values):  # (all rows, the usual case: no copy of them)
+        values, ok = values[picked], ok[picked]
+    np.copyto(values, np.inf, where=~ok)
+    values.sort(axis=1)
+    count = ok.sum(axis=1)
+    low = values[np.arange(len(picked)), (count - 1) // 2]
+    high = values[np.arange(len(picked)), count // 2]
     out[picked] = np.where(count % 2, high, (low + high) / 2)
     return out
 
@@ -308,19 +357,18 @@ def fingerprint_rows(
     any_g = g.any(1)
     with np.errstate(all="ignore"):
         name(~u.any(1) & any_g, "zeroed")
-        coef, rel = _row_fit(g, u, open_ & any_g)
+        coef, fits = _row_fit(g, u, open_ & any_g, scale_tol)
         name(
             # (math.isclose(coef, 1.0, rel_tol=1e-6), as the one-grad fit asks)
-            open_
-            & any_g
-            & (rel < scale_tol)
-            & (np.abs(coef - 1) > 1e-6 * np.maximum(abs(coef), 1)),
+            open_ & any_g & fits & (np.abs(coef - 1) > 1e-6 * np.maximum(abs(coef), 1)),
             "scaled",
         )
+        any_y = y.any(1) if y is not None else None
+        work, rest = np.empty_like(g), np.empty_like(g)  # (the arithmetic below in place)
         if y is not None:
-            any_y = y.any(1)
-            lam, rel = _row_fit(y, u - g, open_ & any_y)
-            name(open_ & any_y & (lam != 0) & (rel < fit_tol), "weight-decay")
+            lam, fits = _row_fit(y, np.subtract(u, g, out=work), open_ & any_y, fit_tol)
+            name(open_ & any_y & (lam != 0) & fits, "weight-decay")
+        u_norms = _row_norms(u)
         for s in states.values():
             if not open_.any():
                 break
@@ -332,25 +380,30 @@ def fingerprint_rows(
             for _ in range(3):
                 if not active.any():
                     break
-                denominator = u - lam[:, None] * y if y is not None else u
-                work = g / denominator / root
+                if y is not None and lam.any():  # the denominator: g / (u - lam * y) / root
+                    np.multiply(y, lam[:, None], out=work)
+                    np.divide(g, np.subtract(u, work, out=work), out=work)
+                else:
+                    np.divide(g, u, out=work)
+                np.divide(work, root, out=work)
                 ok = usable & np.isfinite(work)
                 active &= ok.any(1)
-                k = _row_medians(work, ok, active)
+                k = _row_medians(work, ok, active)  # (sorts work)
                 active &= k > 0
                 if not active.any():
                     break
                 k1 = np.where(active, k, 1.0)
-                rest = u - g / (root * k1[:, None] + eps[:, None])
+                np.multiply(root, k1[:, None], out=rest)  # rest: u - g / (root * k + eps)
+                np.add(rest, eps[:, None], out=rest)
+                np.subtract(u, np.divide(g, rest, out=rest), out=rest)
                 if y is not None:
-                    fitted, _ = _row_fit(y, rest, active & y.any(1))
-                    lam = np.where(active & y.any(1), fitted, lam)
-                    rest = rest - lam[:, None] * y
-                done = active & (_row_norms(rest) < fit_tol * _row_norms(u))
+                    lam = np.where(active & any_y, _row_coef(y, rest, active & any_y), lam)
+                    np.subtract(rest, np.multiply(y, lam[:, None], out=work), out=rest)
+                done = active & (_row_norms(rest) < fit_tol * u_norms)
                 name(done, "adam-normalized")
                 active &= ~done
-        # (the open rows are finite: equal elements is np.array_equal)
-        name(open_ & any_g & (u == np.sign(g)).all(1), "sign")
+        if open_.any():  # (the open rows are finite: equal elements is np.array_equal)
+            name(open_ & any_g & (u == np.sign(g, out=work)).all(1), "sign")
     kinds[open_] = "unknown"
     return list(kinds)
 
