@@ -59,6 +59,25 @@ def _state_rows(tensors: list[torch.Tensor]) -> Any:
     return _positive_rows(rows, copy=len(tensors) == 1)
 
 
+def _row_index(positions: list[int]) -> slice | torch.Tensor:
+    """Rows ``positions`` (ascending) of a group's arrays: a slice where they follow one
+    another (a view, no gather), else an index tensor."""
+    first, count = positions[0], len(positions)
+    if positions[-1] - first == count - 1:
+        return slice(first, first + count)
+    return torch.tensor(positions)
+
+
+def _subset(rows: slice | torch.Tensor, ks: list[int], count: int) -> slice | torch.Tensor:
+    """Rows ``ks`` (ascending) of the ``count`` that ``rows`` index: ``rows`` where they are
+    all of them."""
+    if len(ks) == count:
+        return rows
+    if isinstance(rows, slice):
+        rows = torch.arange(rows.start, rows.stop)
+    return rows[ks]
+
+
 def _rows_of(rows: Any, ks: list[int]) -> Any:
     """Rows ``ks`` of a numpy array: the array itself where they are all of its rows, in
     order (no copy in a step hook)."""
@@ -162,9 +181,9 @@ class ChangedGrads:
             self.eps = _eps_by_param(self.optimizer)
         for before, after, positions in by_group:
             for chunk in _chunks([positions]):
-                rows = torch.tensor(chunk)
-                pre = before.samples[rows].to(torch.float64).numpy()
-                post = after.samples[rows].to(torch.float64).numpy()
+                rows = _row_index(chunk)
+                pre = before.samples[rows].to(torch.float64, copy=True).numpy()
+                post = after.samples[rows].to(torch.float64, copy=True).numpy()
                 indices = [before.indices[k] for k in chunk]
                 self._compare_rows(indices, pre, post, (before, after, rows), changes, kinds)
         for chunk in _chunks(by_length.values()):
@@ -178,7 +197,7 @@ class ChangedGrads:
         indices: list[int],
         pre: Any,
         post: Any,
-        group: tuple[GroupRows, GroupRows, torch.Tensor] | None,
+        group: tuple[GroupRows, GroupRows, slice | torch.Tensor] | None,
         changes: dict[int, float | None],
         kinds: dict[int, str],
     ) -> None:
@@ -201,7 +220,7 @@ class ChangedGrads:
         mutated: list[int],
         pre: Any,
         post: Any,
-        group: tuple[GroupRows, GroupRows, torch.Tensor],
+        group: tuple[GroupRows, GroupRows, slice | torch.Tensor],
     ) -> dict[int, str] | None:
         """``_kinds`` of a group's grads, from its arrays: their params' samples as rows of
         the snapshot before (where it read them all or none), their states' as rows of the
@@ -215,12 +234,14 @@ class ChangedGrads:
         sampled = [i in before.params_sampled for i in chosen]
         if any(sampled) and (not all(sampled) or before.param_samples is None):
             return None
+        taken = _subset(positions, ks, len(indices))
+        view = isinstance(taken, slice)  # (of the snapshot's rows: the fits get a copy)
         y = None
         if any(sampled):
-            y = before.param_samples[positions[ks]].to(torch.float64).numpy()
+            y = before.param_samples[taken].to(torch.float64, copy=True).numpy()
         if after.states is not None:  # sampled with the grads (an accelerator's)
             states = {
-                name: _positive_rows(rows[positions[ks]]) for name, rows in after.states.items()
+                name: _positive_rows(rows[taken], copy=view) for name, rows in after.states.items()
             }
         else:  # the CPU's: the state tensors themselves, in one stack per name
             params = [self.params[i] for i in chosen]
@@ -299,6 +320,6 @@ def _positive_rows(rows: torch.Tensor, copy: bool = False) -> Any:
     """State samples (rows) as float64 numpy on the host, or None where every row has a
     negative element: no second moment, the fits' one use of state (not worth a copy).
     ``copy``: ``rows`` are a view of the state, which the fits (in place) must not touch."""
-    if bool((rows < 0).any(dim=1).all()):
+    if bool(rows.amin(dim=1).lt(0).all()):  # (a NaN row is copied: the fits judge it)
         return None
     return rows.to("cpu", torch.float64, copy=copy).numpy()
