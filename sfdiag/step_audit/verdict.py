@@ -85,17 +85,52 @@ def max_rel_change_rows(pre: np.ndarray, post: np.ndarray) -> list[float]:
     return rel.max(axis=1).tolist()
 
 
+#: the fewest elements ``_subtract_scaled`` takes a slice at a time
+_SLICE = 64
+
+
 def _fit(feature: np.ndarray, target: np.ndarray, scratch: np.ndarray) -> tuple[float, float]:
     """Least squares of ``target`` on one ``feature``: the coefficient, and the residual's
     norm relative to ||target|| (``scratch``, of their size, is overwritten)."""
-    # closed form for one feature: what lstsq computes, without its copies and workspace
-    energy = float(np.dot(feature, feature))
-    coef = float(np.dot(feature, target)) / energy if energy > 0 else 0.0
+    coef = _coef(feature, target)
     np.multiply(feature, coef, out=scratch)
     np.subtract(target, scratch, out=scratch)
-    resid = np.linalg.norm(scratch)
+    return coef, _relative(np.linalg.norm(scratch), np.linalg.norm(target))
+
+
+def _relative(resid: float, scale: float) -> float:
+    return resid / scale if scale > 0 else (0.0 if resid == 0 else math.inf)
+
+
+def _coef(feature: np.ndarray, target: np.ndarray) -> float:
+    """The least-squares coefficient of ``feature`` for ``target`` (closed form for one
+    feature: what lstsq computes, without its copies and workspace)."""
+    energy = float(np.dot(feature, feature))
+    return float(np.dot(feature, target)) / energy if energy > 0 else 0.0
+
+
+def _fit_in_place(
+    feature: np.ndarray, target: np.ndarray, buffer: np.ndarray
+) -> tuple[float, float]:
+    """``_fit`` of a ``target`` that is scratch: the residual is left in it (computed through
+    ``buffer``, of any length: see ``_subtract_scaled``)."""
+    coef = _coef(feature, target)
     scale = np.linalg.norm(target)
-    return float(coef), (resid / scale if scale > 0 else (0.0 if resid == 0 else math.inf))
+    _subtract_scaled(target, feature, coef, buffer)
+    return coef, _relative(np.linalg.norm(target), scale)
+
+
+def _subtract_scaled(
+    target: np.ndarray, feature: np.ndarray, coef: float, buffer: np.ndarray
+) -> None:
+    """``target -= coef * feature`` in place, a slice of ``buffer``'s length at a time: the
+    elementwise arithmetic of ``target - coef * feature``, without an array of their size
+    beside them (the one-grad fits' memory in a step hook)."""
+    step = len(buffer)
+    for start in range(0, len(target), step):
+        part = target[start : start + step]
+        scaled = np.multiply(feature[start : start + step], coef, out=buffer[: len(part)])
+        np.subtract(part, scaled, out=part)
 
 
 def _fits_scaled(g: np.ndarray, u: np.ndarray, tol: float, scratch: np.ndarray) -> bool:
@@ -106,18 +141,23 @@ def _fits_scaled(g: np.ndarray, u: np.ndarray, tol: float, scratch: np.ndarray) 
 
 
 def _fits_weight_decay(
-    g: np.ndarray, u: np.ndarray, y: np.ndarray | None, tol: float, scratch: np.ndarray
+    g: np.ndarray,
+    u: np.ndarray,
+    y: np.ndarray | None,
+    tol: float,
+    scratch: np.ndarray,
+    buffer: np.ndarray,
 ) -> bool:
     if y is None or not np.any(y):
         return False
-    diff = np.subtract(u, g)
-    lam, rel = _fit(y, diff, scratch)
+    lam, rel = _fit_in_place(y, np.subtract(u, g, out=scratch), buffer)
     return lam != 0 and rel < tol
 
 
-def _median_of(values: np.ndarray) -> float:
-    """``np.median`` of ``values``, partitioning them in place (no copy of its own)."""
-    n = values.size
+def _median_of(values: np.ndarray, count: int | None = None) -> float:
+    """``np.median`` of ``values`` (of their ``count`` smallest, the others being larger),
+    partitioning them in place (no copy of its own)."""
+    n = values.size if count is None else count
     middle = n // 2
     if n % 2:
         values.partition(middle)
@@ -134,14 +174,15 @@ def _fits_adam(
     eps: float,
     tol: float,
     work: np.ndarray,
+    buffer: np.ndarray,
 ) -> bool:
     """u == g / (k * sqrt(S) + eps) + lam * y for some second-moment state S, k > 0, lam.
 
     Elementwise the same arithmetic as a textbook version, over whole arrays with a mask
-    instead of copies of the usable elements, in two work arrays (``work`` is scratch).
+    instead of copies of the usable elements, in one work array (``work`` is scratch; the
+    residual's weight decay taken off through ``buffer``: ``_subtract_scaled``).
     Overwrites the states' arrays with their square roots.
     """
-    rest = np.empty_like(g)
     for s in states.values():
         if s.shape != g.shape or np.any(s < 0) or not np.any(s):
             continue
@@ -163,19 +204,19 @@ def _fits_adam(
             count = int(np.count_nonzero(ok))
             if not count:
                 break
-            k = _median_of(np.compress(ok, work, out=rest[:count]))  # rest is free till below
+            np.copyto(work, np.inf, where=~ok)  # the usable ratios, the smallest: their median
+            k = _median_of(work, count)
             if not k > 0:
                 break
             np.multiply(root, k, out=work)  # the Adam-normalised gradient, in work
             np.add(work, eps, out=work)
             np.divide(g, work, out=work)
-            np.subtract(u, work, out=rest)  # what is left for lam * y
+            np.subtract(u, work, out=work)  # what is left for lam * y
             if y is not None and np.any(y):
-                lam, _ = _fit(y, rest, work)
+                lam = _coef(y, work)
             if y is not None:
-                np.multiply(y, lam, out=work)
-                np.subtract(rest, work, out=rest)
-            if np.linalg.norm(rest) < tol * np.linalg.norm(u):
+                _subtract_scaled(work, y, lam, buffer)
+            if np.linalg.norm(work) < tol * np.linalg.norm(u):
                 return True
     return False
 
@@ -219,13 +260,14 @@ def fingerprint(
     if not np.any(u) and np.any(g):
         return "zeroed"
     scratch = np.empty_like(g)
+    buffer = np.empty(max(_SLICE, g.size // 8))  # (``_subtract_scaled``'s slices)
     # Huge finite values overflow the fits' norms: that candidate fails, without a warning.
     with np.errstate(all="ignore"):
         if _fits_scaled(g, u, scale_tol, scratch):
             return "scaled"
-        if _fits_weight_decay(g, u, y, fit_tol, scratch):
+        if _fits_weight_decay(g, u, y, fit_tol, scratch, buffer):
             return "weight-decay"
-        if _fits_adam(g, u, y, states, eps, fit_tol, scratch):
+        if _fits_adam(g, u, y, states, eps, fit_tol, scratch, buffer):
             return "adam-normalized"
     if np.any(g) and np.array_equal(u, np.sign(g)):
         return "sign"
