@@ -180,3 +180,44 @@ def test_a_group_read_as_rows_says_what_each_grad_read_alone_says(
     assert verdicts == expected.get(name, {"mutated"})
     if expected.get(name) is None:  # a kind named for every mutated grad
         assert all(kind for records, *_ in grouped for _, kind, *_ in records)
+
+
+def test_a_groups_fits_never_stack_a_state_once_every_row_is_named(monkeypatch):
+    """sf-adamw's state is ``z`` (signed: no second moment), then ``exp_avg_sq``; a group's
+    fits read a state when they come to it, a square's first: every row named by
+    ``exp_avg_sq`` (grads well above its eps), ``z`` is never stacked, and the kinds are
+    those found with every state read in the optimizer's order."""
+    from sfdiag.optim import AdamWScheduleFree
+    from sfdiag.step_audit import changes
+
+    read: list[str] = []
+    real = changes._StateRows.__getitem__
+
+    def getitem(self, name):
+        read.append(name)
+        return real(self, name)
+
+    def every_state(held):
+        return {name: changes._state_rows(tensors) for name, tensors in held.items()}
+
+    kinds = []
+    for lazy in (True, False):
+        monkeypatch.setattr(changes._StateRows, "__getitem__", getitem)
+        if not lazy:
+            monkeypatch.setattr(changes, "_StateRows", every_state)
+        torch.manual_seed(0)
+        params = [p for _ in range(20) for p in torch.nn.Linear(8, 8).parameters()]
+        optimizer = AdamWScheduleFree(params, lr=0.01, warmup_steps=0)
+        optimizer.train()
+        auditor = StepAuditor()
+        noise = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=noise) * 1e-3
+            auditor.pre_step(optimizer)
+            optimizer.step()
+            auditor.post_step(optimizer)
+        kinds.append([r.fingerprint for r in auditor.observations[-1].params])
+    assert list(optimizer.state[params[0]]) == ["z", "exp_avg_sq"]
+    assert read and set(read) == {"exp_avg_sq"}
+    assert kinds[0] == kinds[1] == ["adam-normalized"] * len(params)

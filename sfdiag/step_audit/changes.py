@@ -5,7 +5,7 @@ many grads instead of a fit each."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -248,7 +248,7 @@ class ChangedGrads:
             held = snapshot.states_alike(getattr(self.optimizer, "state", None), params)
             if held is None:
                 return None
-            states = {name: _state_rows(tensors) for name, tensors in held.items()}
+            states = _StateRows(held)
         dtype_eps = np.full(len(chosen), _dtype_eps(before.samples))
         return self._fit(chosen, _rows_of(pre, ks), _rows_of(post, ks), y, states, dtype_eps)
 
@@ -297,7 +297,6 @@ class ChangedGrads:
         at once; one grad alone by its own fits, in their scratch arrays."""
         import numpy as np
 
-        states = {name: rows for name, rows in states.items() if rows is not None}
         eps = np.array([self.eps.get(id(self.params[i]), DEFAULT_EPS) for i in chosen])
         if len(chosen) > 1:
             found = verdict.fingerprint_rows(pre, post, y, states, eps, dtype_eps)
@@ -307,13 +306,37 @@ class ChangedGrads:
                     pre[0],
                     post[0],
                     None if y is None else y[0],
-                    {name: rows[0] for name, rows in states.items()},
+                    {name: rows[0] for name, rows in states.items() if rows is not None},
                     float(eps[0]),
                     dtype_eps=float(dtype_eps[0]),
                     states_are_scratch=True,
                 )
             ]
         return dict(zip(chosen, found, strict=True))
+
+
+class _StateRows(Mapping):
+    """A group's state rows by name (``_state_rows`` of ``held``'s tensors), each read when
+    the fits first ask for it, a name that says a square (``exp_avg_sq``) first: the fits
+    stop once every row is named, so that a first moment or sf-adamw's ``z`` is then never
+    stacked. Which state names a row changes no kind: any that fits names it
+    adam-normalized."""
+
+    def __init__(self, held: dict[str, list[torch.Tensor]]) -> None:
+        self._held = held
+        self._names = sorted(held, key=lambda name: "sq" not in name.lower())
+        self._read: dict[str, Any] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._read:
+            self._read[name] = _state_rows(self._held[name])
+        return self._read[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def _positive_rows(rows: torch.Tensor, copy: bool = False) -> Any:

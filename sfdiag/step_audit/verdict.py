@@ -362,13 +362,14 @@ def fingerprint_rows(
     pre: np.ndarray,
     post: np.ndarray,
     param: np.ndarray | None,
-    states: Mapping[str, np.ndarray],
+    states: Mapping[str, np.ndarray | None],
     eps: np.ndarray,
     dtype_eps: np.ndarray,
 ) -> list[str]:
     """``fingerprint`` of each row of ``pre``/``post`` ([k, n] float64: k grads' samples of
     one length), with ``param``'s rows (or None for all) and ``states``' ([k, n] each, the
-    same names for every row), ``eps`` and ``dtype_eps`` per row: the same fits over all
+    same names for every row; None: no second moment), ``eps`` and ``dtype_eps`` per row:
+    the same fits over all
     rows at once, so a step that mutated a thousand grads pays a few dozen numpy calls, not
     a thousand times that. A row with a non-finite element takes ``fingerprint`` itself.
     The states' arrays are overwritten."""
@@ -383,7 +384,7 @@ def fingerprint_rows(
             g[i],
             u[i],
             None if y is None else y[i],
-            {k: v[i] for k, v in states.items()},
+            {k: v[i] for k, v in states.items() if v is not None},
             float(eps[i]),
             float(dtype_eps[i]),
             states_are_scratch=True,
@@ -411,9 +412,12 @@ def fingerprint_rows(
             lam, fits = _row_fit(y, np.subtract(u, g, out=work), open_ & any_y, fit_tol)
             name(open_ & any_y & (lam != 0) & fits, "weight-decay")
         u_norms = _row_norms(u)
-        for s in states.values():
+        for state in states:
             if not open_.any():
                 break
+            s = states[state]  # (read only now: see ``changes._StateRows``)
+            if s is None:  # no second moment
+                continue
             usable_state = open_ & ~(s < 0).any(1) & s.any(1)
             root = np.sqrt(s, out=s)
             usable = (root > 100 * eps[:, None]) & (g != 0)
