@@ -78,10 +78,19 @@ def max_rel_change_rows(pre: np.ndarray, post: np.ndarray) -> list[float]:
     if pre.shape[1] == 0:
         return [0.0] * len(pre)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        same = (pre == post) | (np.isnan(pre) & np.isnan(post))
-        rel = np.abs(post - pre) / np.maximum(np.abs(pre), np.finfo(np.float64).tiny)
-    rel[np.isnan(rel)] = np.inf
-    rel[same] = 0.0
+        rel = np.subtract(post, pre)
+        np.abs(rel, out=rel)
+        denom = np.abs(pre)
+        np.maximum(denom, np.finfo(np.float64).tiny, out=denom)
+        np.divide(rel, denom, out=rel)
+        del denom
+    # an element equal before and after is 0 already, but for Inf or NaN ones: those are
+    # NaN here, with a NaN that appeared or went (inf), and are told apart alone
+    odd = np.flatnonzero(np.isnan(rel))
+    if len(odd):
+        flat, before, after = rel.reshape(-1), pre.reshape(-1)[odd], post.reshape(-1)[odd]
+        same = (before == after) | (np.isnan(before) & np.isnan(after))
+        flat[odd] = np.where(same, 0.0, np.inf)
     return rel.max(axis=1).tolist()
 
 
