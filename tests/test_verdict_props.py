@@ -369,7 +369,7 @@ def _sample_of_kind(kind: str, n: int, rng: np.random.Generator) -> tuple[np.nda
     if kind == "sparse":
         g = np.where(u == 0, 0.0, g)
     if kind in ("tiny", "huge"):  # float64 rows (no float32 cast) of squares out of range
-        scale = 1e-158 if kind == "tiny" else 1e152
+        scale = 1e-158 if kind == "tiny" else 1e155
         return g * scale, u * scale, y, v, rng.standard_normal(n)
     return g, u.astype(np.float32).astype(np.float64), y, v, rng.standard_normal(n)
 

@@ -314,16 +314,22 @@ _SAFE_SQUARES = (1e-150, 1e150)
 
 
 def _row_fit(
-    feature: np.ndarray, target: np.ndarray, rows: np.ndarray, tol: np.ndarray | float
+    feature: np.ndarray,
+    target: np.ndarray,
+    rows: np.ndarray,
+    tol: np.ndarray | float,
+    energy: np.ndarray | None = None,
+    scale2: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``_fit`` of each row of ``rows``: its coef, and whether the residual's norm over the
     target's is under ``tol`` (False outside ``rows``). A row far off the fit is told from
     three dot products (||t - c f||^2 = t.t - c (2 f.t - c f.f), whose rounding is orders
     of magnitude below the margin of 4 * tol it is given); only the others, those the dot
-    products cannot tell from a fit, have their residual computed as ``_fit`` does."""
-    energy = _row_dots(feature, feature)
+    products cannot tell from a fit, have their residual computed as ``_fit`` does.
+    ``energy``, ``scale2``: f.f and t.t, where the caller has them."""
+    energy = _row_dots(feature, feature) if energy is None else energy
     cross = _row_dots(feature, target)
-    scale2 = _row_dots(target, target)
+    scale2 = _row_dots(target, target) if scale2 is None else scale2
     coef = _row_coef(feature, target, rows, energy, cross)
     low, high = _SAFE_SQUARES
     safe = (energy >= low) & (energy <= high) & (scale2 >= low) & (scale2 <= high)
@@ -385,9 +391,13 @@ def fingerprint_rows(
     g, u, y = pre, post, param
     count = len(g)
     kinds = np.full(count, "", dtype=object)
-    finite = np.isfinite(g).all(1) & np.isfinite(u).all(1)
-    if y is not None:
-        finite &= np.isfinite(y).all(1)
+    with np.errstate(all="ignore"):
+        squares = [_row_dots(a, a) for a in (g, u) + (() if y is None else (y,))]
+    # a row's sum of squares is finite only where each of its elements is: the others (a
+    # NaN or Inf element, or an overflow) are looked at element by element
+    finite = np.logical_and.reduce([np.isfinite(s) for s in squares])
+    for i in np.flatnonzero(~finite):
+        finite[i] = all(np.isfinite(a[i]).all() for a in (g, u) + (() if y is None else (y,)))
     for i in np.flatnonzero(~finite):  # left out elementwise: the one-grad path does it
         kinds[i] = fingerprint(
             g[i],
@@ -409,7 +419,7 @@ def fingerprint_rows(
     any_g = g.any(1)
     with np.errstate(all="ignore"):
         name(~u.any(1) & any_g, "zeroed")
-        coef, fits = _row_fit(g, u, open_ & any_g, scale_tol)
+        coef, fits = _row_fit(g, u, open_ & any_g, scale_tol, squares[0], squares[1])
         name(
             # (math.isclose(coef, 1.0, rel_tol=1e-6), as the one-grad fit asks)
             open_ & any_g & fits & (np.abs(coef - 1) > 1e-6 * np.maximum(abs(coef), 1)),
@@ -418,9 +428,9 @@ def fingerprint_rows(
         any_y = y.any(1) if y is not None else None
         work, rest = np.empty_like(g), np.empty_like(g)  # (the arithmetic below in place)
         if y is not None:
-            lam, fits = _row_fit(y, np.subtract(u, g, out=work), open_ & any_y, fit_tol)
+            lam, fits = _row_fit(y, np.subtract(u, g, out=work), open_ & any_y, fit_tol, squares[2])
             name(open_ & any_y & (lam != 0) & fits, "weight-decay")
-        u_norms = _row_norms(u)
+        u_norms = np.sqrt(squares[1])  # (``_row_norms(u)``)
         for state in states:
             if not open_.any():
                 break
