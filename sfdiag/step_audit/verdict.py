@@ -51,32 +51,24 @@ def classify(present_after: bool, same_object: bool, same_content: bool) -> str:
 
 
 def max_rel_change(pre: np.ndarray, post: np.ndarray) -> float:
-    """max |post - pre| / max(|pre|, tiny) over the elements, NaN-aware (NaN == NaN).
-
-    Written with two scratch arrays, in place: the audit runs it in an optimizer's step
-    hook, where every kilobyte counts against its memory budget.
-    """
+    """max |post - pre| / max(|pre|, tiny) over the elements, NaN-aware (NaN == NaN)."""
     if pre.size == 0:
         return 0.0
-    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        same = pre == post
-        same |= np.isnan(pre) & np.isnan(post)
-        rel = np.subtract(post, pre)
-        np.abs(rel, out=rel)
-        denom = np.abs(pre)
-        np.maximum(denom, np.finfo(np.float64).tiny, out=denom)
-        np.divide(rel, denom, out=rel)
-        del denom
-    # An unchanged element is 0 even where |pre| is NaN or Inf; a NaN that appeared is inf.
-    np.copyto(rel, np.inf, where=np.isnan(rel))
-    rel[same] = 0.0
-    return float(rel.max())
+    return float(_rel_change(pre, post).max())
 
 
 def max_rel_change_rows(pre: np.ndarray, post: np.ndarray) -> list[float]:
     """``max_rel_change`` of each row of ``pre``/``post`` ([k, n])."""
     if pre.shape[1] == 0:
         return [0.0] * len(pre)
+    return _rel_change(pre, post).max(axis=1).tolist()
+
+
+def _rel_change(pre: np.ndarray, post: np.ndarray) -> np.ndarray:
+    """|post - pre| / max(|pre|, tiny) elementwise: 0 where an element is the same before
+    and after (NaN == NaN, Inf == Inf), inf where a NaN appeared or went. Written in place,
+    in two arrays: the audit runs it in an optimizer's step hook, where every kilobyte
+    counts against its memory budget."""
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         rel = np.subtract(post, pre)
         np.abs(rel, out=rel)
@@ -84,14 +76,14 @@ def max_rel_change_rows(pre: np.ndarray, post: np.ndarray) -> list[float]:
         np.maximum(denom, np.finfo(np.float64).tiny, out=denom)
         np.divide(rel, denom, out=rel)
         del denom
-    # an element equal before and after is 0 already, but for Inf or NaN ones: those are
-    # NaN here, with a NaN that appeared or went (inf), and are told apart alone
+    # an element the same before and after is 0 already, but for Inf or NaN ones: those
+    # are NaN here, with a NaN that appeared or went (inf), and are told apart alone
     odd = np.flatnonzero(np.isnan(rel))
     if len(odd):
         flat, before, after = rel.reshape(-1), pre.reshape(-1)[odd], post.reshape(-1)[odd]
         same = (before == after) | (np.isnan(before) & np.isnan(after))
         flat[odd] = np.where(same, 0.0, np.inf)
-    return rel.max(axis=1).tolist()
+    return rel
 
 
 #: the fewest elements ``_subtract_scaled`` takes a slice at a time
