@@ -158,7 +158,8 @@ class ChangedGrads:
         by_group: list[tuple[GroupRows, GroupRows, list[int]]] = []
         in_groups: set[int] = set()
         shared = shared_groups(self.before, self.after)
-        built = self.before.built() | self.after.built() if shared else in_groups  # (empty)
+        # (no group read both times: the empty set above serves as none built, no second)
+        built = self.before.built() | self.after.built() if shared else in_groups
         for key, now in shared:
             then = self.before.groups[key]
             positions = [
