@@ -362,7 +362,9 @@ def _sample_of_kind(kind: str, n: int, rng: np.random.Generator) -> tuple[np.nda
         "sparse": lambda: np.where(rng.random(n) < 0.8, 0.0, g) / (np.sqrt(v) + 1e-8),
         "nan": lambda: np.where(np.arange(n) == n // 2, np.nan, g / (np.sqrt(v) + 1e-8)),
         "scaled~": lambda: g * 0.5 * (1 + _off(1e-5, n, rng)),
-        "weight-decay~": lambda: g + 0.1 * y + 0.1 * np.linalg.norm(y) * _off(1e-3, n, rng),
+        "weight-decay~": lambda: (
+            g + 0.1 * y + 0.1 * np.linalg.norm(y / np.sqrt(n)) * _off(1e-3, n, rng)
+        ),
         "tiny": lambda: g * 0.3,
         "huge": lambda: g * 0.3,
     }[kind]()
@@ -375,9 +377,10 @@ def _sample_of_kind(kind: str, n: int, rng: np.random.Generator) -> tuple[np.nda
 
 
 def _off(tol: float, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Relative noise of about ``tol`` times one of 0.1, 0.5, 2, 6: under and over the
-    tolerance, and over and under the dot products' margin of 4 x it."""
-    return rng.standard_normal(n) * tol * rng.choice([0.1, 0.5, 2.0, 6.0]) / np.sqrt(n)
+    """Noise of about ``tol`` times one of 0.1, 0.5, 2, 6 an element: a fit's relative
+    residual under and over the tolerance, and over and under the dot products' margin of
+    4 x it."""
+    return rng.standard_normal(n) * tol * rng.choice([0.1, 0.5, 2.0, 6.0])
 
 
 @SETTINGS
