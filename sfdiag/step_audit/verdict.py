@@ -376,10 +376,9 @@ def fingerprint_rows(
     """``fingerprint`` of each row of ``pre``/``post`` ([k, n] float64: k grads' samples of
     one length), with ``param``'s rows (or None for all) and ``states``' ([k, n] each, the
     same names for every row; None: no second moment), ``eps`` and ``dtype_eps`` per row:
-    the same fits over all
-    rows at once, so a step that mutated a thousand grads pays a few dozen numpy calls, not
-    a thousand times that. A row with a non-finite element takes ``fingerprint`` itself.
-    The states' arrays are overwritten."""
+    the same fits over all rows at once, so a step that mutated a thousand grads pays a few
+    dozen numpy calls, not a thousand times that. A row with a non-finite element takes
+    ``fingerprint`` itself. The states' arrays are overwritten."""
     g, u, y = pre, post, param
     count = len(g)
     kinds = np.full(count, "", dtype=object)
