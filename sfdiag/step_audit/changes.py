@@ -79,11 +79,9 @@ def _subset(rows: slice | torch.Tensor, ks: list[int], count: int) -> slice | to
 
 
 def _rows_of(rows: Any, ks: list[int]) -> Any:
-    """Rows ``ks`` of a numpy array: the array itself where they are all of its rows, in
-    order (no copy in a step hook)."""
-    if len(ks) == len(rows) and all(k == n for n, k in enumerate(ks)):
-        return rows
-    return rows[ks]
+    """Rows ``ks`` (ascending) of a numpy array: the array itself where they are all of its
+    rows (no copy in a step hook)."""
+    return rows if len(ks) == len(rows) else rows[ks]
 
 
 def _numpy(t: torch.Tensor | None):

@@ -106,7 +106,7 @@ class Snapshot(Sequence):
     of a group (``groups``) is a row of its arrays until something asks for its
     ``GradFingerprint``; ``kept`` (after ``step()``) are the grads still bit for bit what
     ``before`` read, whose fingerprint is before's. The auditor's hot path reads the rows
-    (``norms``, ``global_norm``, ``digests``, ``sample``) and never builds the objects."""
+    (``norms``, ``identities``, ``digests``, ``sample``) and never builds the objects."""
 
     __slots__ = (  # a step hook's memory counts: no instance dict
         "_prints",

@@ -64,11 +64,13 @@ def states_alike(state: Any, params: list[torch.Tensor]) -> dict[str, list[torch
 
 def state_rows(optimizer: Any, params: list[torch.Tensor]) -> dict[str, torch.Tensor] | None:
     """``state_views`` of each of ``params`` (one group's), as the rows of one stack per
-    name (for ``take(state_rows=)``: copied with the snapshot, a few calls for the group).
-    None where their states are not alike (``states_alike``)."""
+    name (for ``take(states_of_group=)``: copied with the snapshot, a few calls for the
+    group). None where their states are not alike (``states_alike``)."""
     held = states_alike(getattr(optimizer, "state", None), params)
     if held is None:
         return None
+    # (the whole tensors stacked, then sampled: a few torch calls for the group, not one a
+    # param; a group's tensors are small)
     return {
         name: _sample_rows(torch.stack(column).reshape(len(params), -1))
         for name, column in held.items()
