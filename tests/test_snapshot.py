@@ -502,10 +502,11 @@ def test_compare_gives_the_same_verdicts_whichever_path_reads_the_grads(tmp_path
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 @pytest.mark.parametrize("arch", [["-march=native"], []], ids=["native", "portable"])
 def test_the_kernel_source_compiles_without_a_warning(arch, tmp_path):
-    """For this machine's CPU and for none in particular (the last flags fused.py tries)."""
+    """For this machine's CPU and for none in particular (the last flags fused.py tries):
+    the fused read and the fits compiled with it."""
     done = subprocess.run(
         ["cc", *sfdiag_fused.FLAGS, *arch, "-Wall", "-Wextra", "-Werror", "-Wno-psabi"]
-        + ["-o", str(tmp_path / "k.so"), str(sfdiag_fused.SOURCE)],
+        + ["-o", str(tmp_path / "k.so"), str(sfdiag_fused.SOURCE), str(sfdiag_fused.FITS_SOURCE)],
         capture_output=True,
         text=True,
     )

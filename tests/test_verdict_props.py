@@ -16,7 +16,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from sfdiag.step_audit import snapshot, verdict
+from sfdiag.step_audit import row_fits, snapshot, verdict
 from sfdiag.step_audit.auditor import StepAuditor
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -344,7 +344,7 @@ KINDS = ("adam", "adam+wd", "scaled", "weight-decay", "sign", "zeroed", "noise",
 #: rows the fits' dot products decide alone, or not: a rescale or weight decay off by a
 #: relative noise on either side of the tolerances (1e-5 scaled, 1e-3 weight decay) and of
 #: four times them; magnitudes whose squares under- or overflow
-EDGES = ("scaled~", "weight-decay~", "tiny", "huge")
+EDGES = ("scaled~", "weight-decay~", "tiny", "huge", "adam-ties")
 
 
 def _sample_of_kind(kind: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
@@ -367,7 +367,12 @@ def _sample_of_kind(kind: str, n: int, rng: np.random.Generator) -> tuple[np.nda
         ),
         "tiny": lambda: g * 0.3,
         "huge": lambda: g * 0.3,
+        "adam-ties": lambda: g,  # (made below)
     }[kind]()
+    if kind == "adam-ties":  # every ratio the same: the median's selection among equals
+        g = np.where(rng.random(n) < 0.5, -0.01, 0.01)
+        v = np.full(n, rng.random() * 1e-4)
+        u = g / (np.sqrt(v) * rng.uniform(0.5, 2) + 1e-8)
     if kind == "sparse":
         g = np.where(u == 0, 0.0, g)
     if kind in ("tiny", "huge"):  # float64 rows (no float32 cast) of squares out of range
@@ -383,6 +388,25 @@ def _off(tol: float, n: int, rng: np.random.Generator) -> np.ndarray:
     return rng.standard_normal(n) * tol * rng.choice([0.1, 0.5, 2.0, 6.0])
 
 
+class _FitsIn:
+    """``fingerprint_rows``' fits in C (the compiled kernel's) or, as where there is no
+    compiler, in numpy, for the while."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        self.functions = row_fits._functions
+        if self.path == "numpy":
+            row_fits._functions = lambda: None
+        elif self.functions() is None:
+            pytest.skip("no C compiler here: the fits run in numpy")
+
+    def __exit__(self, *exc: object) -> None:
+        row_fits._functions = self.functions
+
+
+@pytest.mark.parametrize("path", ["C", "numpy"])
 @SETTINGS
 @given(
     st.lists(st.sampled_from(KINDS + EDGES), min_size=1, max_size=12),
@@ -390,10 +414,10 @@ def _off(tol: float, n: int, rng: np.random.Generator) -> np.ndarray:
     st.booleans(),
     st.integers(0, 2**31),
 )
-def test_many_grads_fitted_at_once_are_named_as_one_at_a_time(kinds, n, with_param, seed):
+def test_many_grads_fitted_at_once_are_named_as_one_at_a_time(path, kinds, n, with_param, seed):
     """``fingerprint_rows`` (the auditor's path: every mutated grad of a step at once) names
-    each row as ``fingerprint`` (one grad) does, and ``max_rel_change_rows`` measures each
-    as ``max_rel_change``."""
+    each row as ``fingerprint`` (one grad) does, its fits in C or in numpy, and
+    ``max_rel_change_rows`` measures each as ``max_rel_change``."""
     rng = np.random.default_rng(seed)
     rows = [_sample_of_kind(kind, n, rng) for kind in kinds]
     g, u, y, v, m = (np.stack(column) for column in zip(*rows, strict=True))
@@ -412,6 +436,43 @@ def test_many_grads_fitted_at_once_are_named_as_one_at_a_time(kinds, n, with_par
         for i in range(len(kinds))
     ]
     states = {"exp_avg": m.copy(), "exp_avg_sq": v.copy()}
-    assert verdict.fingerprint_rows(g, u, y, states, eps, dtype_eps) == one_at_a_time
+    with _FitsIn(path):
+        assert verdict.fingerprint_rows(g, u, y, states, eps, dtype_eps) == one_at_a_time
     changes = verdict.max_rel_change_rows(g, u)
     assert changes == [verdict.max_rel_change(g[i], u[i]) for i in range(len(kinds))]
+
+
+_SPECIALS = (np.nan, np.inf, -np.inf, 0.0, -0.0, 5e-324, 1e-310, 1e308, -1e308, 1.0)
+
+
+@SETTINGS
+@given(st.integers(1, 40), st.sampled_from((1, 7, 8, 16, 257)), st.integers(0, 2**31))
+def test_max_rel_change_rows_in_c_is_numpys_bit_for_bit(rows, n, seed):
+    """The C code's max relative change of each row is numpy's, to the bit, whatever the
+    elements: NaN, Inf, signed zeros, subnormals, magnitudes whose changes overflow."""
+    rng = np.random.default_rng(seed)
+    pre = rng.standard_normal((rows, n)) * 10.0 ** rng.uniform(-300, 300, (rows, 1))
+    post = pre * rng.choice([1.0, 0.5, -1.0, 1 + 1e-12], (rows, n))
+    for a in (pre, post):
+        odd = rng.random((rows, n)) < 0.2
+        a[odd] = rng.choice(_SPECIALS, odd.sum())
+    with _FitsIn("C"):
+        in_c = verdict.max_rel_change_rows(pre, post)
+    with _FitsIn("numpy"), np.errstate(all="ignore"):
+        in_numpy = verdict.max_rel_change_rows(pre, post)
+    assert np.array(in_c).view(np.int64).tolist() == np.array(in_numpy).view(np.int64).tolist()
+
+
+@SETTINGS
+@given(st.integers(1, 300), st.sampled_from(("spread", "ties", "zeros")), st.integers(0, 2**31))
+def test_the_c_median_is_numpys(count, values, seed):
+    """The median the C fits take an Adam scale from is ``np.median``'s: the middle value
+    or the two averaged, among many equal values too (its selection's other branch)."""
+    rng = np.random.default_rng(seed)
+    a = {
+        "spread": lambda: rng.standard_normal(count) * 10.0 ** rng.uniform(-5, 5),
+        "ties": lambda: rng.choice([-1.5, 0.25, 0.25, 3.0], count),
+        "zeros": lambda: rng.choice([0.0, -0.0, 1e-300, 2.0], count),
+    }[values]()
+    with _FitsIn("C"):
+        assert row_fits.median(a) == np.median(a)

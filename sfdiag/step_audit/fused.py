@@ -1,8 +1,9 @@
 """The CPU's fused read of large grads: norm, block checksums and sample in one pass.
 
-``fused_read.c`` (shipped with the package) is compiled once per process, on first use, by
-the system's C compiler (``$CC``, else ``cc``: about 0.1 s; built for this machine's CPU, into
-a temporary directory that is gone once it is loaded). One call reads every large grad of a
+``fused_read.c`` (shipped with the package; ``fit_rows.c`` in the same library, for
+``row_fits``) is compiled once per process, on first use, by the system's C compiler
+(``$CC``, else ``cc``: about 0.2 s; built for this machine's CPU, into a temporary
+directory that is gone once it is loaded). One call reads every large grad of a
 snapshot: no per-tensor Python, no guards, no launch. Where there is no compiler, or it
 fails, ``broken()`` says why and torch's ops read those grads instead (two reads before
 ``step()`` where this takes one).
@@ -28,6 +29,9 @@ import numpy as np
 import torch
 
 SOURCE = Path(__file__).with_name("fused_read.c")
+#: compiled into the same library: the fits of many mutated grads (``row_fits``)
+FITS_SOURCE = Path(__file__).with_name("fit_rows.c")
+SOURCES = (SOURCE, FITS_SOURCE)
 
 _FUNCTIONS = {
     torch.float32: ("sfdiag_read_f32", torch.int32),
@@ -47,8 +51,9 @@ SQUARES_DTYPES = frozenset(_SQUARES)
 SQUARES_MAX_ELEMENTS = 1 << 16
 
 #: no fused multiply-adds where the code has none: a row's sums then take the same roundings
-#: however the rows are grouped (four side by side, or one) and split among threads
-FLAGS = ("-O3", "-ffp-contract=off", "-shared", "-fPIC")
+#: however the rows are grouped (four side by side, or one) and split among threads; a
+#: square root sets no errno (the fits' loops of them then run in vectors: the same roots)
+FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
 
 #: rows a thread takes at the least: fewer cost more in starting it than they save
 ROWS_PER_THREAD = 16
@@ -89,12 +94,38 @@ def _compile() -> Any:
         errors = ""
         # this CPU's widest vectors where the compiler takes the flags; else portable code
         for arch in (["-march=native", "-mprefer-vector-width=512"], ["-march=native"], []):
-            command = [*compiler, *FLAGS, *arch, "-o", str(library), str(SOURCE)]
-            done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-            if done.returncode == 0:
+            objects = [Path(tmp) / f"{source.stem}.o" for source in SOURCES]
+            errors = _run_all(
+                [
+                    [*compiler, *FLAGS, *arch, "-c", "-o", str(obj), str(source)]
+                    for source, obj in zip(SOURCES, objects, strict=True)
+                ]
+            ) or _run_all([[*compiler, *FLAGS, *arch, "-o", str(library), *map(str, objects)]])
+            if not errors:
                 return ctypes.CDLL(str(library))  # loaded: the file may go
-            errors = done.stderr.strip()
         raise RuntimeError(f"{' '.join(compiler)} failed: {errors[-500:]}")
+
+
+def _run_all(commands: list[list[str]]) -> str:
+    """Run ``commands`` side by side (each source compiles on a core of its own): the first
+    one's errors where one failed, else ""."""
+    jobs = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for command in commands
+    ]
+    try:
+        failed = [
+            err.strip() or f"exit {job.returncode}"
+            for job in jobs
+            for _, err in [job.communicate(timeout=120)]
+            if job.returncode != 0
+        ]
+    finally:
+        for job in jobs:
+            if job.poll() is None:
+                job.kill()
+                job.wait()
+    return failed[0] if failed else ""
 
 
 def _library() -> Any | None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sfdiag.results import OptimizerResult, ParamFinding, StepRecord, ratio
+from sfdiag.step_audit import row_fits
 
 # How bad each verdict is: an optimizer's verdict is its worst parameter's over all steps.
 SEVERITY = {"clean": 0, "mutated": 1, "replaced": 2, "cleared": 3, "error": 4}
@@ -61,6 +62,9 @@ def max_rel_change_rows(pre: np.ndarray, post: np.ndarray) -> list[float]:
     """``max_rel_change`` of each row of ``pre``/``post`` ([k, n])."""
     if pre.shape[1] == 0:
         return [0.0] * len(pre)
+    found = row_fits.max_rel_change_rows(pre, post)
+    if found is not None:
+        return found
     return _rel_change(pre, post).max(axis=1).tolist()
 
 
@@ -380,6 +384,24 @@ def fingerprint_rows(
     dozen numpy calls, not a thousand times that. A row with a non-finite element takes
     ``fingerprint`` itself. The states' arrays are overwritten."""
     g, u, y = pre, post, param
+
+    def one_grad(i: int) -> str:  # a row with a non-finite element: left out elementwise
+        return fingerprint(
+            g[i],
+            u[i],
+            None if y is None else y[i],
+            {k: v[i] for k, v in states.items() if v is not None},
+            float(eps[i]),
+            float(dtype_eps[i]),
+            states_are_scratch=True,
+        )
+
+    fit_tol = np.maximum(_FIT_TOL, 8 * dtype_eps)
+    scale_tol = np.maximum(_SCALE_TOL, 4 * dtype_eps)
+    found = row_fits.kinds(g, u, y, states, eps, fit_tol, scale_tol, one_grad)
+    if found is not None:
+        return found
+    # no C compiler here: the same fits in numpy, over all rows at once
     count = len(g)
     kinds = np.full(count, "", dtype=object)
     with np.errstate(all="ignore"):
@@ -389,18 +411,8 @@ def fingerprint_rows(
     finite = np.logical_and.reduce([np.isfinite(s) for s in squares])
     for i in np.flatnonzero(~finite):
         finite[i] = all(np.isfinite(a[i]).all() for a in (g, u) + (() if y is None else (y,)))
-    for i in np.flatnonzero(~finite):  # left out elementwise: the one-grad path does it
-        kinds[i] = fingerprint(
-            g[i],
-            u[i],
-            None if y is None else y[i],
-            {k: v[i] for k, v in states.items() if v is not None},
-            float(eps[i]),
-            float(dtype_eps[i]),
-            states_are_scratch=True,
-        )
-    fit_tol = np.maximum(_FIT_TOL, 8 * dtype_eps)
-    scale_tol = np.maximum(_SCALE_TOL, 4 * dtype_eps)
+    for i in np.flatnonzero(~finite):
+        kinds[i] = one_grad(i)
     open_ = finite.copy()  # rows not named yet
 
     def name(rows: np.ndarray, kind: str) -> None:
