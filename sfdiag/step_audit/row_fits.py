@@ -32,6 +32,16 @@ def _rows(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.float64)
 
 
+def _check(shape: tuple[int, ...], *rows: np.ndarray | None, **per_row: np.ndarray) -> None:
+    """The C code reads what it is given: every array of rows of ``shape`` (2-D), every
+    per-row array of its length. (numpy would fail on these too.)"""
+    if len(shape) != 2 or any(a is not None and a.shape != shape for a in rows):
+        raise ValueError(f"rows of shape {shape} expected")
+    for name, a in per_row.items():
+        if a.shape != shape[:1]:
+            raise ValueError(f"{name}: {shape[0]} values expected, got shape {a.shape}")
+
+
 def _functions() -> tuple[Any, Any, Any, Any] | None:
     from sfdiag.step_audit import fused
 
@@ -66,6 +76,7 @@ def max_rel_change_rows(pre: np.ndarray, post: np.ndarray) -> list[float] | None
     if functions is None:
         return None
     pre, post = _rows(pre), _rows(post)
+    _check(pre.shape, post)
     out = np.empty(len(pre))
     size = (ctypes.c_int64(pre.shape[0]), ctypes.c_int64(pre.shape[1]))
     functions[3](*size, _pointer(pre), _pointer(post), _pointer(out))
@@ -94,6 +105,7 @@ def kinds(
     y = None if y is None else _rows(y)
     count, n = g.shape
     eps, fit_tol, scale_tol = _rows(eps), _rows(fit_tol), _rows(scale_tol)
+    _check(g.shape, u, y, eps=eps, fit_tol=fit_tol, scale_tol=scale_tol)
     codes = np.empty(count, dtype=np.int8)
     squares = np.empty((count, 3))
     scratch = np.empty(3 * n)
@@ -113,6 +125,7 @@ def kinds(
         if s is None:  # no second moment
             continue
         s = np.ascontiguousarray(s, dtype=np.float64)  # (the fits' scratch: a view will do)
+        _check(g.shape, s)
         fit_adam(
             *size, *rows, _pointer(s), _pointer(eps), _pointer(fit_tol), _pointer(squares),
             _pointer(codes), _pointer(usable), _pointer(scratch),
