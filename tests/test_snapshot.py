@@ -118,6 +118,29 @@ def test_a_grad_reads_alike_alone_and_stacked_with_its_twin(shape):
     assert snapshot.take([p])[0].checksum == before[0].checksum
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("shape", [(0,), (5,), (64, 64), (65_536,)])
+@pytest.mark.parametrize("odd_one", [None, "transposed", "subclass"])
+def test_a_groups_norms_are_each_grads_own_bits(dtype, shape, odd_one):
+    """A group's norms come from its stack's rows where the kernel reads every grad as it is
+    (plain, contiguous), else each grad's the way it is read alone: the same bits either
+    way, whatever its neighbours (a transposed grad among them, or a tensor subclass)."""
+    params = [param(shape, seed=k, dtype=dtype) for k in range(3)]
+    if odd_one == "transposed" and len(shape) == 2:
+        params[1].grad = params[1].grad.t().contiguous().t()
+        assert not params[1].grad.is_contiguous()
+    if odd_one == "subclass":
+        params[2].grad = params[2].grad.as_subclass(_Subclass)
+    together = snapshot.take(params).norms()
+    for p, norm in zip(params, together, strict=True):
+        alone = snapshot.take([p]).norms()[0]
+        assert snapshot.float_bits(norm) == snapshot.float_bits(alone)
+
+
+class _Subclass(torch.Tensor):
+    """A tensor subclass as a grad (the kernel reads plain tensors only)."""
+
+
 def test_samples_of_every_size_and_shape_are_each_tensors_own(path):
     """take() copies the samples of many tensors in a few stacked copies: each fingerprint
     must still hold its own grad's and param's elements, whatever mix of sizes, shapes and

@@ -245,6 +245,44 @@ def squares(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return out
 
 
+def row_squares(rows: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """``plain_squares(tensors)`` from ``rows``, their stack (``[k, n]``, contiguous: one
+    row a tensor, copied as it is): where every tensor is what ``plain_squares`` reads, each
+    one's sum of squares is its row's, read in the same order by the same code (the same
+    bits), with no pointer or size to gather a tensor. Else, or where the kernel cannot run,
+    None (as ``plain_squares``)."""
+    if _KERNEL.broken is not None or not tensors or not rows.is_contiguous():
+        return None
+    first = tensors[0]  # (one shape, dtype and device for them all: their stack's)
+    if (
+        {type(t) for t in tensors} != {torch.Tensor}
+        or rows.dtype not in SQUARES_DTYPES
+        or first.layout != torch.strided
+        or not rows.is_cpu
+        or rows.shape[1] > SQUARES_MAX_ELEMENTS
+        or not all([t.is_contiguous() for t in tensors])
+    ):
+        return None
+    lib = _library()
+    function = getattr(lib, _SQUARES[rows.dtype], None) if lib is not None else None
+    if function is None:
+        return None
+    count, size = rows.shape
+    step = size * rows.element_size()
+    start = rows.data_ptr()
+    starts = range(start, start + count * step, step) if step else [start] * count
+    pointers = array.array("q", starts)
+    sizes = array.array("q", [size]) * count
+    out = torch.empty(count, dtype=torch.float64)
+    function(
+        ctypes.c_int64(count),
+        ctypes.c_void_p(pointers.buffer_info()[0]),
+        ctypes.c_void_p(sizes.buffer_info()[0]),
+        ctypes.c_void_p(out.data_ptr()),
+    )
+    return out
+
+
 def plain_squares(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     """``squares`` where every tensor is a plain (no subclass), contiguous, strided CPU
     tensor of one dtype the kernel reads, each of at most ``SQUARES_MAX_ELEMENTS``: what the

@@ -391,6 +391,7 @@ def take(
     # indices -> the pieces of their block sums, samples and params' samples (None: none)
     group_at: dict[tuple[int, ...], tuple[int, int, int | None]] = {}
     grouped: set[int] = set()
+    stacked_norms: list[tuple[list[int], int]] = []  # as ``_read_norms``' pieces
     params_grouped: set[int] = set()  # grads whose params are sampled with their group's
     for indices in same_shape.values():
         if len(indices) < 2:
@@ -406,7 +407,18 @@ def take(
                 params_grouped.update(indices)
         group_at[tuple(indices)] = (sums_slot, samples_slot, params_slot)
         grouped.update(indices)
-        group_needs.append([i for i in indices if i not in unchanged] if unchanged else indices)
+        needs = [i for i in indices if i not in unchanged] if unchanged else indices
+        # every norm of a small CPU group from its stack's rows: the bits the kernel reads
+        # from each grad, without a pointer gathered a grad (else as ``_read_norms`` reads)
+        squares = (
+            fused.row_squares(stacked, [views[i] for i in indices])
+            if len(needs) == len(indices)
+            else None
+        )
+        if squares is not None:
+            stacked_norms.append((indices, pending.add(squares.sqrt_())))
+        else:
+            group_needs.append(needs)
     loose: dict[int, torch.Tensor] = {}
     for i, view in views.items():
         if i in sums_at or i in grouped:
@@ -416,7 +428,7 @@ def take(
             needs_norm.append(i)
     sums_at.update(_stacked(loose, pending))
     del loose
-    norm_pieces = _read_norms(views, needs_norm, group_needs, squares_at, pending)
+    norm_pieces = stacked_norms + _read_norms(views, needs_norm, group_needs, squares_at, pending)
     index_at = {
         i: pending.add(grads[i]._indices().sum().reshape(1).to(torch.int64))
         for i in irregular
