@@ -2,9 +2,9 @@
 
 ``fused_read.c`` (shipped with the package; ``fit_rows.c`` in the same library, for
 ``row_fits``) is compiled once per process, on first use, by the system's C compiler
-(``$CC``, else ``cc``: about 0.2 s; built for this machine's CPU, into a temporary
-directory that is gone once it is loaded). One call reads every large grad of a
-snapshot: no per-tensor Python, no guards, no launch. Where there is no compiler, or it
+(``$CC``, else ``cc``: about 0.3 s, the sources side by side; built for this machine's CPU,
+into a temporary directory that is gone once it is loaded). One call reads every large grad
+of a snapshot: no per-tensor Python, no guards, no launch. Where there is no compiler, or it
 fails, ``broken()`` says why and torch's ops read those grads instead (two reads before
 ``step()`` where this takes one).
 

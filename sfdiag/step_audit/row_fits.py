@@ -17,10 +17,16 @@ from typing import Any
 
 import numpy as np
 
-#: a row's code -> its kind (0: no fit named it yet; -1: an element is not finite)
-KINDS = {1: "zeroed", 2: "scaled", 3: "weight-decay", 4: "adam-normalized", 5: "sign"}
-UNKNOWN = 6
-NOT_FINITE = -1
+#: a row's code -> its kind (``fit_rows.c``'s; 0: no fit named it yet)
+KINDS = {
+    1: "zeroed",
+    2: "scaled",
+    3: "weight-decay",
+    4: "adam-normalized",
+    5: "sign",
+    6: "unknown",
+}
+NOT_FINITE = -1  # an element is not finite: the one-grad fits name the row
 
 
 def _pointer(array: np.ndarray | None) -> ctypes.c_void_p:
@@ -103,9 +109,9 @@ def kinds(
     fit_rows, fit_adam, fit_sign, _ = functions
     g, u = _rows(g), _rows(u)
     y = None if y is None else _rows(y)
-    count, n = g.shape
     eps, fit_tol, scale_tol = _rows(eps), _rows(fit_tol), _rows(scale_tol)
     _check(g.shape, u, y, eps=eps, fit_tol=fit_tol, scale_tol=scale_tol)
+    count, n = g.shape
     codes = np.empty(count, dtype=np.int8)
     squares = np.empty((count, 3))
     scratch = np.empty(3 * n)
@@ -131,7 +137,6 @@ def kinds(
             _pointer(codes), _pointer(usable), _pointer(scratch),
         )  # fmt: skip
     fit_sign(*size, rows[0], rows[1], _pointer(codes))
-    names = [KINDS.get(code, "unknown") for code in codes.tolist()]
-    for i, kind in found.items():
-        names[i] = kind
-    return names
+    # every row has a kind's code now, or NOT_FINITE: named by the one-grad fits
+    codes_now = codes.tolist()
+    return [found[i] if code == NOT_FINITE else KINDS[code] for i, code in enumerate(codes_now)]
