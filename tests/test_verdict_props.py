@@ -438,7 +438,7 @@ def test_many_grads_fitted_at_once_are_named_as_one_at_a_time(path, kinds, n, wi
     states = {"exp_avg": m.copy(), "exp_avg_sq": v.copy()}
     with _FitsIn(path):
         assert verdict.fingerprint_rows(g, u, y, states, eps, dtype_eps) == one_at_a_time
-    changes = verdict.max_rel_change_rows(g, u)
+        changes = verdict.max_rel_change_rows(g, u)
     assert changes == [verdict.max_rel_change(g[i], u[i]) for i in range(len(kinds))]
 
 
