@@ -49,10 +49,12 @@ def sample_of(t: torch.Tensor) -> torch.Tensor:
     return _sample_view(t.detach()).clone()
 
 
-def _sample_rows(rows: torch.Tensor) -> torch.Tensor:
-    """``sample_of`` each row of ``rows`` ([k, n]), in one copy."""
+def _sample_rows(rows: torch.Tensor, *, owned: bool = False) -> torch.Tensor:
+    """``sample_of`` each row of ``rows`` ([k, n]), in one copy; ``owned``: ``rows`` is the
+    caller's own copy (a stack), nothing else holds it, so where a sample is a whole row the
+    rows themselves are the samples (no second copy of them)."""
     n = rows.shape[1]
     if n <= SAMPLE_SIZE:
-        return rows.clone()
+        return rows if owned else rows.clone()
     step = n // SAMPLE_SIZE
     return rows[:, : step * SAMPLE_SIZE : step].clone()

@@ -291,7 +291,7 @@ def _group_params(params: list[torch.Tensor], indices: list[int], pending: _Pend
     shards = [local(params[i]) for i in indices]
     if len({(s.shape, s.dtype, s.device) for s in shards}) != 1:
         return None
-    return pending.add(_sample_rows(torch.stack(shards).reshape(len(indices), -1)))
+    return pending.add(_sample_rows(torch.stack(shards).reshape(len(indices), -1), owned=True))
 
 
 @torch.no_grad()  # the hooks run with grad on, and a create_graph=True grad has a graph
@@ -399,7 +399,7 @@ def take(
         # one stack of the grads as they are (one shape: no view a grad), then rows
         stacked = torch.stack([views[i] for i in indices]).reshape(len(indices), -1)
         sums_slot = pending.add(_checksum_rows(stacked))
-        samples_slot = pending.add(_sample_rows(stacked))
+        samples_slot = pending.add(_sample_rows(stacked, owned=True))  # (read only below)
         params_slot = None
         if any(i in sample_params for i in indices):
             params_slot = _group_params(params, indices, pending)

@@ -72,7 +72,7 @@ def state_rows(optimizer: Any, params: list[torch.Tensor]) -> dict[str, torch.Te
     # (the whole tensors stacked, then sampled: a few torch calls for the group, not one a
     # param; a group's tensors are small)
     return {
-        name: _sample_rows(torch.stack(column).reshape(len(params), -1))
+        name: _sample_rows(torch.stack(column).reshape(len(params), -1), owned=True)
         for name, column in held.items()
     }
 
