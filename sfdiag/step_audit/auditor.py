@@ -9,6 +9,7 @@ parameter's verdict and fingerprint.
 from __future__ import annotations
 
 import math
+import operator
 import sys
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -154,15 +155,37 @@ def _weak(obj: Any) -> Any:
         return None
 
 
-def _same_rows(before: snapshot.Snapshot, after: snapshot.Snapshot) -> dict[int, bool]:
-    """Whether each grad of a group read before and after ``step()`` alike reads bit for
-    bit the same (norm, block sums, sample), from the groups' arrays at once."""
-    out: dict[int, bool] = {}
+def _group_verdicts(
+    before: snapshot.Snapshot, after: snapshot.Snapshot, found: dict[int, Found]
+) -> tuple[dict[int, str], dict[int, bool]]:
+    """The verdicts of the grads of the groups read before and after ``step()`` alike, from
+    the groups' arrays at once: where every grad of a group is the same tensor (their weak
+    references are one object: CPython hands out one per tensor), each is clean or mutated
+    as its row reads bit for bit the same or not (clean ones into ``found``), the mutated
+    returned; the rows of the other groups, whether each reads the same, for ``_compare_all``
+    to judge grad by grad. (The grads ``after.kept`` are left out: clean.)"""
+    changed: dict[int, str] = {}
+    same_rows: dict[int, bool] = {}
+    kept = after.kept
     for key, now in shared_groups(before, after):
-        same = now.same_rows(before.groups[key])
-        if same is not None:
-            out.update(zip(key, same.tolist(), strict=True))
-    return out
+        then = before.groups[key]
+        same = now.same_rows(then)
+        if same is None:
+            continue
+        if not all(map(operator.is_, then.refs, now.refs)):
+            same_rows.update(zip(key, same.tolist(), strict=True))
+            continue
+        if not kept and not same.any():  # a mutating step, as a rule: all of them
+            changed.update(dict.fromkeys(key, "mutated"))
+            continue
+        for i, alike in zip(key, same.tolist(), strict=True):
+            if i in kept:
+                continue
+            if alike:
+                found[i] = _CLEAN
+            else:
+                changed[i] = "mutated"
+    return changed, same_rows
 
 
 def _in_process_group() -> bool:
@@ -329,16 +352,20 @@ class StepAuditor:
         (``verdict.max_rel_change_rows``, ``verdict.fingerprint_rows``). A clean step pays
         no Python a grad here; a mutating one a few µs a grad, not a fit each."""
         found: dict[int, Found] = {}
-        changed: dict[int, str] = {}  # index -> kind, for the grads that did not stay
         refs, _, _ = before.identities()
         kept = after.kept
         if len(kept) == len(refs) - refs.count(None):  # every grad as it was: a clean step
             return found
-        after_refs, _, _ = after.identities()
-        same_rows = _same_rows(before, after)
-        for i, ref in enumerate(refs):
-            if ref is None or i in kept:
-                continue
+        changed, same_rows = _group_verdicts(before, after, found)
+        judged = changed.keys() | found.keys()
+        rest = [
+            i
+            for i in (sorted(set(range(len(refs))) - judged) if judged else range(len(refs)))
+            if refs[i] is not None and i not in kept
+        ]
+        after_refs = after.identities()[0] if rest else None
+        for i in rest:
+            ref = refs[i]
             now = after_refs[i]
             same_object = now is not None and ref() is not None and ref() is now()
             if not same_object:

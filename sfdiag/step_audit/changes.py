@@ -127,6 +127,14 @@ def _eps_by_param(optimizer: Any) -> dict[int, float]:
     return out
 
 
+def _eps_of(optimizer: Any) -> float | dict[int, float]:
+    """``_eps_by_param``, or the one eps all groups have (as a rule: one number for the
+    step, not a dict entry a parameter)."""
+    groups = [g for g in getattr(optimizer, "param_groups", ()) if isinstance(g, Mapping)]
+    values = {_as_eps(group.get("eps", DEFAULT_EPS)) for group in groups}
+    return values.pop() if len(values) == 1 else _eps_by_param(optimizer)
+
+
 def shared_groups(before: Snapshot, after: Snapshot) -> list[tuple[tuple[int, ...], Any]]:
     """The groups read before and after ``step()`` alike (the same grads, in order): their
     indices and their rows after."""
@@ -145,7 +153,7 @@ class ChangedGrads:
     after: Snapshot
     changed: dict[int, str]
     fingerprint_kinds: bool
-    eps: dict[int, float] = field(default_factory=dict)
+    eps: float | dict[int, float] = field(default_factory=dict)  # (``_eps_of``)
 
     def compare(self) -> tuple[dict[int, float | None], dict[int, str]]:
         """The max relative change of each changed grad's sample (None where there is none
@@ -169,15 +177,15 @@ class ChangedGrads:
                 by_group.append((then, now, positions))
                 in_groups.update(then.indices[k] for k in positions)
         by_length: dict[int, list[int]] = {}
-        for i, kind in self.changed.items():
-            if kind == "cleared" or i in in_groups:
+        for i in sorted(self.changed.keys() - in_groups):  # (a group's: nearly all, as a rule)
+            if self.changed[i] == "cleared":
                 continue
             a, b = self.before.sample(i), self.after.sample(i)
             if a is not None and b is not None and a.shape == b.shape:
                 by_length.setdefault(a.numel(), []).append(i)
         kinds: dict[int, str] = {}
         if self.fingerprint_kinds and "mutated" in self.changed.values():
-            self.eps = _eps_by_param(self.optimizer)
+            self.eps = _eps_of(self.optimizer)
         for before, after, positions in by_group:
             for chunk in _chunks([positions]):
                 rows = _row_index(chunk)
@@ -296,7 +304,10 @@ class ChangedGrads:
         at once; one grad alone by its own fits, in their scratch arrays."""
         import numpy as np
 
-        eps = np.array([self.eps.get(id(self.params[i]), DEFAULT_EPS) for i in chosen])
+        if isinstance(self.eps, float):
+            eps = np.full(len(chosen), self.eps)
+        else:
+            eps = np.array([self.eps.get(id(self.params[i]), DEFAULT_EPS) for i in chosen])
         if len(chosen) > 1:
             found = verdict.fingerprint_rows(pre, post, y, states, eps, dtype_eps)
         else:

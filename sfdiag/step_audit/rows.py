@@ -171,6 +171,8 @@ class Snapshot(Sequence):
 
     def built(self) -> set[int]:
         """The grads whose ``GradFingerprint`` was built: no longer read as rows."""
+        if self._prints.count(None) == len(self._prints):  # (as a rule: none, told in C)
+            return set()
         return {i for i, fp in enumerate(self._prints) if fp is not None}
 
     def _rows(self) -> dict[int, tuple[GroupRows, int]]:

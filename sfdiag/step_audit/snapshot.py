@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from sfdiag.dist import local
+from sfdiag.dist import is_dtensor, local
 from sfdiag.step_audit import fused
 from sfdiag.step_audit.fingerprint import (  # noqa: F401 (re-exported)
     _INT_VIEW,
@@ -288,10 +288,17 @@ def _group_params(params: list[torch.Tensor], indices: list[int], pending: _Pend
     """The samples of a group's params (``indices``), in one stack where they share a
     shape, dtype and device (a param is laid out as its grad, as a rule): the piece's slot,
     a row per param in the group's order. None where they do not."""
-    shards = [local(params[i]) for i in indices]
-    if len({(s.shape, s.dtype, s.device) for s in shards}) != 1:
+    shards = [params[i] for i in indices]
+    if any(map(is_dtensor, {type(s): s for s in shards}.values())):  # (a matter of class)
+        shards = [local(s) for s in shards]
+    # torch.stack refuses tensors of other shapes or devices, but promotes other dtypes
+    if len({s.dtype for s in shards}) != 1:
         return None
-    return pending.add(_sample_rows(torch.stack(shards).reshape(len(indices), -1), owned=True))
+    try:
+        stacked = torch.stack(shards)
+    except RuntimeError:
+        return None
+    return pending.add(_sample_rows(stacked.reshape(len(indices), -1), owned=True))
 
 
 @torch.no_grad()  # the hooks run with grad on, and a create_graph=True grad has a graph
@@ -419,10 +426,14 @@ def take(
             stacked_norms.append((indices, pending.add(squares.sqrt_())))
         else:
             group_needs.append(needs)
+    # the grads read alone (a set difference, not a test a grad: on a model of small
+    # tensors nearly every grad is in a group)
+    alone = sorted(views.keys() - grouped)
     loose: dict[int, torch.Tensor] = {}
-    for i, view in views.items():
-        if i in sums_at or i in grouped:
+    for i in alone:
+        if i in sums_at:
             continue
+        view = views[i]
         loose[i] = _fused_sums_only(view) if layouts[i] == "fused" else _checksum(view)
         if i not in unchanged:
             needs_norm.append(i)
@@ -435,18 +446,14 @@ def take(
         if grads[i].layout == torch.sparse_coo
     }
     sample_at.update(
-        _stacked_samples(
-            {i: v for i, v in views.items() if i not in sample_at and i not in grouped}, pending
-        )
+        _stacked_samples({i: views[i] for i in alone if i not in sample_at}, pending)
     )
     param_at.update(
         _stacked_samples(
             {
                 i: local(params[i])
-                for i in sorted(sample_params - param_at.keys())
-                if grads[i] is not None
-                and grads[i].layout == torch.strided
-                and i not in params_grouped
+                for i in sorted(sample_params - param_at.keys() - params_grouped)
+                if grads[i] is not None and grads[i].layout == torch.strided
             },
             pending,
         )
@@ -558,9 +565,8 @@ def take(
                 else:
                     out[i] = fp
                     recheck.append(i)
-    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        if i in grouped:
-            continue
+    for i in sorted(set(range(len(params))) - grouped) if grouped else range(len(params)):
+        p, g = params[i], grads[i]
         if g is None:
             out[i] = ABSENT
             continue
