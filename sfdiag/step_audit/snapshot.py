@@ -445,9 +445,7 @@ def take(
         for i in irregular
         if grads[i].layout == torch.sparse_coo
     }
-    sample_at.update(
-        _stacked_samples({i: views[i] for i in alone if i not in sample_at}, pending)
-    )
+    sample_at.update(_stacked_samples({i: views[i] for i in alone if i not in sample_at}, pending))
     param_at.update(
         _stacked_samples(
             {
