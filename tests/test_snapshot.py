@@ -118,6 +118,57 @@ def test_a_grad_reads_alike_alone_and_stacked_with_its_twin(shape):
     assert snapshot.take([p])[0].checksum == before[0].checksum
 
 
+def _set_data(grad: torch.Tensor, data: torch.Tensor) -> None:
+    grad.data = data  # the same tensor object, another shape or dtype, no version moved
+
+
+#: what a step may do to a group's grads under them, and the grads it mutates
+GROUP_EDITS = {
+    "nothing": (lambda grads: None, []),
+    "every grad scaled": (lambda grads: [g.mul_(0.5) for g in grads], [0, 1, 2, 3, 5, 6]),
+    "one grad's shape, through .data": (lambda grads: _set_data(grads[2], torch.ones(5, 3)), [2]),
+    "one grad's dtype, through .data": (
+        lambda grads: _set_data(grads[2], grads[2].data.double()),
+        [2],
+    ),
+    "every grad's shape, through .data": (
+        lambda grads: [_set_data(g, torch.full((2, 2), float(k))) for k, g in enumerate(grads)],
+        [0, 1, 2, 3, 5, 6],
+    ),
+}
+
+
+@pytest.mark.parametrize("edit", list(GROUP_EDITS))
+def test_a_group_read_again_after_step_reads_as_its_grads_alone(edit):
+    """After ``step()`` the groups read before it are read as groups again without looking
+    for them grad by grad, where their grads are still the same tensors in the same dtype;
+    a grad whose shape or dtype moved under them (``.data =``) is read alone, and one that
+    appeared with the group's shape joins none of them. Every grad reads as it would alone
+    (its checksum and norm bits), its param's sample is its own, and each is judged as the
+    edit says."""
+    params = [param((3, 5), seed=k) for k in range(7)]
+    params[4].grad = None  # no grad before step(): one appears after it
+    before = snapshot.take(params)
+    assert [group.indices for group in before.groups.values()] == [(0, 1, 2, 3, 5, 6)]
+    for i, p in enumerate(params):
+        if i != 4:
+            assert torch.equal(before.param_sample(i), snapshot.sample_of(p))
+    change, mutated = GROUP_EDITS[edit]
+    change([p.grad for p in params if p.grad is not None])
+    params[4].grad = torch.ones(3, 5)
+    after = snapshot.take(params, param_samples=False, before=before)
+    for i, p in enumerate(params):
+        alone = snapshot.take([p], param_samples=False)[0]
+        assert after[i].checksum == alone.checksum
+        assert snapshot.float_bits(after[i].norm) == snapshot.float_bits(alone.norm)
+        if i == 4:
+            continue
+        a, b = before[i], after[i]
+        same_object = a.ref() is b.ref()
+        kind = verdict.classify(b.present, same_object, same_object and a.same_content(b))
+        assert kind == ("mutated" if i in mutated else "clean"), i
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("shape", [(0,), (5,), (64, 64), (65_536,)])
 @pytest.mark.parametrize("odd_one", [None, "transposed", "subclass"])

@@ -41,6 +41,7 @@ class GroupRows:
     params_sampled: frozenset[int] = frozenset()
     # the optimizer's state sampled with the grads (an accelerator's), by name, as rows
     states: dict[str, torch.Tensor] | None = None
+    key: tuple[Any, ...] | None = None  # the grads' shape, dtype and device
 
     def same_rows(self, other: GroupRows) -> Any:
         """Which rows read bit for bit as the other's (norm, block sums, sample: numpy bool

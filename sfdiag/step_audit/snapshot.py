@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import operator
 import os
 import weakref
 from collections.abc import Callable, Collection
@@ -284,6 +285,58 @@ def _unchanged(grads: list[torch.Tensor | None], before: Snapshot | None) -> set
     }
 
 
+#: a group's shape, dtype and device
+GroupKey = tuple[torch.Size, torch.dtype, torch.device]
+
+
+def _groups(
+    views: dict[int, torch.Tensor], candidates: list[int]
+) -> list[tuple[GroupKey, list[int]]]:
+    """The small grads of ``candidates`` that share a shape, dtype and device, two or more:
+    by shape first (one key a grad, not three), then split where a shape's grads differ
+    in dtype or device (as a rule they do not: one set each to tell)."""
+    by_shape: dict[torch.Size, list[int]] = {}
+    for i in candidates:
+        view = views[i]
+        if view.numel() <= SMALL_TENSOR:
+            by_shape.setdefault(view.shape, []).append(i)
+    out: list[tuple[GroupKey, list[int]]] = []
+    for shape, indices in by_shape.items():
+        if len(indices) < 2:
+            continue
+        members = [views[i] for i in indices]
+        if len({v.dtype for v in members}) == 1 and (
+            all([v.is_cpu for v in members]) or len({v.device for v in members}) == 1
+        ):
+            out.append(((shape, members[0].dtype, members[0].device), indices))
+            continue
+        split: dict[GroupKey, list[int]] = {}
+        for i, view in zip(indices, members, strict=True):
+            split.setdefault((shape, view.dtype, view.device), []).append(i)
+        out += [(key, found) for key, found in split.items() if len(found) > 1]
+    return out
+
+
+def _groups_again(
+    before: Snapshot, grads: list[torch.Tensor | None]
+) -> list[tuple[GroupKey, list[int]]]:
+    """The groups ``before`` read whose grads are still those tensors, plain, in that dtype
+    (after ``step()``, as a rule: every group), to be read as groups again without looking
+    for them grad by grad. (A grad's shape or device can move with ``.data =`` too: the
+    group's stack refuses the first, ``take`` checks both.)"""
+    out: list[tuple[GroupKey, list[int]]] = []
+    for indices, group in before.groups.items():
+        members = [grads[i] for i in indices]
+        if (
+            group.key is not None
+            and {type(g) for g in members} == {torch.Tensor}
+            and all(map(operator.is_, [ref() for ref in group.refs], members))
+            and {g.dtype for g in members} == {group.key[1]}
+        ):
+            out.append((group.key, list(indices)))
+    return out
+
+
 def _group_params(params: list[torch.Tensor], indices: list[int], pending: _Pending) -> int | None:
     """The samples of a group's params (``indices``), in one stack where they share a
     shape, dtype and device (a param is laid out as its grad, as a rule): the piece's slot,
@@ -384,27 +437,39 @@ def take(
     # (one shape, dtype, device) together, the others each as it comes
     group_needs: list[list[int]] = []
     needs_norm: list[int] = []
-    same_shape: dict[tuple[Any, ...], list[int]] = {}
+    same_shape: list[tuple[GroupKey, list[int]]] = []
     if not full:  # (forensics clones every grad: one at a time)
+        if before is not None:  # after step(): before's groups, where they stay groups
+            same_shape = _groups_again(before, grads)
+        regrouped = {i for _, indices in same_shape for i in indices}
         not_strided = {i for i in irregular if views[i].layout != torch.strided}
-        for i, view in views.items():
-            if (
-                view.numel() <= SMALL_TENSOR  # first: most grads of a large model are
-                and i not in not_strided
-                and layouts[i] == "blocks"
-                and i not in sums_at
-            ):
-                same_shape.setdefault((view.shape, view.dtype, view.device), []).append(i)
+        same_shape.extend(
+            _groups(
+                views,
+                [
+                    i
+                    for i in views
+                    if i not in regrouped
+                    and i not in not_strided
+                    and layouts[i] == "blocks"
+                    and i not in sums_at
+                ],
+            )
+        )
     # indices -> the pieces of their block sums, samples and params' samples (None: none)
-    group_at: dict[tuple[int, ...], tuple[int, int, int | None]] = {}
+    group_at: dict[tuple[int, ...], tuple[GroupKey, int, int, int | None]] = {}
     grouped: set[int] = set()
     stacked_norms: list[tuple[list[int], int]] = []  # as ``_read_norms``' pieces
     params_grouped: set[int] = set()  # grads whose params are sampled with their group's
-    for indices in same_shape.values():
-        if len(indices) < 2:
-            continue
+    for key, indices in same_shape:
         # one stack of the grads as they are (one shape: no view a grad), then rows
-        stacked = torch.stack([views[i] for i in indices]).reshape(len(indices), -1)
+        try:
+            stacked = torch.stack([views[i] for i in indices])
+        except RuntimeError:  # a group kept from before whose shapes or devices moved since
+            continue  # (its grads are read alone)
+        if stacked.shape[1:] != key[0] or stacked.device != key[2]:  # (all of them moved)
+            continue
+        stacked = stacked.reshape(len(indices), -1)
         sums_slot = pending.add(_checksum_rows(stacked))
         samples_slot = pending.add(_sample_rows(stacked, owned=True))  # (read only below)
         params_slot = None
@@ -412,7 +477,7 @@ def take(
             params_slot = _group_params(params, indices, pending)
             if params_slot is not None:
                 params_grouped.update(indices)
-        group_at[tuple(indices)] = (sums_slot, samples_slot, params_slot)
+        group_at[tuple(indices)] = (key, sums_slot, samples_slot, params_slot)
         grouped.update(indices)
         needs = [i for i in indices if i not in unchanged] if unchanged else indices
         # every norm of a small CPU group from its stack's rows: the bits the kernel reads
@@ -480,7 +545,7 @@ def take(
     prior_norms = before.norms() if before is not None and unchanged else None
 
     groups: dict[tuple[int, ...], GroupRows] = {}
-    for indices, (sums_slot, samples_slot, params_slot) in group_at.items():
+    for indices, (key, sums_slot, samples_slot, params_slot) in group_at.items():
         prior = before.groups.get(indices) if before is not None else None
         if prior is not None and all(i in unchanged for i in indices):
             # the same tensors at the same versions (a clean step): before's references,
@@ -492,6 +557,7 @@ def take(
             norms = [norm_of[i] if i in norm_of else prior_norms[i] for i in indices]
         groups[indices] = GroupRows(
             indices=indices,
+            key=key,
             refs=refs,
             versions=versions,
             sums=pending.whole(sums_slot),
