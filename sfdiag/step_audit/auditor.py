@@ -114,7 +114,7 @@ class ParamSteps(Sequence):
     ) -> None:
         self._parts: Any = (names, shapes, pre, post, found)
         self._steps: list[ParamStep] | None = None
-        self.changed = sum(kind != "clean" for kind, _, _ in found.values())
+        self.changed = len(found) - list(map(operator.itemgetter(0), found.values())).count("clean")
 
     def _all(self) -> list[ParamStep]:
         if self._steps is None:
@@ -227,12 +227,12 @@ class StepAuditor:
     )
     _handles: list[Any] = field(default_factory=list)
     _names_of: tuple[tuple[int, ...], tuple[str, ...]] | None = None  # (``_names``)
-    # id(optimizer) -> the ids of the params whose grads its last audited step mutated: the
-    # params sampled before step(), to name the kind of a mutation (a clean step of a large
-    # model does not pay for reading cold parameters); its first audited step samples all
-    # (an optimizer gone and a new one at its address must not inherit this: its weak
-    # reference, where it takes one, says whose it is)
-    _mutated: dict[int, tuple[Any, set[int]]] = field(default_factory=dict)
+    # id(optimizer) -> the ids of the params whose grads its last audited step mutated (True:
+    # every one): the params sampled before step(), to name the kind of a mutation (a clean
+    # step of a large model does not pay for reading cold parameters); its first audited
+    # step samples all (an optimizer gone and a new one at its address must not inherit
+    # this: its weak reference, where it takes one, says whose it is)
+    _mutated: dict[int, tuple[Any, set[int] | bool]] = field(default_factory=dict)
 
     @staticmethod
     def params_of(optimizer: Any) -> list[torch.Tensor]:
@@ -273,7 +273,7 @@ class StepAuditor:
         if not self.fingerprint_kinds:
             return False
         owner, last = self._mutated.get(id(optimizer), (None, None))
-        if last is None or (owner is not None and owner() is not optimizer):
+        if last is None or last is True or (owner is not None and owner() is not optimizer):
             return True
         return {i for i, p in enumerate(params) if id(p) in last}
 
@@ -314,9 +314,10 @@ class StepAuditor:
         else:
             found = self._compare_all(optimizer, params, before, after)
         records = ParamSteps(self._names(params), [p.shape for p in params], pre, post, found)
+        mutated = [i for i, (kind, _, _) in found.items() if kind == "mutated"]
         self._mutated[id(optimizer)] = (
             _weak(optimizer),
-            {id(params[i]) for i, (kind, _, _) in found.items() if kind == "mutated"},
+            True if len(mutated) == len(params) else {id(params[i]) for i in mutated},
         )
         self.observations.append(
             StepObservation(_norm_over(pre), _norm_over(post), records, before.digests(), nan_only)
@@ -382,8 +383,9 @@ class StepAuditor:
         changes, kinds = ChangedGrads(
             optimizer, params, before, after, changed, self.fingerprint_kinds
         ).compare()
-        for i, kind in changed.items():
-            found[i] = (kind, changes[i], kinds.get(i))
+        kinds_of = map(kinds.get, changed)
+        records = zip(changed.values(), map(changes.__getitem__, changed), kinds_of, strict=True)
+        found.update(zip(changed, records, strict=True))
         return found
 
     def _compare(

@@ -168,14 +168,18 @@ class ChangedGrads:
         built = self.before.built() | self.after.built() if shared else in_groups
         for key, now in shared:
             then = self.before.groups[key]
-            positions = [
-                k
-                for k, i in enumerate(then.indices)
-                if self.changed.get(i, "cleared") != "cleared" and i not in built
-            ]
+            # (a grad of a group read after step() is present: not cleared)
+            if not built and all(map(self.changed.__contains__, then.indices)):
+                positions = list(range(len(then.indices)))  # a mutating step, as a rule
+            else:
+                positions = [
+                    k
+                    for k, i in enumerate(then.indices)
+                    if self.changed.get(i, "cleared") != "cleared" and i not in built
+                ]
             if positions:
                 by_group.append((then, now, positions))
-                in_groups.update(then.indices[k] for k in positions)
+                in_groups.update([then.indices[k] for k in positions])
         by_length: dict[int, list[int]] = {}
         for i in sorted(self.changed.keys() - in_groups):  # (a group's: nearly all, as a rule)
             if self.changed[i] == "cleared":
@@ -215,7 +219,11 @@ class ChangedGrads:
             changes[indices[0]] = verdict.max_rel_change(pre[0], post[0])
         else:
             changes.update(zip(indices, verdict.max_rel_change_rows(pre, post), strict=True))
-        mutated = [k for k, i in enumerate(indices) if self.changed[i] == "mutated"]
+        verdicts = list(map(self.changed.__getitem__, indices))
+        if verdicts.count("mutated") == len(verdicts):  # (as a rule)
+            mutated = list(range(len(indices)))
+        else:
+            mutated = [k for k, verdict_ in enumerate(verdicts) if verdict_ == "mutated"]
         if not (mutated and self.fingerprint_kinds):
             return
         found = self._group_kinds(indices, mutated, pre, post, group) if group else None
@@ -238,13 +246,15 @@ class ChangedGrads:
         before, after, positions = group
         ks = mutated
         chosen = [indices[k] for k in ks]
-        sampled = [i in before.params_sampled for i in chosen]
-        if any(sampled) and (not all(sampled) or before.param_samples is None):
+        sampled = before.params_sampled.issuperset(chosen)
+        if not sampled and not before.params_sampled.isdisjoint(chosen):
+            return None  # some sampled, some not: each as it is
+        if sampled and before.param_samples is None:
             return None
         taken = _subset(positions, ks, len(indices))
         view = isinstance(taken, slice)  # (of the snapshot's rows: the fits get a copy)
         y = None
-        if any(sampled):
+        if sampled:
             y = before.param_samples[taken].to(torch.float64, copy=True).numpy()
         if after.states is not None:  # sampled with the grads (an accelerator's)
             states = {

@@ -139,4 +139,6 @@ def kinds(
     fit_sign(*size, rows[0], rows[1], _pointer(codes))
     # every row has a kind's code now, or NOT_FINITE: named by the one-grad fits
     codes_now = codes.tolist()
+    if not found:  # (as a rule: every element finite)
+        return list(map(KINDS.__getitem__, codes_now))
     return [found[i] if code == NOT_FINITE else KINDS[code] for i, code in enumerate(codes_now)]

@@ -12,7 +12,7 @@ a model of many tiny tensors that per-grad Python was most of what an audited st
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,14 +195,29 @@ class Snapshot(Sequence):
             refs, versions, layouts = (list(x) for x in self._before.identities())
         else:
             refs, versions, layouts = [None] * len(self), [0] * len(self), ["blocks"] * len(self)
-        for i, fp in enumerate(self._prints):
-            if fp is not None:
-                refs[i], versions[i], layouts[i] = fp.ref, fp.version, fp.layout
+        built = self.built()
+        for i in sorted(built):
+            fp = self._prints[i]
+            refs[i], versions[i], layouts[i] = fp.ref, fp.version, fp.layout
+        skip = built | self.kept
+        return (
+            self._with_rows(refs, "refs", skip),
+            self._with_rows(versions, "versions", skip),
+            layouts,
+        )
+
+    def _with_rows(self, values: list[Any], name: str, skip: Collection[int]) -> list[Any]:
+        """``values`` where each grad still read as a group's row (not in ``skip``: built or
+        kept) holds its group's ``name`` (refs, versions, norms): a dict of them and one
+        ``map``, not a test a grad."""
+        rows: dict[int, Any] = {}
         for group in self.groups.values():
-            for i, ref, version in zip(group.indices, group.refs, group.versions, strict=True):
-                if self._prints[i] is None and i not in self.kept:
-                    refs[i], versions[i] = ref, version
-        return refs, versions, layouts
+            rows.update(zip(group.indices, getattr(group, name), strict=True))
+        if not rows:
+            return values
+        for i in rows.keys() & skip:
+            del rows[i]
+        return list(map(rows.get, range(len(values)), values))
 
     def norms(self) -> list[float | None]:
         """Each grad's norm (None: no grad), without building fingerprints (read once)."""
@@ -211,19 +226,17 @@ class Snapshot(Sequence):
         return self._norms
 
     def _read_norms(self) -> list[float | None]:
-        out: list[float | None] = [
-            None if fp is None else (fp.norm if fp.present else None) for fp in self._prints
-        ]
-        for group in self.groups.values():
-            for i, norm in zip(group.indices, group.norms, strict=True):
-                if self._prints[i] is None and i not in self.kept:
-                    out[i] = norm
+        out: list[float | None] = [None] * len(self)
+        built = self.built()
+        for i in built:
+            fp = self._prints[i]
+            out[i] = fp.norm if fp.present else None
         if self.kept:
             before = self._before.norms()
             for i in self.kept:
                 if self._prints[i] is None:
                     out[i] = before[i]
-        return out
+        return self._with_rows(out, "norms", built | self.kept)
 
     def all_finite(self) -> bool:
         return all(math.isfinite(n) for n in self.norms() if n is not None)

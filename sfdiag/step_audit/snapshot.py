@@ -46,7 +46,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import operator
 import os
 import weakref
 from collections.abc import Callable, Collection
@@ -54,7 +53,7 @@ from typing import Any
 
 import torch
 
-from sfdiag.dist import is_dtensor, local
+from sfdiag.dist import local
 from sfdiag.step_audit import fused
 from sfdiag.step_audit.fingerprint import (  # noqa: F401 (re-exported)
     _INT_VIEW,
@@ -63,6 +62,7 @@ from sfdiag.step_audit.fingerprint import (  # noqa: F401 (re-exported)
     _bits_equal,
     float_bits,
 )
+from sfdiag.step_audit.grouping import GroupKey, groups_again, small_groups, stacked_params
 from sfdiag.step_audit.rows import GroupRows, Snapshot, row_digests
 from sfdiag.step_audit.sampling import (  # noqa: F401 (re-exported)
     SAMPLE_SIZE,
@@ -180,7 +180,8 @@ def _fused_grads(views: dict[int, torch.Tensor]) -> set[int]:
     setting = _fused_setting()
     if setting == "off":
         return set()
-    eligible = {i for i, v in views.items() if _fused_eligible(v)}
+    large = FUSED_MIN_ROWS * FUSED_BLOCK  # (first, in the comprehension: most grads are smaller)
+    eligible = {i for i, v in views.items() if v.numel() >= large and _fused_eligible(v)}
     if setting == "on":
         return eligible
     on_cpu = {i for i in eligible if views[i].device.type == "cpu"}
@@ -270,6 +271,8 @@ def _layouts(views: dict[int, torch.Tensor], before: Snapshot | None) -> dict[in
     if len(kept) == len(views):  # after step(), as a rule: nothing to decide
         return kept
     fused = _fused_grads(views)
+    if not kept and not fused:  # before step(), on a model of small grads
+        return dict.fromkeys(views, "blocks")
     return {i: kept.get(i) or ("fused" if i in fused else "blocks") for i in views}
 
 
@@ -283,75 +286,6 @@ def _unchanged(grads: list[torch.Tensor | None], before: Snapshot | None) -> set
         for i, g in enumerate(grads)
         if g is not None and refs[i] is not None and refs[i]() is g and versions[i] == g._version
     }
-
-
-#: a group's shape, dtype and device
-GroupKey = tuple[torch.Size, torch.dtype, torch.device]
-
-
-def _groups(
-    views: dict[int, torch.Tensor], candidates: list[int]
-) -> list[tuple[GroupKey, list[int]]]:
-    """The small grads of ``candidates`` that share a shape, dtype and device, two or more:
-    by shape first (one key a grad, not three), then split where a shape's grads differ
-    in dtype or device (as a rule they do not: one set each to tell)."""
-    by_shape: dict[torch.Size, list[int]] = {}
-    for i in candidates:
-        view = views[i]
-        if view.numel() <= SMALL_TENSOR:
-            by_shape.setdefault(view.shape, []).append(i)
-    out: list[tuple[GroupKey, list[int]]] = []
-    for shape, indices in by_shape.items():
-        if len(indices) < 2:
-            continue
-        members = [views[i] for i in indices]
-        if len({v.dtype for v in members}) == 1 and (
-            all([v.is_cpu for v in members]) or len({v.device for v in members}) == 1
-        ):
-            out.append(((shape, members[0].dtype, members[0].device), indices))
-            continue
-        split: dict[GroupKey, list[int]] = {}
-        for i, view in zip(indices, members, strict=True):
-            split.setdefault((shape, view.dtype, view.device), []).append(i)
-        out += [(key, found) for key, found in split.items() if len(found) > 1]
-    return out
-
-
-def _groups_again(
-    before: Snapshot, grads: list[torch.Tensor | None]
-) -> list[tuple[GroupKey, list[int]]]:
-    """The groups ``before`` read whose grads are still those tensors, plain, in that dtype
-    (after ``step()``, as a rule: every group), to be read as groups again without looking
-    for them grad by grad. (A grad's shape or device can move with ``.data =`` too: the
-    group's stack refuses the first, ``take`` checks both.)"""
-    out: list[tuple[GroupKey, list[int]]] = []
-    for indices, group in before.groups.items():
-        members = [grads[i] for i in indices]
-        if (
-            group.key is not None
-            and {type(g) for g in members} == {torch.Tensor}
-            and all(map(operator.is_, [ref() for ref in group.refs], members))
-            and {g.dtype for g in members} == {group.key[1]}
-        ):
-            out.append((group.key, list(indices)))
-    return out
-
-
-def _group_params(params: list[torch.Tensor], indices: list[int], pending: _Pending) -> int | None:
-    """The samples of a group's params (``indices``), in one stack where they share a
-    shape, dtype and device (a param is laid out as its grad, as a rule): the piece's slot,
-    a row per param in the group's order. None where they do not."""
-    shards = [params[i] for i in indices]
-    if any(map(is_dtensor, {type(s): s for s in shards}.values())):  # (a matter of class)
-        shards = [local(s) for s in shards]
-    # torch.stack refuses tensors of other shapes or devices, but promotes other dtypes
-    if len({s.dtype for s in shards}) != 1:
-        return None
-    try:
-        stacked = torch.stack(shards)
-    except RuntimeError:
-        return None
-    return pending.add(_sample_rows(stacked.reshape(len(indices), -1), owned=True))
 
 
 @torch.no_grad()  # the hooks run with grad on, and a create_graph=True grad has a graph
@@ -404,8 +338,8 @@ def take(
     # the fused layout's grads on the CPU: one call of the kernel per dtype reads them all
     # for their checksums and samples, and where the version moved for their norms too
     by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, layout in layouts.items():
-        if layout == "fused" and _kernel_reads(views[i]):
+    for i in [i for i, layout in layouts.items() if layout == "fused"]:
+        if _kernel_reads(views[i]):
             by_dtype.setdefault(views[i].dtype, []).append(i)
     squares_at: dict[int, int] = {}  # the kernel's sums of squares
     sums_at: dict[int, int] = {}
@@ -440,11 +374,11 @@ def take(
     same_shape: list[tuple[GroupKey, list[int]]] = []
     if not full:  # (forensics clones every grad: one at a time)
         if before is not None:  # after step(): before's groups, where they stay groups
-            same_shape = _groups_again(before, grads)
+            same_shape = groups_again(before, grads)
         regrouped = {i for _, indices in same_shape for i in indices}
         not_strided = {i for i in irregular if views[i].layout != torch.strided}
         same_shape.extend(
-            _groups(
+            small_groups(
                 views,
                 [
                     i
@@ -454,6 +388,7 @@ def take(
                     and layouts[i] == "blocks"
                     and i not in sums_at
                 ],
+                SMALL_TENSOR,
             )
         )
     # indices -> the pieces of their block sums, samples and params' samples (None: none)
@@ -474,8 +409,9 @@ def take(
         samples_slot = pending.add(_sample_rows(stacked, owned=True))  # (read only below)
         params_slot = None
         if any(i in sample_params for i in indices):
-            params_slot = _group_params(params, indices, pending)
-            if params_slot is not None:
+            param_rows = stacked_params(params, indices)
+            if param_rows is not None:
+                params_slot = pending.add(_sample_rows(param_rows, owned=True))
                 params_grouped.update(indices)
         group_at[tuple(indices)] = (key, sums_slot, samples_slot, params_slot)
         grouped.update(indices)
@@ -540,8 +476,11 @@ def take(
     pending.fetch(_to_host)
 
     norm_of: dict[int, float] = {}
+    norms_of_group: dict[tuple[int, ...], list[float]] = {}  # a piece that is one group's
     for indices, slot in norm_pieces:
-        norm_of.update(zip(indices, pending.whole(slot).tolist(), strict=True))
+        values = pending.whole(slot).tolist()
+        norm_of.update(zip(indices, values, strict=True))
+        norms_of_group[tuple(indices)] = values
     prior_norms = before.norms() if before is not None and unchanged else None
 
     groups: dict[tuple[int, ...], GroupRows] = {}
@@ -554,7 +493,9 @@ def take(
         else:
             refs = [weakref.ref(grads[i]) for i in indices]
             versions = [grads[i]._version for i in indices]
-            norms = [norm_of[i] if i in norm_of else prior_norms[i] for i in indices]
+            norms = norms_of_group.get(indices) or [
+                norm_of[i] if i in norm_of else prior_norms[i] for i in indices
+            ]
         groups[indices] = GroupRows(
             indices=indices,
             key=key,
@@ -565,7 +506,11 @@ def take(
             samples=pending.tensor(samples_slot),
             norms=norms,
             param_samples=None if params_slot is None else pending.tensor(params_slot),
-            params_sampled=frozenset(i for i in indices if i in sample_params),
+            params_sampled=(
+                frozenset(indices)
+                if sample_params.issuperset(indices)
+                else frozenset(i for i in indices if i in sample_params)
+            ),
             states=(
                 {k: pending.tensor(j) for k, j in group_states[indices].items()}
                 if indices in group_states
