@@ -106,7 +106,7 @@ class AdamNormalize(torch.optim.Optimizer):
                     state["step"] = 0
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
-                v = state["exp_avg_sq"]
+                v = state["exp_avg_sq"].view_as(p)
                 v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
                 denom = (v / (1 - beta2 ** state["step"])).sqrt_().add_(self.eps_of(group, p))
                 p.grad.div_(denom)
@@ -114,6 +114,27 @@ class AdamNormalize(torch.optim.Optimizer):
 
     def eps_of(self, group, p) -> float:
         """What the denominator adds."""
+        return group["eps"]
+
+
+class OddStates(AdamNormalize):
+    """AdamNormalize whose params' states are not all alike: the third param keeps its
+    second moment flat (its own fits find none of its shape), and every param keeps a
+    signed ``trace`` (never a second moment), the fifth's flat."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for group in self.param_groups for p in group["params"]]
+        for k, p in enumerate(params):
+            if p.grad is not None and not self.state[p]:
+                self.state[p]["step"] = 0
+                self.state[p]["exp_avg_sq"] = torch.zeros_like(p).view(-1 if k == 2 else p.shape)
+        super().step(closure)
+        for k, p in enumerate(params):
+            if p.grad is not None:
+                self.state[p]["trace"] = -p.detach().abs().reshape(-1 if k == 4 else p.shape)
+
+    def eps_of(self, group, p) -> float:
         return group["eps"]
 
 

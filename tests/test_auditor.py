@@ -126,6 +126,7 @@ GROUP_OPTIMIZERS = {
     ),
     "fold-wd": lambda ps: mutators.FoldWeightDecay(ps, lr=0.01, wd=0.1),
     "adam-normalize": lambda ps: mutators.AdamNormalize(ps, lr=0.01),
+    "states-not-alike": lambda ps: mutators.OddStates(ps, lr=0.01),
     "scale": lambda ps: mutators.ScaleGrads(ps, lr=0.01),
     "replace": lambda ps: mutators.ReplaceGrads(ps, lr=0.01),
     "clear": lambda ps: mutators.ClearGrads(ps, lr=0.01),
@@ -197,8 +198,8 @@ def test_a_groups_fits_never_stack_a_state_once_every_row_is_named(monkeypatch):
         read.append(name)
         return real(self, name)
 
-    def every_state(held):
-        return {name: changes._state_rows(tensors) for name, tensors in held.items()}
+    def every_state(held, shape):
+        return {name: changes._state_rows(tensors, shape) for name, tensors in held.items()}
 
     kinds = []
     for lazy in (True, False):

@@ -48,14 +48,27 @@ def _chunks(groups: Any) -> list[list[int]]:
     return out
 
 
-def _state_rows(tensors: list[torch.Tensor]) -> Any:
-    """``_rows`` of the samples of ``tensors`` (one state, of one shape): the elements
+class _NotAlike(Exception):
+    """A group's state tensors of one name are not all of its params' shape (found where
+    they are stacked): its fits give way to each param's (``ChangedGrads._kinds``)."""
+
+
+def _state_rows(tensors: list[torch.Tensor], shape: torch.Size | None = None) -> Any:
+    """``_rows`` of the samples of ``tensors`` (one state): the elements
     ``snapshot.sample_positions`` names. Tensors no larger than a sample are stacked whole
     (no view a tensor); larger ones by their samples' views, so that nothing more than the
     samples is ever copied. None where every sample has a negative element: no second
-    moment, the fits' one use of state (not worth a float64 copy)."""
-    small = tensors[0].numel() <= snapshot.SAMPLE_SIZE
-    rows = _stacked_rows(tensors if small else [snapshot.sample_view(t) for t in tensors])
+    moment, the fits' one use of state (not worth a float64 copy). ``shape``: the params',
+    where the tensors' shapes are not yet known to be it (``states_alike``): ``_NotAlike``
+    where one is not."""
+    if tensors[0].numel() <= snapshot.SAMPLE_SIZE:
+        rows = _stacked_rows(tensors) if shape is None else snapshot.stacked_state(tensors, shape)
+    elif shape is None or all([t.shape == shape for t in tensors]):
+        rows = _stacked_rows([snapshot.sample_view(t) for t in tensors])
+    else:
+        rows = None
+    if rows is None:
+        raise _NotAlike
     return _positive_rows(rows, copy=len(tensors) == 1)
 
 
@@ -265,9 +278,12 @@ class ChangedGrads:
             held = snapshot.states_alike(getattr(self.optimizer, "state", None), params)
             if held is None:
                 return None
-            states = _StateRows(held)
+            states = _StateRows(held, params[0].shape)
         dtype_eps = np.full(len(chosen), _dtype_eps(before.samples))
-        return self._fit(chosen, _rows_of(pre, ks), _rows_of(post, ks), y, states, dtype_eps)
+        try:
+            return self._fit(chosen, _rows_of(pre, ks), _rows_of(post, ks), y, states, dtype_eps)
+        except _NotAlike:
+            return None
 
     def _kinds(self, indices: list[int], mutated: list[int], pre: Any, post: Any) -> dict[int, str]:
         """The kind of each mutated grad's change (rows ``mutated`` of ``pre``/``post``),
@@ -340,16 +356,18 @@ class _StateRows(Mapping):
     the fits first ask for it, a name that says a square (``exp_avg_sq``) first: the fits
     stop once every row is named, so that a first moment or sf-adamw's ``z`` is then never
     stacked. Which state names a row changes no kind: any that fits names it
-    adam-normalized."""
+    adam-normalized. A name whose tensors are not all of the params' ``shape`` raises
+    ``_NotAlike`` when it is read (each param's fits then: ``ChangedGrads._kinds``)."""
 
-    def __init__(self, held: dict[str, list[torch.Tensor]]) -> None:
+    def __init__(self, held: dict[str, list[torch.Tensor]], shape: torch.Size) -> None:
         self._held = held
+        self._shape = shape
         self._names = sorted(held, key=lambda name: "sq" not in name.lower())
         self._read: dict[str, Any] = {}
 
     def __getitem__(self, name: str) -> Any:
         if name not in self._read:
-            self._read[name] = _state_rows(self._held[name])
+            self._read[name] = _state_rows(self._held[name], self._shape)
         return self._read[name]
 
     def __iter__(self) -> Iterator[str]:

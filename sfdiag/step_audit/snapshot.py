@@ -74,6 +74,7 @@ from sfdiag.step_audit.sampling import (  # noqa: F401 (re-exported)
     sample_view,
 )
 from sfdiag.step_audit.state import (  # noqa: F401 (re-exported)
+    stacked_state,
     state_bytes,
     state_rows,
     state_samples,

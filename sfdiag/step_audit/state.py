@@ -3,6 +3,7 @@ the kind of a mutation: by name, sampled alike with its grad, or for many params
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -30,27 +31,30 @@ def _per_element_state(
 
 def states_alike(state: Any, params: list[torch.Tensor]) -> dict[str, list[torch.Tensor]] | None:
     """``state_tensors`` of each of ``params`` (one group's: one shape, dtype and device), by
-    name, where all hold plain tensors of that shape under the same names: a dict lookup a
-    param, not a filtered copy of its state each. None where they do not (the caller reads
-    each param's)."""
+    name, where all hold plain tensors under the same names, those of the first param's
+    shape per-element state in all: a dict lookup a param, not a filtered copy of its state
+    each. None where they do not (the caller reads each param's). Whether every tensor of
+    a name has the params' shape is told where they are stacked (``stacked_state``: one
+    check for all, by ``torch.stack``), and only for the names read."""
     if state is None or not params:
         return None
     shape = params[0].shape
-    held = [state.get(p) for p in params]
-    if held[0] is None or any(each is None for each in held):
+    held = list(map(state.get, params))  # (a param is a key by identity)
+    if {type(each) for each in held} != {dict}:  # (None: a param without state)
         return None
+    first = held[0]
     names = [
         key
-        for key, value in held[0].items()
+        for key, value in first.items()
         if type(value) is torch.Tensor and value.shape == shape and value.numel() > 0
     ]
-    keys = held[0].keys()
-    if any(each.keys() != keys for each in held):
+    keys = first.keys()
+    if not all(map(keys.__eq__, map(dict.keys, held))):
         return None
     columns = {}
     for key in names:
-        column = [each[key] for each in held]
-        if not all(type(t) is torch.Tensor and t.shape == shape for t in column):
+        column = list(map(operator.itemgetter(key), held))
+        if {type(t) for t in column} != {torch.Tensor}:
             return None
         columns[str(key)] = column
     # the other entries (a step count) must be no per-element state in any of them either
@@ -62,19 +66,35 @@ def states_alike(state: Any, params: list[torch.Tensor]) -> dict[str, list[torch
     return columns
 
 
+def stacked_state(column: list[torch.Tensor], shape: torch.Size) -> torch.Tensor | None:
+    """One name's state tensors (``states_alike``'s column) as the rows of one stack, where
+    every one has ``shape``: ``torch.stack`` refuses tensors of different shapes (or
+    devices), and the stack's shape says whether theirs is ``shape``. None where not."""
+    try:
+        stacked = torch.stack(column)
+    except RuntimeError:
+        return None
+    if stacked.shape[1:] != shape:
+        return None
+    return stacked.reshape(len(column), -1)
+
+
 def state_rows(optimizer: Any, params: list[torch.Tensor]) -> dict[str, torch.Tensor] | None:
     """``state_views`` of each of ``params`` (one group's), as the rows of one stack per
     name (for ``take(states_of_group=)``: copied with the snapshot, a few calls for the
-    group). None where their states are not alike (``states_alike``)."""
+    group). None where their states are not alike (``states_alike``, ``stacked_state``)."""
     held = states_alike(getattr(optimizer, "state", None), params)
     if held is None:
         return None
     # (the whole tensors stacked, then sampled: a few torch calls for the group, not one a
     # param; a group's tensors are small)
-    return {
-        name: _sample_rows(torch.stack(column).reshape(len(params), -1), owned=True)
-        for name, column in held.items()
-    }
+    out = {}
+    for name, column in held.items():
+        stacked = stacked_state(column, params[0].shape)
+        if stacked is None:
+            return None
+        out[name] = _sample_rows(stacked, owned=True)
+    return out
 
 
 def state_samples(optimizer: Any, param: torch.Tensor, *, full: bool = False) -> dict[str, Any]:
