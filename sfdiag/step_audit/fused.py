@@ -268,15 +268,13 @@ def row_squares(rows: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor
     if function is None:
         return None
     count, size = rows.shape
-    step = size * rows.element_size()
-    start = rows.data_ptr()
-    starts = range(start, start + count * step, step) if step else [start] * count
-    pointers = array.array("q", starts)
+    # each row's first element, by numpy's arange (not a Python int a row)
+    pointers = rows.data_ptr() + np.arange(count, dtype=np.int64) * (size * rows.element_size())
     sizes = array.array("q", [size]) * count
     out = torch.empty(count, dtype=torch.float64)
     function(
         ctypes.c_int64(count),
-        ctypes.c_void_p(pointers.buffer_info()[0]),
+        ctypes.c_void_p(pointers.ctypes.data),
         ctypes.c_void_p(sizes.buffer_info()[0]),
         ctypes.c_void_p(out.data_ptr()),
     )

@@ -12,8 +12,10 @@ a model of many tiny tensors that per-grad Python was most of what an audited st
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -172,7 +174,7 @@ class Snapshot(Sequence):
 
     def built(self) -> set[int]:
         """The grads whose ``GradFingerprint`` was built: no longer read as rows."""
-        if self._prints.count(None) == len(self._prints):  # (as a rule: none, told in C)
+        if not any(map(operator.is_not, self._prints, repeat(None))):  # (as a rule: none)
             return set()
         return {i for i, fp in enumerate(self._prints) if fp is not None}
 

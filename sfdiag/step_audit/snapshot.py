@@ -321,16 +321,14 @@ def take(
     grads = [p.grad for p in params]
     sample_params = set(range(len(params))) if param_samples is True else set(param_samples or ())
     # under no_grad: no view or copy taken here needs a detach (one host call a tensor saved)
-    views: dict[int, torch.Tensor] = {}
-    irregular: list[int] = []  # a sparse grad, a DTensor, a subclass: read through a view
-    for i, g in enumerate(grads):
-        if g is None:
-            continue
-        if type(g) is torch.Tensor and g.layout == torch.strided:
-            views[i] = g  # a plain dense grad is its own view (most are: no call a grad)
-        else:
-            views[i] = _dense_view(g)
-            irregular.append(i)
+    # a plain dense grad is its own view (most are: no call a grad); the others (a sparse
+    # grad, a DTensor, a subclass) are read through one
+    strided, plain = torch.strided, torch.Tensor
+    views = {i: g for i, g in enumerate(grads) if type(g) is plain and g.layout == strided}
+    irregular = [i for i, g in enumerate(grads) if g is not None and i not in views]
+    if irregular:  # (in the grads' order, as the plain ones)
+        views.update((i, _dense_view(grads[i])) for i in irregular)
+        views = dict(sorted(views.items()))
     unchanged = _unchanged(grads, before)
     layouts = _layouts(views, before)
     pending = _Pending()
@@ -383,11 +381,8 @@ def take(
                 views,
                 [
                     i
-                    for i in views
-                    if i not in regrouped
-                    and i not in not_strided
-                    and layouts[i] == "blocks"
-                    and i not in sums_at
+                    for i in (sorted(views.keys() - regrouped) if regrouped else views)
+                    if i not in not_strided and layouts[i] == "blocks" and i not in sums_at
                 ],
                 SMALL_TENSOR,
             )
