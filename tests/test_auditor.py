@@ -183,6 +183,39 @@ def test_a_group_read_as_rows_says_what_each_grad_read_alone_says(
         assert all(kind for records, *_ in grouped for _, kind, *_ in records)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 23])
+@pytest.mark.parametrize("name", ["sf-adamw", "fold-wd", "states-not-alike"])
+def test_a_group_compared_in_chunks_says_what_it_says_whole(name, rows, monkeypatch):
+    """A group's changed grads are compared in arrays of at most ``BATCH_ROWS`` rows (a
+    step hook's memory stays bounded): cut into chunks of any size, a short one last, the
+    verdicts, changes and kinds of every grad are those of the group compared whole."""
+    from sfdiag.step_audit import changes
+
+    runs = []
+    for batch in (changes.BATCH_ROWS, rows):
+        monkeypatch.setattr(changes, "BATCH_ROWS", batch)
+        model = _many_small_layers()
+        optimizer = GROUP_OPTIMIZERS[name](list(model.parameters()))
+        if hasattr(optimizer, "train"):
+            optimizer.train()
+        auditor = StepAuditor().attach(optimizer)
+        x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+        for _ in range(2):
+            optimizer.zero_grad(set_to_none=True)
+            model(x).square().mean().backward()
+            optimizer.step()
+        runs.append(
+            [
+                (r.verdict, r.max_rel_change, r.fingerprint)
+                for o in auditor.observations
+                for r in o.params
+            ]
+        )
+    whole, chunked = runs
+    assert chunked == whole
+    assert {verdict for verdict, *_ in whole} == {"mutated"}
+
+
 def test_a_groups_fits_never_stack_a_state_once_every_row_is_named(monkeypatch):
     """sf-adamw's state is ``z`` (signed: no second moment), then ``exp_avg_sq``; a group's
     fits read a state when they come to it, a square's first: every row named by

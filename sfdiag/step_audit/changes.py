@@ -30,9 +30,11 @@ def _stacked_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(tensors).reshape(len(tensors), -1)  # samples are flat: no view each
 
 
-#: the grads a step changed are compared in arrays of this many rows at most (a float64
-#: array and the fits' scratch per row: bounded memory in a step hook, whatever the model)...
-BATCH_ROWS = 128
+#: the grads a step changed are compared in arrays of this many rows at most (bounded
+#: memory in a step hook, whatever the model: 1 MiB a float64 array of full samples, a few
+#: of them at once; fewer rows cost a mutating step on 2,000 tiny tensors ~10 % more host
+#: time, in the Python and ctypes calls of each array)...
+BATCH_ROWS = 512
 #: ... where there are this many of one sample length; fewer, one at a time (a model of a
 #: few large tensors keeps the memory of one grad's fits, under 1 % of its parameters)
 BATCH_MIN = 16
