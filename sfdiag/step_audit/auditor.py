@@ -197,7 +197,9 @@ def _in_process_group() -> bool:
 
 def _norm_over(norms: list[float | None]) -> float:
     """The L2 norm over the grads' norms (their global norm), exactly rounded."""
-    return math.sqrt(math.fsum(n * n for n in norms if n is not None))
+    if None in norms:  # (a param without a grad)
+        norms = [n for n in norms if n is not None]
+    return math.sqrt(math.fsum(map(operator.mul, norms, norms)))
 
 
 def _nan_only(params: list[torch.Tensor], prints: snapshot.Snapshot) -> bool:
