@@ -59,8 +59,7 @@ def _state_rows(tensors: list[torch.Tensor], shape: torch.Size | None = None) ->
     """``_rows`` of the samples of ``tensors`` (one state): the elements
     ``snapshot.sample_positions`` names. Tensors no larger than a sample are stacked whole
     (no view a tensor); larger ones by their samples' views, so that nothing more than the
-    samples is ever copied. None where every sample has a negative element: no second
-    moment, the fits' one use of state (not worth a float64 copy). ``shape``: the params',
+    samples is ever copied (``_state_array``). ``shape``: the params',
     where the tensors' shapes are not yet known to be it (``states_alike``): ``_NotAlike``
     where one is not."""
     if tensors[0].numel() <= snapshot.SAMPLE_SIZE:
@@ -71,7 +70,7 @@ def _state_rows(tensors: list[torch.Tensor], shape: torch.Size | None = None) ->
         rows = None
     if rows is None:
         raise _NotAlike
-    return _positive_rows(rows, copy=len(tensors) == 1)
+    return _state_array(rows, copy=len(tensors) == 1)
 
 
 def _row_index(positions: list[int]) -> slice | torch.Tensor:
@@ -273,7 +272,7 @@ class ChangedGrads:
             y = before.param_samples[taken].to(torch.float64, copy=True).numpy()
         if after.states is not None:  # sampled with the grads (an accelerator's)
             states = {
-                name: _positive_rows(rows[taken], copy=view) for name, rows in after.states.items()
+                name: _state_array(rows[taken], copy=view) for name, rows in after.states.items()
             }
         else:  # the CPU's: the state tensors themselves, in one stack per name
             params = [self.params[i] for i in chosen]
@@ -379,10 +378,10 @@ class _StateRows(Mapping):
         return len(self._names)
 
 
-def _positive_rows(rows: torch.Tensor, copy: bool = False) -> Any:
-    """State samples (rows) as float64 numpy on the host, or None where every row has a
-    negative element: no second moment, the fits' one use of state (not worth a copy).
-    ``copy``: ``rows`` are a view of the state, which the fits (in place) must not touch."""
-    if bool(rows.amin(dim=1).lt(0).all()):  # (a NaN row is copied: the fits judge it)
-        return None
+def _state_array(rows: torch.Tensor, copy: bool = False) -> Any:
+    """State samples (rows) as float64 numpy on the host, for the fits (which pass over a
+    row with a negative element: no second moment). Not checked here: a state is read
+    only while a row is left to name, a square's first (``_StateRows``), and a check of
+    every row cost as much as the copy. ``copy``: ``rows`` are a view of the state, which
+    the fits (in place) must not touch."""
     return rows.to("cpu", torch.float64, copy=copy).numpy()
