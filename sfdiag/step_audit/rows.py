@@ -241,7 +241,10 @@ class Snapshot(Sequence):
         return self._with_rows(out, "norms", built | self.kept)
 
     def all_finite(self) -> bool:
-        return all(math.isfinite(n) for n in self.norms() if n is not None)
+        norms = self.norms()
+        if None in norms:  # (a param without a grad)
+            norms = [n for n in norms if n is not None]
+        return all(map(math.isfinite, norms))
 
     def digests(self) -> tuple[int, ...]:
         """Each grad's 63-bit digest (0: none): equal for bit-identical grads, wherever they

@@ -325,7 +325,11 @@ def take(
     # grad, a DTensor, a subclass) are read through one
     strided, plain = torch.strided, torch.Tensor
     views = {i: g for i, g in enumerate(grads) if type(g) is plain and g.layout == strided}
-    irregular = [i for i, g in enumerate(grads) if g is not None and i not in views]
+    irregular = (  # (none, as a rule: every grad present and plain)
+        [i for i, g in enumerate(grads) if g is not None and i not in views]
+        if len(views) != len(grads)
+        else []
+    )
     if irregular:  # (in the grads' order, as the plain ones)
         views.update((i, _dense_view(grads[i])) for i in irregular)
         views = dict(sorted(views.items()))
