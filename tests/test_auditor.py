@@ -232,7 +232,7 @@ def test_a_groups_fits_never_stack_a_state_once_every_row_is_named(monkeypatch):
         return real(self, name)
 
     def every_state(held, shape):
-        return {name: changes._state_rows(tensors, shape) for name, tensors in held.items()}
+        return {name: changes._state_rows(name, tensors, shape) for name, tensors in held.items()}
 
     kinds = []
     for lazy in (True, False):

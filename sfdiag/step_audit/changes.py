@@ -55,13 +55,13 @@ class _NotAlike(Exception):
     they are stacked): its fits give way to each param's (``ChangedGrads._kinds``)."""
 
 
-def _state_rows(tensors: list[torch.Tensor], shape: torch.Size | None = None) -> Any:
-    """``_rows`` of the samples of ``tensors`` (one state): the elements
+def _state_rows(name: str, tensors: list[torch.Tensor], shape: torch.Size | None = None) -> Any:
+    """``_rows`` of the samples of ``tensors`` (state ``name``): the elements
     ``snapshot.sample_positions`` names. Tensors no larger than a sample are stacked whole
     (no view a tensor); larger ones by their samples' views, so that nothing more than the
-    samples is ever copied (``_state_array``). ``shape``: the params',
-    where the tensors' shapes are not yet known to be it (``states_alike``): ``_NotAlike``
-    where one is not."""
+    samples is ever copied; None where no row can be a second moment (``_state_array``).
+    ``shape``: the params', where the tensors' shapes are not yet known to be it
+    (``states_alike``): ``_NotAlike`` where one is not."""
     if tensors[0].numel() <= snapshot.SAMPLE_SIZE:
         rows = _stacked_rows(tensors) if shape is None else snapshot.stacked_state(tensors, shape)
     elif shape is None or all([t.shape == shape for t in tensors]):
@@ -70,7 +70,7 @@ def _state_rows(tensors: list[torch.Tensor], shape: torch.Size | None = None) ->
         rows = None
     if rows is None:
         raise _NotAlike
-    return _state_array(rows, copy=len(tensors) == 1)
+    return _state_array(name, rows, copy=len(tensors) == 1)
 
 
 def _row_index(positions: list[int]) -> slice | torch.Tensor:
@@ -272,7 +272,8 @@ class ChangedGrads:
             y = before.param_samples[taken].to(torch.float64, copy=True).numpy()
         if after.states is not None:  # sampled with the grads (an accelerator's)
             states = {
-                name: _state_array(rows[taken], copy=view) for name, rows in after.states.items()
+                name: _state_array(name, rows[taken], copy=view)
+                for name, rows in after.states.items()
             }
         else:  # the CPU's: the state tensors themselves, in one stack per name
             params = [self.params[i] for i in chosen]
@@ -310,7 +311,7 @@ class ChangedGrads:
             ks = [k for k, _ in rows]
             chosen = [indices[k] for k in ks]
             y = _rows([self.before.param_sample(i) for i in chosen]) if has_y else None
-            states = {name: _state_rows([s[name] for _, s in rows]) for name, _ in shapes}
+            states = {name: _state_rows(name, [s[name] for _, s in rows]) for name, _ in shapes}
             dtype_eps = np.array([_dtype_eps(self.before.sample(i)) for i in chosen])
             out.update(
                 self._fit(chosen, _rows_of(pre, ks), _rows_of(post, ks), y, states, dtype_eps)
@@ -363,12 +364,12 @@ class _StateRows(Mapping):
     def __init__(self, held: dict[str, list[torch.Tensor]], shape: torch.Size) -> None:
         self._held = held
         self._shape = shape
-        self._names = sorted(held, key=lambda name: "sq" not in name.lower())
+        self._names = sorted(held, key=lambda name: not _says_square(name))
         self._read: dict[str, Any] = {}
 
     def __getitem__(self, name: str) -> Any:
         if name not in self._read:
-            self._read[name] = _state_rows(self._held[name], self._shape)
+            self._read[name] = _state_rows(name, self._held[name], self._shape)
         return self._read[name]
 
     def __iter__(self) -> Iterator[str]:
@@ -378,10 +379,18 @@ class _StateRows(Mapping):
         return len(self._names)
 
 
-def _state_array(rows: torch.Tensor, copy: bool = False) -> Any:
-    """State samples (rows) as float64 numpy on the host, for the fits (which pass over a
-    row with a negative element: no second moment). Not checked here: a state is read
-    only while a row is left to name, a square's first (``_StateRows``), and a check of
-    every row cost as much as the copy. ``copy``: ``rows`` are a view of the state, which
-    the fits (in place) must not touch."""
+def _says_square(name: str) -> bool:
+    """Whether a state's name says a square (``exp_avg_sq``): a second moment, as a rule."""
+    return "sq" in name.lower()
+
+
+def _state_array(name: str, rows: torch.Tensor, copy: bool = False) -> Any:
+    """State ``name``'s samples (rows) as float64 numpy on the host, or None where every row
+    has a negative element: no second moment, the fits' one use of state (not worth a
+    copy). A name that says a square is copied unchecked: as a rule it has no negative
+    element, a row that has one the fits pass over, and the check would cost a chunk of
+    rows what the copy does. ``copy``: ``rows`` are a view of the state, which the fits (in
+    place) must not touch."""
+    if not _says_square(name) and bool(rows.amin(dim=1).lt(0).all()):
+        return None  # (a NaN row is copied: the fits judge it)
     return rows.to("cpu", torch.float64, copy=copy).numpy()
