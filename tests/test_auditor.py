@@ -216,6 +216,39 @@ def test_a_group_compared_in_chunks_says_what_it_says_whole(name, rows, monkeypa
     assert {verdict for verdict, *_ in whole} == {"mutated"}
 
 
+def test_each_param_groups_eps_fits_its_own_grads(monkeypatch):
+    """The Adam fit reads each param group's ``eps`` for its grads (one number for the step
+    where every group has the same, else one a param): two groups of one shape with eps
+    1e-8 and 1e-3, whose grads span 1e-3 to 1e2 (eps moves the small ones' denominators),
+    are both named adam-normalized; fitted with the first group's eps for all, the
+    second's are not (the test can fail)."""
+    from sfdiag.step_audit import changes
+
+    def kinds(eps_of):
+        monkeypatch.setattr(changes, "_eps_of", eps_of)
+        torch.manual_seed(0)
+        layers = [torch.nn.Linear(16, 16) for _ in range(24)]
+        model = torch.nn.Sequential(*layers)
+        groups = [
+            {"params": [p for m in layers[:12] for p in m.parameters()], "eps": 1e-8},
+            {"params": [p for m in layers[12:] for p in m.parameters()], "eps": 1e-3},
+        ]
+        optimizer = mutators.AdamNormalize(groups, lr=0.01)
+        auditor = StepAuditor().attach(optimizer)
+        noise = torch.Generator().manual_seed(3)
+        for p in model.parameters():
+            magnitude = 10 ** (torch.rand(p.shape, generator=noise) * 5 - 3)
+            p.grad = torch.randn(p.shape, generator=noise) * magnitude
+        optimizer.step()
+        return [r.fingerprint for r in auditor.observations[-1].params]
+
+    both = kinds(changes._eps_of)
+    assert both == ["adam-normalized"] * len(both)
+    first_for_all = kinds(lambda optimizer: 1e-8)
+    assert first_for_all[: len(both) // 2] == both[: len(both) // 2]
+    assert "adam-normalized" not in first_for_all[len(both) // 2 :]
+
+
 def test_a_groups_fits_never_stack_a_state_once_every_row_is_named(monkeypatch):
     """sf-adamw's state is ``z`` (signed: no second moment), then ``exp_avg_sq``; a group's
     fits read a state when they come to it, a square's first: every row named by
