@@ -134,9 +134,6 @@ class OddStates(AdamNormalize):
             if p.grad is not None:
                 self.state[p]["trace"] = -p.detach().abs().reshape(-1 if k == 4 else p.shape)
 
-    def eps_of(self, group, p) -> float:
-        return group["eps"]
-
 
 class FailsToStep(_Mutating):
     def mutate(self, p):

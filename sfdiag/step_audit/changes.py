@@ -233,11 +233,8 @@ class ChangedGrads:
             changes[indices[0]] = verdict.max_rel_change(pre[0], post[0])
         else:
             changes.update(zip(indices, verdict.max_rel_change_rows(pre, post), strict=True))
-        verdicts = list(map(self.changed.__getitem__, indices))
-        if verdicts.count("mutated") == len(verdicts):  # (as a rule)
-            mutated = list(range(len(indices)))
-        else:
-            mutated = [k for k, verdict_ in enumerate(verdicts) if verdict_ == "mutated"]
+        verdicts = map(self.changed.__getitem__, indices)
+        mutated = [k for k, verdict_ in enumerate(verdicts) if verdict_ == "mutated"]
         if not (mutated and self.fingerprint_kinds):
             return
         found = self._group_kinds(indices, mutated, pre, post, group) if group else None
