@@ -116,3 +116,26 @@ def test_values_logged_in_a_row_share_one_read_of_the_grads():
     assert not read.holds(grads, versions_of(grads), 1)  # edited in place: version moved
     swapped = [grads[0], None, grads[2].clone()]
     assert not read.holds(swapped, versions_of(swapped), 1)  # another tensor
+
+
+def test_each_step_knows_which_parameters_had_a_grad():
+    """The parameters a step was given grads for, step by step, as they come and go (the set
+    of all of them is kept between steps, one parameter missing a grad is not among them)."""
+    from sfdiag.run.watch import OptimizerWatch
+
+    params = [torch.nn.Parameter(torch.ones(3)) for _ in range(3)]
+    opt = torch.optim.SGD(params, lr=0.1)
+    watch = OptimizerWatch()
+    watch.install()
+    try:
+        seen = []
+        for missing in (None, 1, None, 0, None):
+            for i, p in enumerate(params):
+                p.grad = None if i == missing else torch.ones(3)
+            opt.step()
+            seen.append(watch.watched[0].recent[-1].with_grad)
+    finally:
+        watch.remove()
+    everyone = frozenset({0, 1, 2})
+    assert seen == [everyone, frozenset({0, 2}), everyone, frozenset({1, 2}), everyone]
+    assert watch.watched[0].saw_whole

@@ -107,6 +107,8 @@ class Watched:
     _pre_versions: list[int] = field(default_factory=list)
     _pre_norms: torch.Tensor | None = None
     _pre_taken: bool = False
+    _pre_all: bool = False  # every parameter had a grad as step() began
+    _all_indices: frozenset[int] = frozenset()  # range(len(params)), kept between steps
     last_read: GradsRead | None = None  # the grads' norms read when a value was last logged
     _clip_mark: int = 0  # the clip log's length when the previous step finished
     # the grads as the last step() left them (weakly held) and their versions
@@ -175,8 +177,10 @@ class Watched:
             self.sharded = []
         if self.sharded:
             self.saw_sharded = True
-        if len(self.sharded) < sum(g is not None for g in grads):
-            self.saw_whole = True
+        self._pre_all = type(None) not in kinds  # every parameter has a grad (as a rule)
+        if not self.saw_whole:
+            present = len(grads) if self._pre_all else sum(g is not None for g in grads)
+            self.saw_whole = len(self.sharded) < present
         versions = versions_of(grads)
         self.last_read = None  # the next value logged reads the grads of the next step
         self._pre_grads = grads
@@ -330,7 +334,7 @@ class Watched:
             return None
         self._pre_taken = False
         clip, covered = None, frozenset()
-        with_grad = frozenset([i for i, g in enumerate(self._pre_grads) if g is not None])
+        with_grad = self._with_grad()
         if clips is not None and len(clips) > self._clip_mark:
             grad_ids = frozenset([id(g) for g in self._pre_grads if g is not None])
             clip = clips.latest_since(self._clip_mark, self.param_ids, grad_ids)
@@ -375,6 +379,16 @@ class Watched:
             else:
                 norms._lost = self._read_post_at_once
         return norms
+
+    def _with_grad(self) -> frozenset[int]:
+        """The indices of the parameters ``step()`` was given a grad for; where every one
+        had one (as a rule), the same set as the last such step's, not built again."""
+        count = len(self._pre_grads)
+        if not self._pre_all:
+            return frozenset([i for i, g in enumerate(self._pre_grads) if g is not None])
+        if len(self._all_indices) != count:
+            self._all_indices = frozenset(range(count))
+        return self._all_indices
 
     def _read_post_at_once(self) -> None:
         self.read_post_at_once = True
