@@ -172,7 +172,9 @@ def test_ranks_that_step_different_gradients_are_named(jobs):
 def test_a_failing_rank_ends_the_job_quickly_with_its_error(jobs):
     job = jobs["fail"]
     assert job.code == 1
-    assert job.seconds < 90
+    # ended by itself, not by the other rank's collective timing out: no slower than the
+    # whole run of the same script started beside it (a busy host slows both alike)
+    assert job.seconds < max(90, jobs["ddp"].seconds + 30), (job.seconds, jobs["ddp"].seconds)
     assert "RuntimeError: rank 1 fails at step 3" in job.stderr
     assert "sfdiag: rank 1 failed with exit code 1" in job.stderr
     assert not (job.out / "r.json").exists()

@@ -1,7 +1,9 @@
 """Feeding ``torch._foreach_*`` ops: group rows of tensors by device and dtype, and tile them.
 
 A *row* is the tensors of one parameter that an update touches together, e.g.
-``(y, grad, z, v)``. The foreach ops want *columns*: one list per role.
+``(y, grad, z, v)``. The foreach ops want *columns*: one list per role. A step builds
+its columns directly (``local_columns``, ``columns_by_device_and_dtype``): a tuple a
+parameter would be garbage for the collector to walk, every step.
 
 On CUDA a foreach op over every tensor is one multi-tensor kernel launch, so each
 (device, dtype) group goes in whole. On CPU a foreach op is a loop of per-tensor
@@ -28,10 +30,12 @@ from sfdiag.dist import is_dtensor, local
 __all__ = [
     "CPU_TILE_BYTES",
     "by_device_and_dtype",
-    "local_rows",
+    "columns_by_device_and_dtype",
+    "local_columns",
     "scalar_operand",
     "shards",
     "tiles",
+    "tiles_of_columns",
     "tiles_of_group",
 ]
 
@@ -52,15 +56,36 @@ def shards(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tensors  # plain tensors, as a rule: asked for every row of every step
 
 
-def local_rows(rows: list[Row]) -> list[Row]:
-    """``shards`` of every row: ``rows`` themselves where their first tensors (the
-    parameters) are plain tensors, as a rule. A parameter's grad and state are DTensors
+def local_columns(columns: list[list[Tensor]]) -> list[list[Tensor]]:
+    """The tensors of ``columns`` (one list per role, the parameters first) as this
+    process holds them: ``columns`` themselves where the parameters are plain tensors, as a
+    rule; else each through ``local`` (a DTensor's shard, a view of its storage, so in-place
+    ops write through; anything else itself). A parameter's grad and state are DTensors
     exactly where it is one, and whether a tensor is one is a matter of its class, so one
-    parameter of each class is asked (a step asks this of every row)."""
-    one_of_each = {type(row[0]): row[0] for row in rows}
+    parameter of each class is asked (a step asks this of every parameter)."""
+    one_of_each = {type(t): t for t in columns[0]}
     if any(map(is_dtensor, one_of_each.values())):
-        return [shards(*row) for row in rows]
-    return rows
+        return [[local(t) for t in column] for column in columns]
+    return columns
+
+
+def columns_by_device_and_dtype(columns: list[list[Tensor]]) -> Iterator[list[list[Tensor]]]:
+    """``columns`` (one list per role, the parameters first), one set per (device, dtype)
+    of the parameter: ``columns`` themselves where every parameter is on one device in one
+    dtype, as a rule. Columns, not a tuple a parameter: a step builds none per tensor (a
+    tuple each is garbage the collector walks, a full collection every few dozen steps of
+    a model of a thousand tensors)."""
+    firsts = columns[0]
+    if not firsts:
+        return
+    if len({t.dtype for t in firsts}) == 1 and len({t.device for t in firsts}) == 1:
+        yield columns
+        return
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(firsts):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    for indices in groups.values():
+        yield [[column[i] for i in indices] for column in columns]
 
 
 def by_device_and_dtype(rows: Sequence[Row]) -> Iterator[list[list[Tensor]]]:
@@ -92,6 +117,12 @@ def _tile_elems(first: Tensor) -> int | None:
     if first.device.type != "cpu":
         return None
     return max(1, CPU_TILE_BYTES // first.element_size())
+
+
+def tiles_of_columns(columns: list[list[Tensor]]) -> Iterator[list[list[Tensor]]]:
+    """``tiles`` of ``columns`` (one list per role, the parameters first)."""
+    for group in columns_by_device_and_dtype(columns):
+        yield from tiles_of_group(group)
 
 
 def tiles(rows: Sequence[Row]) -> Iterator[list[list[Tensor]]]:

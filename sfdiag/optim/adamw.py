@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from sfdiag.optim._foreach import (
-    by_device_and_dtype,
-    local_rows,
+    columns_by_device_and_dtype,
+    local_columns,
     scalar_operand,
     shards,
     tiles_of_group,
@@ -104,15 +104,21 @@ class AdamWScheduleFree(InterpolatedScheduleFree):
         return group["betas"][0]
 
     def _update(self, group: dict[str, Any], params: list[Tensor], scalars: StepScalars) -> None:
-        rows = []
-        for p in params:
-            state = self.state[p]
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states, strict=True):
             if "z" not in state:
                 state["z"] = p.detach().clone(memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            rows.append((p, p.grad, state["z"], state["exp_avg_sq"]))
-        # a DTensor (FSDP2) is updated through its local shard: the update is elementwise
-        rows = local_rows(rows)
+        # columns (y, grad, z, v), no tuple a parameter; a DTensor (FSDP2) is updated
+        # through its local shard: the update is elementwise
+        columns = local_columns(
+            [
+                params,
+                [p.grad for p in params],
+                [state["z"] for state in states],
+                [state["exp_avg_sq"] for state in states],
+            ]
+        )
 
         beta1, beta2 = group["betas"]
         lr, ckp1 = scalars.lr, scalars.ckp1
@@ -125,15 +131,15 @@ class AdamWScheduleFree(InterpolatedScheduleFree):
             y_alpha=lr * (beta1 * (1.0 - ckp1) - 1.0),
             lr=lr,
         )
-        if group.get("compile") and _compiled_rows(rows, coefficients, group):
+        if group.get("compile") and _compiled_rows(zip(*columns, strict=True), coefficients, group):
             return
         if group["foreach"]:
-            for columns in by_device_and_dtype(rows):
-                foreach_coefficients = _foreach_coefficients(coefficients, like=columns[0][0])
-                for ys, gs, zs, vs in tiles_of_group(columns):
+            for same in columns_by_device_and_dtype(columns):
+                foreach_coefficients = _foreach_coefficients(coefficients, like=same[0][0])
+                for ys, gs, zs, vs in tiles_of_group(same):
                     _multi_tensor_step(ys, gs, zs, vs, **foreach_coefficients)
         else:
-            for y, g, z, v in rows:
+            for y, g, z, v in zip(*columns, strict=True):
                 _single_tensor_step(y, g, z, v, **coefficients)
 
 
@@ -232,7 +238,7 @@ def _compiled_kernel() -> Any:
 
 
 def _compiled_rows(
-    rows: list[tuple[Tensor, ...]], coefficients: dict[str, float], group: dict[str, Any]
+    rows: Iterable[tuple[Tensor, ...]], coefficients: dict[str, float], group: dict[str, Any]
 ) -> bool:
     """Run the compiled kernel over flat views of every row; False (and the group falls back
     to foreach for good) if compiling fails. Rows with a non-contiguous tensor take the loop."""

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sfdiag.optim._foreach import local_rows, shards, tiles
+from sfdiag.optim._foreach import local_columns, shards, tiles_of_columns
 from sfdiag.optim._schedule import (
     InterpolatedScheduleFree,
     ReferenceScheduleFree,
@@ -62,26 +62,27 @@ class SGDScheduleFree(InterpolatedScheduleFree):
         return group["momentum"]
 
     def _update(self, group: dict[str, Any], params: list[Tensor], scalars: StepScalars) -> None:
-        rows = []
-        for p in params:
-            state = self.state[p]
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states, strict=True):
             if "z" not in state:
                 state["z"] = p.detach().clone(memory_format=torch.preserve_format)
-            rows.append((p, p.grad, state["z"]))
-        rows = local_rows(rows)  # a DTensor: its local shard
+        # columns (y, grad, z), no tuple a parameter; a DTensor: its local shard
+        columns = local_columns(
+            [params, [p.grad for p in params], [state["z"] for state in states]]
+        )
 
         lr, ckp1 = scalars.lr, scalars.ckp1
         decay = group["weight_decay"]
         y_alpha = lr * (group["momentum"] * (1.0 - ckp1) - 1.0)
         if group["foreach"]:
-            for ys, gs, zs in tiles(rows):
+            for ys, gs, zs in tiles_of_columns(columns):
                 if decay != 0:
                     torch._foreach_add_(gs, ys, alpha=decay)
                 torch._foreach_lerp_(ys, zs, ckp1)
                 torch._foreach_add_(ys, gs, alpha=y_alpha)
                 torch._foreach_sub_(zs, gs, alpha=lr)
         else:
-            for y, g, z in rows:
+            for y, g, z in zip(*columns, strict=True):
                 if decay != 0:
                     g.add_(y, alpha=decay)
                 y.lerp_(z, ckp1)
