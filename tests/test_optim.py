@@ -244,6 +244,7 @@ def _two_dtype_params(seed: int) -> list[torch.nn.Parameter]:
 def test_foreach_and_loop_write_the_same_params_and_grads(family, wd, tile_bytes, monkeypatch):
     if tile_bytes is not None:  # force tiling: tensors split into slices and packed together
         monkeypatch.setattr(foreach_mod, "CPU_TILE_BYTES", tile_bytes)
+        monkeypatch.setattr(foreach_mod, "CPU_WHOLE_TILES", 1)
     cls = AdamWScheduleFree if family == "adam" else SGDScheduleFree
     lr = 0.01 if family == "adam" else 0.1
     pa, pb = _two_dtype_params(0), _two_dtype_params(0)
@@ -271,6 +272,7 @@ def test_foreach_and_loop_write_the_same_params_and_grads(family, wd, tile_bytes
 
 def test_tiles_visit_every_element_exactly_once(monkeypatch):
     monkeypatch.setattr(foreach_mod, "CPU_TILE_BYTES", 40)  # 10 float32 elements per tile
+    monkeypatch.setattr(foreach_mod, "CPU_WHOLE_TILES", 1)  # and no group whole past one
     base = [torch.zeros(23), torch.zeros(4, 6).t(), torch.zeros(3), torch.zeros(()), torch.zeros(9)]
     rows = [(t, torch.zeros_like(t)) for t in base]
     rows.append((torch.zeros(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)))
@@ -283,6 +285,30 @@ def test_tiles_visit_every_element_exactly_once(monkeypatch):
     for a, b in rows:
         assert torch.equal(a, torch.ones_like(a)) and torch.equal(b, torch.full_like(b, 2.0))
     assert max(sizes) <= 24  # the non-contiguous 4x6 row goes in whole; the rest in <= 10
+
+
+def test_small_tensors_fill_tiles_in_order_and_go_whole_where_they_fit(monkeypatch):
+    """Many small tensors: the tiles filled to the brim in their order, a tensor across a
+    tile's edge sliced there, every other one taken as it is (the tensor itself, not a
+    view); a group of up to ``CPU_WHOLE_TILES`` tiles goes in as it is."""
+    monkeypatch.setattr(foreach_mod, "CPU_TILE_BYTES", 40)  # 10 float32 elements per tile
+    monkeypatch.setattr(foreach_mod, "CPU_WHOLE_TILES", 1)
+    params = [torch.zeros(3) for _ in range(50)]
+    grads = [torch.zeros(3) for _ in range(50)]
+    tiled = list(foreach_mod.tiles_of_group([params, grads]))
+    assert [sum(t.numel() for t in first) for first, _ in tiled] == [10] * 15
+    crossing = {k for k in range(50) if (3 * k) // 10 != (3 * k + 2) // 10}
+    for column, originals in ((0, params), (1, grads)):
+        taken = [id(t) for tile in tiled for t in tile[column]]
+        assert [id(t) for k, t in enumerate(originals) if k not in crossing] == [
+            i for i in taken if i in {id(t) for t in originals}
+        ]
+    for first, _ in tiled:  # the slices write through: every element once
+        torch._foreach_add_(first, 1.0)
+    assert all(torch.equal(p, torch.ones(3)) for p in params)
+    monkeypatch.setattr(foreach_mod, "CPU_WHOLE_TILES", 15)  # 150 elements: 15 tiles
+    (whole,) = foreach_mod.tiles_of_group([params, grads])
+    assert whole[0] is params and whole[1] is grads
 
 
 class _TorchCalls(TorchFunctionMode):

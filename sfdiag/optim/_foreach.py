@@ -29,6 +29,7 @@ from sfdiag.dist import is_dtensor, local
 
 __all__ = [
     "CPU_TILE_BYTES",
+    "CPU_WHOLE_TILES",
     "by_device_and_dtype",
     "columns_by_device_and_dtype",
     "local_columns",
@@ -39,10 +40,15 @@ __all__ = [
     "tiles_of_group",
 ]
 
-# Per buffer. Five float32 buffers of 1 MiB each sit in the L2/L3 caches of current CPUs
-# while the sequence of ops runs over them (measured: 256K float32 elements per tile is
-# about 1.5-2x faster than whole tensors for a 25M-parameter model on a 2-core EPYC).
-CPU_TILE_BYTES = 1 << 21
+# Per buffer: the five buffers of a tile sit in a core's L2 (or L3) while the sequence of
+# ops runs over them. Measured on a 25M-parameter step: tiles 1.5-2x faster than whole
+# tensors on a 2-core EPYC (L2 1 MiB a core; 0.5 to 2 MiB a buffer within 3 % there); on a
+# Xeon with 2 MiB of L2 a core, 256 KiB and 512 KiB 11 % faster than 2 MiB (which streams
+# from L3) and 2 % faster than a loop over whole tensors.
+CPU_TILE_BYTES = 1 << 19
+# A group of up to this many tiles goes in whole: there each op's cost a call outweighs the
+# cache (2,000 tiny tensors, 1 MiB a buffer, in three tiles: a 3-7 % slower step).
+CPU_WHOLE_TILES = 4
 
 Row = Sequence[Tensor]
 
@@ -137,39 +143,75 @@ def tiles(rows: Sequence[Row]) -> Iterator[list[list[Tensor]]]:
 
 
 def tiles_of_group(columns: list[list[Tensor]]) -> Iterator[list[list[Tensor]]]:
-    """``tiles`` of one (device, dtype) group, given as ``by_device_and_dtype`` gives it."""
+    """``tiles`` of one (device, dtype) group, given as ``by_device_and_dtype`` gives it.
+
+    Rows that fit whole are taken as runs (slices of the columns, not a row at a time: a
+    model of thousands of small tensors pays one size a tensor here, not a tuple)."""
     limit = _tile_elems(columns[0][0])
-    if limit is None or sum(map(Tensor.numel, columns[0])) <= limit:
-        yield columns  # off the CPU, or (many small tensors) all in one tile
+    if limit is None:
+        yield columns  # off the CPU
+        return
+    sizes = [t.numel() for t in columns[0]]
+    if sum(sizes) <= limit * CPU_WHOLE_TILES:
+        yield columns  # (many small tensors) all in one tile
         return
 
-    tile: list[Row] = []
+    tile: list[range | tuple[Tensor, ...]] = []  # runs of whole rows, and rows or slices
+    run_from = -1  # the first row of the run of whole rows the tile ends with (-1: none)
     filled = 0
-    for row in zip(*columns, strict=True):
-        n = row[0].numel()
-        fits = filled + n <= limit
-        flat = None if fits else _flat(row)
-        if flat is None:
-            if not fits and tile:  # cannot be sliced: it starts a tile of its own
-                yield [list(column) for column in zip(*tile, strict=True)]
-                tile, filled = [], 0
-            tile.append(row)
+    for i, n in enumerate(sizes):
+        if filled + n <= limit:
+            if run_from < 0:
+                run_from = i
             filled += n
         else:
-            start = 0
-            while start < n:
-                take = min(n - start, limit - filled)
-                tile.append(tuple(t[start : start + take] for t in flat))
-                filled += take
-                start += take
-                if filled >= limit:
-                    yield [list(column) for column in zip(*tile, strict=True)]
+            if run_from >= 0:
+                tile.append(range(run_from, i))
+                run_from = -1
+            row = tuple(column[i] for column in columns)
+            flat = _flat(row)
+            if flat is None:  # cannot be sliced: it starts a tile of its own
+                if tile:
+                    yield _tile_columns(columns, tile)
                     tile, filled = [], 0
+                tile.append(row)
+                filled += n
+            else:
+                start = 0
+                while start < n:
+                    take = min(n - start, limit - filled)
+                    tile.append(tuple(t[start : start + take] for t in flat))
+                    filled += take
+                    start += take
+                    if filled >= limit:
+                        yield _tile_columns(columns, tile)
+                        tile, filled = [], 0
         if filled >= limit:
-            yield [list(column) for column in zip(*tile, strict=True)]
+            if run_from >= 0:
+                tile.append(range(run_from, i + 1))
+                run_from = -1
+            yield _tile_columns(columns, tile)
             tile, filled = [], 0
+    if run_from >= 0:
+        tile.append(range(run_from, len(sizes)))
     if tile:
-        yield [list(column) for column in zip(*tile, strict=True)]
+        yield _tile_columns(columns, tile)
+
+
+def _tile_columns(
+    columns: list[list[Tensor]], tile: list[range | tuple[Tensor, ...]]
+) -> list[list[Tensor]]:
+    """A tile's columns: each run of whole rows as a slice of every column, each row or
+    slice of a row as its tensors."""
+    out: list[list[Tensor]] = [[] for _ in columns]
+    for part in tile:
+        if isinstance(part, range):
+            for column, whole in zip(out, columns, strict=True):
+                column.extend(whole[part.start : part.stop])
+        else:
+            for column, tensor in zip(out, part, strict=True):
+                column.append(tensor)
+    return out
 
 
 def scalar_operand(value: float, like: Tensor) -> float | Tensor:
