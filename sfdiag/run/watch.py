@@ -381,8 +381,7 @@ class Watched:
         return norms
 
     def _with_grad(self) -> frozenset[int]:
-        """The indices of the parameters ``step()`` was given a grad for; where every one
-        had one (as a rule), the same set as the last such step's, not built again."""
+        """The parameters ``step()`` was given a grad for (all, as a rule: one set kept)."""
         count = len(self._pre_grads)
         if not self._pre_all:
             return frozenset([i for i, g in enumerate(self._pre_grads) if g is not None])
