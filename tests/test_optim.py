@@ -325,6 +325,18 @@ class _TorchCalls(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def _stepped_once(case: Case, count: int) -> torch.optim.Optimizer:
+    """``case``'s optimizer over ``count`` tensors of 8 with grads, stepped once (the state
+    is created on the first step), in train mode."""
+    params = [torch.nn.Parameter(torch.randn(8)) for _ in range(count)]
+    opt = case.make(params, weight_decay=0.1)
+    opt.train()
+    for p in params:
+        p.grad = torch.randn(8)
+    opt.step()
+    return opt
+
+
 @pytest.mark.parametrize("case", [BY_ID["sf-adamw-foreach"], BY_ID["sf-sgd-foreach"]], ids=str)
 def test_a_foreach_step_off_the_cpu_makes_no_torch_call_per_tensor(case, monkeypatch):
     """On a GPU a foreach step of a few large tensors waits for its Python, not for the
@@ -333,12 +345,7 @@ def test_a_foreach_step_off_the_cpu_makes_no_torch_call_per_tensor(case, monkeyp
     monkeypatch.setattr(foreach_mod, "_tile_elems", lambda first: None)  # as off the CPU
     calls = {}
     for count in (10, 40):
-        params = [torch.nn.Parameter(torch.randn(8)) for _ in range(count)]
-        opt = case.make(params, weight_decay=0.1)
-        opt.train()
-        for p in params:
-            p.grad = torch.randn(8)
-        opt.step()  # the state is created on the first step
+        opt = _stepped_once(case, count)
         with _TorchCalls() as counter:
             opt.step()
         calls[count] = counter.calls
@@ -356,12 +363,7 @@ def test_a_foreach_step_builds_no_python_object_per_tensor(case, monkeypatch):
 
     alive_at_first_op = {}
     for count in (10, 40):
-        params = [torch.nn.Parameter(torch.randn(8)) for _ in range(count)]
-        opt = case.make(params, weight_decay=0.1)
-        opt.train()
-        for p in params:
-            p.grad = torch.randn(8)
-        opt.step()  # the state is created on the first step
+        opt = _stepped_once(case, count)
         seen: list[int] = []
         with monkeypatch.context() as patch:
             for name in ("_foreach_mul_", "_foreach_add_", "_foreach_lerp_"):
