@@ -26,7 +26,7 @@ from sfdiag.optim import (
     SGDScheduleFree,
     SGDScheduleFreeReference,
 )
-from sfdiag.optim._foreach import tiles
+from sfdiag.optim._foreach import tiles_of_columns
 from sfdiag.optim._schedule import advance_schedule, schedule_defaults
 
 # ----------------------------------------------------------------------------- the table
@@ -277,7 +277,7 @@ def test_tiles_visit_every_element_exactly_once(monkeypatch):
     rows = [(t, torch.zeros_like(t)) for t in base]
     rows.append((torch.zeros(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)))
     sizes = []
-    for first, second in tiles(rows):
+    for first, second in tiles_of_columns([list(column) for column in zip(*rows, strict=True)]):
         assert len({t.dtype for t in first}) == 1
         torch._foreach_add_(first, 1.0)
         torch._foreach_add_(second, 2.0)

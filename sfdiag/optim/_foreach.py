@@ -8,7 +8,7 @@ parameter would be garbage for the collector to walk, every step.
 On CUDA a foreach op over every tensor is one multi-tensor kernel launch, so each
 (device, dtype) group goes in whole. On CPU a foreach op is a loop of per-tensor
 kernels: running an update of N ops as N full passes over 4-5 buffers streams each
-buffer from DRAM N times. ``tiles`` therefore cuts the CPU rows into flat pieces
+buffer from DRAM N times. ``tiles_of_columns`` therefore cuts the CPU rows into flat pieces
 of about ``CPU_TILE_BYTES`` per buffer and runs the whole op sequence on one tile
 before moving on, so every op after the first finds the tile in cache. Tiling only
 changes the order in which elements are visited; the arithmetic per element is the
@@ -30,12 +30,10 @@ from sfdiag.dist import is_dtensor, local
 __all__ = [
     "CPU_TILE_BYTES",
     "CPU_WHOLE_TILES",
-    "by_device_and_dtype",
     "columns_by_device_and_dtype",
     "local_columns",
     "scalar_operand",
     "shards",
-    "tiles",
     "tiles_of_columns",
     "tiles_of_group",
 ]
@@ -94,24 +92,6 @@ def columns_by_device_and_dtype(columns: list[list[Tensor]]) -> Iterator[list[li
         yield [[column[i] for i in indices] for column in columns]
 
 
-def by_device_and_dtype(rows: Sequence[Row]) -> Iterator[list[list[Tensor]]]:
-    """Columns of ``rows``, one set per (device, dtype) of the row's first tensor."""
-    if not rows:
-        return
-    firsts = [row[0] for row in rows]
-    # As a rule every row is on one device in one dtype: two set builds then, not a dict
-    # entry per row (a step asks this of every row of every group). Set comprehensions,
-    # not map(attrgetter): torch.compile traces this function and knows no attrgetter.
-    if len({t.dtype for t in firsts}) == 1 and len({t.device for t in firsts}) == 1:
-        yield [list(column) for column in zip(*rows, strict=True)]
-        return
-    groups: dict[tuple[torch.device, torch.dtype], list[Row]] = {}
-    for row in rows:
-        groups.setdefault((row[0].device, row[0].dtype), []).append(row)
-    for group in groups.values():
-        yield [list(column) for column in zip(*group, strict=True)]
-
-
 def _flat(row: Row) -> tuple[Tensor, ...] | None:
     """1-D views of every tensor of the row, or None when they cannot be sliced alike."""
     if all(t.is_contiguous() for t in row):
@@ -126,24 +106,16 @@ def _tile_elems(first: Tensor) -> int | None:
 
 
 def tiles_of_columns(columns: list[list[Tensor]]) -> Iterator[list[list[Tensor]]]:
-    """``tiles`` of ``columns`` (one list per role, the parameters first)."""
+    """``columns`` (one list per role, the parameters first) in tiles: per (device, dtype),
+    and on CPU in cache-sized pieces. Large contiguous tensors are split into flat slices
+    (views: in-place ops on them write through to the parameters, gradients and state);
+    small tensors are packed together until a tile is full."""
     for group in columns_by_device_and_dtype(columns):
         yield from tiles_of_group(group)
 
 
-def tiles(rows: Sequence[Row]) -> Iterator[list[list[Tensor]]]:
-    """Columns of ``rows`` in tiles: per (device, dtype), and on CPU in cache-sized pieces.
-
-    Large contiguous tensors are split into flat slices (views: in-place ops on them
-    write through to the parameters, gradients and state); small tensors are packed
-    together until a tile is full.
-    """
-    for columns in by_device_and_dtype(rows):
-        yield from tiles_of_group(columns)
-
-
 def tiles_of_group(columns: list[list[Tensor]]) -> Iterator[list[list[Tensor]]]:
-    """``tiles`` of one (device, dtype) group, given as ``by_device_and_dtype`` gives it.
+    """``tiles_of_columns`` of one (device, dtype) group (``columns_by_device_and_dtype``).
 
     Rows that fit whole are taken as runs (slices of the columns, not a row at a time: a
     model of thousands of small tensors pays one size a tensor here, not a tuple)."""

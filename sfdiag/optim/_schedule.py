@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sfdiag.optim._foreach import by_device_and_dtype, shards
+from sfdiag.optim._foreach import columns_by_device_and_dtype, local_columns, shards
 
 __all__ = [
     "ScheduleFreeOptimizer",
@@ -214,12 +214,13 @@ class InterpolatedScheduleFree(ScheduleFreeOptimizer):
     def _swap(self, group: dict[str, Any], to_train: bool) -> None:
         b = self._interpolation_beta(group)
         weight = 1.0 - b if to_train else 1.0 - 1.0 / b
-        rows = [shards(p, self.state[p]["z"]) for p in group["params"] if "z" in self.state[p]]
+        params = [p for p in group["params"] if "z" in self.state[p]]
+        columns = local_columns([params, [self.state[p]["z"] for p in params]])
         if group.get("foreach", False):
-            for ps, zs in by_device_and_dtype(rows):
+            for ps, zs in columns_by_device_and_dtype(columns):
                 torch._foreach_lerp_(ps, zs, weight)
         else:
-            for p, z in rows:
+            for p, z in zip(*columns, strict=True):
                 p.lerp_(z, weight)
 
 
