@@ -63,7 +63,7 @@ def _state_rows(name: str, tensors: list[torch.Tensor], shape: torch.Size | None
     ``shape``: the params', where the tensors' shapes are not yet known to be it
     (``states_alike``): ``_NotAlike`` where one is not."""
     if tensors[0].numel() <= snapshot.SAMPLE_SIZE:
-        rows = _stacked_rows(tensors) if shape is None else snapshot.stacked_state(tensors, shape)
+        rows = _stacked_rows(tensors) if shape is None else snapshot.stacked_rows(tensors, shape)
     elif shape is None or all([t.shape == shape for t in tensors]):
         rows = _stacked_rows([snapshot.sample_view(t) for t in tensors])
     else:

@@ -74,7 +74,17 @@ def stacked_params(params: list[torch.Tensor], indices: list[int]) -> torch.Tens
     # torch.stack refuses tensors of other shapes or devices, but promotes other dtypes
     if len({s.dtype for s in shards}) != 1:
         return None
+    return stacked_rows(shards, shards[0].shape)
+
+
+def stacked_rows(tensors: list[torch.Tensor], shape: torch.Size) -> torch.Tensor | None:
+    """``tensors`` as the rows of one stack (flat), where every one has ``shape``:
+    ``torch.stack`` refuses tensors of other shapes (or devices), and the stack's shape says
+    whether theirs is ``shape`` (all of them may have moved alike). None where not."""
     try:
-        return torch.stack(shards).reshape(len(indices), -1)
+        stacked = torch.stack(tensors)
     except RuntimeError:
         return None
+    if stacked.shape[1:] != shape:
+        return None
+    return stacked.reshape(len(tensors), -1)

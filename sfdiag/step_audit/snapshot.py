@@ -62,7 +62,13 @@ from sfdiag.step_audit.fingerprint import (  # noqa: F401 (re-exported)
     _bits_equal,
     float_bits,
 )
-from sfdiag.step_audit.grouping import GroupKey, groups_again, small_groups, stacked_params
+from sfdiag.step_audit.grouping import (  # noqa: F401 (stacked_rows re-exported)
+    GroupKey,
+    groups_again,
+    small_groups,
+    stacked_params,
+    stacked_rows,
+)
 from sfdiag.step_audit.rows import GroupRows, Snapshot, row_digests
 from sfdiag.step_audit.sampling import (  # noqa: F401 (re-exported)
     SAMPLE_SIZE,
@@ -74,7 +80,6 @@ from sfdiag.step_audit.sampling import (  # noqa: F401 (re-exported)
     sample_view,
 )
 from sfdiag.step_audit.state import (  # noqa: F401 (re-exported)
-    stacked_state,
     state_bytes,
     state_rows,
     state_samples,
@@ -398,13 +403,9 @@ def take(
     params_grouped: set[int] = set()  # grads whose params are sampled with their group's
     for key, indices in same_shape:
         # one stack of the grads as they are (one shape: no view a grad), then rows
-        try:
-            stacked = torch.stack([views[i] for i in indices])
-        except RuntimeError:  # a group kept from before whose shapes or devices moved since
-            continue  # (its grads are read alone)
-        if stacked.shape[1:] != key[0] or stacked.device != key[2]:  # (all of them moved)
-            continue
-        stacked = stacked.reshape(len(indices), -1)
+        stacked = stacked_rows([views[i] for i in indices], key[0])
+        if stacked is None or stacked.device != key[2]:
+            continue  # a group kept from before whose shapes or devices moved since: alone
         sums_slot = pending.add(_checksum_rows(stacked))
         samples_slot = pending.add(_sample_rows(stacked, owned=True))  # (read only below)
         params_slot = None

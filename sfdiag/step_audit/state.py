@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from sfdiag.dist import local
+from sfdiag.step_audit.grouping import stacked_rows
 from sfdiag.step_audit.sampling import _sample_rows, _sample_view, sample_of
 
 
@@ -34,7 +35,7 @@ def states_alike(state: Any, params: list[torch.Tensor]) -> dict[str, list[torch
     name, where all hold plain tensors under the same names, those of the first param's
     shape per-element state in all: a dict lookup a param, not a filtered copy of its state
     each. None where they do not (the caller reads each param's). Whether every tensor of
-    a name has the params' shape is told where they are stacked (``stacked_state``: one
+    a name has the params' shape is told where they are stacked (``stacked_rows``: one
     check for all, by ``torch.stack``), and only for the names read."""
     if state is None or not params:
         return None
@@ -66,23 +67,10 @@ def states_alike(state: Any, params: list[torch.Tensor]) -> dict[str, list[torch
     return columns
 
 
-def stacked_state(column: list[torch.Tensor], shape: torch.Size) -> torch.Tensor | None:
-    """One name's state tensors (``states_alike``'s column) as the rows of one stack, where
-    every one has ``shape``: ``torch.stack`` refuses tensors of different shapes (or
-    devices), and the stack's shape says whether theirs is ``shape``. None where not."""
-    try:
-        stacked = torch.stack(column)
-    except RuntimeError:
-        return None
-    if stacked.shape[1:] != shape:
-        return None
-    return stacked.reshape(len(column), -1)
-
-
 def state_rows(optimizer: Any, params: list[torch.Tensor]) -> dict[str, torch.Tensor] | None:
     """``state_views`` of each of ``params`` (one group's), as the rows of one stack per
     name (for ``take(states_of_group=)``: copied with the snapshot, a few calls for the
-    group). None where their states are not alike (``states_alike``, ``stacked_state``)."""
+    group). None where their states are not alike (``states_alike``, ``stacked_rows``)."""
     held = states_alike(getattr(optimizer, "state", None), params)
     if held is None:
         return None
@@ -90,7 +78,7 @@ def state_rows(optimizer: Any, params: list[torch.Tensor]) -> dict[str, torch.Te
     # param; a group's tensors are small)
     out = {}
     for name, column in held.items():
-        stacked = stacked_state(column, params[0].shape)
+        stacked = stacked_rows(column, params[0].shape)
         if stacked is None:
             return None
         out[name] = _sample_rows(stacked, owned=True)
