@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import repeat
 from types import FrameType
 from typing import Any
 
@@ -29,6 +30,7 @@ from sfdiag.step_audit.changes import (  # noqa: F401 (_group_eps, DEFAULT_EPS: 
     _numpy,
     shared_groups,
 )
+from sfdiag.step_audit.rows import GONE
 from sfdiag.step_audit.verdict import ParamStep
 
 # the code object of the wrapper torch puts around every Optimizer subclass's step()
@@ -78,6 +80,9 @@ def class_path(obj: Any) -> str:
 #: sample and the kind of its mutation (None where there is none)
 Found = tuple[str, float | None, str | None]
 _CLEAN: Found = ("clean", 0.0, None)
+_SHAPE = operator.attrgetter("shape")
+#: distinct shapes kept (``StepAuditor._shapes``)
+_SHAPES_KEPT = 4096
 
 
 @dataclass
@@ -159,8 +164,8 @@ def _group_verdicts(
     before: snapshot.Snapshot, after: snapshot.Snapshot, found: dict[int, Found]
 ) -> tuple[dict[int, str], dict[int, bool]]:
     """The verdicts of the grads of the groups read before and after ``step()`` alike, from
-    the groups' arrays at once: where every grad of a group is the same tensor (their weak
-    references are one object: CPython hands out one per tensor), each is clean or mutated
+    the groups' arrays at once: where every grad of a group is the same tensor, each is
+    clean or mutated
     as its row reads bit for bit the same or not (clean ones into ``found``), the mutated
     returned; the rows of the other groups, whether each reads the same, for ``_compare_all``
     to judge grad by grad. (The grads ``after.kept`` are left out: clean.)"""
@@ -172,7 +177,7 @@ def _group_verdicts(
         same = now.same_rows(then)
         if same is None:
             continue
-        if not all(map(operator.is_, then.refs, now.refs)):
+        if not all(map(operator.is_, then.grads, now.grads)):
             same_rows.update(zip(key, same.tolist(), strict=True))
             continue
         if not kept and not same.any():  # a mutating step, as a rule: all of them
@@ -229,6 +234,9 @@ class StepAuditor:
     )
     _handles: list[Any] = field(default_factory=list)
     _names_of: tuple[tuple[int, ...], tuple[str, ...]] | None = None  # (``_names``)
+    # one torch.Size a distinct shape, shared by every step's records: a Size is an object
+    # the collector tracks, and a step of a thousand tensors would keep a thousand more
+    _shapes: dict[Any, Any] = field(default_factory=dict)
     # id(optimizer) -> the ids of the params whose grads its last audited step mutated (True:
     # every one): the params sampled before step(), to name the kind of a mutation (a clean
     # step of a large model does not pay for reading cold parameters); its first audited
@@ -315,7 +323,7 @@ class StepAuditor:
             }
         else:
             found = self._compare_all(optimizer, params, before, after)
-        records = ParamSteps(self._names(params), [p.shape for p in params], pre, post, found)
+        records = ParamSteps(self._names(params), self._shapes_of(params), pre, post, found)
         mutated = [i for i, (kind, _, _) in found.items() if kind == "mutated"]
         self._mutated[id(optimizer)] = (
             _weak(optimizer),
@@ -324,6 +332,14 @@ class StepAuditor:
         self.observations.append(
             StepObservation(_norm_over(pre), _norm_over(post), records, before.digests(), nan_only)
         )
+
+    def _shapes_of(self, params: list[torch.Tensor]) -> list[Any]:
+        """Each param's shape, as the one Size kept for it (``_shapes``)."""
+        if len(self._shapes) > _SHAPES_KEPT:  # ever-new shapes: start again
+            self._shapes.clear()
+        shared = self._shapes.setdefault
+        # one at a time (``map``): each new Size is gone before the next is made
+        return [shared(shape, shape) for shape in map(_SHAPE, params)]
 
     @staticmethod
     def _state_with_grads(params: list[torch.Tensor]) -> bool:
@@ -355,22 +371,24 @@ class StepAuditor:
         (``verdict.max_rel_change_rows``, ``verdict.fingerprint_rows``). A clean step pays
         no Python a grad here; a mutating one a few µs a grad, not a fit each."""
         found: dict[int, Found] = {}
-        refs, _, _ = before.identities()
+        held, _, _ = before.identities()
         kept = after.kept
-        if len(kept) == len(refs) - refs.count(None):  # every grad as it was: a clean step
+        # (counted by identity: ``list.count`` would ask each tensor whether it == None)
+        present = len(held) - sum(map(operator.is_, held, repeat(None)))
+        if len(kept) == present:  # every grad as it was: a clean step
             return found
         changed, same_rows = _group_verdicts(before, after, found)
         judged = changed.keys() | found.keys()
         rest = [
             i
-            for i in (sorted(set(range(len(refs))) - judged) if judged else range(len(refs)))
-            if refs[i] is not None and i not in kept
+            for i in (sorted(set(range(len(held))) - judged) if judged else range(len(held)))
+            if held[i] is not None and i not in kept
         ]
-        after_refs = after.identities()[0] if rest else None
+        held_after = after.identities()[0] if rest else None
         for i in rest:
-            ref = refs[i]
-            now = after_refs[i]
-            same_object = now is not None and ref() is not None and ref() is now()
+            then = held[i]
+            now = held_after[i]
+            same_object = now is not None and now is not GONE and then is now
             if not same_object:
                 same = False
             elif i in same_rows:

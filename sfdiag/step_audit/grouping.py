@@ -57,7 +57,7 @@ def groups_again(
         if (
             group.key is not None
             and {type(g) for g in members} == {torch.Tensor}
-            and all(map(operator.is_, [ref() for ref in group.refs], members))
+            and all(map(operator.is_, group.grads, members))
             and {g.dtype for g in members} == {group.key[1]}
         ):
             out.append((group.key, list(indices)))

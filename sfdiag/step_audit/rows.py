@@ -27,12 +27,15 @@ from sfdiag.step_audit.fingerprint import GradFingerprint, float_bits
 @dataclass(slots=True)
 class GroupRows:
     """The results of one group of small grads read together, as rows (one per grad, in
-    the order of ``indices``): the grads' weak references and versions, their block
+    the order of ``indices``): the grads themselves and their versions, their block
     bit-sums and their samples' bits (numpy), the samples themselves (on the host) and
     their norms."""
 
     indices: tuple[int, ...]
-    refs: list[Any]
+    # held, not weakly: a snapshot lives from one step hook to the next (before ``step()``
+    # to after it), and a weak reference a grad is an object the collector tracks, which
+    # the step's own collections would carry into its oldest generation by the thousand
+    grads: list[Any]
     versions: list[int]
     sums: Any  # numpy [k, blocks]
     bits: Any  # numpy [k, sample length]
@@ -102,6 +105,18 @@ def row_digests(*parts: Any) -> list[int]:
 
 
 _NONE: frozenset[int] = frozenset()
+
+#: a grad a fingerprint saw that has been freed since: present then, and no tensor now
+GONE = object()
+
+
+def _held(fp: GradFingerprint) -> Any:
+    """The grad ``fp`` saw: the tensor (None where there was none; ``GONE`` where it was
+    freed since)."""
+    if fp.ref is None:
+        return None
+    grad = fp.ref()
+    return GONE if grad is None else grad
 
 
 class Snapshot(Sequence):
@@ -186,8 +201,8 @@ class Snapshot(Sequence):
         return self._row
 
     def identities(self) -> tuple[list[Any], list[int], list[str]]:
-        """Each grad's weak reference (None: no grad), version and checksum layout, without
-        building fingerprints (read once: a fingerprint built later says the same)."""
+        """Each grad (None: no grad; ``GONE``: one freed since), version and checksum layout,
+        without building fingerprints (read once: a fingerprint built later says the same)."""
         if self._identities is None:
             self._identities = self._read_identities()
         return self._identities
@@ -200,17 +215,17 @@ class Snapshot(Sequence):
         built = self.built()
         for i in sorted(built):
             fp = self._prints[i]
-            refs[i], versions[i], layouts[i] = fp.ref, fp.version, fp.layout
+            refs[i], versions[i], layouts[i] = _held(fp), fp.version, fp.layout
         skip = built | self.kept
         return (
-            self._with_rows(refs, "refs", skip),
+            self._with_rows(refs, "grads", skip),
             self._with_rows(versions, "versions", skip),
             layouts,
         )
 
     def _with_rows(self, values: list[Any], name: str, skip: Collection[int]) -> list[Any]:
         """``values`` where each grad still read as a group's row (not in ``skip``: built or
-        kept) holds its group's ``name`` (refs, versions, norms): a dict of them and one
+        kept) holds its group's ``name`` (grads, versions, norms): a dict of them and one
         ``map``, not a test a grad."""
         rows: dict[int, Any] = {}
         for group in self.groups.values():

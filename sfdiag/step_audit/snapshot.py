@@ -1,7 +1,10 @@
 """Cheap per-tensor fingerprints of ``p.grad``, taken just before and after ``step()``.
 
 A fingerprint keeps a weak reference to the grad tensor (to tell "replaced" from
-"changed in place" without holding memory), its L2 norm, integer checksums of its
+"changed in place" without holding memory; a group's rows hold their grads themselves, for
+the snapshot's life from the hook before ``step()`` to the one after it: a weak reference a
+grad is an object the collector tracks, and the step's own collections would carry
+thousands of them into its oldest generation each step), its L2 norm, integer checksums of its
 bits (sums over blocks of elements, wrapping), its version counter and a small strided
 sample of its elements (and of the parameter's). Detection never clones a whole
 gradient by default: the extra memory is a few hundred elements per tensor.
@@ -272,8 +275,8 @@ def _layouts(views: dict[int, torch.Tensor], before: Snapshot | None) -> dict[in
     for the others."""
     kept = {}
     if before is not None:
-        refs, _, layouts = before.identities()
-        kept = {i: layouts[i] for i in views if refs[i] is not None}
+        then, _, layouts = before.identities()
+        kept = {i: layouts[i] for i in views if then[i] is not None}
     if len(kept) == len(views):  # after step(), as a rule: nothing to decide
         return kept
     fused = _fused_grads(views)
@@ -286,11 +289,11 @@ def _unchanged(grads: list[torch.Tensor | None], before: Snapshot | None) -> set
     """The grads that are still the tensors ``before`` saw, at the versions it saw."""
     if before is None:
         return set()
-    refs, versions, _ = before.identities()
+    then, versions, _ = before.identities()
     return {
         i
         for i, g in enumerate(grads)
-        if g is not None and refs[i] is not None and refs[i]() is g and versions[i] == g._version
+        if g is not None and then[i] is g and versions[i] == g._version
     }
 
 
@@ -488,11 +491,11 @@ def take(
     for indices, (key, sums_slot, samples_slot, params_slot) in group_at.items():
         prior = before.groups.get(indices) if before is not None else None
         if prior is not None and all(i in unchanged for i in indices):
-            # the same tensors at the same versions (a clean step): before's references,
+            # the same tensors at the same versions (a clean step): before's grads,
             # versions and norms, as they are
-            refs, versions, norms = prior.refs, prior.versions, prior.norms
+            held, versions, norms = prior.grads, prior.versions, prior.norms
         else:
-            refs = [weakref.ref(grads[i]) for i in indices]
+            held = [grads[i] for i in indices]
             versions = [grads[i]._version for i in indices]
             norms = norms_of_group.get(indices) or [
                 norm_of[i] if i in norm_of else prior_norms[i] for i in indices
@@ -500,7 +503,7 @@ def take(
         groups[indices] = GroupRows(
             indices=indices,
             key=key,
-            refs=refs,
+            grads=held,
             versions=versions,
             sums=pending.whole(sums_slot),
             bits=pending.whole_bits(samples_slot),
@@ -532,7 +535,7 @@ def take(
     def build(i: int, group: GroupRows, row: int) -> GradFingerprint:
         """Grad ``i``'s fingerprint, from its group's rows."""
         return GradFingerprint(
-            ref=group.refs[row],
+            ref=weakref.ref(group.grads[row]),
             version=group.versions[row],
             norm=group.norms[row],
             checksum=_digest_of(group.sums[row], group.bits[row], None),
