@@ -21,11 +21,14 @@ audit_host_us_per_tensor, audit_host_us_per_tensor_mutating
     probe runs them: two snapshots) and without, in interleaved pairs; (audited - plain) /
     (tensors x 2), medians, in µs. torch's AdamW (clean grads), and sfdiag's sf-adamw in
     train mode (``_mutating``: it rewrites every grad, so each is fingerprinted and the
-    optimizer's state sampled).
+    optimizer's state sampled). The details add the same from the means
+    (``mean_us_per_tensor``: what a run pays, the garbage collector's full collections
+    included) and those collections on each side (``full_collections``).
 """
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 import tracemalloc
@@ -193,6 +196,12 @@ def measure_audit_host(settings: Settings, optimizer: str) -> dict[str, Any]:
     opt = bench.optimizer
     hooks: dict[str, list[float]] = {"pre": [], "post": []}
     mutated: list[int] = []
+    full_collections = {"plain": 0, "audited": 0}
+    side = ["plain"]
+
+    def count_full(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start" and info["generation"] == 2:
+            full_collections[side[0]] += 1
 
     def timed(hook: Callable[..., None], key: str) -> Callable[..., None]:
         def call(optimizer: Any, *args: Any) -> None:
@@ -202,7 +211,12 @@ def measure_audit_host(settings: Settings, optimizer: str) -> dict[str, Any]:
 
         return call
 
+    def plain() -> float:
+        side[0] = "plain"
+        return bench.step()
+
     def audited() -> float:
+        side[0] = "audited"
         bench.reset()
         handles = [
             opt.register_step_pre_hook(timed(auditor.pre_step, "pre")),
@@ -220,15 +234,22 @@ def measure_audit_host(settings: Settings, optimizer: str) -> dict[str, Any]:
         return elapsed
 
     warmup = 2  # the first audited step samples every parameter; the later ones as in a run
-    times = interleaved(
-        {"plain": bench.step, "audited": audited}, settings.host_pairs, warmup=warmup
-    )
+    gc.callbacks.append(count_full)
+    try:
+        times = interleaved(
+            {"plain": plain, "audited": audited}, settings.host_pairs, warmup=warmup
+        )
+    finally:
+        gc.callbacks.remove(count_full)
     per = bench.tensors * 2  # two snapshots a step: before step() and after
     extra = statistics.median(times["audited"]) - statistics.median(times["plain"])
+    extra_mean = statistics.fmean(times["audited"]) - statistics.fmean(times["plain"])
     paired = statistics.median(a - p for a, p in zip(times["audited"], times["plain"], strict=True))
     return {
         "us_per_tensor": round(extra / per * 1e6, 2),
         "paired_us_per_tensor": round(paired / per * 1e6, 2),
+        "mean_us_per_tensor": round(extra_mean / per * 1e6, 2),
+        "full_collections": full_collections,
         "plain_ms": median_ms(times["plain"]),
         "audited_ms": median_ms(times["audited"]),
         "pre_hook_ms": median_ms(hooks["pre"][warmup:]),
