@@ -149,6 +149,11 @@ def test_the_halves_of_clipping_are_recorded_once_each():
     assert clipped.max_norm == 1.0 and whole.max_norm == 1.0
     assert log.latest_since(0, {id(p) for p in model.parameters()}) is whole
     assert log.latest_since(3, {id(p) for p in model.parameters()}) is None
+    # the call that measured the grads, found by the grads themselves (None among them)
+    assert log.latest_since(0, set(), [None, *grads]) is measured
+    assert log.latest_since(0, set(), [None, grads[-1]]) is measured
+    assert log.latest_since(1, set(), [None, *grads]) is None
+    assert log.latest_since(0, {id(p) for p in model.parameters()}, grads) is whole
 
 
 def test_clip_log_keeps_only_recent_calls():

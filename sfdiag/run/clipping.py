@@ -11,7 +11,7 @@ a tensor on the device until a logged value is judged against it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,12 +62,17 @@ class ClipLog:
         if len(self.calls) > self.keep:
             del self.calls[: len(self.calls) - self.keep]
 
-    def latest_since(self, mark: int, *ids: set[int] | frozenset[int]) -> ClipCall | None:
-        """The last call after call number ``mark`` that clipped anything in ``ids`` (one
-        or more sets of ids)."""
+    def latest_since(
+        self, mark: int, ids: set[int] | frozenset[int], tensors: Sequence[Any] = ()
+    ) -> ClipCall | None:
+        """The last call after call number ``mark`` that clipped anything in ``ids`` or any
+        of ``tensors`` (None among them: no tensor). Their ids are looked up one at a time,
+        up to the first found: a step of a thousand grads builds no set of them."""
         first_kept = self.count - len(self.calls)
         for call in reversed(self.calls[max(0, mark - first_kept) :]):
-            if any(not call.ids.isdisjoint(some) for some in ids):
+            if not call.ids.isdisjoint(ids) or not call.ids.isdisjoint(
+                id(t) for t in tensors if t is not None
+            ):
                 return call
         return None
 

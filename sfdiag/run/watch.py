@@ -336,13 +336,12 @@ class Watched:
         clip, covered = None, frozenset()
         with_grad = self._with_grad()
         if clips is not None and len(clips) > self._clip_mark:
-            grad_ids = frozenset([id(g) for g in self._pre_grads if g is not None])
-            clip = clips.latest_since(self._clip_mark, self.param_ids, grad_ids)
+            clip = clips.latest_since(self._clip_mark, self.param_ids, self._pre_grads)
             if clip is not None:
                 count = min(len(self.params), len(self._pre_grads))
                 if self.param_ids <= clip.ids:  # the common cases, in set operations
                     covered = frozenset(range(count))
-                elif grad_ids <= clip.ids:
+                elif clip.ids.issuperset(id(g) for g in self._pre_grads if g is not None):
                     covered = with_grad
                 else:
                     covered = frozenset(
