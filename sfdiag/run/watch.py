@@ -352,27 +352,29 @@ class Watched:
         if clips is not None:
             self._clip_mark = len(clips)
         grads = [p.grad for p in self.params]
+        versions = versions_of(grads)  # (0 where there is no grad: the same as before)
         pre = self._pre_norms
         if self.grads_change or len(grads) != len(self._pre_grads):
             moved = list(range(len(grads)))
         else:
             moved = [
                 i
-                for i, (g, g0, v0) in enumerate(
-                    zip(grads, self._pre_grads, self._pre_versions, strict=True)
+                for i, (g, g0, v, v0) in enumerate(
+                    zip(grads, self._pre_grads, versions, self._pre_versions, strict=True)
                 )
-                if g is not g0 or (g is not None and g._version != v0)
+                if g is not g0 or v != v0
             ]
         self._pre_grads, self._pre_versions, self._pre_norms = [], [], None
+        # (new lists each step, never changed in place: the step's norms share them)
         self._post_refs = [weakref.ref(g) if g is not None else None for g in grads]
-        self._post_versions = [g._version if g is not None else 0 for g in grads]
+        self._post_versions = versions
         norms = StepNorms(self.started - 1, pre, pre, clip, covered, with_grad)
         optimizer = self.ref()
         if optimizer is not None and self._pre_rates:
             norms.rates = self.rates_after(optimizer)
         if moved:
             norms.post = None
-            norms._later = (list(self._post_refs), list(self._post_versions), moved)
+            norms._later = (self._post_refs, versions, moved)
             if not later or self.read_post_at_once:
                 norms.read_post()
             else:
