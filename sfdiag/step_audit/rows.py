@@ -34,7 +34,9 @@ class GroupRows:
     indices: tuple[int, ...]
     # held, not weakly: a snapshot lives from one step hook to the next (before ``step()``
     # to after it), and a weak reference a grad is an object the collector tracks, which
-    # the step's own collections would carry into its oldest generation by the thousand
+    # the step's own collections would carry into its oldest generation by the thousand.
+    # (While ``p.grad`` holds them this costs nothing; a grad an optimizer frees or
+    # replaces inside ``step()`` is kept until the hook after it.)
     grads: list[Any]
     versions: list[int]
     sums: Any  # numpy [k, blocks]
