@@ -365,7 +365,6 @@ class Watched:
                 if g is not g0 or v != v0
             ]
         self._pre_grads, self._pre_versions, self._pre_norms = [], [], None
-        # (new lists each step, never changed in place: the step's norms share them)
         self._post_refs = [weakref.ref(g) if g is not None else None for g in grads]
         self._post_versions = versions
         norms = StepNorms(self.started - 1, pre, pre, clip, covered, with_grad)
@@ -374,7 +373,7 @@ class Watched:
             norms.rates = self.rates_after(optimizer)
         if moved:
             norms.post = None
-            norms._later = (self._post_refs, versions, moved)
+            norms._later = (self._post_refs, versions, moved)  # (new lists each step)
             if not later or self.read_post_at_once:
                 norms.read_post()
             else:
