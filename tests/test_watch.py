@@ -37,6 +37,43 @@ def test_the_per_step_norms_of_missing_and_graph_carrying_grads():
     torch.testing.assert_close(norms, torch.tensor([0.0, 153.0**0.5, 2.0]))
 
 
+@pytest.mark.parametrize(
+    "case", ["small", "with a missing grad", "large", "float64", "non-contiguous"]
+)
+def test_a_read_at_a_logging_call_gives_the_grads_whole_norm(case):
+    """The whole-model norm a value logged between backward and ``step()`` is judged against:
+    small CPU grads straight from the kernel's sums of squares, with no torch op (where the
+    read runs cold, each costs µs); the others from their per-tensor norms. Either way the
+    grads' norm, and the same read kept while they hold."""
+    from sfdiag.run.norms import GradsRead, versions_of
+    from sfdiag.step_audit import fused
+
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(16, 16, generator=gen), torch.randn(16, generator=gen)]
+    if case == "with a missing grad":
+        grads.insert(1, None)
+    elif case == "large":
+        grads.append(torch.randn(fused.SQUARES_MAX_ELEMENTS + 1, generator=gen))
+    elif case == "float64":
+        grads = [g.double() for g in grads]
+    elif case == "non-contiguous":
+        grads[0] = grads[0].t()
+    read = GradsRead.now(grads, versions_of(grads), backwards=1)
+    present = [g for g in grads if g is not None]
+    expected = torch.linalg.vector_norm(torch.cat([g.double().flatten() for g in present]))
+    assert float(read.total()) == pytest.approx(float(expected), rel=1e-6)
+    kernel_reads = case in ("small", "with a missing grad") and fused.broken() is None
+    assert (read.norms is None) == kernel_reads
+    if kernel_reads:
+        with _TorchCalls() as counter:
+            GradsRead.now(grads, versions_of(grads), backwards=1).total()
+        assert counter.count == 0
+    assert GradsRead.again(read, grads, backwards=1) is read
+    grads[0].mul_(2)  # an in-place edit: read again
+    again = GradsRead.again(read, grads, backwards=1)
+    assert again is not read and float(again.total()) > float(read.total())
+
+
 def test_grad_monitor_makes_no_torch_call_a_grad():
     """``GradMonitor`` reads the global norm in both hooks of every step: the same torch
     calls for 20 parameters as for 10."""

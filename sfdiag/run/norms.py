@@ -91,12 +91,15 @@ class GradsRead:
     backwards: int
     refs: list[Any]
     versions: list[int]
-    norms: torch.Tensor | None
+    norms: torch.Tensor | None  # None where only the total was read (``_small_cpu_total``)
     _total: Any = None
 
     @classmethod
     def now(cls, grads: list[Any], versions: list[int], backwards: int) -> GradsRead:
         refs = [weakref.ref(g) if g is not None else None for g in grads]
+        total = _small_cpu_total(grads)
+        if total is not None:  # (only the total is asked of a read)
+            return cls(backwards, refs, versions, None, total)
         return cls(backwards, refs, versions, _norms(grads))
 
     @classmethod
@@ -131,6 +134,16 @@ class GradsRead:
             else:
                 self._total = self.norms.square().sum().sqrt()
         return self._total
+
+
+def _small_cpu_total(grads: list[Any]) -> float | None:
+    """The whole-model norm of grads ``_small_cpu_norms`` reads, from the kernel's float64
+    sums of squares, with no torch or numpy op after it (a logging call's read runs cold,
+    where one costs several µs); None where that path does not read them."""
+    from sfdiag.step_audit import fused
+
+    squares = fused.plain_squares_array([g for g in grads if g is not None])
+    return None if squares is None else math.sqrt(sum(squares.tolist()))
 
 
 def versions_of(grads: list[Any]) -> list[int]:

@@ -227,6 +227,13 @@ def squares(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     tensors of one dtype that ``supports`` takes (the caller checks: the C code trusts
     what it is given). None where the kernel cannot run, or a tensor is larger than
     ``SQUARES_MAX_ELEMENTS`` (torch's threaded norm reads those as fast)."""
+    out = squares_array(tensors)
+    return None if out is None else torch.from_numpy(out)
+
+
+def squares_array(tensors: list[torch.Tensor]) -> np.ndarray | None:
+    """``squares`` as a numpy array, with no torch op (``sfdiag run``'s read of the grads
+    at a logging call runs cold: a torch op costs several µs there)."""
     lib = _library()
     function = getattr(lib, _SQUARES[tensors[0].dtype], None) if lib is not None else None
     if function is None:
@@ -235,12 +242,12 @@ def squares(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     if max(sizes) > SQUARES_MAX_ELEMENTS:
         return None
     pointers = array.array("q", [t.data_ptr() for t in tensors])
-    out = torch.empty(len(tensors), dtype=torch.float64)
+    out = np.empty(len(tensors), dtype=np.float64)
     function(
         ctypes.c_int64(len(tensors)),
         ctypes.c_void_p(pointers.buffer_info()[0]),
         ctypes.c_void_p(sizes.buffer_info()[0]),
-        ctypes.c_void_p(out.data_ptr()),
+        ctypes.c_void_p(out.ctypes.data),
     )
     return out
 
@@ -286,6 +293,12 @@ def plain_squares(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     tensor of one dtype the kernel reads, each of at most ``SQUARES_MAX_ELEMENTS``: what the
     C code trusts, checked for every tensor (a set per property: the cheapest way). Else,
     or where the kernel cannot run, None: torch's norm reads them."""
+    out = plain_squares_array(tensors)
+    return None if out is None else torch.from_numpy(out)
+
+
+def plain_squares_array(tensors: list[torch.Tensor]) -> np.ndarray | None:
+    """``plain_squares`` as a numpy array (``squares_array``)."""
     if _KERNEL.broken is not None or not tensors:
         return None
     if (
@@ -297,7 +310,7 @@ def plain_squares(tensors: list[torch.Tensor]) -> torch.Tensor | None:
         or not all([t.is_contiguous() for t in tensors])
     ):
         return None
-    return squares(tensors)
+    return squares_array(tensors)
 
 
 def squares_reads(tensor: torch.Tensor) -> bool:
