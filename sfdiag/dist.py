@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -104,6 +105,17 @@ def timeout_seconds() -> float:
     return value if value > 0 else DEFAULT_TIMEOUT
 
 
+def _until_done(work: Any) -> None:
+    """Wait for a collective in short sleeps, not inside gloo: between them Python runs its
+    signal handlers, so Ctrl-C reaches a rank waiting for ranks that Ctrl-C already stopped
+    (inside gloo's wait it would be held until the group's timeout). The first looks come
+    quickly: a collective of a few numbers among local ranks takes ~100 µs."""
+    pause = 1e-5
+    while not work.is_completed():
+        time.sleep(pause)
+        pause = min(pause * 2, 1e-3)
+
+
 class ChannelError(RuntimeError):
     """sfdiag's own collectives failed (a rank gone, a timeout)."""
 
@@ -118,9 +130,10 @@ class Channel:
         self.broken: str | None = None  # why the channel stopped working, once it did
 
     @classmethod
-    def open(cls, job: Job, timeout: float | None = None) -> Channel | None:
+    def open(cls, job: Job, timeout: float | None = None, name: str = "") -> Channel | None:
         """The channel over the launcher's store (torchrun's agent store) or, failing that,
-        the script's default process group's store; None when there is neither yet."""
+        the script's default process group's store; None when there is neither yet.
+        ``name``: a channel of its own beside the first (its own prefix in the store)."""
         import torch.distributed as torch_dist
 
         seconds = timeout if timeout is not None else timeout_seconds()
@@ -145,7 +158,7 @@ class Channel:
         if store is None:
             return None
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        prefixed = torch_dist.PrefixStore(f"sfdiag/{attempt}", store)
+        prefixed = torch_dist.PrefixStore(f"sfdiag/{attempt}{name}", store)
         group = torch_dist.ProcessGroupGloo(prefixed, job.rank, job.world_size, delta)
         return cls(job, group, seconds)
 
@@ -154,7 +167,13 @@ class Channel:
         if self.broken:
             raise ChannelError(self.broken)
         try:
+            _until_done(work)
             work.wait()
+        except KeyboardInterrupt:
+            # Ctrl-C reached this rank inside a collective that another rank may never
+            # join: what follows on this group would pair with the wrong calls
+            self.broken = f"sfdiag's {what} across ranks was interrupted"
+            raise
         except Exception as exc:
             self.broken = f"sfdiag's {what} across ranks failed: {type(exc).__name__}: {exc}"
             raise ChannelError(self.broken) from exc
@@ -204,6 +223,12 @@ class Channel:
             length = int(buffer[:8].view(torch.int64).item())
             objects.append(pickle.loads(buffer[8 : 8 + length].numpy().tobytes()))  # noqa: S301
         return objects
+
+    def abandon(self, why: str) -> None:
+        """Leave the channel without waiting for the other ranks (its calls may no longer
+        pair up among them)."""
+        self.broken = self.broken or why
+        self._group = None
 
     def close(self) -> None:
         """Leave the channel once every rank is done with it (a barrier first: a rank that

@@ -58,3 +58,39 @@ def test_partial_grads_and_plain_tensors():
 )
 def test_the_job_comes_from_the_launchers_environment(env, job):
     assert Job.from_env(env) == job
+
+
+def test_ctrl_c_reaches_a_rank_waiting_for_a_rank_that_stopped():
+    """A rank inside sfdiag's collective when Ctrl-C comes waits for ranks that Ctrl-C may
+    have stopped first: the wait gives way to it at once (not at the group's timeout, long
+    after the launcher killed the job), and the channel is left, its calls no longer in
+    step among the ranks. Two ranks of a real gloo group, one a thread that never joins."""
+    import datetime
+    import os
+    import signal
+    import threading
+    import time
+
+    import torch.distributed as torch_dist
+
+    from sfdiag.dist import Channel, ChannelError
+
+    store = torch_dist.HashStore()
+    timeout = datetime.timedelta(seconds=60)
+    other: list = []
+    joined = threading.Thread(
+        target=lambda: other.append(torch_dist.ProcessGroupGloo(store, 0, 2, timeout))
+    )
+    joined.start()
+    group = torch_dist.ProcessGroupGloo(store, 1, 2, timeout)
+    joined.join()
+    channel = Channel(Job(1, 2, 1), group, 60.0)
+    timer = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT))
+    start = time.monotonic()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        channel.broadcast(torch.zeros(3))  # rank 0 never broadcasts
+    assert time.monotonic() - start < 10
+    assert "interrupted" in channel.broken
+    with pytest.raises(ChannelError):
+        channel.sum(torch.ones(1))

@@ -234,6 +234,28 @@ for step in range(100000):
 """
 
 
+@pytest.mark.parametrize("a_rank", [True, False], ids=["a rank of a job", "a lone run"])
+def test_once_ctrl_c_stopped_a_ranks_script_a_second_one_is_ignored(tmp_path, a_rank):
+    """The launcher passes Ctrl-C on to every rank once more as it stops the job: a rank
+    whose script the first one stopped ignores it (its part of the report, and rank 0's
+    writing it, are under way; the launcher kills what still runs after its timeout). A
+    lone run still stops at a second one."""
+    from sfdiag.run import launch
+
+    script = tmp_path / "stopped.py"
+    script.write_text("raise KeyboardInterrupt\n")
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        code, interrupted, _ = launch.run_target(
+            launch.Target(str(script), None, ()), interrupt_once=a_rank
+        )
+        now = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert (code, interrupted) == (130, True)
+    assert (now is signal.SIG_IGN) == a_rank
+
+
 def test_ctrl_c_ends_every_rank_with_130(tmp_path):
     script = tmp_path / "slow.py"
     script.write_text(SLOW_DDP)

@@ -205,7 +205,7 @@ def _audit_here(argv: list[str], target: Target, options: RunOptions, job: Any) 
             launch.check_module(target.module)
         session.start()
         try:
-            code, interrupted, namespace = launch.run_target(target)
+            code, interrupted, namespace = launch.run_target(target, interrupt_once=job is not None)
         finally:
             session.stop()
     _flush(sys.stdout)
@@ -257,6 +257,11 @@ def _as_one_job(
     from sfdiag.run.job import merge, summarize_rank
 
     channel = watch.channel
+    if channel is not None and report.interrupted:
+        # Ctrl-C may have stopped the ranks at different calls of the channel: gather the
+        # job's report over a channel of its own, which every rank opens afresh
+        channel.abandon("interrupted")
+        channel = _fresh_channel(job, watch)
     if channel is not None:
         try:
             summary = summarize_rank(job.rank, code, results, metrics, findings, watch)
@@ -277,6 +282,17 @@ def _as_one_job(
         report,
         distributed=DistributedInfo(job.world_size, watch.script_backend, "none", None),
     )
+
+
+def _fresh_channel(job: Any, watch: Any) -> Any:
+    """A channel of its own for the job's report after Ctrl-C, or None (with why)."""
+    from sfdiag.dist import Channel
+
+    try:
+        return Channel.open(job, name="/after-interrupt")
+    except Exception as exc:  # the ranks cannot be joined: each reports alone
+        watch.channel_error = f"{type(exc).__name__}: {exc}"
+        return None
 
 
 def _flush(stream: Any) -> None:

@@ -241,9 +241,14 @@ def _exit_code(code: object) -> int:
     return 1
 
 
-def run_target(target: Target) -> tuple[int, bool, dict[str, Any] | None]:
+def run_target(
+    target: Target, *, interrupt_once: bool = False
+) -> tuple[int, bool, dict[str, Any] | None]:
     """Run the script (inside ``script_environment``); (exit code, interrupted, the
-    script's globals where it ran to its end)."""
+    script's globals where it ran to its end). ``interrupt_once``: once Ctrl-C stopped the
+    script, later ones are ignored (a rank of a job: the launcher passes Ctrl-C on to every
+    rank once more as it stops them, which must not cut short the rank's part of the
+    report; it kills what still runs after its own timeout)."""
     _apply_python_options(target.python_options)
     try:
         if target.module is not None:
@@ -253,12 +258,23 @@ def run_target(target: Target) -> tuple[int, bool, dict[str, Any] | None]:
     except SystemExit as stop:
         return _exit_code(stop.code), False, None
     except KeyboardInterrupt as exc:
+        if interrupt_once:
+            _ignore_interrupts()
         _print_uncaught(exc)
         return EXIT_INTERRUPTED, True, None
     except BaseException as exc:  # the script's own error: its traceback, exit 1
         _print_uncaught(exc)
         return 1, False, None
     return 0, False, namespace
+
+
+def _ignore_interrupts() -> None:
+    import signal
+
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: nothing to set
+        pass
 
 
 def _apply_python_options(options: tuple[str, ...]) -> None:
