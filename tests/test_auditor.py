@@ -296,7 +296,8 @@ def test_an_audited_step_keeps_no_tracked_object_per_tensor(optimizer):
     observation keeps, are no object per tensor that the garbage collector tracks (a weak
     reference a grad, a Size a parameter): the step's own collections carried such objects
     by the thousand into the oldest generation, and full collections of the whole process
-    came every few dozen audited steps. As many for 40 tensors as for 10."""
+    came every few dozen audited steps. The 60 tensors more of 40 layers than of 10 add
+    none (the fewest over three steps: another test's thread may make an object meanwhile)."""
     import gc
 
     from sfdiag.optim import AdamWScheduleFree
@@ -316,16 +317,18 @@ def test_an_audited_step_keeps_no_tracked_object_per_tensor(optimizer):
         auditor = StepAuditor().attach(opt)
         during: list[int] = []
         opt.register_step_pre_hook(lambda *_, _during=during: _during.append(len(gc.get_objects())))
-        for _ in range(3):  # the last one counted: state built, every param known
+        counted = []
+        for step in range(5):  # the first two not counted: state built, every param known
             for p in params:
                 p.grad = torch.randn_like(p)
             gc.collect()
             before = len(gc.get_objects())
             opt.step()
             gc.collect()
-            after = len(gc.get_objects())
+            if step >= 2:
+                counted.append((during[-1] - before, len(gc.get_objects()) - before))
         assert auditor.observations[-1].params[0].verdict == (
             "clean" if optimizer == "adamw" else "mutated"
         )
-        held[count] = (during[-1] - before, after - before)
+        held[count] = tuple(map(min, zip(*counted, strict=True)))
     assert held[10] == held[40], held
