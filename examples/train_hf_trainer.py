@@ -69,4 +69,5 @@ args = TrainingArguments(
     disable_tqdm=True,
     seed=0,
 )
+torch.manual_seed(0)  # the model's initial weights: Trainer's seed=0 seeds only what follows it
 Trainer(model=Net(), args=args, train_dataset=Data()).train()
