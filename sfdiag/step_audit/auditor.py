@@ -165,10 +165,10 @@ def _group_verdicts(
 ) -> tuple[dict[int, str], dict[int, bool]]:
     """The verdicts of the grads of the groups read before and after ``step()`` alike, from
     the groups' arrays at once: where every grad of a group is the same tensor, each is
-    clean or mutated
-    as its row reads bit for bit the same or not (clean ones into ``found``), the mutated
-    returned; the rows of the other groups, whether each reads the same, for ``_compare_all``
-    to judge grad by grad. (The grads ``after.kept`` are left out: clean.)"""
+    clean or mutated as its row reads bit for bit the same or not (clean ones into
+    ``found``), the mutated returned; the rows of the other groups, whether each reads the
+    same, for ``_compare_all`` to judge grad by grad. (The grads ``after.kept`` are left
+    out: clean.)"""
     changed: dict[int, str] = {}
     same_rows: dict[int, bool] = {}
     kept = after.kept

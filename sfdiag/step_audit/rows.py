@@ -211,16 +211,16 @@ class Snapshot(Sequence):
 
     def _read_identities(self) -> tuple[list[Any], list[int], list[str]]:
         if self.kept:
-            refs, versions, layouts = (list(x) for x in self._before.identities())
+            held, versions, layouts = (list(x) for x in self._before.identities())
         else:
-            refs, versions, layouts = [None] * len(self), [0] * len(self), ["blocks"] * len(self)
+            held, versions, layouts = [None] * len(self), [0] * len(self), ["blocks"] * len(self)
         built = self.built()
         for i in sorted(built):
             fp = self._prints[i]
-            refs[i], versions[i], layouts[i] = _held(fp), fp.version, fp.layout
+            held[i], versions[i], layouts[i] = _held(fp), fp.version, fp.layout
         skip = built | self.kept
         return (
-            self._with_rows(refs, "grads", skip),
+            self._with_rows(held, "grads", skip),
             self._with_rows(versions, "versions", skip),
             layouts,
         )
