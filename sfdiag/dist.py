@@ -226,8 +226,14 @@ class Channel:
 
     def abandon(self, why: str) -> None:
         """Leave the channel without waiting for the other ranks (its calls may no longer
-        pair up among them)."""
+        pair up among them). Its group is never freed: a gloo group's destructor joins its
+        threads, and one may be inside a collective no rank will join, until the group's
+        timeout (a minute; the launcher kills the job first). One object, left to the OS."""
+        import ctypes
+
         self.broken = self.broken or why
+        if self._group is not None:
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(self._group))
         self._group = None
 
     def close(self) -> None:

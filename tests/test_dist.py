@@ -63,8 +63,9 @@ def test_the_job_comes_from_the_launchers_environment(env, job):
 def test_ctrl_c_reaches_a_rank_waiting_for_a_rank_that_stopped():
     """A rank inside sfdiag's collective when Ctrl-C comes waits for ranks that Ctrl-C may
     have stopped first: the wait gives way to it at once (not at the group's timeout, long
-    after the launcher killed the job), and the channel is left, its calls no longer in
-    step among the ranks. Two ranks of a real gloo group, one a thread that never joins."""
+    after the launcher killed the job), and the channel is left at once, its calls no
+    longer in step among the ranks. Two ranks of a real gloo group, one a thread that never
+    joins."""
     import datetime
     import os
     import signal
@@ -94,3 +95,8 @@ def test_ctrl_c_reaches_a_rank_waiting_for_a_rank_that_stopped():
     assert "interrupted" in channel.broken
     with pytest.raises(ChannelError):
         channel.sum(torch.ones(1))
+    # left at once: a gloo group freed now would wait out the broadcast in its thread
+    start = time.monotonic()
+    channel.abandon("interrupted")
+    del group
+    assert time.monotonic() - start < 10
