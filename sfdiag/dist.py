@@ -163,6 +163,13 @@ class Channel:
         return cls(job, group, seconds)
 
     # ---- collectives (every rank calls each, in the same order) --------------------------
+    def _live(self) -> Any:
+        """The group, while the channel works (nothing is started on one whose calls may no
+        longer pair up among the ranks)."""
+        if self.broken:
+            raise ChannelError(self.broken)
+        return self._group
+
     def _wait(self, work: Any, what: str) -> None:
         if self.broken:
             raise ChannelError(self.broken)
@@ -172,7 +179,7 @@ class Channel:
         except KeyboardInterrupt:
             # Ctrl-C reached this rank inside a collective that another rank may never
             # join: what follows on this group would pair with the wrong calls
-            self.broken = f"sfdiag's {what} across ranks was interrupted"
+            self.abandon(f"sfdiag's {what} across ranks was interrupted")
             raise
         except Exception as exc:
             self.broken = f"sfdiag's {what} across ranks failed: {type(exc).__name__}: {exc}"
@@ -180,7 +187,7 @@ class Channel:
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` summed over every rank, in place (a CPU tensor)."""
-        self._wait(self._group.allreduce([tensor]), "sum")
+        self._wait(self._live().allreduce([tensor]), "sum")
         return tensor
 
     def max(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -188,7 +195,7 @@ class Channel:
 
         options = torch_dist.AllreduceOptions()
         options.reduceOp = torch_dist.ReduceOp.MAX
-        self._wait(self._group.allreduce([tensor], options), "max")
+        self._wait(self._live().allreduce([tensor], options), "max")
         return tensor
 
     def broadcast(self, tensor: torch.Tensor, source: int = 0) -> torch.Tensor:
@@ -197,7 +204,7 @@ class Channel:
 
         options = torch_dist.BroadcastOptions()
         options.rootRank = source
-        self._wait(self._group.broadcast([tensor], options), "broadcast")
+        self._wait(self._live().broadcast([tensor], options), "broadcast")
         return tensor
 
     def gather(self, obj: Any) -> list[Any] | None:
@@ -215,7 +222,7 @@ class Channel:
         outputs = [[torch.empty_like(mine) for _ in range(self.job.world_size)]] if leader else []
         options = torch_dist.GatherOptions()
         options.rootRank = 0
-        self._wait(self._group.gather(outputs, [mine], options), "gather")
+        self._wait(self._live().gather(outputs, [mine], options), "gather")
         if not leader:
             return None
         objects = []
