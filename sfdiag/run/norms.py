@@ -33,14 +33,15 @@ def _dense(grad: torch.Tensor) -> torch.Tensor:
     return grad
 
 
-def _norms(grads: list[torch.Tensor | None]) -> torch.Tensor | None:
+def _norms(grads: list[torch.Tensor | None], small: bool = True) -> torch.Tensor | None:
     """Per-tensor L2 norms (0 for a missing grad), float32 on the first grad's device; no
     host sync (and no index built on the host). None when no grad is present. Every step
-    pays this, so it makes no torch call per grad (on a GPU each costs the host µs)."""
+    pays this, so it makes no torch call per grad (on a GPU each costs the host µs).
+    ``small=False``: the caller found the kernel does not read them (``_small_cpu_squares``)."""
     import torch
 
     with torch.no_grad():
-        fast = _small_cpu_norms(grads)
+        fast = _small_cpu_norms(grads) if small else None
         if fast is not None:
             return fast
         present = [(i, _dense(g)) for i, g in enumerate(grads) if g is not None]
@@ -59,20 +60,26 @@ def _norms(grads: list[torch.Tensor | None]) -> torch.Tensor | None:
         return torch.stack([n if n.device == device else n.to(device) for n in norms])
 
 
+def _small_cpu_squares(grads: list[Any]) -> Any:
+    """The present grads' float64 sums of squares (numpy), from one call of the fused
+    kernel where every one is a small, plain, contiguous CPU tensor of one dtype it reads;
+    else None."""
+    from sfdiag.step_audit import fused
+
+    return fused.plain_squares_array([g for g in grads if g is not None])
+
+
 def _small_cpu_norms(grads: list[torch.Tensor | None]) -> torch.Tensor | None:
     """``_norms`` in one call of the fused kernel where every grad is a small, plain,
     contiguous CPU tensor of one dtype it reads (a model's many small tensors: torch's
     norm costs the host about a microsecond each, the kernel nanoseconds); else None."""
     import torch
 
-    from sfdiag.step_audit import fused
-
-    present = [g for g in grads if g is not None]
-    squares = fused.plain_squares(present)
+    squares = _small_cpu_squares(grads)
     if squares is None:
         return None
-    norms = squares.sqrt_().float()
-    if len(present) < len(grads):
+    norms = torch.from_numpy(squares).sqrt_().float()
+    if len(squares) < len(grads):
         full = torch.zeros(len(grads), dtype=torch.float32)
         full[[i for i, g in enumerate(grads) if g is not None]] = norms
         norms = full
@@ -91,16 +98,18 @@ class GradsRead:
     backwards: int
     refs: list[Any]
     versions: list[int]
-    norms: torch.Tensor | None  # None where only the total was read (``_small_cpu_total``)
+    norms: torch.Tensor | None  # None where only the total was read (small CPU grads)
     _total: Any = None
 
     @classmethod
     def now(cls, grads: list[Any], versions: list[int], backwards: int) -> GradsRead:
         refs = [weakref.ref(g) if g is not None else None for g in grads]
-        total = _small_cpu_total(grads)
-        if total is not None:  # (only the total is asked of a read)
-            return cls(backwards, refs, versions, None, total)
-        return cls(backwards, refs, versions, _norms(grads))
+        squares = _small_cpu_squares(grads)
+        if squares is None:
+            return cls(backwards, refs, versions, _norms(grads, small=False))
+        # only the total is asked of a read: straight from the kernel's float64 sums, with
+        # no torch or numpy op after it (a logging call's read runs cold, one costs µs)
+        return cls(backwards, refs, versions, None, math.sqrt(sum(squares.tolist())))
 
     @classmethod
     def again(cls, previous: GradsRead | None, grads: list[Any], backwards: int) -> GradsRead:
@@ -134,16 +143,6 @@ class GradsRead:
             else:
                 self._total = self.norms.square().sum().sqrt()
         return self._total
-
-
-def _small_cpu_total(grads: list[Any]) -> float | None:
-    """The whole-model norm of grads ``_small_cpu_norms`` reads, from the kernel's float64
-    sums of squares, with no torch or numpy op after it (a logging call's read runs cold,
-    where one costs several µs); None where that path does not read them."""
-    from sfdiag.step_audit import fused
-
-    squares = fused.plain_squares_array([g for g in grads if g is not None])
-    return None if squares is None else math.sqrt(sum(squares.tolist()))
 
 
 def versions_of(grads: list[Any]) -> list[int]:
