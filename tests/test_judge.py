@@ -410,3 +410,19 @@ def test_rate_advice_says_when_the_optimizer_scales_its_rate_further(verdict):
         verdict, "lr", "AdamW", JudgedValue(0, "AdamW", 1, plain, verdict, None), None
     )
     assert (without is None) is (verdict == "correct")
+
+
+def test_references_logged_at_are_what_replace_gives():
+    """The at-log copy of a step's references (built for every value logged before a step)
+    equals ``dataclasses.replace``'s, hash and all, and leaves the step's own unchanged."""
+    import dataclasses
+
+    from sfdiag.run.judge import NormReferences
+
+    refs = NormReferences(step=3, pre_step=1.0, post_step=2.0, pre_clip=1.5, micro_batches=2)
+    logged = refs.logged_at(1.25, 1, True)
+    expected = dataclasses.replace(refs, at_log=1.25, micro_at_log=1, scaled_at_log=True)
+    assert logged == expected and hash(logged) == hash(expected)
+    assert logged.partial and not refs.partial and refs.at_log is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        logged.at_log = 2.0

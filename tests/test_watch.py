@@ -7,7 +7,12 @@ import pytest
 import torch
 from test_snapshot import _TorchCalls
 
-from sfdiag.run.norms import _norms
+from sfdiag.run import norms as run_norms
+
+
+def _norms(grads):
+    """The per-step norms as a torch tensor (the kernel's read is a numpy array)."""
+    return run_norms._as_torch(run_norms._norms(grads))
 
 
 def test_the_per_step_norms_make_no_torch_call_a_grad():
@@ -176,3 +181,38 @@ def test_each_step_knows_which_parameters_had_a_grad():
     everyone = frozenset({0, 1, 2})
     assert seen == [everyone, frozenset({0, 2}), everyone, frozenset({1, 2}), everyone]
     assert watch.watched[0].saw_whole
+
+
+@pytest.mark.parametrize("size", [8, 70_000], ids=["kernel (numpy)", "torch"])
+def test_post_step_norms_read_later_patch_the_moved_grads_alone(size):
+    """A step's post-step norms, read when a value needs them: the grads that moved read
+    again, the others kept from before ``step()``; a grad written again since leaves them
+    unknown (NaN). The same floats whichever path read the grads."""
+    import math
+    import weakref
+
+    from sfdiag.run.norms import StepNorms, versions_of
+
+    def step_norms(grads, moved):
+        pre = run_norms._norms(grads)
+        norms = StepNorms(0, pre, pre)
+        for i in moved:
+            grads[i].mul_(2.0)  # what step() did to them
+        norms._later = ([weakref.ref(g) for g in grads], versions_of(grads), moved)
+        return norms
+
+    gen = torch.Generator().manual_seed(5)
+    grads = [torch.randn(size, generator=gen) for _ in range(5)]
+    before = [g.norm().item() for g in grads]
+    pre, post = step_norms(grads, [1, 3]).floats()
+    assert pre == pytest.approx(before, rel=1e-6)
+    assert post == pytest.approx([b * (2 if i in (1, 3) else 1) for i, b in enumerate(before)])
+    assert [post[i] for i in (0, 2, 4)] == [pre[i] for i in (0, 2, 4)]  # kept, not read
+
+    norms = step_norms(grads, [0])
+    grads[0].add_(1.0)  # written again before any value needed the post-step norms
+    pre, post = norms.floats()
+    assert all(math.isnan(v) for v in post) and not any(math.isnan(v) for v in pre)
+
+    many = step_norms(grads, [0, 1, 2, 3])  # most moved: all read again
+    assert many.floats()[1] == pytest.approx([g.norm().item() for g in grads], rel=1e-6)

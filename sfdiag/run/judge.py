@@ -96,6 +96,14 @@ class NormReferences:
             out += [("next-scale", after), ("scale-change", self.loss_scale / after)]
         return out
 
+    def logged_at(self, at_log: float, micro: int | None, scaled: bool) -> NormReferences:
+        """These references with the grads' norm as the value was logged, the backward
+        passes by then and whether the loss scale was in them: ``dataclasses.replace``'s
+        result without its work a field (a value logged each step pays it)."""
+        new = object.__new__(NormReferences)
+        new.__dict__.update(self.__dict__, at_log=at_log, micro_at_log=micro, scaled_at_log=scaled)
+        return new
+
     def named(self) -> list[tuple[str, float]]:
         """Every reference present, by the name ``matches`` uses."""
         out = []

@@ -471,9 +471,7 @@ class MetricAudit:
                 refs = norms.references(scope)
                 if scope is None and norms.step == after + 1 and read is not None:
                     total, micro, scaled = read
-                    refs = replace(
-                        refs, at_log=_float(total), micro_at_log=micro, scaled_at_log=scaled
-                    )
+                    refs = refs.logged_at(_float(total), micro, scaled)
                 candidates.append((entry.label, refs))
                 positions.append(position)
         return candidates, positions, scope_name

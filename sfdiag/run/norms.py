@@ -14,9 +14,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
     import torch
 
     from sfdiag.run.clipping import ClipCall
+
+
+#: per-tensor norms as ``_norms`` gives them: a float32 torch tensor on the grads' device, or
+#: a float32 numpy array (small CPU grads, read by the C kernel)
+Norms = Any
 
 
 def _dense(grad: torch.Tensor) -> torch.Tensor:
@@ -33,17 +39,19 @@ def _dense(grad: torch.Tensor) -> torch.Tensor:
     return grad
 
 
-def _norms(grads: list[torch.Tensor | None], small: bool = True) -> torch.Tensor | None:
-    """Per-tensor L2 norms (0 for a missing grad), float32 on the first grad's device; no
-    host sync (and no index built on the host). None when no grad is present. Every step
-    pays this, so it makes no torch call per grad (on a GPU each costs the host µs).
-    ``small=False``: the caller found the kernel does not read them (``_small_cpu_squares``)."""
+def _norms(grads: list[torch.Tensor | None], small: bool = True) -> Norms | None:
+    """Per-tensor L2 norms (0 for a missing grad), float32 on the first grad's device: a
+    numpy array where the C kernel read them (small CPU grads: no torch op at all), else a
+    torch tensor; no host sync (and no index built on the host). None when no grad is
+    present. Every step pays this, so it makes no torch call per grad (on a GPU each costs
+    the host µs). ``small=False``: the caller found the kernel does not read them
+    (``_small_cpu_squares``)."""
+    fast = _small_cpu_norms(grads) if small else None
+    if fast is not None:
+        return fast
     import torch
 
     with torch.no_grad():
-        fast = _small_cpu_norms(grads) if small else None
-        if fast is not None:
-            return fast
         present = [(i, _dense(g)) for i, g in enumerate(grads) if g is not None]
         if not present:
             return None
@@ -69,20 +77,37 @@ def _small_cpu_squares(grads: list[Any]) -> Any:
     return fused.plain_squares_array([g for g in grads if g is not None])
 
 
-def _small_cpu_norms(grads: list[torch.Tensor | None]) -> torch.Tensor | None:
+def _small_cpu_norms(grads: list[torch.Tensor | None]) -> np.ndarray | None:
     """``_norms`` in one call of the fused kernel where every grad is a small, plain,
     contiguous CPU tensor of one dtype it reads (a model's many small tensors: torch's
-    norm costs the host about a microsecond each, the kernel nanoseconds); else None."""
-    import torch
+    norm costs the host about a microsecond each, the kernel nanoseconds), as a numpy
+    float32 array (the square roots of its float64 sums, rounded once: torch's ``sqrt``
+    and ``float`` give the same bits; a torch op costs µs where a step's hook runs cold);
+    else None."""
+    import numpy as np
 
     squares = _small_cpu_squares(grads)
     if squares is None:
         return None
-    norms = torch.from_numpy(squares).sqrt_().float()
+    norms = np.sqrt(squares).astype(np.float32)
     if len(squares) < len(grads):
-        full = torch.zeros(len(grads), dtype=torch.float32)
+        full = np.zeros(len(grads), dtype=np.float32)
         full[[i for i, g in enumerate(grads) if g is not None]] = norms
         norms = full
+    return norms
+
+
+def _on_host(norms: Any) -> bool:
+    """Whether ``norms`` (``_norms``'s result) is a numpy array: read by the C kernel."""
+    return type(norms).__module__ == "numpy"
+
+
+def _as_torch(norms: Any) -> Any:
+    """``norms`` as a torch tensor (the torch path's ops take no numpy array)."""
+    if _on_host(norms):
+        import torch
+
+        return torch.from_numpy(norms)
     return norms
 
 
@@ -98,7 +123,7 @@ class GradsRead:
     backwards: int
     refs: list[Any]
     versions: list[int]
-    norms: torch.Tensor | None  # None where only the total was read (small CPU grads)
+    norms: Norms | None  # None where only the total was read (small CPU grads)
     _total: Any = None
 
     @classmethod
@@ -135,10 +160,11 @@ class GradsRead:
         are on the CPU (numpy's sum costs a few µs where three torch ops cost ten); None
         without grads."""
         if self._total is None and self.norms is not None:
-            if self.norms.device.type == "cpu":
+            if _on_host(self.norms) or self.norms.device.type == "cpu":
                 import numpy as np
 
-                squares = np.square(self.norms.numpy(), dtype=np.float64)
+                host = self.norms if _on_host(self.norms) else self.norms.numpy()
+                squares = np.square(host, dtype=np.float64)
                 self._total = math.sqrt(float(squares.sum()))
             else:
                 self._total = self.norms.square().sum().sqrt()
@@ -154,8 +180,8 @@ class StepNorms:
     """One finished step of one optimizer: per-parameter grad norms around ``step()``."""
 
     step: int
-    pre: torch.Tensor | None  # [params] float32, on the device; None: no grad at all
-    post: torch.Tensor | None
+    pre: Norms | None  # [params] float32, on the device (``_norms``); None: no grad at all
+    post: Norms | None
     clip: ClipCall | None = None  # the clipping call that preceded this step, if any
     clipped_indices: frozenset[int] = frozenset()  # the parameters that call covered
     with_grad: frozenset[int] = frozenset()  # the parameters that had a grad
@@ -206,8 +232,14 @@ class StepNorms:
             for i in moved
         )
         if not intact:
-            ref = self.pre if self.pre is not None else None
-            self.post = None if ref is None else torch.full_like(ref, math.nan)
+            ref = self.pre
+            if ref is None:
+                self.post = None
+            elif _on_host(ref):
+                self.post = ref.copy()
+                self.post.fill(math.nan)
+            else:
+                self.post = torch.full_like(ref, math.nan)
             if logging and self._lost is not None:
                 self._lost()
         elif len(moved) * 2 > len(grads) or self.pre is None or len(self.pre) != len(grads):
@@ -227,15 +259,23 @@ class StepNorms:
     def floats(self) -> tuple[list[float], list[float]]:
         """The norms as Python floats (one transfer for both, the first time)."""
         if self._floats is None:
-            import torch
-
             self.read_post()
-            if self.pre is None and self.post is None:
+            pre, post = self.pre, self.post
+            if pre is None and post is None:
                 self._floats = ([], [])
+            elif (pre is None or _on_host(pre)) and (post is None or _on_host(post)):
+                size = len(pre if pre is not None else post)
+                self._floats = (
+                    pre.tolist() if pre is not None else [0.0] * size,
+                    post.tolist() if post is not None else [0.0] * size,
+                )
             else:
-                ref = self.pre if self.pre is not None else self.post
-                pre = self.pre if self.pre is not None else torch.zeros_like(ref)
-                post = self.post if self.post is not None else torch.zeros_like(ref)
+                import torch
+
+                pre, post = _as_torch(pre), _as_torch(post)
+                ref = pre if pre is not None else post
+                pre = pre if pre is not None else torch.zeros_like(ref)
+                post = post if post is not None else torch.zeros_like(ref)
                 pre_l, post_l = torch.stack([pre, post.to(pre.device)]).tolist()
                 self._floats = (pre_l, post_l)
             self.pre = self.post = None  # the floats are all that is needed from now on
@@ -368,13 +408,18 @@ def _l2(values: list[float], indices: tuple[int, ...] | None) -> float:
     return math.sqrt(math.fsum(v * v for v in picked))
 
 
-def _patched(pre: torch.Tensor | None, grads: list[Any], moved: list[int]) -> torch.Tensor | None:
+def _patched(pre: Norms | None, grads: list[Any], moved: list[int]) -> Norms | None:
     """``pre`` with the norms of the ``moved`` grads read again (no host sync)."""
-    import torch
-
     if pre is None:
         return _norms(grads)
     fresh = _norms([grads[i] for i in moved])
+    if _on_host(pre) and (fresh is None or _on_host(fresh)):
+        out = pre.copy()
+        out[moved] = 0.0 if fresh is None else fresh
+        return out
+    import torch
+
+    pre, fresh = _as_torch(pre), _as_torch(fresh)
     zero = torch.zeros((), dtype=pre.dtype, device=pre.device)
     again = dict(
         zip(moved, fresh.unbind() if fresh is not None else [zero] * len(moved), strict=True)

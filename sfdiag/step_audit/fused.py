@@ -46,6 +46,13 @@ _SQUARES = {
 
 SQUARES_DTYPES = frozenset(_SQUARES)
 
+# a tensor's properties as functions (``map`` over a thousand grads runs them with no
+# Python between: half the time of a comprehension a property)
+_BASE = torch._C.TensorBase
+_dtype_of, _layout_of, _is_cpu = (_BASE.dtype.__get__, _BASE.layout.__get__, _BASE.is_cpu.__get__)
+_PLAIN = frozenset((torch.Tensor,))
+_STRIDED = frozenset((torch.strided,))
+
 #: the largest tensor ``squares`` reads: above it torch's norm (threaded, its per-call cost
 #: nothing beside the read) is as fast
 SQUARES_MAX_ELEMENTS = 1 << 16
@@ -129,13 +136,29 @@ def _run_all(commands: list[list[str]]) -> str:
 
 
 def _library() -> Any | None:
+    if _KERNEL.lib is not None:  # (set once, under the lock: a read needs none)
+        return _KERNEL.lib
     with _KERNEL.lock:
         if _KERNEL.lib is None and _KERNEL.broken is None:
             try:
-                _KERNEL.lib = _compile()
+                lib = _compile()
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 _KERNEL.broken = f"{type(exc).__name__}: {exc}"
+            else:
+                _declare_squares(lib)
+                _KERNEL.lib = lib
         return _KERNEL.lib
+
+
+def _declare_squares(lib: Any) -> None:
+    """The squares functions' arguments, declared once: called with plain ints, each call
+    then costs the host a third of one that builds a ctypes object an argument (a logging
+    call's read of two grads makes one)."""
+    for name in _SQUARES.values():
+        function = getattr(lib, name, None)
+        if function is not None:
+            function.argtypes = (ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+            function.restype = None
 
 
 @dataclass(frozen=True)
@@ -238,18 +261,15 @@ def squares_array(tensors: list[torch.Tensor]) -> np.ndarray | None:
     function = getattr(lib, _SQUARES[tensors[0].dtype], None) if lib is not None else None
     if function is None:
         return None
-    sizes = array.array("q", [t.numel() for t in tensors])
+    # Python arrays, not numpy's: a logging call's read of two grads runs cold, where each
+    # numpy call (a max, an array's address) costs a µs
+    sizes = array.array("q", list(map(_BASE.numel, tensors)))
     if max(sizes) > SQUARES_MAX_ELEMENTS:
         return None
-    pointers = array.array("q", [t.data_ptr() for t in tensors])
-    out = np.empty(len(tensors), dtype=np.float64)
-    function(
-        ctypes.c_int64(len(tensors)),
-        ctypes.c_void_p(pointers.buffer_info()[0]),
-        ctypes.c_void_p(sizes.buffer_info()[0]),
-        ctypes.c_void_p(out.ctypes.data),
-    )
-    return out
+    pointers = array.array("q", list(map(_BASE.data_ptr, tensors)))
+    out = array.array("d", bytes(8 * len(tensors)))
+    function(len(tensors), pointers.buffer_info()[0], sizes.buffer_info()[0], out.buffer_info()[0])
+    return np.frombuffer(out)  # (writable: it shares the array's memory)
 
 
 def row_squares(rows: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor | None:
@@ -302,12 +322,12 @@ def plain_squares_array(tensors: list[torch.Tensor]) -> np.ndarray | None:
     if _KERNEL.broken is not None or not tensors:
         return None
     if (
-        {type(t) for t in tensors} != {torch.Tensor}
-        or len(dtypes := {t.dtype for t in tensors}) != 1
+        set(map(type, tensors)) != _PLAIN
+        or len(dtypes := set(map(_dtype_of, tensors))) != 1
         or not dtypes <= SQUARES_DTYPES
-        or {t.layout for t in tensors} != {torch.strided}
-        or not all([t.is_cpu for t in tensors])
-        or not all([t.is_contiguous() for t in tensors])
+        or set(map(_layout_of, tensors)) != _STRIDED
+        or not all(map(_is_cpu, tensors))
+        or not all(map(_BASE.is_contiguous, tensors))
     ):
         return None
     return squares_array(tensors)
