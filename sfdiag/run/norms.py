@@ -7,6 +7,7 @@ float or a device scalar)."""
 
 from __future__ import annotations
 
+import array
 import math
 import weakref
 from collections.abc import Callable
@@ -14,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    import numpy as np
     import torch
 
     from sfdiag.run.clipping import ClipCall
@@ -69,27 +69,35 @@ def _norms(grads: list[torch.Tensor | None], small: bool = True) -> Norms | None
 
 
 def _small_cpu_squares(grads: list[Any]) -> Any:
-    """The present grads' float64 sums of squares (numpy), from one call of the fused
-    kernel where every one is a small, plain, contiguous CPU tensor of one dtype it reads;
-    else None."""
+    """The present grads' float64 sums of squares (a Python array of doubles), from one
+    call of the fused kernel where every one is a small, plain, contiguous CPU tensor of
+    one dtype it reads; else None."""
     from sfdiag.step_audit import fused
 
-    return fused.plain_squares_array([g for g in grads if g is not None])
+    return fused.plain_squares_host([g for g in grads if g is not None])
 
 
-def _small_cpu_norms(grads: list[torch.Tensor | None]) -> np.ndarray | None:
+#: up to this many grads, their norms are rooted in Python (a hook's numpy call runs cold:
+#: a µs or more); above it numpy's vector loop wins
+_PYTHON_ROOTS = 64
+
+
+def _small_cpu_norms(grads: list[torch.Tensor | None]) -> Any:
     """``_norms`` in one call of the fused kernel where every grad is a small, plain,
     contiguous CPU tensor of one dtype it reads (a model's many small tensors: torch's
-    norm costs the host about a microsecond each, the kernel nanoseconds), as a numpy
-    float32 array (the square roots of its float64 sums, rounded once: torch's ``sqrt``
-    and ``float`` give the same bits; a torch op costs µs where a step's hook runs cold);
-    else None."""
-    import numpy as np
-
+    norm costs the host about a microsecond each, the kernel nanoseconds), as float32 on
+    the host: a Python array (few grads) or a numpy one, the square roots of its float64
+    sums rounded once (torch's ``sqrt`` and ``float`` give the same bits; a torch op costs
+    µs where a step's hook runs cold); else None."""
     squares = _small_cpu_squares(grads)
     if squares is None:
         return None
-    norms = np.sqrt(squares).astype(np.float32)
+    import numpy as np
+
+    if len(squares) <= _PYTHON_ROOTS:
+        norms = array.array("f", map(math.sqrt, squares))
+    else:
+        norms = np.sqrt(np.frombuffer(squares)).astype(np.float32)
     if len(squares) < len(grads):
         full = np.zeros(len(grads), dtype=np.float32)
         full[[i for i, g in enumerate(grads) if g is not None]] = norms
@@ -98,16 +106,27 @@ def _small_cpu_norms(grads: list[torch.Tensor | None]) -> np.ndarray | None:
 
 
 def _on_host(norms: Any) -> bool:
-    """Whether ``norms`` (``_norms``'s result) is a numpy array: read by the C kernel."""
-    return type(norms).__module__ == "numpy"
+    """Whether ``norms`` (``_norms``'s result) is on the host (a Python or numpy array of
+    float32: read by the C kernel), not a torch tensor."""
+    return type(norms).__module__ in _HOST_MODULES
+
+
+_HOST_MODULES = frozenset(("array", "numpy"))  # (a numpy array has a ``device`` too)
+
+
+def _host_copy(norms: Any) -> Any:
+    """A numpy copy of host ``norms`` (float32), to edit."""
+    import numpy as np
+
+    return np.array(norms, dtype=np.float32)
 
 
 def _as_torch(norms: Any) -> Any:
-    """``norms`` as a torch tensor (the torch path's ops take no numpy array)."""
-    if _on_host(norms):
+    """``norms`` as a torch tensor (the torch path's ops take no host array); None: None."""
+    if norms is not None and _on_host(norms):
         import torch
 
-        return torch.from_numpy(norms)
+        return torch.from_numpy(_host_copy(norms))
     return norms
 
 
@@ -134,7 +153,7 @@ class GradsRead:
             return cls(backwards, refs, versions, _norms(grads, small=False))
         # only the total is asked of a read: straight from the kernel's float64 sums, with
         # no torch or numpy op after it (a logging call's read runs cold, one costs µs)
-        return cls(backwards, refs, versions, None, math.sqrt(sum(squares.tolist())))
+        return cls(backwards, refs, versions, None, math.sqrt(sum(squares)))
 
     @classmethod
     def again(cls, previous: GradsRead | None, grads: list[Any], backwards: int) -> GradsRead:
@@ -163,7 +182,7 @@ class GradsRead:
             if _on_host(self.norms) or self.norms.device.type == "cpu":
                 import numpy as np
 
-                host = self.norms if _on_host(self.norms) else self.norms.numpy()
+                host = _host_copy(self.norms) if _on_host(self.norms) else self.norms.numpy()
                 squares = np.square(host, dtype=np.float64)
                 self._total = math.sqrt(float(squares.sum()))
             else:
@@ -236,7 +255,7 @@ class StepNorms:
             if ref is None:
                 self.post = None
             elif _on_host(ref):
-                self.post = ref.copy()
+                self.post = _host_copy(ref)
                 self.post.fill(math.nan)
             else:
                 self.post = torch.full_like(ref, math.nan)
@@ -414,8 +433,8 @@ def _patched(pre: Norms | None, grads: list[Any], moved: list[int]) -> Norms | N
         return _norms(grads)
     fresh = _norms([grads[i] for i in moved])
     if _on_host(pre) and (fresh is None or _on_host(fresh)):
-        out = pre.copy()
-        out[moved] = 0.0 if fresh is None else fresh
+        out = _host_copy(pre)
+        out[moved] = 0.0 if fresh is None else _host_copy(fresh)
         return out
     import torch
 

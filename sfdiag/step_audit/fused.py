@@ -257,6 +257,13 @@ def squares(tensors: list[torch.Tensor]) -> torch.Tensor | None:
 def squares_array(tensors: list[torch.Tensor]) -> np.ndarray | None:
     """``squares`` as a numpy array, with no torch op (``sfdiag run``'s read of the grads
     at a logging call runs cold: a torch op costs several µs there)."""
+    out = squares_host(tensors)
+    return None if out is None else np.frombuffer(out)  # (writable: it shares the memory)
+
+
+def squares_host(tensors: list[torch.Tensor]) -> array.array | None:
+    """``squares`` as a Python array of doubles: no numpy call either (where a hook reads a
+    few grads cold, each costs a µs)."""
     lib = _library()
     function = getattr(lib, _SQUARES[tensors[0].dtype], None) if lib is not None else None
     if function is None:
@@ -269,7 +276,7 @@ def squares_array(tensors: list[torch.Tensor]) -> np.ndarray | None:
     pointers = array.array("q", list(map(_BASE.data_ptr, tensors)))
     out = array.array("d", bytes(8 * len(tensors)))
     function(len(tensors), pointers.buffer_info()[0], sizes.buffer_info()[0], out.buffer_info()[0])
-    return np.frombuffer(out)  # (writable: it shares the array's memory)
+    return out
 
 
 def row_squares(rows: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor | None:
@@ -319,6 +326,12 @@ def plain_squares(tensors: list[torch.Tensor]) -> torch.Tensor | None:
 
 def plain_squares_array(tensors: list[torch.Tensor]) -> np.ndarray | None:
     """``plain_squares`` as a numpy array (``squares_array``)."""
+    out = plain_squares_host(tensors)
+    return None if out is None else np.frombuffer(out)
+
+
+def plain_squares_host(tensors: list[torch.Tensor]) -> array.array | None:
+    """``plain_squares`` as a Python array of doubles (``squares_host``)."""
     if _KERNEL.broken is not None or not tensors:
         return None
     if (
@@ -330,7 +343,7 @@ def plain_squares_array(tensors: list[torch.Tensor]) -> np.ndarray | None:
         or not all(map(_BASE.is_contiguous, tensors))
     ):
         return None
-    return squares_array(tensors)
+    return squares_host(tensors)
 
 
 def squares_reads(tensor: torch.Tensor) -> bool:
