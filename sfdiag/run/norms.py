@@ -39,14 +39,16 @@ def _dense(grad: torch.Tensor) -> torch.Tensor:
     return grad
 
 
-def _norms(grads: list[torch.Tensor | None], small: bool = True) -> Norms | None:
+def _norms(
+    grads: list[torch.Tensor | None], small: bool = True, whole: bool = False
+) -> Norms | None:
     """Per-tensor L2 norms (0 for a missing grad), float32 on the first grad's device: a
     numpy array where the C kernel read them (small CPU grads: no torch op at all), else a
     torch tensor; no host sync (and no index built on the host). None when no grad is
     present. Every step pays this, so it makes no torch call per grad (on a GPU each costs
     the host µs). ``small=False``: the caller found the kernel does not read them
-    (``_small_cpu_squares``)."""
-    fast = _small_cpu_norms(grads) if small else None
+    (``_small_cpu_squares``); ``whole``: it found every grad present, a plain tensor."""
+    fast = _small_cpu_norms(grads, whole) if small else None
     if fast is not None:
         return fast
     import torch
@@ -68,13 +70,23 @@ def _norms(grads: list[torch.Tensor | None], small: bool = True) -> Norms | None
         return torch.stack([n if n.device == device else n.to(device) for n in norms])
 
 
-def _small_cpu_squares(grads: list[Any]) -> Any:
+def _small_cpu_squares(grads: list[Any], whole: bool = False) -> Any:
     """The present grads' float64 sums of squares (a Python array of doubles), from one
     call of the fused kernel where every one is a small, plain, contiguous CPU tensor of
-    one dtype it reads; else None."""
+    one dtype it reads; else None. ``whole``: the caller found every grad present, of
+    type ``torch.Tensor`` (two passes over a thousand grads fewer)."""
     from sfdiag.step_audit import fused
 
+    if whole:
+        return fused.plain_squares_host(grads, plain=True)
     return fused.plain_squares_host([g for g in grads if g is not None])
+
+
+def whole_grads(grads: list[Any]) -> bool:
+    """Whether every grad is present and a plain ``torch.Tensor`` (as a rule)."""
+    import torch
+
+    return set(map(type, grads)) == {torch.Tensor}
 
 
 #: up to this many grads, their norms are rooted in Python (a hook's numpy call runs cold:
@@ -82,14 +94,14 @@ def _small_cpu_squares(grads: list[Any]) -> Any:
 _PYTHON_ROOTS = 64
 
 
-def _small_cpu_norms(grads: list[torch.Tensor | None]) -> Any:
+def _small_cpu_norms(grads: list[torch.Tensor | None], whole: bool = False) -> Any:
     """``_norms`` in one call of the fused kernel where every grad is a small, plain,
     contiguous CPU tensor of one dtype it reads (a model's many small tensors: torch's
     norm costs the host about a microsecond each, the kernel nanoseconds), as float32 on
     the host: a Python array (few grads) or a numpy one, the square roots of its float64
     sums rounded once (torch's ``sqrt`` and ``float`` give the same bits; a torch op costs
-    µs where a step's hook runs cold); else None."""
-    squares = _small_cpu_squares(grads)
+    µs where a step's hook runs cold); else None. ``whole``: as ``_small_cpu_squares``."""
+    squares = _small_cpu_squares(grads, whole)
     if squares is None:
         return None
     import numpy as np
@@ -147,8 +159,9 @@ class GradsRead:
 
     @classmethod
     def now(cls, grads: list[Any], versions: list[int], backwards: int) -> GradsRead:
-        refs = [weakref.ref(g) if g is not None else None for g in grads]
-        squares = _small_cpu_squares(grads)
+        whole = whole_grads(grads)
+        refs = list(map(weakref.ref, grads)) if whole else [_ref(g) for g in grads]
+        squares = _small_cpu_squares(grads, whole)
         if squares is None:
             return cls(backwards, refs, versions, _norms(grads, small=False))
         # only the total is asked of a read: straight from the kernel's float64 sums, with
@@ -188,6 +201,10 @@ class GradsRead:
             else:
                 self._total = self.norms.square().sum().sqrt()
         return self._total
+
+
+def _ref(grad: Any) -> Any:
+    return weakref.ref(grad) if grad is not None else None
 
 
 def versions_of(grads: list[Any]) -> list[int]:

@@ -188,7 +188,7 @@ class Watched:
         self.last_read = None  # the next value logged reads the grads of the next step
         self._pre_grads = grads
         self._pre_versions = versions
-        self._pre_norms = _norms(grads)
+        self._pre_norms = _norms(grads, whole=kinds == {torch.Tensor})
         self._pre_taken = True
 
     def read_grads(self, backwards: int) -> GradsRead:

@@ -330,12 +330,13 @@ def plain_squares_array(tensors: list[torch.Tensor]) -> np.ndarray | None:
     return None if out is None else np.frombuffer(out)
 
 
-def plain_squares_host(tensors: list[torch.Tensor]) -> array.array | None:
-    """``plain_squares`` as a Python array of doubles (``squares_host``)."""
+def plain_squares_host(tensors: list[torch.Tensor], plain: bool = False) -> array.array | None:
+    """``plain_squares`` as a Python array of doubles (``squares_host``); ``plain``: the
+    caller found every one a ``torch.Tensor`` (of no subclass) already."""
     if _KERNEL.broken is not None or not tensors:
         return None
     if (
-        set(map(type, tensors)) != _PLAIN
+        (not plain and set(map(type, tensors)) != _PLAIN)
         or len(dtypes := set(map(_dtype_of, tensors))) != 1
         or not dtypes <= SQUARES_DTYPES
         or set(map(_layout_of, tensors)) != _STRIDED
