@@ -1,6 +1,6 @@
 """The command line: parse, call ``sfdiag.api``, map outcomes to exit codes.
 
-Exit codes (CONTRACTS.md): 0 ran and no gate failed; 1 a gate failed; 2 bad usage,
+Exit codes (docs/contract.md): 0 ran and no gate failed; 1 a gate failed; 2 bad usage,
 config or input (one message on stderr, nothing written); 130 interrupted.
 Nothing here imports torch at module level: ``sfdiag --help`` stays fast.
 """

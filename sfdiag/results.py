@@ -1,7 +1,7 @@
 """Typed records of what a probe found: the data every report format reads.
 
 Plain dataclasses, no torch: reports, baselines and verdict logic work on these.
-``to_dict`` gives the JSON shape of CONTRACTS.md (schema_version 1).
+``to_dict`` gives the JSON shape of docs/contract.md (schema_version 1).
 """
 
 from __future__ import annotations
@@ -320,7 +320,7 @@ class MetricResult:
 #: the most steps a finding remembers for the plot
 FINDING_STEPS = 1024
 
-#: schedule-free mode findings of ``sfdiag run`` (CONTRACTS.md)
+#: schedule-free mode findings of ``sfdiag run`` (docs/contract.md)
 FINDING_KINDS = (
     "eval-in-train-mode",
     "checkpoint-in-train-mode",

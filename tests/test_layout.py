@@ -120,3 +120,23 @@ def test_no_module_is_over_800_lines(folder):
         if (n := len(p.read_text().splitlines())) > MAX_LINES
     }
     assert long == {}
+
+
+def test_nothing_points_at_files_users_do_not_have():
+    """The repository stands alone: its code, docs and examples name its own docs
+    (``docs/contract.md``, ``docs/config.md``), never a file from outside it."""
+    root = PACKAGE.parent
+    outside = ("CONTRACTS.md", "ALGORITHMS.md", "STYLE.md", "../shared")
+    files = [
+        path
+        for folder in ("sfdiag", "docs", "examples", "bench", "configs")
+        for path in (root / folder).rglob("*")
+        if path.suffix in {".py", ".md", ".yaml", ".yml", ".c", ".sh"}
+    ] + [root / "README.md", root / "Makefile", root / "mkdocs.yml"]
+    found = [
+        f"{path.relative_to(root)}: {name}"
+        for path in files
+        for name in outside
+        if name in path.read_text(encoding="utf-8", errors="replace")
+    ]
+    assert not found

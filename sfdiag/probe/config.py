@@ -1,4 +1,4 @@
-"""YAML -> a validated, typed, frozen run spec (CONTRACTS.md, "Config", schema_version 1).
+"""YAML -> a validated, typed, frozen run spec (docs/config.md, schema_version 1).
 
 The only module that reads YAML (``ConfigLoader``, a ``yaml.SafeLoader`` that reads floats
 as YAML 1.2 does and refuses duplicate keys), and it never imports torch. Every problem

@@ -2,7 +2,7 @@
 
 One row per optimizer (``results``), per optimizer step (``steps``), per parameter
 (``params``), per logged gradient metric (``metrics``) or per mode finding
-(``findings``). Columns are the JSON report's keys (CONTRACTS.md), the optimizer's label
+(``findings``). Columns are the JSON report's keys (docs/contract.md), the optimizer's label
 first where a row belongs to one; NaN and infinities stay floats. pandas is imported here,
 when a frame is asked for, never on ``import sfdiag``.
 """

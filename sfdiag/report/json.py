@@ -1,4 +1,4 @@
-"""``--format json``: the schema of CONTRACTS.md, exactly ``report.to_dict()``."""
+"""``--format json``: the schema of docs/contract.md, exactly ``report.to_dict()``."""
 
 from __future__ import annotations
 

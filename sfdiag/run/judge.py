@@ -11,7 +11,7 @@ last part names a parameter or module (``grad_2.0_norm/net.0.weight``, Lightning
 ``grad_norm`` dict), plus what ``--metric`` globs add. Losses, learning rates,
 counters and timings are never judged (unless an exact ``--metric`` name asks).
 
-References of one step (CONTRACTS.md): ``pre-clip`` (the norm a clipping call
+References of one step (docs/contract.md): ``pre-clip`` (the norm a clipping call
 measured), ``pre-step`` (the step pre-hook), ``post-clip`` (the pre-step norm, where
 clipping shrank the grads) and ``post-step`` (the post-hook). A value's verdict is the
 first of ``METRIC_VERDICTS`` that fits; a metric's is its worst step's.
@@ -27,12 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sfdiag.results import (
-    METRIC_VERDICTS,
-    MetricExample,
-    MetricResult,
-    MetricSeries,
-)
+from sfdiag.results import METRIC_VERDICTS, MetricExample, MetricResult, MetricSeries
 
 _RANK = {v: i for i, v in enumerate(METRIC_VERDICTS)}
 
@@ -97,9 +92,8 @@ class NormReferences:
         return out
 
     def logged_at(self, at_log: float, micro: int | None, scaled: bool) -> NormReferences:
-        """These references with the grads' norm as the value was logged, the backward
-        passes by then and whether the loss scale was in them: ``dataclasses.replace``'s
-        result without its work a field (a value logged each step pays it)."""
+        """These with the grads' norm as logged (``at_log``, ``*_at_log``): what
+        ``dataclasses.replace`` gives, without its work a field (each logged value pays it)."""
         new = object.__new__(NormReferences)
         new.__dict__.update(self.__dict__, at_log=at_log, micro_at_log=micro, scaled_at_log=scaled)
         return new
