@@ -250,20 +250,17 @@ def squares(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     tensors of one dtype that ``supports`` takes (the caller checks: the C code trusts
     what it is given). None where the kernel cannot run, or a tensor is larger than
     ``SQUARES_MAX_ELEMENTS`` (torch's threaded norm reads those as fast)."""
-    out = squares_array(tensors)
-    return None if out is None else torch.from_numpy(out)
+    return _as_tensor(squares_host(tensors))
 
 
-def squares_array(tensors: list[torch.Tensor]) -> np.ndarray | None:
-    """``squares`` as a numpy array, with no torch op (``sfdiag run``'s read of the grads
-    at a logging call runs cold: a torch op costs several µs there)."""
-    out = squares_host(tensors)
-    return None if out is None else np.frombuffer(out)  # (writable: it shares the memory)
+def _as_tensor(out: array.array | None) -> torch.Tensor | None:
+    """A Python array of doubles as a float64 tensor sharing its memory (None: None)."""
+    return None if out is None else torch.frombuffer(out, dtype=torch.float64)
 
 
 def squares_host(tensors: list[torch.Tensor]) -> array.array | None:
-    """``squares`` as a Python array of doubles: no numpy call either (where a hook reads a
-    few grads cold, each costs a µs)."""
+    """``squares`` as a Python array of doubles, with no torch or numpy call (``sfdiag
+    run``'s hooks read a few grads cold, where each such call costs a µs or more)."""
     lib = _library()
     function = getattr(lib, _SQUARES[tensors[0].dtype], None) if lib is not None else None
     if function is None:
@@ -320,14 +317,7 @@ def plain_squares(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     tensor of one dtype the kernel reads, each of at most ``SQUARES_MAX_ELEMENTS``: what the
     C code trusts, checked for every tensor (a set per property: the cheapest way). Else,
     or where the kernel cannot run, None: torch's norm reads them."""
-    out = plain_squares_array(tensors)
-    return None if out is None else torch.from_numpy(out)
-
-
-def plain_squares_array(tensors: list[torch.Tensor]) -> np.ndarray | None:
-    """``plain_squares`` as a numpy array (``squares_array``)."""
-    out = plain_squares_host(tensors)
-    return None if out is None else np.frombuffer(out)
+    return _as_tensor(plain_squares_host(tensors))
 
 
 def plain_squares_host(tensors: list[torch.Tensor], plain: bool = False) -> array.array | None:
