@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 #: per-tensor norms as ``_norms`` gives them: a float32 torch tensor on the grads' device, or
-#: a float32 numpy array (small CPU grads, read by the C kernel)
+#: a float32 host array (small CPU grads, read by the C kernel: Python's for a few, numpy's)
 Norms = Any
 
 
@@ -43,7 +43,7 @@ def _norms(
     grads: list[torch.Tensor | None], small: bool = True, whole: bool = False
 ) -> Norms | None:
     """Per-tensor L2 norms (0 for a missing grad), float32 on the first grad's device: a
-    numpy array where the C kernel read them (small CPU grads: no torch op at all), else a
+    host array where the C kernel read them (small CPU grads: no torch op at all), else a
     torch tensor; no host sync (and no index built on the host). None when no grad is
     present. Every step pays this, so it makes no torch call per grad (on a GPU each costs
     the host µs). ``small=False``: the caller found the kernel does not read them
@@ -82,7 +82,7 @@ def _small_cpu_squares(grads: list[Any], whole: bool = False) -> Any:
     return fused.plain_squares_host([g for g in grads if g is not None])
 
 
-def whole_grads(grads: list[Any]) -> bool:
+def _whole_grads(grads: list[Any]) -> bool:
     """Whether every grad is present and a plain ``torch.Tensor`` (as a rule)."""
     import torch
 
@@ -159,7 +159,7 @@ class GradsRead:
 
     @classmethod
     def now(cls, grads: list[Any], versions: list[int], backwards: int) -> GradsRead:
-        whole = whole_grads(grads)
+        whole = _whole_grads(grads)
         refs = list(map(weakref.ref, grads)) if whole else [_ref(g) for g in grads]
         squares = _small_cpu_squares(grads, whole)
         if squares is None:
