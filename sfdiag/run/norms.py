@@ -154,7 +154,7 @@ class GradsRead:
     backwards: int
     refs: list[Any]
     versions: list[int]
-    norms: Norms | None  # None where only the total was read (small CPU grads)
+    norms: torch.Tensor | None  # torch's read; None where the kernel gave the total alone
     _total: Any = None
 
     @classmethod
@@ -192,11 +192,10 @@ class GradsRead:
         are on the CPU (numpy's sum costs a few µs where three torch ops cost ten); None
         without grads."""
         if self._total is None and self.norms is not None:
-            if _on_host(self.norms) or self.norms.device.type == "cpu":
+            if self.norms.device.type == "cpu":
                 import numpy as np
 
-                host = _host_copy(self.norms) if _on_host(self.norms) else self.norms.numpy()
-                squares = np.square(host, dtype=np.float64)
+                squares = np.square(self.norms.numpy(), dtype=np.float64)
                 self._total = math.sqrt(float(squares.sum()))
             else:
                 self._total = self.norms.square().sum().sqrt()
@@ -451,7 +450,7 @@ def _patched(pre: Norms | None, grads: list[Any], moved: list[int]) -> Norms | N
     fresh = _norms([grads[i] for i in moved])
     if _on_host(pre) and (fresh is None or _on_host(fresh)):
         out = _host_copy(pre)
-        out[moved] = 0.0 if fresh is None else _host_copy(fresh)
+        out[moved] = 0.0 if fresh is None else fresh
         return out
     import torch
 
