@@ -3,6 +3,9 @@ one foreach norm and a stack whatever the number of grads."""
 
 from __future__ import annotations
 
+import os
+import sysconfig
+
 import pytest
 import torch
 from test_snapshot import _TorchCalls
@@ -42,6 +45,10 @@ def test_the_per_step_norms_of_missing_and_graph_carrying_grads():
     torch.testing.assert_close(norms, torch.tensor([0.0, 153.0**0.5, 2.0]))
 
 
+def _versions(grads):
+    return [g._version if g is not None else 0 for g in grads]
+
+
 @pytest.mark.parametrize(
     "case", ["small", "with a missing grad", "large", "float64", "non-contiguous"]
 )
@@ -50,7 +57,7 @@ def test_a_read_at_a_logging_call_gives_the_grads_whole_norm(case):
     small CPU grads straight from the kernel's sums of squares, with no torch op (where the
     read runs cold, each costs µs); the others from their per-tensor norms. Either way the
     grads' norm, and the same read kept while they hold."""
-    from sfdiag.run.norms import GradsRead, versions_of
+    from sfdiag.run.norms import GradsRead
     from sfdiag.step_audit import fused
 
     gen = torch.Generator().manual_seed(3)
@@ -63,7 +70,7 @@ def test_a_read_at_a_logging_call_gives_the_grads_whole_norm(case):
         grads = [g.double() for g in grads]
     elif case == "non-contiguous":
         grads[0] = grads[0].t()
-    read = GradsRead.now(grads, versions_of(grads), backwards=1)
+    read = GradsRead.now(grads, _versions(grads), backwards=1)
     present = [g for g in grads if g is not None]
     expected = torch.linalg.vector_norm(torch.cat([g.double().flatten() for g in present]))
     assert float(read.total()) == pytest.approx(float(expected), rel=1e-6)
@@ -71,11 +78,14 @@ def test_a_read_at_a_logging_call_gives_the_grads_whole_norm(case):
     assert (read.norms is None) == kernel_reads
     if kernel_reads:
         with _TorchCalls() as counter:
-            GradsRead.now(grads, versions_of(grads), backwards=1).total()
+            GradsRead.now(grads, _versions(grads), backwards=1).total()
         assert counter.count == 0
-    assert GradsRead.again(read, grads, backwards=1) is read
+    params = [torch.nn.Parameter(torch.zeros_like(g if g is not None else grads[0])) for g in grads]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    assert GradsRead.of_params(read, params, backwards=1) is read
     grads[0].mul_(2)  # an in-place edit: read again
-    again = GradsRead.again(read, grads, backwards=1)
+    again = GradsRead.of_params(read, params, backwards=1)
     assert again is not read and float(again.total()) > float(read.total())
 
 
@@ -147,17 +157,17 @@ def fused_max() -> int:
 def test_values_logged_in_a_row_share_one_read_of_the_grads():
     """Between backward and step(): values logged in a row read the grads once; a backward
     since, an in-place edit (clipping) or another tensor reads again."""
-    from sfdiag.run.norms import GradsRead, versions_of
+    from sfdiag.run.norms import GradsRead
 
     grads = [torch.randn(4), None, torch.randn(2, 3)]
-    read = GradsRead.now(grads, versions_of(grads), backwards=1)
-    assert read.holds(grads, versions_of(grads), 1)
+    read = GradsRead.now(grads, _versions(grads), backwards=1)
+    assert read.holds(grads, _versions(grads), 1)
     assert read.total() == pytest.approx(float(torch.cat([grads[0], grads[2].flatten()]).norm()))
-    assert not read.holds(grads, versions_of(grads), 2)  # a backward ran since
+    assert not read.holds(grads, _versions(grads), 2)  # a backward ran since
     grads[0].mul_(0.5)
-    assert not read.holds(grads, versions_of(grads), 1)  # edited in place: version moved
+    assert not read.holds(grads, _versions(grads), 1)  # edited in place: version moved
     swapped = [grads[0], None, grads[2].clone()]
-    assert not read.holds(swapped, versions_of(swapped), 1)  # another tensor
+    assert not read.holds(swapped, _versions(swapped), 1)  # another tensor
 
 
 def test_each_step_knows_which_parameters_had_a_grad():
@@ -195,14 +205,14 @@ def test_post_step_norms_read_later_patch_the_moved_grads_alone(count, size):
     import math
     import weakref
 
-    from sfdiag.run.norms import StepNorms, versions_of
+    from sfdiag.run.norms import StepNorms
 
     def step_norms(grads, moved):
         pre = run_norms._norms(grads)
         norms = StepNorms(0, pre, pre)
         for i in moved:
             grads[i].mul_(2.0)  # what step() did to them
-        norms._later = ([weakref.ref(g) for g in grads], versions_of(grads), moved)
+        norms._later = ([weakref.ref(g) for g in grads], _versions(grads), moved)
         return norms
 
     gen = torch.Generator().manual_seed(5)
@@ -221,3 +231,108 @@ def test_post_step_norms_read_later_patch_the_moved_grads_alone(count, size):
 
     many = step_norms(grads, list(range(count - 1)))  # most moved: all read again
     assert many.floats()[1] == pytest.approx([g.norm().item() for g in grads], rel=1e-6)
+
+
+def _python_checks(monkeypatch):
+    """The kernel's callers as they run where the checks' module was not built."""
+    from sfdiag.step_audit import fused
+
+    fused._library()
+    if fused._KERNEL.checks is None:
+        pytest.skip("the checks' module was not built here: the Python path is the only one")
+    monkeypatch.setattr(fused._KERNEL, "checks", None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("count", [1, 2, 64, 65, 300])
+def test_the_checks_in_c_give_the_python_paths_sums(dtype, count, monkeypatch):
+    """``plain_squares.c`` checks and reads the grads as the Python path does: the same
+    function, the same bits, for any count (on its stack or not) and dtype."""
+    from sfdiag.step_audit import fused
+
+    gen = torch.Generator().manual_seed(count)
+    sizes = torch.randint(1, 4097, (count,), generator=gen).tolist()
+    grads = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+    in_c = fused.plain_squares_host(grads)
+    include = sysconfig.get_paths().get("include")
+    if fused.broken() is None and include and os.path.isfile(os.path.join(include, "Python.h")):
+        assert fused._KERNEL.checks is not None  # built with the kernel: what ran was C
+    _python_checks(monkeypatch)
+    in_python = fused.plain_squares_host(grads)
+    if in_python is None:
+        assert in_c is None  # (float16 where this compiler has no _Float16)
+        return
+    assert in_c.tobytes() == in_python.tobytes()
+
+
+@pytest.mark.parametrize("plain", [False, True])
+@pytest.mark.parametrize(
+    "odd_one",
+    [
+        pytest.param(lambda: torch.randn(8, 8).t(), id="not contiguous"),
+        pytest.param(lambda: torch.randn(8, dtype=torch.float64), id="another dtype"),
+        pytest.param(lambda: torch.randn(8, dtype=torch.float16), id="a second dtype"),
+        pytest.param(lambda: torch.randn(fused_max() + 1), id="too large"),
+        pytest.param(lambda: torch.nn.Parameter(torch.randn(8)), id="a subclass"),
+        pytest.param(lambda: torch.randn(4, 4).to_sparse(), id="sparse"),
+        pytest.param(lambda: torch.randn(4, 4).to_sparse_csr(), id="sparse csr"),
+        pytest.param(lambda: torch.randn(4, 4)[:, :2], id="a strided view"),
+    ],
+)
+def test_the_checks_in_c_refuse_what_the_python_path_refuses(odd_one, plain, monkeypatch):
+    """One tensor the C code cannot trust: None from both paths (a subclass passes where the
+    caller vouched for every one's type, ``plain``, as it does in Python)."""
+    from sfdiag.step_audit import fused
+
+    grads = [torch.randn(16), torch.randn(3, 5), odd_one()]
+    in_c = fused.plain_squares_host(grads, plain=plain)
+    _python_checks(monkeypatch)
+    in_python = fused.plain_squares_host(grads, plain=plain)
+    assert (in_c is None) == (in_python is None)
+    if in_c is not None:
+        assert in_c.tobytes() == in_python.tobytes()
+
+
+def test_grads_and_their_versions_in_c_are_what_python_reads(monkeypatch):
+    """``grads_of``/``weakrefs_of``: each param's grad, its version, whether all are plain
+    tensors, weak references to them, from C as from Python."""
+    from sfdiag.step_audit import fused
+
+    class Marked(torch.Tensor):
+        pass
+
+    params = [torch.nn.Parameter(torch.zeros(4)) for _ in range(5)]
+    for p in params[:4]:
+        p.grad = torch.ones(4)
+    params[2].grad.mul_(2).add_(1)  # at version 2
+    cases = {"with a None": params, "all plain": params[:4]}
+    subclassed = [torch.nn.Parameter(torch.zeros(4)) for _ in range(2)]
+    subclassed[0].grad = torch.ones(4)
+    subclassed[1].grad = torch.ones(4).as_subclass(Marked)
+    cases["a subclass"] = subclassed
+    in_c = {name: fused.grads_of(ps) for name, ps in cases.items()}
+    refs_c = {name: fused.weakrefs_of(found[0]) for name, found in in_c.items()}
+    _python_checks(monkeypatch)
+    for name, ps in cases.items():
+        grads, versions, plain = fused.grads_of(ps)
+        assert [g is h for g, h in zip(grads, in_c[name][0], strict=True)] == [True] * len(ps)
+        assert (versions, plain) == (in_c[name][1], in_c[name][2])
+        refs = fused.weakrefs_of(grads)
+        assert [r if r is None else r() for r in refs] == [
+            r if r is None else r() for r in refs_c[name]
+        ]
+    assert in_c["with a None"][1] == [0, 0, 2, 0, 0] and not in_c["with a None"][2]
+    assert in_c["all plain"][2] and not in_c["a subclass"][2]
+
+
+def test_without_pythons_headers_the_kernel_builds_alone(monkeypatch, tmp_path):
+    """Where Python's headers are missing, the kernel's library builds all the same and the
+    checks run in Python."""
+    from sfdiag.step_audit import fused
+
+    if fused._library() is None:
+        pytest.skip(f"no fused kernel here: {fused.broken()}")
+    paths = sysconfig.get_paths()
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {**paths, "include": str(tmp_path)})
+    lib, checks = fused._compile()
+    assert checks is None and lib.sfdiag_squares_f32 is not None

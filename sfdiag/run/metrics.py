@@ -336,8 +336,8 @@ class MetricAudit:
 
             scaled = scalers is not None and scalers.scaled > 0
             for optimizer in born:
-                grads = [p.grad for p in StepAuditor.params_of(optimizer)]
-                read = GradsRead.again(self._unwatched_reads.get(id(optimizer)), grads, count)
+                params = StepAuditor.params_of(optimizer)
+                read = GradsRead.of_params(self._unwatched_reads.get(id(optimizer)), params, count)
                 self._unwatched_reads[id(optimizer)] = read
                 total = read.total()
                 if total is not None:

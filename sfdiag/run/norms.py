@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import array
 import math
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -158,9 +157,15 @@ class GradsRead:
     _total: Any = None
 
     @classmethod
-    def now(cls, grads: list[Any], versions: list[int], backwards: int) -> GradsRead:
-        whole = _whole_grads(grads)
-        refs = list(map(weakref.ref, grads)) if whole else [_ref(g) for g in grads]
+    def now(
+        cls, grads: list[Any], versions: list[int], backwards: int, whole: bool | None = None
+    ) -> GradsRead:
+        """``whole``: as ``_small_cpu_squares``' (None: found here)."""
+        from sfdiag.step_audit import fused
+
+        if whole is None:
+            whole = _whole_grads(grads)
+        refs = fused.weakrefs_of(grads)
         squares = _small_cpu_squares(grads, whole)
         if squares is None:
             return cls(backwards, refs, versions, _norms(grads, small=False))
@@ -169,12 +174,15 @@ class GradsRead:
         return cls(backwards, refs, versions, None, math.sqrt(sum(squares)))
 
     @classmethod
-    def again(cls, previous: GradsRead | None, grads: list[Any], backwards: int) -> GradsRead:
-        """``previous`` where it still holds for ``grads``, else a new read of them."""
-        versions = versions_of(grads)
+    def of_params(cls, previous: GradsRead | None, params: list[Any], backwards: int) -> GradsRead:
+        """``previous`` where it still holds for the grads of ``params``, else a new read of
+        them (the grads and their versions read in one pass)."""
+        from sfdiag.step_audit import fused
+
+        grads, versions, whole = fused.grads_of(params)
         if previous is not None and previous.holds(grads, versions, backwards):
             return previous
-        return cls.now(grads, versions, backwards)
+        return cls.now(grads, versions, backwards, whole)
 
     def holds(self, grads: list[Any], versions: list[int], backwards: int) -> bool:
         return (
@@ -200,14 +208,6 @@ class GradsRead:
             else:
                 self._total = self.norms.square().sum().sqrt()
         return self._total
-
-
-def _ref(grad: Any) -> Any:
-    return weakref.ref(grad) if grad is not None else None
-
-
-def versions_of(grads: list[Any]) -> list[int]:
-    return [g._version if g is not None else 0 for g in grads]
 
 
 @dataclass

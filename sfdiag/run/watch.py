@@ -45,7 +45,6 @@ from sfdiag.run.norms import (
     _number,
     _own_warmup,
     steps_taken,
-    versions_of,
 )
 from sfdiag.run.param_names import ParamNames, _reference, _safe_names
 
@@ -171,30 +170,29 @@ class Watched:
         import torch
 
         from sfdiag.dist import is_dtensor, replicas
+        from sfdiag.step_audit import fused
 
-        grads = [p.grad for p in self.params]
-        kinds = {type(g) for g in grads}
-        if kinds - {torch.Tensor, type(None)}:  # a DTensor among them (or another subclass)
-            self.sharded = [(i, replicas(g)) for i, g in enumerate(grads) if is_dtensor(g)]
-        else:
-            self.sharded = []
-        if self.sharded:
-            self.saw_sharded = True
-        self._pre_all = type(None) not in kinds  # every parameter has a grad (as a rule)
+        grads, versions, plain = fused.grads_of(self.params)  # plain: all there, no subclass
+        self.sharded, self._pre_all = [], plain
+        if not plain:
+            kinds = {type(g) for g in grads}
+            if kinds - {torch.Tensor, type(None)}:  # a DTensor among them (or a subclass)
+                self.sharded = [(i, replicas(g)) for i, g in enumerate(grads) if is_dtensor(g)]
+            self.saw_sharded = self.saw_sharded or bool(self.sharded)
+            self._pre_all = type(None) not in kinds
         if not self.saw_whole:
             present = len(grads) if self._pre_all else sum(g is not None for g in grads)
             self.saw_whole = len(self.sharded) < present
-        versions = versions_of(grads)
         self.last_read = None  # the next value logged reads the grads of the next step
         self._pre_grads = grads
         self._pre_versions = versions
-        self._pre_norms = _norms(grads, whole=kinds == {torch.Tensor})
+        self._pre_norms = _norms(grads, whole=plain)
         self._pre_taken = True
 
     def read_grads(self, backwards: int) -> GradsRead:
         """The grads' norms now (between backward and ``step()``), read once for the values
         logged in a row (what they are judged against first is the step's own read)."""
-        self.last_read = GradsRead.again(self.last_read, [p.grad for p in self.params], backwards)
+        self.last_read = GradsRead.of_params(self.last_read, self.params, backwards)
         return self.last_read
 
     def take_rates(self, optimizer: Any) -> None:
@@ -335,6 +333,8 @@ class Watched:
         """
         if not self._pre_taken:
             return None
+        from sfdiag.step_audit import fused
+
         self._pre_taken = False
         clip, covered = None, frozenset()
         with_grad = self._with_grad()
@@ -354,8 +354,8 @@ class Watched:
                     )
         if clips is not None:
             self._clip_mark = len(clips)
-        grads = [p.grad for p in self.params]
-        versions = versions_of(grads)  # (0 where there is no grad: the same as before)
+        # (version 0 where there is no grad: the same as before)
+        grads, versions, _ = fused.grads_of(self.params)
         pre = self._pre_norms
         if self.grads_change or len(grads) != len(self._pre_grads):
             moved = list(range(len(grads)))
@@ -364,7 +364,7 @@ class Watched:
             edited = map(operator.ne, versions, self._pre_versions)
             moved = list(compress(range(len(grads)), map(operator.or_, replaced, edited)))
         self._pre_grads, self._pre_versions, self._pre_norms = [], [], None
-        self._post_refs = [weakref.ref(g) if g is not None else None for g in grads]
+        self._post_refs = fused.weakrefs_of(grads)
         self._post_versions = versions
         norms = StepNorms(self.started - 1, pre, pre, clip, covered, with_grad)
         optimizer = self.ref()

@@ -2,7 +2,7 @@
 
 ``fused_read.c`` (shipped with the package; ``fit_rows.c`` in the same library, for
 ``row_fits``) is compiled once per process, on first use, by the system's C compiler
-(``$CC``, else ``cc``: about 0.3 s, the sources side by side; built for this machine's CPU,
+(``$CC``, else ``cc``: about 0.4 s, the sources side by side; built for this machine's CPU,
 into a temporary directory that is gone once it is loaded). One call reads every large grad
 of a snapshot: no per-tensor Python, no guards, no launch. Where there is no compiler, or it
 fails, ``broken()`` says why and torch's ops read those grads instead (two reads before
@@ -10,17 +10,27 @@ fails, ``broken()`` says why and torch's ops read those grads instead (two reads
 
 With several torch threads the rows are split among as many threads (the C code runs
 without the GIL); every result is the same whatever the split.
+
+``plain_squares.c``, built beside it where Python's headers are, is a CPython extension
+module: ``plain_squares_host``'s checks of many small grads and its call of the kernel, and
+``grads_of``'s read of each param's grad and version, in one C call each instead of a
+Python pass per property (``sfdiag run`` reads a thousand grads so two or three times a
+step). Without the headers Python does the same, to the same results.
 """
 
 from __future__ import annotations
 
 import array
 import ctypes
+import importlib.machinery
+import importlib.util
 import os
 import shlex
 import subprocess
+import sysconfig
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +42,10 @@ SOURCE = Path(__file__).with_name("fused_read.c")
 #: compiled into the same library: the fits of many mutated grads (``row_fits``)
 FITS_SOURCE = Path(__file__).with_name("fit_rows.c")
 SOURCES = (SOURCE, FITS_SOURCE)
+#: ``plain_squares_host``'s checks and its kernel call in C: a CPython extension module,
+#: built beside the library where Python's headers are (else Python runs the same checks)
+CHECKS_SOURCE = Path(__file__).with_name("plain_squares.c")
+CHECKS_MODULE = "_sfdiag_plain_squares"
 
 _FUNCTIONS = {
     torch.float32: ("sfdiag_read_f32", torch.int32),
@@ -70,6 +84,7 @@ ROWS_PER_THREAD = 16
 class _Kernel:
     lib: Any = None
     broken: str | None = None  # why the kernel is off for this process
+    checks: Any = None  # the ``plain_squares.c`` module, where it was built
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -94,23 +109,78 @@ def _readable(tensor: torch.Tensor) -> bool:
     )
 
 
-def _compile() -> Any:
+def _compile() -> tuple[Any, Any]:
+    """The kernel's library (ctypes) and the checks' module (None where it did not build)."""
     compiler = shlex.split(os.environ.get("CC") or "cc")
     with tempfile.TemporaryDirectory(prefix="sfdiag-fused-", ignore_cleanup_errors=True) as tmp:
-        library = Path(tmp) / "fused_read.so"
-        errors = ""
-        # this CPU's widest vectors where the compiler takes the flags; else portable code
-        for arch in (["-march=native", "-mprefer-vector-width=512"], ["-march=native"], []):
-            objects = [Path(tmp) / f"{source.stem}.o" for source in SOURCES]
-            errors = _run_all(
-                [
-                    [*compiler, *FLAGS, *arch, "-c", "-o", str(obj), str(source)]
-                    for source, obj in zip(SOURCES, objects, strict=True)
-                ]
-            ) or _run_all([[*compiler, *FLAGS, *arch, "-o", str(library), *map(str, objects)]])
-            if not errors:
-                return ctypes.CDLL(str(library))  # loaded: the file may go
-        raise RuntimeError(f"{' '.join(compiler)} failed: {errors[-500:]}")
+        checks = _start_checks(compiler, Path(tmp))  # beside the library's sources
+        try:
+            lib = _compile_library(compiler, Path(tmp))
+        except BaseException:
+            if checks is not None:
+                checks[0].kill()
+                checks[0].wait()
+            raise
+        return lib, _load_checks(checks)
+
+
+def _start_checks(compiler: list[str], tmp: Path) -> tuple[subprocess.Popen, Path] | None:
+    """Start building ``plain_squares.c`` (no vector code in it: one portable build); None
+    where this Python has no headers to build it with."""
+    include = sysconfig.get_paths().get("include")
+    if not include or not (Path(include) / "Python.h").is_file():
+        return None
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    module = tmp / f"{CHECKS_MODULE}{suffix}"
+    command = [*compiler, "-O2", "-shared", "-fPIC", f"-I{include}", "-o", str(module)]
+    try:
+        job = subprocess.Popen(
+            [*command, str(CHECKS_SOURCE)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    except OSError:
+        return None
+    return job, module
+
+
+def _load_checks(started: tuple[subprocess.Popen, Path] | None) -> Any:
+    """The checks' module, loaded (the file may go then), or None where it did not build."""
+    if started is None:
+        return None
+    job, path = started
+    try:
+        if job.wait(timeout=120) != 0:
+            return None
+        spec = importlib.util.spec_from_file_location(CHECKS_MODULE, path)
+        if spec is None or spec.loader is None:
+            return None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except (OSError, ImportError, subprocess.SubprocessError):
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+        return None
+    return module
+
+
+def _compile_library(compiler: list[str], tmp: Path) -> Any:
+    """The kernel's library: this CPU's widest vectors where the compiler takes the flags;
+    else portable code."""
+    library = tmp / "fused_read.so"
+    errors = ""
+    for arch in (["-march=native", "-mprefer-vector-width=512"], ["-march=native"], []):
+        objects = [tmp / f"{source.stem}.o" for source in SOURCES]
+        errors = _run_all(
+            [
+                [*compiler, *FLAGS, *arch, "-c", "-o", str(obj), str(source)]
+                for source, obj in zip(SOURCES, objects, strict=True)
+            ]
+        ) or _run_all([[*compiler, *FLAGS, *arch, "-o", str(library), *map(str, objects)]])
+        if not errors:
+            return ctypes.CDLL(str(library))  # loaded: the file may go
+    raise RuntimeError(f"{' '.join(compiler)} failed: {errors[-500:]}")
 
 
 def _run_all(commands: list[list[str]]) -> str:
@@ -141,11 +211,12 @@ def _library() -> Any | None:
     with _KERNEL.lock:
         if _KERNEL.lib is None and _KERNEL.broken is None:
             try:
-                lib = _compile()
+                lib, checks = _compile()
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 _KERNEL.broken = f"{type(exc).__name__}: {exc}"
             else:
                 _declare_squares(lib)
+                _KERNEL.checks = _configure_checks(checks, lib)
                 _KERNEL.lib = lib
         return _KERNEL.lib
 
@@ -159,6 +230,19 @@ def _declare_squares(lib: Any) -> None:
         if function is not None:
             function.argtypes = (ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
             function.restype = None
+
+
+def _configure_checks(checks: Any, lib: Any) -> Any:
+    """``checks`` told torch's objects and the squares functions' addresses; None: None."""
+    if checks is None:
+        return None
+    functions = [getattr(lib, name, None) for name in _SQUARES.values()]
+    addresses = tuple(
+        None if function is None else ctypes.cast(function, ctypes.c_void_p).value
+        for function in functions
+    )
+    checks.configure(torch.Tensor, torch.strided, tuple(_SQUARES), addresses, SQUARES_MAX_ELEMENTS)
+    return checks
 
 
 @dataclass(frozen=True)
@@ -322,9 +406,14 @@ def plain_squares(tensors: list[torch.Tensor]) -> torch.Tensor | None:
 
 def plain_squares_host(tensors: list[torch.Tensor], plain: bool = False) -> array.array | None:
     """``plain_squares`` as a Python array of doubles (``squares_host``); ``plain``: the
-    caller found every one a ``torch.Tensor`` (of no subclass) already."""
-    if _KERNEL.broken is not None or not tensors:
+    caller found every one a ``torch.Tensor`` (of no subclass) already. In one C call where
+    the checks' module was built (``plain_squares.c``: the same checks, the same function)."""
+    if _KERNEL.broken is not None or not tensors or _library() is None:
         return None
+    checks = _KERNEL.checks
+    if checks is not None:
+        out = array.array("d", bytes(8 * len(tensors)))
+        return out if checks.squares(tensors, out, not plain) else None
     if (
         (not plain and set(map(type, tensors)) != _PLAIN)
         or len(dtypes := set(map(_dtype_of, tensors))) != 1
@@ -335,6 +424,32 @@ def plain_squares_host(tensors: list[torch.Tensor], plain: bool = False) -> arra
     ):
         return None
     return squares_host(tensors)
+
+
+def grads_of(params: list[torch.Tensor]) -> tuple[list[Any], list[int], bool]:
+    """Each param's grad (None where it has none), its version counter (0: none), and
+    whether every grad is there and a ``torch.Tensor`` (no subclass): in one C call where
+    the checks' module was built (``sfdiag run`` reads a thousand grads so two or three
+    times a step), else in Python alike."""
+    checks = _KERNEL.checks if _KERNEL.lib is not None else _checks()
+    if checks is not None:
+        return checks.grads(params)
+    grads = [p.grad for p in params]
+    versions = [g._version if g is not None else 0 for g in grads]
+    return grads, versions, set(map(type, grads)) == _PLAIN
+
+
+def weakrefs_of(tensors: list[Any]) -> list[Any]:
+    """A weak reference to each tensor (None for None): ``grads_of``'s C or Python alike."""
+    checks = _KERNEL.checks if _KERNEL.lib is not None else _checks()
+    if checks is not None:
+        return checks.weakrefs(tensors)
+    return [weakref.ref(t) if t is not None else None for t in tensors]
+
+
+def _checks() -> Any:
+    """The checks' module, built with the kernel on first use; None where it is not."""
+    return _KERNEL.checks if _library() is not None else None
 
 
 def squares_reads(tensor: torch.Tensor) -> bool:
