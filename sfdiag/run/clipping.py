@@ -69,9 +69,15 @@ class ClipLog:
         of ``tensors`` (None among them: no tensor). Their ids are looked up one at a time,
         up to the first found: a step of a thousand grads builds no set of them."""
         first_kept = self.count - len(self.calls)
+        # one of each first: a call clips a model's every parameter, or every grad, as a rule
+        probes = {id(t) for t in tensors[:1] if t is not None}
+        if ids:
+            probes.add(next(iter(ids)))
         for call in reversed(self.calls[max(0, mark - first_kept) :]):
-            if not call.ids.isdisjoint(ids) or not call.ids.isdisjoint(
-                id(t) for t in tensors if t is not None
+            if (
+                not call.ids.isdisjoint(probes)
+                or not call.ids.isdisjoint(ids)
+                or not call.ids.isdisjoint(id(t) for t in tensors if t is not None)
             ):
                 return call
         return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -440,7 +441,7 @@ def steps_taken(param_groups: list[dict[str, Any]], state: Any) -> int | None:
 
 def _l2(values: list[float], indices: tuple[int, ...] | None) -> float:
     picked = values if indices is None else [values[i] for i in indices if i < len(values)]
-    return math.sqrt(math.fsum(v * v for v in picked))
+    return math.sqrt(math.fsum(map(operator.mul, picked, picked)))  # (no Python a value)
 
 
 def _patched(pre: Norms | None, grads: list[Any], moved: list[int]) -> Norms | None:
