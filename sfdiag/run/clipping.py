@@ -149,6 +149,10 @@ def _clip_grads_with_norm(original: Callable[..., Any], log: ClipLog) -> Callabl
 
 
 def _detached(value: Any) -> Any:
+    """``value`` without a graph to hold on to (torch's clipping functions run under
+    ``no_grad``: as a rule there is none, and no torch call is made)."""
+    if getattr(value, "requires_grad", None) is False:  # (a graph's tensors require grad)
+        return value
     detach = getattr(value, "detach", None)
     return detach() if callable(detach) else value
 
