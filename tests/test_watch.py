@@ -325,14 +325,24 @@ def test_grads_and_their_versions_in_c_are_what_python_reads(monkeypatch):
     assert in_c["all plain"][2] and not in_c["a subclass"][2]
 
 
-def test_without_pythons_headers_the_kernel_builds_alone(monkeypatch, tmp_path):
-    """Where Python's headers are missing, the kernel's library builds all the same and the
-    checks run in Python."""
+@pytest.mark.parametrize("missing", ["Python's headers", "a GIL"])
+def test_without_pythons_headers_or_a_gil_the_kernel_builds_alone(missing, monkeypatch, tmp_path):
+    """Where Python's headers are missing, or Python runs free-threaded (the checks' module
+    relies on the GIL: loading it would turn the GIL back on), the kernel's library builds
+    all the same and the checks run in Python."""
     from sfdiag.step_audit import fused
 
     if fused._library() is None:
         pytest.skip(f"no fused kernel here: {fused.broken()}")
-    paths = sysconfig.get_paths()
-    monkeypatch.setattr(sysconfig, "get_paths", lambda: {**paths, "include": str(tmp_path)})
+    if missing == "a GIL":
+        config_var = sysconfig.get_config_var
+        monkeypatch.setattr(
+            sysconfig,
+            "get_config_var",
+            lambda name: 1 if name == "Py_GIL_DISABLED" else config_var(name),
+        )
+    else:
+        paths = sysconfig.get_paths()
+        monkeypatch.setattr(sysconfig, "get_paths", lambda: {**paths, "include": str(tmp_path)})
     lib, checks = fused._compile()
     assert checks is None and lib.sfdiag_squares_f32 is not None

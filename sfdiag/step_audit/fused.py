@@ -126,9 +126,12 @@ def _compile() -> tuple[Any, Any]:
 
 def _start_checks(compiler: list[str], tmp: Path) -> tuple[subprocess.Popen, Path] | None:
     """Start building ``plain_squares.c`` (no vector code in it: one portable build); None
-    where this Python has no headers to build it with."""
+    where this Python has no headers to build it with, or runs without a GIL (the module
+    relies on one: loading it there would turn the GIL back on for the whole process)."""
     include = sysconfig.get_paths().get("include")
     if not include or not (Path(include) / "Python.h").is_file():
+        return None
+    if sysconfig.get_config_var("Py_GIL_DISABLED"):
         return None
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     module = tmp / f"{CHECKS_MODULE}{suffix}"
