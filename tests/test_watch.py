@@ -346,3 +346,35 @@ def test_without_pythons_headers_or_a_gil_the_kernel_builds_alone(missing, monke
         monkeypatch.setattr(sysconfig, "get_paths", lambda: {**paths, "include": str(tmp_path)})
     lib, checks = fused._compile()
     assert checks is None and lib.sfdiag_squares_f32 is not None
+
+
+def test_the_c_calls_keep_no_reference_to_what_they_read():
+    """A reference the checks' module kept a call would hold every grad of a long run: after
+    a thousand calls (refusals and errors among them) every count is what it was."""
+    import array
+    import sys
+
+    from sfdiag.step_audit import fused
+
+    fused._library()
+    checks = fused._KERNEL.checks
+    if checks is None:
+        pytest.skip("the checks' module was not built here")
+    params = [torch.nn.Parameter(torch.randn(16)) for _ in range(70)]  # (off its stack)
+    for p in params[:-1]:
+        p.grad = torch.randn(16)
+    grads = [p.grad for p in params[:-1]]
+    odd = torch.randn(4, 4).t()
+    # (not torch.Tensor's count: each tensor alive holds its type)
+    watched = [*grads, *params, odd, torch.float32, torch.strided]
+    before = [sys.getrefcount(x) for x in watched]
+    for _ in range(1000):
+        assert checks.squares(grads, array.array("d", bytes(8 * len(grads))), True)
+        assert not checks.squares([*grads, odd], array.array("d", bytes(8 * 70)), True)
+        found, versions, plain = checks.grads(params)
+        assert not plain and found[:-1] == grads and versions == [0] * 69 + [0]
+        checks.weakrefs(found)
+        with pytest.raises(ValueError):
+            checks.squares(grads, array.array("d", bytes(8)), True)
+    del found, versions
+    assert [sys.getrefcount(x) for x in watched] == before
