@@ -171,9 +171,7 @@ class Channel:
         return self._group
 
     def _wait(self, work: Any, what: str) -> None:
-        if self.broken:
-            raise ChannelError(self.broken)
-        try:
+        try:  # (started on a working channel: ``_live``, or ``close``'s own check)
             _until_done(work)
             work.wait()
         except KeyboardInterrupt:

@@ -82,13 +82,6 @@ def _small_cpu_squares(grads: list[Any], whole: bool = False) -> Any:
     return fused.plain_squares_host([g for g in grads if g is not None])
 
 
-def _whole_grads(grads: list[Any]) -> bool:
-    """Whether every grad is present and a plain ``torch.Tensor`` (as a rule)."""
-    import torch
-
-    return set(map(type, grads)) == {torch.Tensor}
-
-
 #: up to this many grads, their norms are rooted in Python (a hook's numpy call runs cold:
 #: a µs or more); above it numpy's vector loop wins
 _PYTHON_ROOTS = 64
@@ -159,13 +152,11 @@ class GradsRead:
 
     @classmethod
     def now(
-        cls, grads: list[Any], versions: list[int], backwards: int, whole: bool | None = None
+        cls, grads: list[Any], versions: list[int], backwards: int, whole: bool = False
     ) -> GradsRead:
-        """``whole``: as ``_small_cpu_squares``' (None: found here)."""
+        """``whole``: as ``_small_cpu_squares``'."""
         from sfdiag.step_audit import fused
 
-        if whole is None:
-            whole = _whole_grads(grads)
         refs = fused.weakrefs_of(grads)
         squares = _small_cpu_squares(grads, whole)
         if squares is None:

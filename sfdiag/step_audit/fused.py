@@ -209,8 +209,8 @@ def _run_all(commands: list[list[str]]) -> str:
 
 
 def _library() -> Any | None:
-    if _KERNEL.lib is not None:  # (set once, under the lock: a read needs none)
-        return _KERNEL.lib
+    if _KERNEL.lib is not None or _KERNEL.broken is not None:  # (each set once, under the
+        return _KERNEL.lib  # lock: a read needs none)
     with _KERNEL.lock:
         if _KERNEL.lib is None and _KERNEL.broken is None:
             try:
@@ -411,7 +411,7 @@ def plain_squares_host(tensors: list[torch.Tensor], plain: bool = False) -> arra
     """``plain_squares`` as a Python array of doubles (``squares_host``); ``plain``: the
     caller found every one a ``torch.Tensor`` (of no subclass) already. In one C call where
     the checks' module was built (``plain_squares.c``: the same checks, the same function)."""
-    if _KERNEL.broken is not None or not tensors or _library() is None:
+    if not tensors or _library() is None:
         return None
     checks = _KERNEL.checks
     if checks is not None:
@@ -434,7 +434,7 @@ def grads_of(params: list[torch.Tensor]) -> tuple[list[Any], list[int], bool]:
     whether every grad is there and a ``torch.Tensor`` (no subclass): in one C call where
     the checks' module was built (``sfdiag run`` reads a thousand grads so two or three
     times a step), else in Python alike."""
-    checks = _KERNEL.checks if _KERNEL.lib is not None else _checks()
+    checks = _checks()
     if checks is not None:
         return checks.grads(params)
     grads = [p.grad for p in params]
@@ -444,7 +444,7 @@ def grads_of(params: list[torch.Tensor]) -> tuple[list[Any], list[int], bool]:
 
 def weakrefs_of(tensors: list[Any]) -> list[Any]:
     """A weak reference to each tensor (None for None): ``grads_of``'s C or Python alike."""
-    checks = _KERNEL.checks if _KERNEL.lib is not None else _checks()
+    checks = _checks()
     if checks is not None:
         return checks.weakrefs(tensors)
     return [weakref.ref(t) if t is not None else None for t in tensors]
