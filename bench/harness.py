@@ -486,9 +486,14 @@ def machine_info(threads: int) -> dict[str, Any]:
         memory = round(pages / 2**30, 1)
     except (ValueError, OSError, AttributeError):
         pass
+    from sfdiag.step_audit import fused, torch_reads
+
+    fused._library()  # (built here, not in a figure's first round)
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "fused_kernel": fused.broken() or "on",
+        "torch_reads": torch_reads.status(),  # on: the grads' checks read torch's C++ API
         "caches_per_cpu0": caches,
         "memory_gib": memory,
         "torch": torch.__version__,

@@ -52,6 +52,9 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the profiler's start/stop lines on stderr
+# torch's C++ reads built before the first figure (once per torch, into sfdiag's cache), not
+# in the background during one: the figures are the ones a run gets once they are there
+os.environ.setdefault("SFDIAG_TORCH_READS", "now")
 # the figures' modules sit beside this one (run as a script, this folder is on the path)
 _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:

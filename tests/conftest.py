@@ -9,12 +9,38 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 TESTS = Path(__file__).resolve().parent
+
+# torch's C++ reads (sfdiag/step_audit/torch_reads.py) are built and tested in
+# test_torch_reads.py alone; elsewhere the checks read torch's Python attributes (the same
+# results), and no test's process starts a build that would outlive it
+os.environ.setdefault("SFDIAG_TORCH_READS", "off")
+#: test_torch_reads.py's cache: one per machine and user, as a user's own is
+TORCH_READS_CACHE = Path(tempfile.gettempdir()) / f"sfdiag-tests-cache-{os.getuid()}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Start building torch's C++ reads (~12 s of a core, niced) as the session starts, in
+    the background, where this machine has not built them yet: the tests run meanwhile, and
+    test_torch_reads.py waits for the build's lock to go."""
+    if hasattr(config, "workerinput") or any(TORCH_READS_CACHE.glob("tensor_facts-*.so")):
+        return  # (a worker of pytest-xdist: the controller started it)
+    env = {**os.environ, "SFDIAG_TORCH_READS": "auto", "SFDIAG_CACHE_DIR": str(TORCH_READS_CACHE)}
+    subprocess.Popen(
+        [sys.executable, "-c", "from sfdiag.step_audit import fused; fused._library()"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
 
 CliRunner = Callable[..., subprocess.CompletedProcess]
 

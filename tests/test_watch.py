@@ -325,6 +325,51 @@ def test_grads_and_their_versions_in_c_are_what_python_reads(monkeypatch):
     assert in_c["all plain"][2] and not in_c["a subclass"][2]
 
 
+def _intact_cases() -> dict[str, tuple[list, list, list, list]]:
+    """(the tensors kept alive, their weak references, versions, moved indices) per case."""
+    import weakref
+
+    class Marked(torch.Tensor):
+        pass
+
+    def case(edit=None, moved=(0, 1, 2)):
+        grads = [torch.ones(3), None, torch.ones(2).as_subclass(Marked), torch.ones(4)]
+        refs = [weakref.ref(g) if g is not None else None for g in grads]
+        versions = [g._version if g is not None else 0 for g in grads]
+        if edit is not None:
+            edit(grads)
+        return grads, refs, versions, list(moved)
+
+    def replaced(grads):
+        grads[0] = None  # (its only reference: the weak one dies)
+
+    return {
+        "as left": case(),
+        "a moved grad edited": case(lambda g: g[0].add_(1)),
+        "a subclassed grad edited": case(lambda g: g[2].add_(1)),
+        "an unmoved grad edited": case(lambda g: g[3].add_(1)),
+        "a moved grad gone": case(replaced),
+        "nothing moved": case(replaced, moved=()),
+    }
+
+
+@pytest.mark.parametrize("name", list(_intact_cases()))
+def test_intact_in_c_is_what_python_reads(name, monkeypatch):
+    """``fused.intact``: the grads as they are now where every moved one is as it was left,
+    else None, from C as from Python."""
+    from sfdiag.step_audit import fused
+
+    alive, refs, versions, moved = _intact_cases()[name]
+    in_c = fused.intact(refs, versions, moved)
+    _python_checks(monkeypatch)
+    in_python = fused.intact(refs, versions, moved)
+    expected = name in ("as left", "an unmoved grad edited", "nothing moved")
+    assert (in_c is not None) == (in_python is not None) == expected
+    if in_c is not None:
+        assert all(a is b for a, b in zip(in_c, in_python, strict=True))
+        assert all(a is b for a, b in zip(in_c, alive, strict=True))
+
+
 @pytest.mark.parametrize("missing", ["Python's headers", "a GIL"])
 def test_without_pythons_headers_or_a_gil_the_kernel_builds_alone(missing, monkeypatch, tmp_path):
     """Where Python's headers are missing, or Python runs free-threaded (the checks' module

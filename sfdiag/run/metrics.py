@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections import deque
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -156,6 +156,34 @@ def _rates_at(
     if step == after + 1 and coming is not None:
         return (coming[0], coming[1], None)
     return None
+
+
+class Candidates:
+    """The (optimizer, references) a gradient norm may equal, in order, each built when the
+    judging first reaches it: most values match the first at its reference, and a step's
+    references over a thousand grads take a tenth of a millisecond to build."""
+
+    def __init__(self) -> None:
+        self._plans: list[tuple[str, StepNorms, Any, Any]] = []
+        self._built: list[tuple[str, NormReferences]] = []
+
+    def plan(self, label: str, norms: StepNorms, scope: Any, read: Any) -> None:
+        """A candidate: ``norms``' references over ``scope``, and, where ``read`` is one
+        (total, micro-batches, scaled), as logged at that read."""
+        self._plans.append((label, norms, scope, read))
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def __iter__(self) -> Iterator[tuple[str, NormReferences]]:
+        for k, (label, norms, scope, read) in enumerate(self._plans):
+            if k == len(self._built):
+                refs = norms.references(scope)
+                if read is not None:
+                    total, micro, scaled = read
+                    refs = refs.logged_at(_float(total), micro, scaled)
+                self._built.append((label, refs))
+            yield self._built[k]
 
 
 @dataclass
@@ -449,11 +477,11 @@ class MetricAudit:
 
     def _candidates(
         self, moment: Moment, hint: str | None, at_log: bool
-    ) -> tuple[list[tuple[str, NormReferences]], list[int], str | None]:
+    ) -> tuple[Candidates, list[int], str | None]:
         """The references a gradient norm of ``moment`` that names ``hint`` may equal, per
         watched optimizer and step it may belong to (the coming step first where a backward
         ran since the last), the position of each, and the scope's name where found."""
-        candidates: list[tuple[str, NormReferences]] = []
+        candidates = Candidates()
         positions: list[int] = []
         scope_name = None
         reads = moment.at_log if at_log and moment.at_log is not None else {}
@@ -468,11 +496,8 @@ class MetricAudit:
             after = moment.after[position] if position < len(moment.after) else -1
             read = reads.get(entry.optimizer_id)
             for norms in reversed(chosen) if fresh else chosen:
-                refs = norms.references(scope)
-                if scope is None and norms.step == after + 1 and read is not None:
-                    total, micro, scaled = read
-                    refs = refs.logged_at(_float(total), micro, scaled)
-                candidates.append((entry.label, refs))
+                logged_at = scope is None and norms.step == after + 1 and read is not None
+                candidates.plan(entry.label, norms, scope, read if logged_at else None)
                 positions.append(position)
         return candidates, positions, scope_name
 
@@ -528,7 +553,7 @@ class MetricAudit:
         moment: Moment,
         tag: Tag,
         value: float,
-        candidates: list[tuple[str, NormReferences]],
+        candidates: Candidates,
         positions: list[int],
     ) -> JudgedValue | None:
         """An unmatched value: a post-step norm read too late to tell (its grads written

@@ -250,15 +250,12 @@ class StepNorms:
             return
         import torch
 
+        from sfdiag.step_audit import fused
+
         refs, versions, moved = self._later
         self._later = None
-        grads = [ref() if ref is not None else None for ref in refs]
-        intact = all(
-            (grads[i] is None) == (refs[i] is None)
-            and (grads[i] is None or grads[i]._version == versions[i])
-            for i in moved
-        )
-        if not intact:
+        grads = fused.intact(refs, versions, moved)
+        if grads is None:
             ref = self.pre
             if ref is None:
                 self.post = None

@@ -15,7 +15,9 @@ without the GIL); every result is the same whatever the split.
 module: ``plain_squares_host``'s checks of many small grads and its call of the kernel, and
 ``grads_of``'s read of each param's grad and version, in one C call each instead of a
 Python pass per property (``sfdiag run`` reads a thousand grads so two or three times a
-step). Without the headers Python does the same, to the same results.
+step). Without the headers Python does the same, to the same results. Where ``torch_reads``
+has built ``tensor_facts.cpp`` for the torch that runs, that module reads each tensor through
+torch's C++ API instead of its Python attributes (handed over by ``torch_reads.attach``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from sfdiag.step_audit import torch_reads
+
 SOURCE = Path(__file__).with_name("fused_read.c")
 #: compiled into the same library: the fits of many mutated grads (``row_fits``)
 FITS_SOURCE = Path(__file__).with_name("fit_rows.c")
@@ -52,7 +56,7 @@ _FUNCTIONS = {
     torch.bfloat16: ("sfdiag_read_bf16", torch.int16),
     torch.float16: ("sfdiag_read_f16", torch.int16),
 }
-_SQUARES = {
+_SQUARES = {  # (this order: ``tensor_facts.cpp``'s dtype codes)
     torch.float32: "sfdiag_squares_f32",
     torch.bfloat16: "sfdiag_squares_bf16",
     torch.float16: "sfdiag_squares_f16",
@@ -220,6 +224,8 @@ def _library() -> Any | None:
             else:
                 _declare_squares(lib)
                 _KERNEL.checks = _configure_checks(checks, lib)
+                if _KERNEL.checks is not None:  # torch's C++ reads, where built (or building)
+                    torch_reads.attach(_KERNEL.checks)
                 _KERNEL.lib = lib
         return _KERNEL.lib
 
@@ -440,6 +446,23 @@ def grads_of(params: list[torch.Tensor]) -> tuple[list[Any], list[int], bool]:
     grads = [p.grad for p in params]
     versions = [g._version if g is not None else 0 for g in grads]
     return grads, versions, set(map(type, grads)) == _PLAIN
+
+
+def intact(refs: list[Any], versions: list[int], moved: list[int]) -> list[Any] | None:
+    """What each weak reference (or None) refers to now (None where gone); None instead where
+    a ``moved`` index lost its grad or gained one, or holds it at another version: whether
+    the grads are still as ``step()`` left them. In one C call where the checks' module was
+    built, else in Python alike."""
+    checks = _checks()
+    if checks is not None:
+        return checks.intact(refs, versions, moved)
+    grads = [ref() if ref is not None else None for ref in refs]
+    still = all(
+        (grads[i] is None) == (refs[i] is None)
+        and (grads[i] is None or grads[i]._version == versions[i])
+        for i in moved
+    )
+    return grads if still else None
 
 
 def weakrefs_of(tensors: list[Any]) -> list[Any]:

@@ -9,6 +9,11 @@
  * sums each one's squares: the same function, the same bits. Without Python between the
  * tensors, a read of two grads costs the host a third of the Python path's, one of a
  * thousand a third less a tensor: what every `sfdiag run` step pays two or three times.
+ *
+ * Where `tensor_facts.cpp` was built for the torch that runs (`torch_reads.py`), `use_fast`
+ * hands its two functions over: a tensor of exactly torch.Tensor (a param of it or of
+ * torch.nn.Parameter) is then read through torch's C++ API, a tenth of the cost; any other
+ * goes through its Python attributes as before. The same facts, the same decisions.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -26,6 +31,21 @@ static squares_fn functions[DTYPES];
 static int64_t max_elements = -1; /* -1: not configured */
 static PyObject *name_dtype, *name_layout, *name_is_cpu, *name_is_contiguous, *name_numel,
     *name_data_ptr, *name_grad, *name_version;
+
+/* `tensor_facts.cpp`'s (the same struct) */
+struct sfdiag_facts {
+    int dtype; /* an index into `dtypes`; -1 another */
+    int strided, cpu, contiguous;
+    long long numel;
+    const void *data;
+};
+typedef int (*facts_fn)(PyObject *, struct sfdiag_facts *);
+typedef int (*grad_fn)(PyObject *, PyObject **, long long *);
+typedef int (*version_fn)(PyObject *, long long *);
+static facts_fn fast_facts;
+static grad_fn fast_grad;
+static version_fn fast_version;
+static PyObject *parameter_type; /* its `grad` is torch's own getter: read fast too */
 
 /* configure(tensor_type, strided, dtypes, addresses, max_elements): torch's objects the
  * checks compare with, and each dtype's squares function (its address, or None). */
@@ -92,11 +112,35 @@ static int method_int(PyObject *t, PyObject *name, long long *out) {
     return (*out == -1 && PyErr_Occurred()) ? -1 : 1;
 }
 
+/* The fast path's answer (`check`'s): the same checks in the same order, on the facts. */
+static int judged(const struct sfdiag_facts *f, int *which, long long *size) {
+    if (*which < 0) {
+        if (f->dtype < 0 || functions[f->dtype] == NULL)
+            return 0;
+        *which = f->dtype;
+    } else if (f->dtype != *which) {
+        return 0;
+    }
+    if (!f->strided || !f->cpu || !f->contiguous)
+        return 0;
+    *size = f->numel;
+    return f->numel <= max_elements;
+}
+
 /* One tensor's checks: 1 where the kernel reads it (its dtype's index into *which, the same
- * for every tensor of the call), 0 where it does not, -1 where torch raised. */
-static int check(PyObject *t, int check_type, int *which, long long *size) {
+ * for every tensor of the call; its address into *data where the fast path read it, else
+ * NULL), 0 where it does not, -1 where torch raised. */
+static int check(PyObject *t, int check_type, int *which, long long *size, const void **data) {
     if (check_type && (PyObject *)Py_TYPE(t) != tensor_type)
         return 0;
+    *data = NULL;
+    struct sfdiag_facts facts;
+    if (fast_facts != NULL && (PyObject *)Py_TYPE(t) == tensor_type && fast_facts(t, &facts)) {
+        int ok = judged(&facts, which, size);
+        if (ok == 1)
+            *data = facts.data;
+        return ok;
+    }
     PyObject *dtype = PyObject_GetAttr(t, name_dtype);
     if (dtype == NULL)
         return -1;
@@ -154,8 +198,10 @@ static PyObject *squares(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     }
     const void *pointers_here[ON_STACK];
     int64_t sizes_here[ON_STACK];
+    char read_here[ON_STACK];
     const void **pointers = pointers_here;
     int64_t *sizes = sizes_here;
+    char *read = read_here; /* each address read already (the fast path) */
     PyObject *result = NULL;
     if (out.len < count * (Py_ssize_t)sizeof(double)) {
         PyErr_SetString(PyExc_ValueError, "out holds fewer doubles than there are tensors");
@@ -164,7 +210,8 @@ static PyObject *squares(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     if (count > ON_STACK) {
         pointers = PyMem_Malloc(count * sizeof(*pointers));
         sizes = PyMem_Malloc(count * sizeof(*sizes));
-        if (pointers == NULL || sizes == NULL) {
+        read = PyMem_Malloc(count);
+        if (pointers == NULL || sizes == NULL || read == NULL) {
             PyErr_NoMemory();
             goto done;
         }
@@ -175,7 +222,8 @@ static PyObject *squares(PyObject *self, PyObject *const *args, Py_ssize_t nargs
      * keep a tensor without storage (sparse) from data_ptr() */
     for (Py_ssize_t i = 0; i < count; i++) {
         long long size = 0;
-        int ok = check(items[i], check_type, &which, &size);
+        const void *data = NULL;
+        int ok = check(items[i], check_type, &which, &size, &data);
         if (ok < 0)
             goto done;
         if (ok == 0) {
@@ -183,9 +231,13 @@ static PyObject *squares(PyObject *self, PyObject *const *args, Py_ssize_t nargs
             goto done;
         }
         sizes[i] = size;
+        pointers[i] = data;
+        read[i] = data != NULL;
         total += size;
     }
     for (Py_ssize_t i = 0; i < count; i++) {
+        if (read[i])
+            continue;
         PyObject *address = PyObject_CallMethodNoArgs(items[i], name_data_ptr);
         if (address == NULL)
             goto done;
@@ -209,6 +261,8 @@ done:
         PyMem_Free(pointers);
     if (sizes != sizes_here)
         PyMem_Free(sizes);
+    if (read != read_here)
+        PyMem_Free(read);
     PyBuffer_Release(&out);
     Py_DECREF(seq);
     return result;
@@ -232,12 +286,23 @@ static PyObject *grads(PyObject *self, PyObject *params) {
     if (found == NULL || versions == NULL)
         goto fail;
     for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *grad = PyObject_GetAttr(items[i], name_grad);
+        PyObject *grad = NULL, *type = (PyObject *)Py_TYPE(items[i]);
+        long long counter = 0;
+        int fast = 0;
+        if (fast_grad != NULL && (type == tensor_type || type == parameter_type)) {
+            fast = fast_grad(items[i], &grad, &counter);
+            if (fast < 0)
+                goto fail;
+        }
+        if (!fast)
+            grad = PyObject_GetAttr(items[i], name_grad);
         if (grad == NULL)
             goto fail;
         PyList_SET_ITEM(found, i, grad);
         PyObject *version;
-        if (grad == Py_None) {
+        if (fast && (PyObject *)Py_TYPE(grad) == tensor_type) {
+            version = PyLong_FromLongLong(counter); /* (None is not a tensor: below) */
+        } else if (grad == Py_None) {
             plain = 0;
             version = PyLong_FromLong(0);
         } else {
@@ -256,6 +321,133 @@ fail:
     Py_XDECREF(versions);
     Py_DECREF(seq);
     return NULL;
+}
+
+/* A tensor's version counter, into *out: 1, or -1 where torch raised. */
+static int version_of(PyObject *t, long long *out) {
+    if (fast_version != NULL && (PyObject *)Py_TYPE(t) == tensor_type && fast_version(t, out))
+        return 1;
+    PyObject *value = PyObject_GetAttr(t, name_version);
+    if (value == NULL)
+        return -1;
+    *out = PyLong_AsLongLong(value);
+    Py_DECREF(value);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 1;
+}
+
+/* What the weak reference `ref` refers to (a new reference; None where it is gone), or
+ * NULL with an error set. */
+static PyObject *referent(PyObject *ref) {
+#if PY_VERSION_HEX >= 0x030D0000
+    PyObject *object;
+    int alive = PyWeakref_GetRef(ref, &object);
+    if (alive < 0)
+        return NULL;
+    return alive ? object : Py_NewRef(Py_None);
+#else
+    PyObject *object = PyWeakref_GetObject(ref); /* (borrowed) */
+    return object == NULL ? NULL : Py_NewRef(object);
+#endif
+}
+
+/* intact(refs, versions, moved) -> list | None: what each weak reference (or None) refers to
+ * now (None where it is gone); None instead where one of the `moved` indices has lost its
+ * grad or gained one, or holds it at another version than `versions` says: the post-step
+ * read's test (`norms.StepNorms.read_post`) of whether the grads are as `step()` left them. */
+static PyObject *intact(PyObject *self, PyObject *args) {
+    PyObject *refs_in, *versions_in, *moved_in;
+    if (!PyArg_ParseTuple(args, "OOO", &refs_in, &versions_in, &moved_in))
+        return NULL;
+    PyObject *refs = PySequence_Fast(refs_in, "a sequence of weak references expected");
+    if (refs == NULL)
+        return NULL;
+    PyObject *versions = NULL, *moved = NULL, *found = NULL, *result = NULL;
+    versions = PySequence_Fast(versions_in, "a sequence of versions expected");
+    moved = versions == NULL ? NULL : PySequence_Fast(moved_in, "a sequence of indices expected");
+    if (moved == NULL)
+        goto done;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(refs);
+    PyObject **ref_items = PySequence_Fast_ITEMS(refs);
+    found = PyList_New(count);
+    if (found == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *now = Py_NewRef(Py_None);
+        if (ref_items[i] != Py_None) {
+            Py_DECREF(now);
+            if (!PyWeakref_Check(ref_items[i])) {
+                PyErr_SetString(PyExc_TypeError, "a weak reference or None expected");
+                goto done;
+            }
+            now = referent(ref_items[i]);
+            if (now == NULL)
+                goto done;
+        }
+        PyList_SET_ITEM(found, i, now);
+    }
+    Py_ssize_t moves = PySequence_Fast_GET_SIZE(moved);
+    PyObject **moved_items = PySequence_Fast_ITEMS(moved);
+    for (Py_ssize_t k = 0; k < moves; k++) {
+        Py_ssize_t i = PyLong_AsSsize_t(moved_items[k]);
+        if (i == -1 && PyErr_Occurred())
+            goto done;
+        if (i < 0 || i >= count || i >= PySequence_Fast_GET_SIZE(versions)) {
+            PyErr_SetString(PyExc_IndexError, "a moved index out of range");
+            goto done;
+        }
+        PyObject *now = PyList_GET_ITEM(found, i);
+        if ((now == Py_None) != (ref_items[i] == Py_None)) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+        if (now == Py_None)
+            continue;
+        long long version, expected = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(versions, i));
+        if (expected == -1 && PyErr_Occurred())
+            goto done;
+        if (version_of(now, &version) < 0)
+            goto done;
+        if (version != expected) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+    }
+    result = Py_NewRef(found);
+done:
+    Py_XDECREF(found);
+    Py_XDECREF(moved);
+    Py_XDECREF(versions);
+    Py_DECREF(refs);
+    return result;
+}
+
+/* use_fast(facts, grad, version, parameter_type): `tensor_facts.cpp`'s functions (their
+ * addresses) and torch.nn.Parameter; use_fast(None, None, None, None): Python's attributes
+ * for every tensor. */
+static PyObject *use_fast(PyObject *self, PyObject *args) {
+    PyObject *facts_address, *grad_address, *version_address, *param_type;
+    if (!PyArg_ParseTuple(args, "OOOO", &facts_address, &grad_address, &version_address,
+                          &param_type))
+        return NULL;
+    facts_fn facts = NULL;
+    grad_fn grad = NULL;
+    version_fn version = NULL;
+    if (facts_address != Py_None && grad_address != Py_None && version_address != Py_None) {
+        facts = (facts_fn)PyLong_AsVoidPtr(facts_address);
+        grad = (grad_fn)PyLong_AsVoidPtr(grad_address);
+        version = (version_fn)PyLong_AsVoidPtr(version_address);
+        if (PyErr_Occurred())
+            return NULL;
+    }
+    if (facts != NULL && tensor_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "configure() first");
+        return NULL;
+    }
+    fast_facts = facts;
+    fast_grad = grad;
+    fast_version = version;
+    Py_XSETREF(parameter_type, facts == NULL || param_type == Py_None ? NULL : Py_NewRef(param_type));
+    Py_RETURN_NONE;
 }
 
 /* weakrefs(objects) -> list: a weak reference to each (None for None). */
@@ -288,6 +480,8 @@ static PyMethodDef methods[] = {
      "squares(tensors, out, check_type) -> bool"},
     {"grads", grads, METH_O, "grads(params) -> (grads, versions, plain)"},
     {"weakrefs", weakrefs, METH_O, "weakrefs(objects) -> list"},
+    {"use_fast", use_fast, METH_VARARGS, "use_fast(facts, grad, version, parameter_type)"},
+    {"intact", intact, METH_VARARGS, "intact(refs, versions, moved) -> list | None"},
     {NULL, NULL, 0, NULL},
 };
 
