@@ -39,11 +39,13 @@ struct sfdiag_facts {
     long long numel;
     const void *data;
 };
-typedef int (*facts_fn)(PyObject *, struct sfdiag_facts *);
-typedef int (*grad_fn)(PyObject *, PyObject **, long long *);
+typedef void (*facts_fn)(PyObject *const *, const char *, Py_ssize_t, struct sfdiag_facts *,
+                         char *);
+typedef int (*grads_fn)(PyObject *const *, const char *, Py_ssize_t, PyObject **, long long *,
+                        char *);
 typedef int (*version_fn)(PyObject *, long long *);
 static facts_fn fast_facts;
-static grad_fn fast_grad;
+static grads_fn fast_grads;
 static version_fn fast_version;
 static PyObject *parameter_type; /* its `grad` is torch's own getter: read fast too */
 
@@ -128,17 +130,18 @@ static int judged(const struct sfdiag_facts *f, int *which, long long *size) {
 }
 
 /* One tensor's checks: 1 where the kernel reads it (its dtype's index into *which, the same
- * for every tensor of the call; its address into *data where the fast path read it, else
- * NULL), 0 where it does not, -1 where torch raised. */
-static int check(PyObject *t, int check_type, int *which, long long *size, const void **data) {
+ * for every tensor of the call; its address into *data where `facts`, read through torch's
+ * C++ API, gave it, else NULL), 0 where it does not, -1 where torch raised. `facts`: NULL
+ * where there are none (the Python attributes are asked). */
+static int check(PyObject *t, int check_type, int *which, long long *size, const void **data,
+                 const struct sfdiag_facts *facts) {
     if (check_type && (PyObject *)Py_TYPE(t) != tensor_type)
         return 0;
     *data = NULL;
-    struct sfdiag_facts facts;
-    if (fast_facts != NULL && (PyObject *)Py_TYPE(t) == tensor_type && fast_facts(t, &facts)) {
-        int ok = judged(&facts, which, size);
+    if (facts != NULL) {
+        int ok = judged(facts, which, size);
         if (ok == 1)
-            *data = facts.data;
+            *data = facts->data;
         return ok;
     }
     PyObject *dtype = PyObject_GetAttr(t, name_dtype);
@@ -198,10 +201,13 @@ static PyObject *squares(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     }
     const void *pointers_here[ON_STACK];
     int64_t sizes_here[ON_STACK];
-    char read_here[ON_STACK];
+    char read_here[ON_STACK], eligible_here[ON_STACK], answered_here[ON_STACK];
+    struct sfdiag_facts facts_here[ON_STACK];
     const void **pointers = pointers_here;
     int64_t *sizes = sizes_here;
     char *read = read_here; /* each address read already (the fast path) */
+    char *eligible = eligible_here, *answered = answered_here;
+    struct sfdiag_facts *facts = facts_here;
     PyObject *result = NULL;
     if (out.len < count * (Py_ssize_t)sizeof(double)) {
         PyErr_SetString(PyExc_ValueError, "out holds fewer doubles than there are tensors");
@@ -211,19 +217,31 @@ static PyObject *squares(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         pointers = PyMem_Malloc(count * sizeof(*pointers));
         sizes = PyMem_Malloc(count * sizeof(*sizes));
         read = PyMem_Malloc(count);
-        if (pointers == NULL || sizes == NULL || read == NULL) {
+        eligible = PyMem_Malloc(count);
+        answered = PyMem_Malloc(count);
+        facts = PyMem_Malloc(count * sizeof(*facts));
+        if (pointers == NULL || sizes == NULL || read == NULL || eligible == NULL ||
+            answered == NULL || facts == NULL) {
             PyErr_NoMemory();
             goto done;
         }
     }
     int which = -1;
     long long total = 0;
+    int any_fast = 0;
+    if (fast_facts != NULL) { /* every plain tensor's facts in one batch (see tensor_facts.cpp) */
+        for (Py_ssize_t i = 0; i < count; i++)
+            any_fast |= eligible[i] = (PyObject *)Py_TYPE(items[i]) == tensor_type;
+        if (any_fast)
+            fast_facts(items, eligible, count, facts, answered);
+    }
     /* every tensor checked before any address is read: as the Python path, whose checks
      * keep a tensor without storage (sparse) from data_ptr() */
     for (Py_ssize_t i = 0; i < count; i++) {
         long long size = 0;
         const void *data = NULL;
-        int ok = check(items[i], check_type, &which, &size, &data);
+        int ok = check(items[i], check_type, &which, &size, &data,
+                       any_fast && answered[i] ? &facts[i] : NULL);
         if (ok < 0)
             goto done;
         if (ok == 0) {
@@ -263,6 +281,12 @@ done:
         PyMem_Free(sizes);
     if (read != read_here)
         PyMem_Free(read);
+    if (eligible != eligible_here)
+        PyMem_Free(eligible);
+    if (answered != answered_here)
+        PyMem_Free(answered);
+    if (facts != facts_here)
+        PyMem_Free(facts);
     PyBuffer_Release(&out);
     Py_DECREF(seq);
     return result;
@@ -282,26 +306,40 @@ static PyObject *grads(PyObject *self, PyObject *params) {
     Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
     PyObject **items = PySequence_Fast_ITEMS(seq);
     PyObject *found = PyList_New(count), *versions = PyList_New(count);
+    PyObject **fast_found = NULL; /* the batch's grads (see tensor_facts.cpp), where asked */
+    long long *counters = NULL;
+    char *eligible = NULL, *answered = NULL;
+    Py_ssize_t next = 0; /* the first of the batch's references not in `found` yet */
     int plain = 1;
     if (found == NULL || versions == NULL)
         goto fail;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *grad = NULL, *type = (PyObject *)Py_TYPE(items[i]);
-        long long counter = 0;
-        int fast = 0;
-        if (fast_grad != NULL && (type == tensor_type || type == parameter_type)) {
-            fast = fast_grad(items[i], &grad, &counter);
-            if (fast < 0)
-                goto fail;
+    if (fast_grads != NULL && count > 0) {
+        fast_found = PyMem_Malloc(count * sizeof(*fast_found));
+        counters = PyMem_Malloc(count * sizeof(*counters));
+        eligible = PyMem_Malloc(count);
+        answered = PyMem_Calloc(count, 1);
+        if (fast_found == NULL || counters == NULL || eligible == NULL || answered == NULL) {
+            PyErr_NoMemory();
+            goto fail;
         }
-        if (!fast)
-            grad = PyObject_GetAttr(items[i], name_grad);
+        int any = 0;
+        for (Py_ssize_t i = 0; i < count; i++) {
+            PyObject *type = (PyObject *)Py_TYPE(items[i]);
+            any |= eligible[i] = type == tensor_type || type == parameter_type;
+        }
+        if (any && fast_grads(items, eligible, count, fast_found, counters, answered) < 0)
+            goto fail;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        int fast = answered != NULL && answered[i];
+        PyObject *grad = fast ? fast_found[i] : PyObject_GetAttr(items[i], name_grad);
+        next = i + 1;
         if (grad == NULL)
             goto fail;
         PyList_SET_ITEM(found, i, grad);
         PyObject *version;
         if (fast && (PyObject *)Py_TYPE(grad) == tensor_type) {
-            version = PyLong_FromLongLong(counter); /* (None is not a tensor: below) */
+            version = PyLong_FromLongLong(counters[i]); /* (None is not a tensor: below) */
         } else if (grad == Py_None) {
             plain = 0;
             version = PyLong_FromLong(0);
@@ -314,9 +352,20 @@ static PyObject *grads(PyObject *self, PyObject *params) {
             goto fail;
         PyList_SET_ITEM(versions, i, version);
     }
+    PyMem_Free(fast_found);
+    PyMem_Free(counters);
+    PyMem_Free(eligible);
+    PyMem_Free(answered);
     Py_DECREF(seq);
     return Py_BuildValue("(NNO)", found, versions, plain ? Py_True : Py_False);
 fail:
+    for (Py_ssize_t i = next; answered != NULL && i < count; i++)
+        if (answered[i])
+            Py_DECREF(fast_found[i]);
+    PyMem_Free(fast_found);
+    PyMem_Free(counters);
+    PyMem_Free(eligible);
+    PyMem_Free(answered);
     Py_XDECREF(found);
     Py_XDECREF(versions);
     Py_DECREF(seq);
@@ -430,11 +479,11 @@ static PyObject *use_fast(PyObject *self, PyObject *args) {
                           &param_type))
         return NULL;
     facts_fn facts = NULL;
-    grad_fn grad = NULL;
+    grads_fn grad = NULL;
     version_fn version = NULL;
     if (facts_address != Py_None && grad_address != Py_None && version_address != Py_None) {
         facts = (facts_fn)PyLong_AsVoidPtr(facts_address);
-        grad = (grad_fn)PyLong_AsVoidPtr(grad_address);
+        grad = (grads_fn)PyLong_AsVoidPtr(grad_address);
         version = (version_fn)PyLong_AsVoidPtr(version_address);
         if (PyErr_Occurred())
             return NULL;
@@ -444,7 +493,7 @@ static PyObject *use_fast(PyObject *self, PyObject *args) {
         return NULL;
     }
     fast_facts = facts;
-    fast_grad = grad;
+    fast_grads = grad;
     fast_version = version;
     Py_XSETREF(parameter_type, facts == NULL || param_type == Py_None ? NULL : Py_NewRef(param_type));
     Py_RETURN_NONE;

@@ -155,7 +155,7 @@ def _use(checks: Any, path: Path) -> bool:
         lib = ctypes.CDLL(str(path))
         functions = [
             ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
-            for name in ("sfdiag_tensor_facts", "sfdiag_grad_of", "sfdiag_version_of")
+            for name in ("sfdiag_tensor_facts", "sfdiag_grads_of", "sfdiag_version_of")
         ]
     except (OSError, AttributeError):
         return False
