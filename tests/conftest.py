@@ -25,6 +25,29 @@ os.environ.setdefault("SFDIAG_TORCH_READS", "off")
 TORCH_READS_CACHE = Path(tempfile.gettempdir()) / f"sfdiag-tests-cache-{os.getuid()}"
 
 
+#: the files that take longest (each runs on one worker: ``--dist loadfile``), started first so
+#: that the two workers end together rather than one waiting on another's last long file
+LONGEST_FIRST = (
+    "test_bench.py",
+    "test_distributed.py",
+    "test_cli.py",
+    "test_modes.py",
+    "test_compile.py",
+    "test_taps.py",
+    "test_plot.py",
+    "test_newcomer.py",
+    "test_snapshot.py",
+    "test_integrations.py",
+    "test_hostile.py",
+    "test_run_metrics.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # (stable: files' order kept)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Start building torch's C++ reads (~12 s of a core, niced) as the session starts, in
     the background, where this machine has not built them yet: the tests run meanwhile, and
