@@ -130,14 +130,9 @@ def test_torch_reads_refuse_and_read_what_the_attributes_do(odd_one, plain, libr
 def test_torch_reads_give_each_params_grad_and_version(library):
     """``grads_of``: the same grad objects, versions and plainness; subclassed params and
     grads, a missing grad and a non-leaf read as their attributes say."""
+    from test_watch import Marked, five_params
 
-    class Marked(torch.Tensor):
-        pass
-
-    params = [torch.nn.Parameter(torch.zeros(4)) for _ in range(5)]
-    for p in params[:4]:
-        p.grad = torch.ones(4)
-    params[2].grad.mul_(2).add_(1)  # at version 2
+    params = five_params()
     marked = torch.nn.Parameter(torch.zeros(4))
     marked.grad = torch.ones(4).as_subclass(Marked)
     plain_tensor = torch.zeros(3, requires_grad=True)

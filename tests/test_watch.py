@@ -293,18 +293,25 @@ def test_the_checks_in_c_refuse_what_the_python_path_refuses(odd_one, plain, mon
         assert in_c.tobytes() == in_python.tobytes()
 
 
+class Marked(torch.Tensor):
+    """A tensor subclass (its grads and params are read through their attributes)."""
+
+
+def five_params() -> list[torch.nn.Parameter]:
+    """Five params: the first four with a grad (the third's at version 2), the last none."""
+    params = [torch.nn.Parameter(torch.zeros(4)) for _ in range(5)]
+    for p in params[:4]:
+        p.grad = torch.ones(4)
+    params[2].grad.mul_(2).add_(1)
+    return params
+
+
 def test_grads_and_their_versions_in_c_are_what_python_reads(monkeypatch):
     """``grads_of``/``weakrefs_of``: each param's grad, its version, whether all are plain
     tensors, weak references to them, from C as from Python."""
     from sfdiag.step_audit import fused
 
-    class Marked(torch.Tensor):
-        pass
-
-    params = [torch.nn.Parameter(torch.zeros(4)) for _ in range(5)]
-    for p in params[:4]:
-        p.grad = torch.ones(4)
-    params[2].grad.mul_(2).add_(1)  # at version 2
+    params = five_params()
     cases = {"with a None": params, "all plain": params[:4]}
     subclassed = [torch.nn.Parameter(torch.zeros(4)) for _ in range(2)]
     subclassed[0].grad = torch.ones(4)
@@ -328,9 +335,6 @@ def test_grads_and_their_versions_in_c_are_what_python_reads(monkeypatch):
 def _intact_cases() -> dict[str, tuple[list, list, list, list]]:
     """(the tensors kept alive, their weak references, versions, moved indices) per case."""
     import weakref
-
-    class Marked(torch.Tensor):
-        pass
 
     def case(edit=None, moved=(0, 1, 2)):
         grads = [torch.ones(3), None, torch.ones(2).as_subclass(Marked), torch.ones(4)]

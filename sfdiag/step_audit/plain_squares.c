@@ -174,6 +174,12 @@ static int check(PyObject *t, int check_type, int *which, long long *size, const
     return *size <= max_elements;
 }
 
+/* Free `array` where it is not the stack's `here` (more tensors than fit there). */
+static void release(const void *array, const void *here) {
+    if (array != here)
+        PyMem_Free((void *)array);
+}
+
 /* squares(tensors, out, check_type) -> bool: each tensor's float64 sum of squares into
  * `out` (a writable buffer of at least 8 bytes a tensor), where every one is what the kernel
  * reads (True); else False and `out` untouched. */
@@ -275,18 +281,12 @@ static PyObject *squares(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     }
     result = Py_NewRef(Py_True);
 done:
-    if (pointers != pointers_here)
-        PyMem_Free(pointers);
-    if (sizes != sizes_here)
-        PyMem_Free(sizes);
-    if (read != read_here)
-        PyMem_Free(read);
-    if (eligible != eligible_here)
-        PyMem_Free(eligible);
-    if (answered != answered_here)
-        PyMem_Free(answered);
-    if (facts != facts_here)
-        PyMem_Free(facts);
+    release(pointers, pointers_here);
+    release(sizes, sizes_here);
+    release(read, read_here);
+    release(eligible, eligible_here);
+    release(answered, answered_here);
+    release(facts, facts_here);
     PyBuffer_Release(&out);
     Py_DECREF(seq);
     return result;
@@ -305,14 +305,14 @@ static PyObject *grads(PyObject *self, PyObject *params) {
         return NULL;
     Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
     PyObject **items = PySequence_Fast_ITEMS(seq);
-    PyObject *found = PyList_New(count), *versions = PyList_New(count);
+    PyObject *found = PyList_New(count), *versions = PyList_New(count), *result = NULL;
     PyObject **fast_found = NULL; /* the batch's grads (see tensor_facts.cpp), where asked */
     long long *counters = NULL;
     char *eligible = NULL, *answered = NULL;
     Py_ssize_t next = 0; /* the first of the batch's references not in `found` yet */
     int plain = 1;
     if (found == NULL || versions == NULL)
-        goto fail;
+        goto done;
     if (fast_grads != NULL && count > 0) {
         fast_found = PyMem_Malloc(count * sizeof(*fast_found));
         counters = PyMem_Malloc(count * sizeof(*counters));
@@ -320,7 +320,7 @@ static PyObject *grads(PyObject *self, PyObject *params) {
         answered = PyMem_Calloc(count, 1);
         if (fast_found == NULL || counters == NULL || eligible == NULL || answered == NULL) {
             PyErr_NoMemory();
-            goto fail;
+            goto done;
         }
         int any = 0;
         for (Py_ssize_t i = 0; i < count; i++) {
@@ -328,14 +328,14 @@ static PyObject *grads(PyObject *self, PyObject *params) {
             any |= eligible[i] = type == tensor_type || type == parameter_type;
         }
         if (any && fast_grads(items, eligible, count, fast_found, counters, answered) < 0)
-            goto fail;
+            goto done;
     }
     for (Py_ssize_t i = 0; i < count; i++) {
         int fast = answered != NULL && answered[i];
         PyObject *grad = fast ? fast_found[i] : PyObject_GetAttr(items[i], name_grad);
         next = i + 1;
         if (grad == NULL)
-            goto fail;
+            goto done;
         PyList_SET_ITEM(found, i, grad);
         PyObject *version;
         if (fast && (PyObject *)Py_TYPE(grad) == tensor_type) {
@@ -349,16 +349,12 @@ static PyObject *grads(PyObject *self, PyObject *params) {
             version = PyObject_GetAttr(grad, name_version);
         }
         if (version == NULL)
-            goto fail;
+            goto done;
         PyList_SET_ITEM(versions, i, version);
     }
-    PyMem_Free(fast_found);
-    PyMem_Free(counters);
-    PyMem_Free(eligible);
-    PyMem_Free(answered);
-    Py_DECREF(seq);
-    return Py_BuildValue("(NNO)", found, versions, plain ? Py_True : Py_False);
-fail:
+    result = Py_BuildValue("(NNO)", found, versions, plain ? Py_True : Py_False);
+    found = versions = NULL; /* (the tuple's, or released with it) */
+done:
     for (Py_ssize_t i = next; answered != NULL && i < count; i++)
         if (answered[i])
             Py_DECREF(fast_found[i]);
@@ -369,7 +365,7 @@ fail:
     Py_XDECREF(found);
     Py_XDECREF(versions);
     Py_DECREF(seq);
-    return NULL;
+    return result;
 }
 
 /* A tensor's version counter, into *out: 1, or -1 where torch raised. */
