@@ -94,11 +94,18 @@ def _command() -> tuple[list[str] | None, str]:
 
 def library_path(command: list[str]) -> Path:
     """Where the library built by ``command`` is kept: one per source, torch, Python and
-    command (the torch's path is in it)."""
+    command (the torch's path is in it); a torch installed again in place (its libraries'
+    sizes and times) gets one of its own."""
     import torch
 
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__, sys.version, *command):
+    lib = Path(torch.__file__).parent / "lib"
+    installed = [
+        f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+        for p in (lib / "libtorch_python.so", lib / "libtorch_cpu.so", lib / "libc10.so")
+        if p.is_file()
+    ]
+    for part in (SOURCE.read_bytes(), torch.__version__, sys.version, *installed, *command):
         key.update(part if isinstance(part, bytes) else part.encode())
     return cache_dir() / f"tensor_facts-{key.hexdigest()[:16]}.so"
 
@@ -138,6 +145,8 @@ def _attach(checks: Any) -> str:
             time.sleep(0.1)
         if _use(checks, path):
             return "on"
+        if path.is_file():  # built, and does not load: not to be built again each process
+            _note_failure(path, "the library was built but does not load")
         return f"unavailable: the build failed (see {failed})" if failed.exists() else "building"
     if job is None:
         return "building"  # by another process: the next one uses it
@@ -174,7 +183,10 @@ def _attach_when_built(job: subprocess.Popen, checks: Any, path: Path) -> None:
         failed = path.with_suffix(".failed")
         if _use(checks, path):
             _State.status = "on"
-        elif failed.exists():
+            return
+        if path.is_file():
+            _note_failure(path, "the library was built but does not load")
+        if failed.exists():
             _State.status = f"unavailable: the build failed (see {failed})"
 
 
@@ -204,6 +216,17 @@ def _start_build(command: list[str], path: Path) -> subprocess.Popen | None:
         return None
 
 
+def _note_failure(path: Path, why: str) -> None:
+    """``<library>.failed`` with ``why`` (whole or not at all): no build of it again."""
+    failed = path.with_suffix(".failed")
+    text = path.with_name(f"{failed.name}.{os.getpid()}.partial")
+    try:
+        text.write_text(f"{why}\n")
+        os.replace(text, failed)
+    except OSError:
+        text.unlink(missing_ok=True)
+
+
 def _build(path: Path, command: list[str]) -> int:
     """The build's process: compile into a file of its own, move it in place (a process that
     loads the library sees all of it or none), leave why where it failed; then unlock."""
@@ -226,10 +249,7 @@ def _build(path: Path, command: list[str]) -> int:
         if not failure:
             os.replace(partial, path)
             return 0
-        why = path.with_suffix(".failed")
-        text = path.with_name(f"{why.name}.{os.getpid()}.partial")
-        text.write_text(f"{shlex.join(command)}\n\n{failure[-4000:]}\n")
-        os.replace(text, why)
+        _note_failure(path, f"{shlex.join(command)}\n\n{failure[-4000:]}")
         return 1
     finally:
         partial.unlink(missing_ok=True)
