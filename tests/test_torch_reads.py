@@ -276,9 +276,21 @@ def test_the_build_runs_in_the_background_and_hands_over(library, tmp_path, monk
         checks.use_fast(None, None, None, None)
 
 
-def test_a_failed_build_says_why_and_is_not_tried_again(library, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "failure", ["the compiler fails", "its output does not load"], ids=["fails", "no library"]
+)
+def test_a_failed_build_says_why_and_is_not_tried_again(failure, library, tmp_path, monkeypatch):
+    """A build that fails, or whose output is no library: the status says so, the note in
+    the cache says why, and the next process starts no build of its own; the attributes
+    still read."""
     checks = fused._KERNEL.checks
-    monkeypatch.setenv("CXX", _stand_in_compiler(tmp_path, library, exit_code=1))
+    if failure == "the compiler fails":
+        compiler, why = _stand_in_compiler(tmp_path, library, exit_code=1), "no such header"
+    else:
+        garbage = tmp_path / "not-a-library.so"
+        garbage.write_text("not a shared object")
+        compiler, why = _stand_in_compiler(tmp_path, garbage), "does not load"
+    monkeypatch.setenv("CXX", compiler)
     monkeypatch.setenv("SFDIAG_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("SFDIAG_TORCH_READS", "now")
     command, _ = torch_reads._command()
@@ -286,31 +298,10 @@ def test_a_failed_build_says_why_and_is_not_tried_again(library, tmp_path, monke
     status = torch_reads.attach(checks)
     failed = path.with_suffix(".failed")
     assert status == f"unavailable: the build failed (see {failed})"
-    assert "no such header" in failed.read_text() and not path.exists()
-    assert not path.with_suffix(".lock").exists()
+    assert why in failed.read_text() and not path.with_suffix(".lock").exists()
     assert torch_reads.attach(checks) == status  # no second try
-    squares = fused.plain_squares_host([torch.randn(5)])  # the attributes still read
+    squares = fused.plain_squares_host([torch.randn(5)])
     assert squares is not None and squares[0] > 0
-
-
-def test_a_library_that_does_not_load_is_noted_and_not_built_again(tmp_path, monkeypatch):
-    """A 'compiler' whose output is no library: the status says so, the note stays, and the
-    next process starts no build of its own."""
-    checks = fused._KERNEL.checks
-    if checks is None:
-        pytest.skip("no checks' module here")
-    garbage = tmp_path / "not-a-library.so"
-    garbage.write_text("not a shared object")
-    monkeypatch.setenv("CXX", _stand_in_compiler(tmp_path, garbage))
-    monkeypatch.setenv("SFDIAG_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("SFDIAG_TORCH_READS", "now")
-    command, _ = torch_reads._command()
-    path = torch_reads.library_path(command)
-    status = torch_reads.attach(checks)
-    failed = path.with_suffix(".failed")
-    assert status == f"unavailable: the build failed (see {failed})"
-    assert "does not load" in failed.read_text()
-    assert torch_reads.attach(checks) == status and not path.with_suffix(".lock").exists()
 
 
 def test_a_stale_lock_is_taken_over_and_off_builds_nothing(library, tmp_path, monkeypatch):
