@@ -50,8 +50,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     """Start building torch's C++ reads (~12 s of a core, niced) as the session starts, in
-    the background, where this machine has not built them yet: the tests run meanwhile, and
-    test_torch_reads.py waits for the build's lock to go."""
+    the background, where the tests' cache holds no build of them at all (a fresh machine,
+    as CI's: one of another source or torch is left to test_torch_reads.py to build): the
+    tests run meanwhile, and test_torch_reads.py waits for the build's lock to go."""
     if hasattr(config, "workerinput") or any(TORCH_READS_CACHE.glob("tensor_facts-*.so")):
         return  # (a worker of pytest-xdist: the controller started it)
     env = {**os.environ, "SFDIAG_TORCH_READS": "auto", "SFDIAG_CACHE_DIR": str(TORCH_READS_CACHE)}

@@ -11,7 +11,7 @@
  * thousand a third less a tensor: what every `sfdiag run` step pays two or three times.
  *
  * Where `tensor_facts.cpp` was built for the torch that runs (`torch_reads.py`), `use_fast`
- * hands its two functions over: a tensor of exactly torch.Tensor (a param of it or of
+ * hands its three functions over: a tensor of exactly torch.Tensor (a param of it or of
  * torch.nn.Parameter) is then read through torch's C++ API, a tenth of the cost; any other
  * goes through its Python attributes as before. The same facts, the same decisions.
  */
@@ -207,11 +207,10 @@ static PyObject *squares(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     }
     const void *pointers_here[ON_STACK];
     int64_t sizes_here[ON_STACK];
-    char read_here[ON_STACK], eligible_here[ON_STACK], answered_here[ON_STACK];
+    char eligible_here[ON_STACK], answered_here[ON_STACK];
     struct sfdiag_facts facts_here[ON_STACK];
     const void **pointers = pointers_here;
-    int64_t *sizes = sizes_here;
-    char *read = read_here; /* each address read already (the fast path) */
+    int64_t *sizes = sizes_here; /* (a pointer not NULL: read already, by the fast path) */
     char *eligible = eligible_here, *answered = answered_here;
     struct sfdiag_facts *facts = facts_here;
     PyObject *result = NULL;
@@ -222,12 +221,11 @@ static PyObject *squares(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     if (count > ON_STACK) {
         pointers = PyMem_Malloc(count * sizeof(*pointers));
         sizes = PyMem_Malloc(count * sizeof(*sizes));
-        read = PyMem_Malloc(count);
         eligible = PyMem_Malloc(count);
         answered = PyMem_Malloc(count);
         facts = PyMem_Malloc(count * sizeof(*facts));
-        if (pointers == NULL || sizes == NULL || read == NULL || eligible == NULL ||
-            answered == NULL || facts == NULL) {
+        if (pointers == NULL || sizes == NULL || eligible == NULL || answered == NULL ||
+            facts == NULL) {
             PyErr_NoMemory();
             goto done;
         }
@@ -256,11 +254,10 @@ static PyObject *squares(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         }
         sizes[i] = size;
         pointers[i] = data;
-        read[i] = data != NULL;
         total += size;
     }
     for (Py_ssize_t i = 0; i < count; i++) {
-        if (read[i])
+        if (pointers[i] != NULL)
             continue;
         PyObject *address = PyObject_CallMethodNoArgs(items[i], name_data_ptr);
         if (address == NULL)
@@ -283,7 +280,6 @@ static PyObject *squares(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 done:
     release(pointers, pointers_here);
     release(sizes, sizes_here);
-    release(read, read_here);
     release(eligible, eligible_here);
     release(answered, answered_here);
     release(facts, facts_here);
@@ -475,11 +471,11 @@ static PyObject *use_fast(PyObject *self, PyObject *args) {
                           &param_type))
         return NULL;
     facts_fn facts = NULL;
-    grads_fn grad = NULL;
+    grads_fn grads_of = NULL;
     version_fn version = NULL;
     if (facts_address != Py_None && grad_address != Py_None && version_address != Py_None) {
         facts = (facts_fn)PyLong_AsVoidPtr(facts_address);
-        grad = (grads_fn)PyLong_AsVoidPtr(grad_address);
+        grads_of = (grads_fn)PyLong_AsVoidPtr(grad_address);
         version = (version_fn)PyLong_AsVoidPtr(version_address);
         if (PyErr_Occurred())
             return NULL;
@@ -489,7 +485,7 @@ static PyObject *use_fast(PyObject *self, PyObject *args) {
         return NULL;
     }
     fast_facts = facts;
-    fast_grads = grad;
+    fast_grads = grads_of;
     fast_version = version;
     Py_XSETREF(parameter_type, facts == NULL || param_type == Py_None ? NULL : Py_NewRef(param_type));
     Py_RETURN_NONE;

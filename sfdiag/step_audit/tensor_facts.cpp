@@ -48,9 +48,15 @@ struct sfdiag_facts {
  * attributes, which say what they say. No Python error is set. */
 void sfdiag_tensor_facts(PyObject *const *tensors, const char *eligible, Py_ssize_t n,
                          sfdiag_facts *out, char *answered) noexcept {
-    std::vector<c10::TensorImpl *> impls(n, nullptr);
-    for (Py_ssize_t i = 0; i < n; i++) {
+    for (Py_ssize_t i = 0; i < n; i++)
         answered[i] = 0;
+    std::vector<c10::TensorImpl *> impls;
+    try {
+        impls.assign(n, nullptr);
+    } catch (...) { /* (no memory for the batch: none answered) */
+        return;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
         if (eligible[i]) {
             impls[i] = THPVariable_Unpack(tensors[i]).unsafeGetTensorImpl();
             prefetch_lines(impls[i], 4);
@@ -97,10 +103,17 @@ void sfdiag_tensor_facts(PyObject *const *tensors, const char *eligible, Py_ssiz
  * caller's to release). */
 int sfdiag_grads_of(PyObject *const *params, const char *eligible, Py_ssize_t n,
                     PyObject **grads, long long *versions, char *answered) noexcept {
-    std::vector<c10::TensorImpl *> grad_impls(n, nullptr);
-    std::vector<char> leaf(n, 0);
-    for (Py_ssize_t i = 0; i < n; i++) {
+    for (Py_ssize_t i = 0; i < n; i++)
         answered[i] = 0;
+    std::vector<c10::TensorImpl *> grad_impls;
+    std::vector<char> leaf;
+    try {
+        grad_impls.assign(n, nullptr);
+        leaf.assign(n, 0);
+    } catch (...) { /* (no memory for the batch: none answered) */
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
         if (eligible[i])
             prefetch_lines(THPVariable_Unpack(params[i]).unsafeGetTensorImpl(), 4);
     }

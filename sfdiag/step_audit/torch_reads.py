@@ -130,9 +130,9 @@ def _attach(checks: Any) -> str:
     path = library_path(command)
     if _use(checks, path):
         return "on"
-    failed = path.with_suffix(".failed")
-    if failed.exists():
-        return f"unavailable: the build failed (see {failed})"
+    failed = _failure(path)
+    if failed is not None:
+        return failed
     job = _start_build(command, path)
     lock = path.with_suffix(".lock")
     if job is None and not lock.exists():
@@ -143,11 +143,7 @@ def _attach(checks: Any) -> str:
             time.monotonic() < deadline
         ):
             time.sleep(0.1)
-        if _use(checks, path):
-            return "on"
-        if path.is_file():  # built, and does not load: not to be built again each process
-            _note_failure(path, "the library was built but does not load")
-        return f"unavailable: the build failed (see {failed})" if failed.exists() else "building"
+        return _after_build(checks, path)
     if job is None:
         return "building"  # by another process: the next one uses it
     waiter = threading.Thread(target=_attach_when_built, args=(job, checks, path), daemon=True)
@@ -175,19 +171,28 @@ def _use(checks: Any, path: Path) -> bool:
     return True
 
 
+def _failure(path: Path) -> str | None:
+    """The status where a build of ``path`` failed (its note is in the cache), else None."""
+    failed = path.with_suffix(".failed")
+    return f"unavailable: the build failed (see {failed})" if failed.exists() else None
+
+
+def _after_build(checks: Any, path: Path) -> str:
+    """The status once a build has ended: "on" where its library loads; else why not (a
+    library that was built and does not load is noted, so that no process builds it again
+    each time); "building" where it has not ended."""
+    if _use(checks, path):
+        return "on"
+    if path.is_file():
+        _note_failure(path, "the library was built but does not load")
+    return _failure(path) or "building"
+
+
 def _attach_when_built(job: subprocess.Popen, checks: Any, path: Path) -> None:
     job.wait()
     with _State.lock:
-        if _State.status != "building":  # (turned off meanwhile)
-            return
-        failed = path.with_suffix(".failed")
-        if _use(checks, path):
-            _State.status = "on"
-            return
-        if path.is_file():
-            _note_failure(path, "the library was built but does not load")
-        if failed.exists():
-            _State.status = f"unavailable: the build failed (see {failed})"
+        if _State.status == "building":  # (not turned off meanwhile)
+            _State.status = _after_build(checks, path)
 
 
 def _start_build(command: list[str], path: Path) -> subprocess.Popen | None:
