@@ -127,6 +127,29 @@ def test_torch_reads_refuse_and_read_what_the_attributes_do(odd_one, plain, libr
         assert fast == slow
 
 
+@pytest.mark.parametrize("count", [2, 200])
+@pytest.mark.parametrize("odd_one", [None, *ODD_ONES], ids=["none", *ODD_ONES])
+def test_all_strided_answers_as_type_and_layout_do(odd_one, count, library, monkeypatch):
+    """``all_strided`` (a snapshot's test that its grads are their own views, and with
+    ``contiguous`` a group's rows' that they are them): through torch's C++ API, the
+    attributes, and Python without the checks' module, the answer of the type, layout and
+    contiguity over every tensor, on the module's stack or off it."""
+    tensors = [torch.randn(3) for _ in range(count)]
+    if odd_one is not None:
+        tensors.insert(count // 2, ODD_ONES[odd_one]())
+    for contiguous in (False, True):
+        expected = all(
+            type(t) is torch.Tensor
+            and t.layout == torch.strided
+            and (not contiguous or t.is_contiguous())
+            for t in tensors
+        )
+        fast, slow = _both(library, lambda c=contiguous: fused.all_strided(tensors, c))
+        with monkeypatch.context() as patch:
+            patch.setattr(fused, "_checks", lambda: None)
+            assert fast is slow is fused.all_strided(tensors, contiguous) is expected
+
+
 def test_torch_reads_give_each_params_grad_and_version(library):
     """``grads_of``: the same grad objects, versions and plainness; subclassed params and
     grads, a missing grad and a non-leaf read as their attributes say."""

@@ -377,14 +377,12 @@ def row_squares(rows: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor
     None (as ``plain_squares``)."""
     if _KERNEL.broken is not None or not tensors or not rows.is_contiguous():
         return None
-    first = tensors[0]  # (one shape, dtype and device for them all: their stack's)
+    # (one shape, dtype and device for them all: their stack's)
     if (
-        {type(t) for t in tensors} != {torch.Tensor}
-        or rows.dtype not in SQUARES_DTYPES
-        or first.layout != torch.strided
+        rows.dtype not in SQUARES_DTYPES
         or not rows.is_cpu
         or rows.shape[1] > SQUARES_MAX_ELEMENTS
-        or not all([t.is_contiguous() for t in tensors])
+        or not all_strided(tensors, contiguous=True)
     ):
         return None
     lib = _library()
@@ -446,6 +444,20 @@ def grads_of(params: list[torch.Tensor]) -> tuple[list[Any], list[int], bool]:
     grads = [p.grad for p in params]
     versions = [g._version if g is not None else 0 for g in grads]
     return grads, versions, set(map(type, grads)) == _PLAIN
+
+
+def all_strided(tensors: list[Any], contiguous: bool = False) -> bool:
+    """Whether every one of ``tensors`` is of type exactly ``torch.Tensor`` and strided (a
+    snapshot's grads, as a rule: each its own view), and ``contiguous`` too where asked. In
+    one C call where the checks' module was built, else in Python alike."""
+    checks = _checks()
+    if checks is not None:
+        return checks.strided(tensors, contiguous)
+    strided = torch.strided
+    return all(
+        type(t) is torch.Tensor and t.layout == strided and (not contiguous or t.is_contiguous())
+        for t in tensors
+    )
 
 
 def intact(refs: list[Any], versions: list[int], moved: list[int]) -> list[Any] | None:

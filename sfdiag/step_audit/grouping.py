@@ -15,6 +15,11 @@ from sfdiag.step_audit.rows import Snapshot
 GroupKey = tuple[torch.Size, torch.dtype, torch.device]
 
 
+_SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
+_IS_CPU, _DEVICE = operator.attrgetter("is_cpu"), operator.attrgetter("device")
+_NUMEL = operator.methodcaller("numel")
+
+
 def small_groups(
     views: dict[int, torch.Tensor], candidates: list[int], limit: int
 ) -> list[tuple[GroupKey, list[int]]]:
@@ -23,17 +28,18 @@ def small_groups(
     a shape's grads differ in dtype or device (as a rule they do not: one set each to
     tell)."""
     by_shape: dict[torch.Size, list[int]] = {}
-    for i in candidates:
-        view = views[i]
-        if view.numel() <= limit:
-            by_shape.setdefault(view.shape, []).append(i)
+    tensors = list(map(views.__getitem__, candidates))  # (the attributes read in C's loops)
+    sizes = map(_NUMEL, tensors)
+    for i, shape, size in zip(candidates, map(_SHAPE, tensors), sizes, strict=True):
+        if size <= limit:
+            by_shape.setdefault(shape, []).append(i)
     out: list[tuple[GroupKey, list[int]]] = []
     for shape, indices in by_shape.items():
         if len(indices) < 2:
             continue
-        members = [views[i] for i in indices]
-        if len({v.dtype for v in members}) == 1 and (
-            all([v.is_cpu for v in members]) or len({v.device for v in members}) == 1
+        members = list(map(views.__getitem__, indices))
+        if len(set(map(_DTYPE, members))) == 1 and (
+            all(map(_IS_CPU, members)) or len(set(map(_DEVICE, members))) == 1
         ):
             out.append(((shape, members[0].dtype, members[0].device), indices))
             continue

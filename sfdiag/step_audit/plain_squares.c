@@ -18,6 +18,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <string.h>
 
 typedef void (*squares_fn)(int64_t, const void *const *, const int64_t *, double *);
 
@@ -491,6 +492,79 @@ static PyObject *use_fast(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* strided(tensors, contiguous) -> bool: whether every one is of type exactly torch.Tensor
+ * and strided, and where `contiguous` is true contiguous too (`snapshot.take`'s test that a
+ * model's grads are their own views, `fused.row_squares`' that a group's rows are them: a
+ * thousand `layout` reads a snapshot, in one batch where `tensor_facts.cpp` was built). */
+static PyObject *all_strided(PyObject *self, PyObject *args) {
+    PyObject *tensors;
+    int contiguous;
+    if (!PyArg_ParseTuple(args, "Op", &tensors, &contiguous))
+        return NULL;
+    if (max_elements < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "configure() first");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(tensors, "a sequence of tensors expected");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    char eligible_here[ON_STACK], answered_here[ON_STACK];
+    struct sfdiag_facts facts_here[ON_STACK];
+    char *eligible = eligible_here, *answered = answered_here;
+    struct sfdiag_facts *facts = facts_here;
+    PyObject *result = NULL;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if ((PyObject *)Py_TYPE(items[i]) != tensor_type) {
+            result = Py_NewRef(Py_False);
+            goto done;
+        }
+    }
+    int fast = fast_facts != NULL && count > 0;
+    if (fast && count > ON_STACK) {
+        eligible = PyMem_Malloc(count);
+        answered = PyMem_Malloc(count);
+        facts = PyMem_Malloc(count * sizeof(*facts));
+        if (eligible == NULL || answered == NULL || facts == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    }
+    if (fast) {
+        memset(eligible, 1, count);
+        fast_facts(items, eligible, count, facts, answered);
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        int ok;
+        if (fast && answered[i]) {
+            ok = contiguous ? facts[i].contiguous : facts[i].strided;
+        } else {
+            ok = attribute_is(items[i], name_layout, strided);
+            if (ok == 1 && contiguous) {
+                PyObject *answer = PyObject_CallMethodNoArgs(items[i], name_is_contiguous);
+                if (answer == NULL)
+                    goto done;
+                Py_DECREF(answer);
+                ok = answer == Py_True;
+            }
+        }
+        if (ok < 0)
+            goto done;
+        if (ok == 0) {
+            result = Py_NewRef(Py_False);
+            goto done;
+        }
+    }
+    result = Py_NewRef(Py_True);
+done:
+    release(eligible, eligible_here);
+    release(answered, answered_here);
+    release(facts, facts_here);
+    Py_DECREF(seq);
+    return result;
+}
+
 /* weakrefs(objects) -> list: a weak reference to each (None for None). */
 static PyObject *weakrefs(PyObject *self, PyObject *objects) {
     PyObject *seq = PySequence_Fast(objects, "a sequence expected");
@@ -521,6 +595,7 @@ static PyMethodDef methods[] = {
      "squares(tensors, out, check_type) -> bool"},
     {"grads", grads, METH_O, "grads(params) -> (grads, versions, plain)"},
     {"weakrefs", weakrefs, METH_O, "weakrefs(objects) -> list"},
+    {"strided", all_strided, METH_VARARGS, "strided(tensors, contiguous) -> bool"},
     {"use_fast", use_fast, METH_VARARGS, "use_fast(facts, grad, version, parameter_type)"},
     {"intact", intact, METH_VARARGS, "intact(refs, versions, moved) -> list | None"},
     {NULL, NULL, 0, NULL},

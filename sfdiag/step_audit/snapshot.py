@@ -49,9 +49,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import operator
 import os
 import weakref
 from collections.abc import Callable, Collection
+from itertools import compress
 from typing import Any
 
 import torch
@@ -285,16 +287,18 @@ def _layouts(views: dict[int, torch.Tensor], before: Snapshot | None) -> dict[in
     return {i: kept.get(i) or ("fused" if i in fused else "blocks") for i in views}
 
 
-def _unchanged(grads: list[torch.Tensor | None], before: Snapshot | None) -> set[int]:
-    """The grads that are still the tensors ``before`` saw, at the versions it saw."""
+def _unchanged(
+    grads: list[torch.Tensor | None], versions: list[int], before: Snapshot | None
+) -> set[int]:
+    """The grads that are still the tensors ``before`` saw, at the versions it saw
+    (``versions``: the grads' now; compared in C's loops, not a Python step a grad)."""
     if before is None:
         return set()
-    then, versions, _ = before.identities()
-    return {
-        i
-        for i, g in enumerate(grads)
-        if g is not None and then[i] is g and versions[i] == g._version
-    }
+    then, then_versions, _ = before.identities()
+    same = map(
+        operator.and_, map(operator.is_, then, grads), map(operator.eq, then_versions, versions)
+    )
+    return {i for i in compress(range(len(grads)), same) if grads[i] is not None}
 
 
 @torch.no_grad()  # the hooks run with grad on, and a create_graph=True grad has a graph
@@ -326,22 +330,22 @@ def take(
     """
     if before is not None and not isinstance(before, Snapshot):  # fingerprints, as a list
         before = Snapshot(list(before), {})
-    grads = [p.grad for p in params]
+    # (each grad and its version in one C call; the versions do not move while it reads)
+    grads, grad_versions, whole = fused.grads_of(params)
     sample_params = set(range(len(params))) if param_samples is True else set(param_samples or ())
     # under no_grad: no view or copy taken here needs a detach (one host call a tensor saved)
     # a plain dense grad is its own view (most are: no call a grad); the others (a sparse
     # grad, a DTensor, a subclass) are read through one
     strided, plain = torch.strided, torch.Tensor
-    views = {i: g for i, g in enumerate(grads) if type(g) is plain and g.layout == strided}
-    irregular = (  # (none, as a rule: every grad present and plain)
-        [i for i, g in enumerate(grads) if g is not None and i not in views]
-        if len(views) != len(grads)
-        else []
-    )
+    if whole and fused.all_strided(grads):  # as a rule: every grad present, plain, dense
+        views, irregular = dict(enumerate(grads)), []
+    else:
+        views = {i: g for i, g in enumerate(grads) if type(g) is plain and g.layout == strided}
+        irregular = [i for i, g in enumerate(grads) if g is not None and i not in views]
     if irregular:  # (in the grads' order, as the plain ones)
         views.update((i, _dense_view(grads[i])) for i in irregular)
         views = dict(sorted(views.items()))
-    unchanged = _unchanged(grads, before)
+    unchanged = _unchanged(grads, grad_versions, before)
     layouts = _layouts(views, before)
     pending = _Pending()
     sample_at: dict[int, int] = {}
@@ -496,7 +500,7 @@ def take(
             held, versions, norms = prior.grads, prior.versions, prior.norms
         else:
             held = [grads[i] for i in indices]
-            versions = [grads[i]._version for i in indices]
+            versions = [grad_versions[i] for i in indices]
             norms = norms_of_group.get(indices) or [
                 norm_of[i] if i in norm_of else prior_norms[i] for i in indices
             ]
@@ -599,7 +603,7 @@ def take(
             norm = norm_of[i]
         out[i] = GradFingerprint(
             ref=weakref.ref(g),
-            version=g._version,
+            version=grad_versions[i],
             norm=norm,
             checksum=checksum,
             sample=pending.tensor(sample_at[i]),

@@ -41,7 +41,7 @@ def states_alike(state: Any, params: list[torch.Tensor]) -> dict[str, list[torch
         return None
     shape = params[0].shape
     held = list(map(state.get, params))  # (a param is a key by identity)
-    if {type(each) for each in held} != {dict}:  # (None: a param without state)
+    if set(map(type, held)) != {dict}:  # (None: a param without state)
         return None
     first = held[0]
     names = [
@@ -55,7 +55,7 @@ def states_alike(state: Any, params: list[torch.Tensor]) -> dict[str, list[torch
     columns = {}
     for key in names:
         column = list(map(operator.itemgetter(key), held))
-        if {type(t) for t in column} != {torch.Tensor}:
+        if set(map(type, column)) != {torch.Tensor}:
             return None
         columns[str(key)] = column
     # the other entries (a step count) must be no per-element state in any of them either
