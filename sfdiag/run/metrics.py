@@ -269,7 +269,8 @@ class MetricAudit:
                         self._read_posts(moment)
                 moment.values.append((tag, number, moment.at_log_read))
                 self._waiting += 1
-            self._judge_ready()
+            if self._ready:
+                self._judge_ready()
             while self._waiting > _PENDING_MAX:  # never stepping: judge what there is
                 oldest = self._pending[0]
                 tag, number, at_log = oldest.values.pop(0)
@@ -283,7 +284,7 @@ class MetricAudit:
     def _moment(self, items: list[tuple[Any, Any]], module: Any, step: Any) -> Moment:
         """The moment a logging call's values wait in: the last one, where the call sees
         what it saw (values logged in a row are judged together), else a new one."""
-        label = logged_step(step, items)
+        label = step if type(step) is int else logged_step(step, items)
         watched = self.watch.watched
         fresh = [w.last_finished < 0 or w.has_new_grads() for w in watched]
         last = self._pending[-1] if self._pending else None

@@ -177,14 +177,14 @@ class GradsRead:
         return cls.now(grads, versions, backwards, whole)
 
     def holds(self, grads: list[Any], versions: list[int], backwards: int) -> bool:
+        from sfdiag.step_audit import fused
+
+        # (what each weak reference refers to, in one call; None for None or a freed one)
         return (
             backwards == self.backwards
             and versions == self.versions
             and len(grads) == len(self.refs)
-            and all(
-                g is None if ref is None else ref() is g
-                for ref, g in zip(self.refs, grads, strict=True)
-            )
+            and all(map(operator.is_, fused.intact(self.refs, self.versions, ()), grads))
         )
 
     def total(self) -> Any:

@@ -116,6 +116,7 @@ class Watched:
     # the grads as the last step() left them (weakly held) and their versions
     _post_refs: list[Any] = field(default_factory=list)
     _post_versions: list[int] = field(default_factory=list)
+    _probes: tuple[tuple[int, int], range] = ((0, 0), range(0))  # ``has_new_grads``' indices
     # multi-rank jobs
     sharded: list[tuple[int, int]] = field(default_factory=list)  # DTensor grads: (i, replicas)
     saw_sharded: bool = False  # a DTensor grad was stepped
@@ -280,7 +281,9 @@ class Watched:
             return None
         if self.scheduler_after == self.last_finished:
             return "scheduler"
-        groups = list(getattr(self.ref(), "param_groups", ()))
+        groups = getattr(self.ref(), "param_groups", ())
+        if not isinstance(groups, list):  # (torch's optimizers keep a list: no copy a call)
+            groups = list(groups)
         if group >= len(groups) or group >= len(self.ended_rates):
             return None
         before, now = self.ended_rates[group], _host_float(groups[group].get("lr", 0.0))
@@ -400,14 +403,15 @@ class Watched:
         logged), a backward writes every grad, and the answer only breaks ties.
         """
         count = min(len(self.params), len(self._post_refs))
-        stride = max(1, count // probes)
-        for i in range(0, count, stride):
-            g = self.params[i].grad
-            ref = self._post_refs[i]
-            if g is not None and (
-                ref is None or ref() is not g or g._version != self._post_versions[i]
-            ):
-                return True
+        if self._probes[0] != (count, probes):  # (the same ones every call between steps)
+            self._probes = ((count, probes), range(0, count, max(1, count // probes)))
+        params, refs, versions = self.params, self._post_refs, self._post_versions
+        for i in self._probes[1]:
+            g = params[i].grad
+            if g is not None:
+                ref = refs[i]
+                if ref is None or ref() is not g or g._version != versions[i]:
+                    return True
         return False
 
     def note_clip(self, norms: StepNorms) -> None:
@@ -497,6 +501,7 @@ class OptimizerWatch:
     # optimizers made while the watch is on (weakly held): before one first steps, a
     # gradient norm logged for its first step is read against its grads (``born``)
     _born: Any = None
+    _stepped: bool = False  # an optimizer's step finished (``born`` is done with)
     # backward passes counted, and the loss scaler's calls (``sfdiag.run.scaler``)
     backwards: Backwards | None = None
     scalers: ScalerWatch | None = None
@@ -527,7 +532,7 @@ class OptimizerWatch:
     def born(self) -> list[Any]:
         """Optimizers made while the watch is on, none of which has stepped yet (once one
         has, an optimizer that never steps costs nothing more)."""
-        if not self._born or any(w.last_finished >= 0 for w in self.watched):
+        if self._stepped or not self._born:
             return []
         return [o for o in list(self._born) if self._by_id.get(id(o)) is None]
 
@@ -668,6 +673,7 @@ class OptimizerWatch:
                 if not entry.unseen:  # else a logged value may belong to a step never seen
                     entry.recent.append(norms)
                 entry.last_finished = norms.step
+                self._stepped = True
         except Exception as exc:
             self._give_up(optimizer, exc)
             return
