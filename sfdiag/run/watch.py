@@ -281,9 +281,8 @@ class Watched:
             return None
         if self.scheduler_after == self.last_finished:
             return "scheduler"
-        groups = getattr(self.ref(), "param_groups", ())
-        if not isinstance(groups, list):  # (torch's optimizers keep a list: no copy a call)
-            groups = list(groups)
+        groups = getattr(self.ref(), "param_groups", ())  # (torch's: a list, not copied)
+        groups = groups if isinstance(groups, list) else list(groups)
         if group >= len(groups) or group >= len(self.ended_rates):
             return None
         before, now = self.ended_rates[group], _host_float(groups[group].get("lr", 0.0))
@@ -397,21 +396,17 @@ class Watched:
     def has_new_grads(self, probes: int = 8) -> bool:
         """Whether grads were written since the last ``step()`` left them (a backward ran:
         a value logged now belongs to the coming step). Grads set to None are not new.
-
-        Looks at ``probes`` parameters spread over the list, not all: this is called for
-        every logged gradient metric (hundreds per step where each parameter's norm is
-        logged), a backward writes every grad, and the answer only breaks ties.
-        """
+        Looks at ``probes`` parameters spread over the list (the same between steps), not
+        all: every logged gradient metric asks, a backward writes every grad, and the answer
+        only breaks ties."""
         count = min(len(self.params), len(self._post_refs))
-        if self._probes[0] != (count, probes):  # (the same ones every call between steps)
+        if self._probes[0] != (count, probes):
             self._probes = ((count, probes), range(0, count, max(1, count // probes)))
-        params, refs, versions = self.params, self._post_refs, self._post_versions
+        refs, versions = self._post_refs, self._post_versions
         for i in self._probes[1]:
-            g = params[i].grad
-            if g is not None:
-                ref = refs[i]
-                if ref is None or ref() is not g or g._version != versions[i]:
-                    return True
+            g, ref = self.params[i].grad, refs[i]
+            if g is not None and (ref is None or ref() is not g or g._version != versions[i]):
+                return True
         return False
 
     def note_clip(self, norms: StepNorms) -> None:
