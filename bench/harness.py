@@ -148,8 +148,8 @@ class Settings:
             scaling_sizes=(1_000_000, 10_000_000),
             scaling_pairs=8,
             long_steps=800,
-            host_pairs=15,
-            host_rounds=15,
+            host_pairs=30,  # (as many as a full run: two quick runs must agree on these)
+            host_rounds=30,
             host_step_rounds=20,
             value_rounds=40,
             callback_steps=100,
