@@ -297,7 +297,8 @@ def test_an_audited_step_keeps_no_tracked_object_per_tensor(optimizer):
     reference a grad, a Size a parameter): the step's own collections carried such objects
     by the thousand into the oldest generation, and full collections of the whole process
     came every few dozen audited steps. The 60 tensors more of 40 layers than of 10 add
-    none (the fewest over three steps: another test's thread may make an object meanwhile)."""
+    none: at most a stray object or two (the fewest over five steps; the test runner's own
+    thread may make one meanwhile), where one a tensor would be sixty."""
     import gc
 
     from sfdiag.optim import AdamWScheduleFree
@@ -318,7 +319,7 @@ def test_an_audited_step_keeps_no_tracked_object_per_tensor(optimizer):
         during: list[int] = []
         opt.register_step_pre_hook(lambda *_, _during=during: _during.append(len(gc.get_objects())))
         counted = []
-        for step in range(5):  # the first two not counted: state built, every param known
+        for step in range(7):  # the first two not counted: state built, every param known
             for p in params:
                 p.grad = torch.randn_like(p)
             gc.collect()
@@ -331,4 +332,4 @@ def test_an_audited_step_keeps_no_tracked_object_per_tensor(optimizer):
             "clean" if optimizer == "adamw" else "mutated"
         )
         held[count] = tuple(map(min, zip(*counted, strict=True)))
-    assert held[10] == held[40], held
+    assert all(abs(a - b) <= 2 for a, b in zip(held[10], held[40], strict=True)), held
