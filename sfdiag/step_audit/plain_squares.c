@@ -289,15 +289,21 @@ done:
     return result;
 }
 
-/* grads(params) -> (grads, versions, plain): each param's grad (None where it has none),
- * the grad's version counter (0: none), and whether every grad is there, a torch.Tensor
- * (no subclass). What `sfdiag run` reads of a thousand grads two or three times a step. */
-static PyObject *grads(PyObject *self, PyObject *params) {
+/* `sequence` as a fast sequence (a new reference), once `configure` has run; NULL with an
+ * error set where it has not or `sequence` is none. */
+static PyObject *configured_sequence(PyObject *sequence, const char *message) {
     if (max_elements < 0) {
         PyErr_SetString(PyExc_RuntimeError, "configure() first");
         return NULL;
     }
-    PyObject *seq = PySequence_Fast(params, "a sequence of parameters expected");
+    return PySequence_Fast(sequence, message);
+}
+
+/* grads(params) -> (grads, versions, plain): each param's grad (None where it has none),
+ * the grad's version counter (0: none), and whether every grad is there, a torch.Tensor
+ * (no subclass). What `sfdiag run` reads of a thousand grads two or three times a step. */
+static PyObject *grads(PyObject *self, PyObject *params) {
+    PyObject *seq = configured_sequence(params, "a sequence of parameters expected");
     if (seq == NULL)
         return NULL;
     Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
@@ -501,11 +507,7 @@ static PyObject *all_strided(PyObject *self, PyObject *args) {
     int contiguous;
     if (!PyArg_ParseTuple(args, "Op", &tensors, &contiguous))
         return NULL;
-    if (max_elements < 0) {
-        PyErr_SetString(PyExc_RuntimeError, "configure() first");
-        return NULL;
-    }
-    PyObject *seq = PySequence_Fast(tensors, "a sequence of tensors expected");
+    PyObject *seq = configured_sequence(tensors, "a sequence of tensors expected");
     if (seq == NULL)
         return NULL;
     Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
