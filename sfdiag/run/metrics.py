@@ -172,9 +172,6 @@ class Candidates:
         (total, micro-batches, scaled), as logged at that read."""
         self._plans.append((label, norms, scope, read))
 
-    def __len__(self) -> int:
-        return len(self._plans)
-
     def __iter__(self) -> Iterator[tuple[str, NormReferences]]:
         for k, (label, norms, scope, read) in enumerate(self._plans):
             if k == len(self._built):
@@ -269,8 +266,7 @@ class MetricAudit:
                         self._read_posts(moment)
                 moment.values.append((tag, number, moment.at_log_read))
                 self._waiting += 1
-            if self._ready:
-                self._judge_ready()
+            self._judge_ready()
             while self._waiting > _PENDING_MAX:  # never stepping: judge what there is
                 oldest = self._pending[0]
                 tag, number, at_log = oldest.values.pop(0)
@@ -284,7 +280,7 @@ class MetricAudit:
     def _moment(self, items: list[tuple[Any, Any]], module: Any, step: Any) -> Moment:
         """The moment a logging call's values wait in: the last one, where the call sees
         what it saw (values logged in a row are judged together), else a new one."""
-        label = step if type(step) is int else logged_step(step, items)
+        label = logged_step(step, items)
         watched = self.watch.watched
         fresh = [w.last_finished < 0 or w.has_new_grads() for w in watched]
         last = self._pending[-1] if self._pending else None

@@ -116,7 +116,6 @@ class Watched:
     # the grads as the last step() left them (weakly held) and their versions
     _post_refs: list[Any] = field(default_factory=list)
     _post_versions: list[int] = field(default_factory=list)
-    _probes: tuple[tuple[int, int], range] = ((0, 0), range(0))  # ``has_new_grads``' indices
     # multi-rank jobs
     sharded: list[tuple[int, int]] = field(default_factory=list)  # DTensor grads: (i, replicas)
     saw_sharded: bool = False  # a DTensor grad was stepped
@@ -396,14 +395,11 @@ class Watched:
     def has_new_grads(self, probes: int = 8) -> bool:
         """Whether grads were written since the last ``step()`` left them (a backward ran:
         a value logged now belongs to the coming step). Grads set to None are not new.
-        Looks at ``probes`` parameters spread over the list (the same between steps), not
-        all: every logged gradient metric asks, a backward writes every grad, and the answer
-        only breaks ties."""
+        Looks at ``probes`` parameters spread over the list, not all: every logged gradient
+        metric asks, a backward writes every grad, and the answer only breaks ties."""
         count = min(len(self.params), len(self._post_refs))
-        if self._probes[0] != (count, probes):
-            self._probes = ((count, probes), range(0, count, max(1, count // probes)))
         refs, versions = self._post_refs, self._post_versions
-        for i in self._probes[1]:
+        for i in range(0, count, max(1, count // probes)):
             g, ref = self.params[i].grad, refs[i]
             if g is not None and (ref is None or ref() is not g or g._version != versions[i]):
                 return True
@@ -496,7 +492,6 @@ class OptimizerWatch:
     # optimizers made while the watch is on (weakly held): before one first steps, a
     # gradient norm logged for its first step is read against its grads (``born``)
     _born: Any = None
-    _stepped: bool = False  # an optimizer's step finished (``born`` is done with)
     # backward passes counted, and the loss scaler's calls (``sfdiag.run.scaler``)
     backwards: Backwards | None = None
     scalers: ScalerWatch | None = None
@@ -527,7 +522,7 @@ class OptimizerWatch:
     def born(self) -> list[Any]:
         """Optimizers made while the watch is on, none of which has stepped yet (once one
         has, an optimizer that never steps costs nothing more)."""
-        if self._stepped or not self._born:
+        if not self._born or any(w.last_finished >= 0 for w in self.watched):
             return []
         return [o for o in list(self._born) if self._by_id.get(id(o)) is None]
 
@@ -668,7 +663,6 @@ class OptimizerWatch:
                 if not entry.unseen:  # else a logged value may belong to a step never seen
                     entry.recent.append(norms)
                 entry.last_finished = norms.step
-                self._stepped = True
         except Exception as exc:
             self._give_up(optimizer, exc)
             return

@@ -377,7 +377,7 @@ def row_squares(rows: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor
     None (as ``plain_squares``)."""
     if _KERNEL.broken is not None or not tensors or not rows.is_contiguous():
         return None
-    # (one shape, dtype and device for them all: their stack's)
+    # (the stack's dtype and device are every tensor's: one shape, dtype and device for all)
     if (
         rows.dtype not in SQUARES_DTYPES
         or not rows.is_cpu

@@ -13,8 +13,6 @@ LOGGER = "tensorboard"
 
 def _scalar(args: tuple, kwargs: dict) -> list[tuple[Any, Any]]:
     # args[0] is the writer
-    if len(args) > 2:  # (as a rule: every logged value passes here)
-        return [(args[1], args[2])]
     return [(argument(args, kwargs, 1, "tag"), argument(args, kwargs, 2, "scalar_value"))]
 
 
@@ -25,7 +23,7 @@ def _scalars(args: tuple, kwargs: dict) -> list[tuple[Any, Any]]:
 
 
 def _global_step(args: tuple, kwargs: dict) -> Any:
-    return args[3] if len(args) > 3 else kwargs.get("global_step")
+    return argument(args, kwargs, 3, "global_step")
 
 
 def _patch(module: Any, patches: Patches, sink: Any) -> None:
