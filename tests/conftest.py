@@ -21,8 +21,14 @@ TESTS = Path(__file__).resolve().parent
 # test_torch_reads.py alone; elsewhere the checks read torch's Python attributes (the same
 # results), and no test's process starts a build that would outlive it
 os.environ.setdefault("SFDIAG_TORCH_READS", "off")
-#: test_torch_reads.py's cache: one per machine and user, as a user's own is
-TORCH_READS_CACHE = Path(tempfile.gettempdir()) / f"sfdiag-tests-cache-{os.getuid()}"
+# one torch thread a process: the two pytest-xdist workers and the CLI, torchrun and spawn
+# processes they start share the machine's cores, which torch's default (a thread a core, in
+# each process) oversubscribes
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+#: the tests' sfdiag cache (the C kernels' kept build, test_torch_reads.py's library): one per
+#: machine and user, as a user's own is, and never the user's own
+TESTS_CACHE = Path(tempfile.gettempdir()) / f"sfdiag-tests-cache-{os.getuid()}"
+os.environ.setdefault("SFDIAG_CACHE_DIR", str(TESTS_CACHE))
 
 
 #: the files that take longest (each runs on one worker: ``--dist loadfile``), started first so
@@ -53,9 +59,9 @@ def pytest_configure(config: pytest.Config) -> None:
     the background, where the tests' cache holds no build of them at all (a fresh machine,
     as CI's: one of another source or torch is left to test_torch_reads.py to build): the
     tests run meanwhile, and test_torch_reads.py waits for the build's lock to go."""
-    if hasattr(config, "workerinput") or any(TORCH_READS_CACHE.glob("tensor_facts-*.so")):
+    if hasattr(config, "workerinput") or any(TESTS_CACHE.glob("tensor_facts-*.so")):
         return  # (a worker of pytest-xdist: the controller started it)
-    env = {**os.environ, "SFDIAG_TORCH_READS": "auto", "SFDIAG_CACHE_DIR": str(TORCH_READS_CACHE)}
+    env = {**os.environ, "SFDIAG_TORCH_READS": "auto", "SFDIAG_CACHE_DIR": str(TESTS_CACHE)}
     subprocess.Popen(
         [sys.executable, "-c", "from sfdiag.step_audit import fused; fused._library()"],
         env=env,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TORCH_READS_CACHE
+from conftest import TESTS_CACHE
 
 from sfdiag.step_audit import fused, torch_reads
 
@@ -45,7 +45,7 @@ def library() -> Path:
     why = _buildable()
     if why is not None:
         pytest.skip(why)
-    cache = TORCH_READS_CACHE
+    cache = TESTS_CACHE
     checks = fused._KERNEL.checks
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SFDIAG_CACHE_DIR", str(cache))

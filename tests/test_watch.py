@@ -383,6 +383,7 @@ def test_without_pythons_headers_or_a_gil_the_kernel_builds_alone(missing, monke
 
     if fused._library() is None:
         pytest.skip(f"no fused kernel here: {fused.broken()}")
+    monkeypatch.setenv("SFDIAG_CACHE_DIR", str(tmp_path / "cache"))  # (builds kept apart)
     if missing == "a GIL":
         config_var = sysconfig.get_config_var
         monkeypatch.setattr(

@@ -1,9 +1,9 @@
 """The CPU's fused read of large grads: norm, block checksums and sample in one pass.
 
 ``fused_read.c`` (shipped with the package; ``fit_rows.c`` in the same library, for
-``row_fits``) is compiled once per process, on first use, by the system's C compiler
-(``$CC``, else ``cc``: about 0.4 s, the sources side by side; built for this machine's CPU,
-into a temporary directory that is gone once it is loaded). One call reads every large grad
+``row_fits``) is compiled on first use by the system's C compiler (``$CC``, else ``cc``:
+about 0.4 s, the sources side by side; built for this machine's CPU) and kept in sfdiag's
+cache: later processes load it in a few ms (``kernel_cache``). One call reads every large grad
 of a snapshot: no per-tensor Python, no guards, no launch. Where there is no compiler, or it
 fails, ``broken()`` says why and torch's ops read those grads instead (two reads before
 ``step()`` where this takes one).
@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sfdiag.step_audit import torch_reads
+from sfdiag.step_audit import kernel_cache, torch_reads
 
 SOURCE = Path(__file__).with_name("fused_read.c")
 #: compiled into the same library: the fits of many mutated grads (``row_fits``)
@@ -80,6 +80,10 @@ SQUARES_MAX_ELEMENTS = 1 << 16
 #: square root sets no errno (the fits' loops of them then run in vectors: the same roots)
 FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
 
+#: this CPU's widest vectors where the compiler takes the flags, else portable code
+ARCHES = (("-march=native", "-mprefer-vector-width=512"), ("-march=native",), ())
+LIBRARY = "fused_read.so"
+
 #: rows a thread takes at the least: fewer cost more in starting it than they save
 ROWS_PER_THREAD = 16
 
@@ -114,8 +118,13 @@ def _readable(tensor: torch.Tensor) -> bool:
 
 
 def _compile() -> tuple[Any, Any]:
-    """The kernel's library (ctypes) and the checks' module (None where it did not build)."""
+    """The kernel's library (ctypes) and the checks' module (None where it did not build):
+    the build kept in sfdiag's cache for this machine, else compiled (and kept)."""
     compiler = shlex.split(os.environ.get("CC") or "cc")
+    where = kernel_cache.folder(_build_parts(), compiler)
+    found = _load_kept(where)
+    if found is not None:
+        return found
     with tempfile.TemporaryDirectory(prefix="sfdiag-fused-", ignore_cleanup_errors=True) as tmp:
         checks = _start_checks(compiler, Path(tmp))  # beside the library's sources
         try:
@@ -125,7 +134,48 @@ def _compile() -> tuple[Any, Any]:
                 checks[0].kill()
                 checks[0].wait()
             raise
-        return lib, _load_checks(checks)
+        module = _load_checks(checks)
+        if checks is None or module is not None:  # (a checks' build that failed: not kept)
+            built = {LIBRARY: Path(tmp) / LIBRARY}
+            if checks is not None:
+                built[checks[1].name] = checks[1]
+            kernel_cache.keep(built, where)
+        return lib, module
+
+
+def _build_parts() -> list[bytes | str]:
+    """What shapes the build besides the compiler (``kernel_cache``'s key): the sources, this
+    file (the flags and commands), and Python's headers (whether the checks' module can be
+    built, and against what)."""
+    include = sysconfig.get_paths().get("include") or ""
+    headers = bool(include) and (Path(include) / "Python.h").is_file()
+    return [
+        *(path.read_bytes() for path in (*SOURCES, CHECKS_SOURCE, Path(__file__))),
+        f"{include}:{headers}:{bool(sysconfig.get_config_var('Py_GIL_DISABLED'))}",
+        importlib.machinery.EXTENSION_SUFFIXES[0],
+    ]
+
+
+def _load_kept(where: Path) -> tuple[Any, Any] | None:
+    """The build kept at ``where``, loaded; None where none is (one that does not load is
+    dropped, to be built again)."""
+    module_name = f"{CHECKS_MODULE}{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+    files = kernel_cache.kept(where, (LIBRARY, module_name))
+    if files is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(files[LIBRARY]))
+        checks = None
+        if module_name in files:
+            spec = importlib.util.spec_from_file_location(CHECKS_MODULE, files[module_name])
+            if spec is None or spec.loader is None:
+                raise ImportError(f"cannot load {files[module_name]}")
+            checks = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(checks)
+    except (OSError, KeyError, ImportError):
+        kernel_cache.drop(where)
+        return None
+    return lib, checks
 
 
 def _start_checks(compiler: list[str], tmp: Path) -> tuple[subprocess.Popen, Path] | None:
@@ -175,9 +225,9 @@ def _load_checks(started: tuple[subprocess.Popen, Path] | None) -> Any:
 def _compile_library(compiler: list[str], tmp: Path) -> Any:
     """The kernel's library: this CPU's widest vectors where the compiler takes the flags;
     else portable code."""
-    library = tmp / "fused_read.so"
+    library = tmp / LIBRARY
     errors = ""
-    for arch in (["-march=native", "-mprefer-vector-width=512"], ["-march=native"], []):
+    for arch in ARCHES:
         objects = [tmp / f"{source.stem}.o" for source in SOURCES]
         errors = _run_all(
             [
