@@ -130,3 +130,17 @@ def test_another_cpu_names_a_folder_of_its_own(monkeypatch):
     here = kernel_cache.folder([b"source"], ["cc"])
     monkeypatch.setattr(kernel_cache, "_cpu", lambda: "another CPU's flags")
     assert kernel_cache.folder([b"source"], ["cc"]) != here
+
+
+def test_a_build_in_a_folder_others_may_write_is_neither_kept_nor_loaded(tmp_path, monkeypatch):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("SFDIAG_CACHE_DIR", str(shared))
+    where = kernel_cache.folder([b"source"], ["cc"])
+    (tmp_path / "lib.so").write_bytes(b"built")
+    kernel_cache.keep({"lib.so": tmp_path / "lib.so"}, where)
+    assert not where.exists()
+    where.mkdir()
+    (where / "lib.so").write_bytes(b"planted")
+    assert kernel_cache.kept(where, ["lib.so"]) is None

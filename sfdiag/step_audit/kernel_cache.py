@@ -9,8 +9,9 @@ CPU's vectors: a home folder shared by machines of other CPUs keeps one build fo
 
 The folder is complete or absent: the files are copied into a folder of the process's own,
 which is then renamed into place; a process that loses the race drops its copy. A kept
-build that does not load is removed, and built again. A cache that cannot be written
-leaves things as without one: the build is compiled into a temporary folder each time.
+build that does not load is removed, and built again. A cache that cannot be written, or
+that is not this user's alone to write (code is loaded from it), leaves things as without
+one: the build is compiled into a temporary folder each time.
 ``SFDIAG_CACHE_DIR`` moves the cache (``torch_reads.cache_dir``).
 """
 
@@ -69,10 +70,22 @@ def _cpu() -> str:
 
 
 def kept(where: Path, names: Iterable[str]) -> dict[str, Path] | None:
-    """The kept files of ``names`` that are there, or None where no build is kept."""
-    if not where.is_dir():
+    """The kept files of ``names`` that are there, or None where no build is kept (or one
+    this user could not trust: see ``_ours``)."""
+    if not where.is_dir() or not (_ours(where.parent) and _ours(where)):
         return None
     return {name: where / name for name in names if (where / name).is_file()}
+
+
+def _ours(folder: Path) -> bool:
+    """Whether ``folder`` is this user's and no one else may write in it: code is loaded
+    from it (a cache under a shared temporary folder could be someone else's)."""
+    try:
+        stat = folder.stat()
+    except OSError:
+        return False
+    getuid = getattr(os, "getuid", None)
+    return (getuid is None or stat.st_uid == getuid()) and not stat.st_mode & 0o002
 
 
 def drop(where: Path) -> None:
@@ -85,8 +98,10 @@ def keep(built: dict[str, Path], where: Path) -> None:
     partial = where.with_name(f"{where.name}.{os.getpid()}.partial")
     try:
         where.parent.mkdir(parents=True, exist_ok=True)
+        if not _ours(where.parent):
+            return
         _remove_stale(where.parent)
-        partial.mkdir()
+        partial.mkdir(mode=0o700)
         for name, path in built.items():
             shutil.copy2(path, partial / name)
         os.rename(partial, where)  # (fails where another process kept it first)
