@@ -172,7 +172,7 @@ def _load_kept(where: Path) -> tuple[Any, Any] | None:
                 raise ImportError(f"cannot load {files[module_name]}")
             checks = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(checks)
-    except (OSError, KeyError, ImportError):
+    except Exception:  # (however it fails: the kept build is dropped, and built again)
         kernel_cache.drop(where)
         return None
     return lib, checks
