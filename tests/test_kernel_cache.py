@@ -145,3 +145,13 @@ def test_a_build_in_a_folder_others_may_write_is_neither_kept_nor_loaded(tmp_pat
     where.mkdir()
     (where / "lib.so").write_bytes(b"planted")
     assert kernel_cache.kept(where, ["lib.so"]) is None
+
+
+def test_an_upgraded_compiler_behind_a_wrapper_names_a_folder_of_its_own(tmp_path, monkeypatch):
+    for name in ("wrapper", "realcc"):
+        (tmp_path / name).write_text("#!/bin/sh\n")
+        (tmp_path / name).chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    before = kernel_cache.folder([b"source"], ["wrapper", "realcc", "-O2"])
+    (tmp_path / "realcc").write_text("#!/bin/sh\n# a newer one\n")
+    assert kernel_cache.folder([b"source"], ["wrapper", "realcc", "-O2"]) != before

@@ -3,7 +3,7 @@
 ``fused`` compiles its C sources on first use (~0.4 s of wall time, two compilers side by
 side). Every later command on the machine loads the build it kept instead (a few ms). A
 build is kept in a folder of its own, named by a key over everything that shapes it: the
-sources, the flags, the compiler (its command, and its executable's size and time: an
+sources, the flags, the compiler (its command, and its executables' sizes and times: an
 upgrade builds anew), Python's headers and ABI, and the CPU (the library is built for this
 CPU's vectors: a home folder shared by machines of other CPUs keeps one build for each).
 
@@ -35,17 +35,18 @@ STALE_SECONDS = 600
 def folder(parts: Iterable[bytes | str], compiler: list[str]) -> Path:
     """Where the build of ``parts`` (the sources and flags) by ``compiler`` is kept."""
     key = hashlib.sha256()
-    for part in (*parts, *compiler, _executable(compiler), sys.version, _cpu()):
+    for part in (*parts, *compiler, *map(_executable, compiler), sys.version, _cpu()):
         key.update(part if isinstance(part, bytes) else part.encode())
         key.update(b"\0")
     return torch_reads.cache_dir() / f"kernels-{key.hexdigest()[:16]}"
 
 
-def _executable(compiler: list[str]) -> str:
-    """The compiler's executable, as its path, size and time (none where it is not found)."""
-    found = shutil.which(compiler[0]) if compiler else None
+def _executable(word: str) -> str:
+    """A word of the compiler's command as the executable it names (its path, size and time:
+    ``ccache gcc`` names two), else as it is."""
+    found = shutil.which(word) if not word.startswith("-") else None
     if found is None:
-        return "not found"
+        return word
     try:
         stat = os.stat(os.path.realpath(found))
     except OSError:
