@@ -6,6 +6,7 @@ variant -> max over parameters of ||fsdp - single|| / ||single||.
 """
 
 import json
+import os
 
 import torch
 import torch.distributed as dist
@@ -67,6 +68,10 @@ for name, (cls, kwargs) in VARIANTS.items():
         worst = max(worst, float((full - q).norm() / q.norm()))
     errors[name] = worst
 if rank == 0:
-    print(json.dumps(errors))
+    print(json.dumps(errors), flush=True)
 dist.barrier()
 dist.destroy_process_group()
+# rank 0 aborted twice in ~160 runs here after printing ("terminate called without an active
+# exception"): torch's gloo threads at the interpreter's finalization (torch's issues 190489,
+# 179291). The results are out: leave without finalizing
+os._exit(0)
