@@ -12,9 +12,10 @@ gradient by default: the extra memory is a few hundred elements per tensor.
 
 **Two reads per audited step.** Before ``step()`` every grad is read once for its norm
 and its checksum together: on the CPU's large tensors by one call of a small C kernel for
-all of them (``sfdiag.step_audit.fused``: compiled per process where a C compiler is present and the
-grads are large enough to pay for it; the samples, its param's too, in the same pass), else
-by torch's own ops (on a GPU always: there the host's time per launch is what counts). After
+all of them (``sfdiag.step_audit.fused``: compiled once per machine where a C compiler is
+present, and used where the grads are large enough to pay for it; the samples, its param's
+too, in the same pass), else by torch's own ops (on a GPU always: there the host's time per
+launch is what counts). After
 ``step()`` (``take(..., before=)``) a grad that is the same tensor at the same version is
 read once, for its checksum, and sampled (the sample's bits are hashed into the checksum;
 the kernel again where it read the grad before): where the
