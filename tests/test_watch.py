@@ -402,6 +402,7 @@ def test_the_c_calls_keep_no_reference_to_what_they_read():
     """A reference the checks' module kept a call would hold every grad of a long run: after
     a thousand calls (refusals and errors among them) every count is what it was."""
     import array
+    import gc
     import sys
 
     from sfdiag.step_audit import fused
@@ -417,6 +418,7 @@ def test_the_c_calls_keep_no_reference_to_what_they_read():
     odd = torch.randn(4, 4).t()
     # (not torch.Tensor's count: each tensor alive holds its type)
     watched = [*grads, *params, odd, torch.float32, torch.strided]
+    gc.collect()  # (earlier tests' garbage, freed during the loop, would move torch's counts)
     before = [sys.getrefcount(x) for x in watched]
     for _ in range(1000):
         assert checks.squares(grads, array.array("d", bytes(8 * len(grads))), True)
@@ -427,4 +429,5 @@ def test_the_c_calls_keep_no_reference_to_what_they_read():
         with pytest.raises(ValueError):
             checks.squares(grads, array.array("d", bytes(8)), True)
     del found, versions
+    gc.collect()  # (the loop's own: pytest.raises' tracebacks)
     assert [sys.getrefcount(x) for x in watched] == before
