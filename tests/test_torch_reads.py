@@ -327,6 +327,24 @@ def test_a_failed_build_says_why_and_is_not_tried_again(failure, library, tmp_pa
     assert squares is not None and squares[0] > 0
 
 
+def test_a_cache_others_may_write_is_neither_loaded_from_nor_built_into(
+    library, tmp_path, monkeypatch
+):
+    checks = fused._KERNEL.checks
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(0o777)
+    monkeypatch.setenv("SFDIAG_CACHE_DIR", str(cache))
+    monkeypatch.setenv("SFDIAG_TORCH_READS", "now")
+    command, _ = torch_reads._command()
+    path = torch_reads.library_path(command)
+    shutil.copy(library, path)  # (a library that would load)
+    status = torch_reads.attach(checks)
+    assert status == "unavailable: the cache is not this user's alone to write"
+    assert not torch_reads._use(checks, path)
+    assert sorted(p.name for p in cache.iterdir()) == [path.name]  # no lock, no build
+
+
 def test_a_stale_lock_is_taken_over_and_off_builds_nothing(library, tmp_path, monkeypatch):
     checks = fused._KERNEL.checks
     monkeypatch.setenv("CXX", _stand_in_compiler(tmp_path, library))

@@ -72,21 +72,11 @@ def _cpu() -> str:
 
 def kept(where: Path, names: Iterable[str]) -> dict[str, Path] | None:
     """The kept files of ``names`` that are there, or None where no build is kept (or one
-    this user could not trust: see ``_ours``)."""
-    if not where.is_dir() or not (_ours(where.parent) and _ours(where)):
+    this user could not trust: ``torch_reads.trusted``)."""
+    trusted = torch_reads.trusted
+    if not (where.is_dir() and trusted(where.parent) and trusted(where)):
         return None
     return {name: where / name for name in names if (where / name).is_file()}
-
-
-def _ours(folder: Path) -> bool:
-    """Whether ``folder`` is this user's and no one else may write in it: code is loaded
-    from it (a cache under a shared temporary folder could be someone else's)."""
-    try:
-        stat = folder.stat()
-    except OSError:
-        return False
-    getuid = getattr(os, "getuid", None)
-    return (getuid is None or stat.st_uid == getuid()) and not stat.st_mode & 0o002
 
 
 def drop(where: Path) -> None:
@@ -99,7 +89,7 @@ def keep(built: dict[str, Path], where: Path) -> None:
     partial = where.with_name(f"{where.name}.{os.getpid()}.partial")
     try:
         where.parent.mkdir(parents=True, exist_ok=True)
-        if not _ours(where.parent):
+        if not torch_reads.trusted(where.parent):
             return
         _remove_stale(where.parent)
         partial.mkdir(mode=0o700)

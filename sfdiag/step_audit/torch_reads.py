@@ -15,7 +15,8 @@ as before: the same decisions, the same kernel, the same bits.
 what the benchmarks do), ``off`` (never). ``SFDIAG_CACHE_DIR``: the cache (else
 ``$XDG_CACHE_HOME/sfdiag``, else ``~/.cache/sfdiag``). A failed build leaves
 ``tensor_facts-<key>.failed`` there with the compiler's last words, and is not tried again
-for that torch until the file is removed.
+for that torch until the file is removed. A cache that is not this user's alone to write
+(``trusted``) is neither loaded from nor built into: code is loaded from it.
 
 No torch or sfdiag import at module level: the background build runs this file as a script.
 """
@@ -68,6 +69,17 @@ def cache_dir() -> Path:
         return Path(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "sfdiag"
+
+
+def trusted(folder: Path) -> bool:
+    """Whether ``folder`` is this user's and no one else may write in it: code is loaded
+    from the cache (one under a shared temporary folder could be someone else's)."""
+    try:
+        stat = folder.stat()
+    except OSError:
+        return False
+    getuid = getattr(os, "getuid", None)
+    return (getuid is None or stat.st_uid == getuid()) and not stat.st_mode & 0o002
 
 
 def _command() -> tuple[list[str] | None, str]:
@@ -128,6 +140,8 @@ def _attach(checks: Any) -> str:
     if command is None:
         return f"unavailable: {why}"
     path = library_path(command)
+    if path.parent.exists() and not trusted(path.parent):
+        return "unavailable: the cache is not this user's alone to write"
     if _use(checks, path):
         return "on"
     failed = _failure(path)
@@ -154,7 +168,7 @@ def _attach(checks: Any) -> str:
 def _use(checks: Any, path: Path) -> bool:
     """Load the library at ``path`` and hand its functions to ``checks``; False where it is
     not there (or does not load: a torch changed in place)."""
-    if not path.is_file():
+    if not path.is_file() or not trusted(path.parent):
         return False
     try:
         lib = ctypes.CDLL(str(path))
